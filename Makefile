@@ -1,0 +1,23 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Everything else is for developers.
+.PHONY: setup test demo lint unit bpf integration qemu bench clean
+
+setup:
+	@bash tools/setup.sh
+
+test: setup
+	@bash tools/run-tests.sh
+
+demo: setup
+	@.venv/bin/xdpoib demo
+
+lint: setup
+	@.venv/bin/ruff check .
+
+unit bpf integration qemu: setup
+	@bash tools/run-tests.sh $@
+
+bench: setup
+	@.venv/bin/xdpoib bench datapath
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .hypothesis build *.egg-info

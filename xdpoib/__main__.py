@@ -1,0 +1,5 @@
+import sys
+
+from xdpoib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""The `xdpoib` command line: argparse front end over one small module per subcommand.
+
+Each module in `xdpoib.commands` defines `NAME`, `HELP`, `EPILOG` (examples), `configure(parser)` and
+`run(args) -> int`; they are discovered here, so adding a subcommand touches no other file. Modules
+keep heavy imports (bcc, pyverbs, pyroute2) inside `run`, so `xdpoib --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from xdpoib import __version__
+from xdpoib.errors import XdpoibError
+
+EXAMPLES = """examples:
+  xdpoib demo                     three hosts on a simulated fabric: ARP, ping, status
+  xdpoib sim up lab --hosts 3     start ibsim + OpenSM with three hosts
+  xdpoib bench datapath --json    BPF cost per packet, as ratios to a no-op program
+"""
+
+
+def _command_modules():
+    import xdpoib.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"xdpoib.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the full argument parser, one subparser per command module."""
+    parser = argparse.ArgumentParser(
+        prog="xdpoib",
+        description="Ethernet interfaces whose traffic crosses an InfiniBand fabric as standard IPoIB.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"xdpoib {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=mod.HELP,
+            epilog=getattr(mod, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.configure(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one xdpoib command; errors become one line on stderr and a non-zero exit."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except XdpoibError as e:
+        if args.verbose:
+            raise
+        print(f"xdpoib: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""One module per `xdpoib` subcommand (see `xdpoib.cli`)."""
