@@ -53,8 +53,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 stamp=.venv/.xdpoib-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test]' >/tmp/xdpoib-pip.log 2>&1 \
+        || { tail -20 /tmp/xdpoib-pip.log >&2; die "pip install failed (log: /tmp/xdpoib-pip.log)"; }
     touch "$stamp"
     say "venv: installed xdpoib editable with test extras"
 else
