@@ -1,0 +1,166 @@
+"""The backend contract's concrete helpers: conversions, P_Key rules, paths, event queue, loopback filter."""
+
+from __future__ import annotations
+
+import select
+import threading
+
+import pytest
+
+from xdpoib.errors import XdpoibError
+from xdpoib.fabric import base
+from xdpoib.fabric.base import (
+    Completion,
+    CompletionStatus,
+    EventQueue,
+    FabricCounter,
+    LinkLayer,
+    LoopbackFilter,
+    MemoryPool,
+    Path,
+    PortAttrs,
+    PortEvent,
+    PortEventKind,
+    PortState,
+)
+
+GID_A = bytes.fromhex("fe800000000000000002c90300000001")
+GID_B = bytes.fromhex("fe800000000000000002c90300000002")
+MGID = bytes.fromhex("ff12401bffff000000000000ffffffff")
+
+
+def port(lid=5, gids=(GID_A,), pkeys=(0xFFFF, 0x8003, 0), link=LinkLayer.INFINIBAND):
+    return PortAttrs(lid=lid, sm_lid=1, state=PortState.ACTIVE, active_mtu=2048, port_guid=1,
+                     gids=tuple(gids), pkeys=tuple(pkeys), link_layer=link)
+
+
+def completion(src_qp, slid=0, sgid=None):
+    return Completion(CompletionStatus.SUCCESS, 10, src_qp, slid, sgid, sgid is not None, 0)
+
+
+def test_gid_round_trip_and_errors():
+    assert base.gid_bytes("fe80::2:c903:0:1") == GID_A
+    assert base.gid_str(GID_A) == "fe80::2:c903:0:1"
+    assert base.gid_bytes(GID_A) == GID_A
+    with pytest.raises(base.PortError):
+        base.gid_bytes(b"\x01" * 15)
+    with pytest.raises(XdpoibError, match="bad GID"):
+        base.gid_bytes("not-a-gid")
+
+
+@pytest.mark.parametrize(("size", "enum"), [(256, 1), (512, 2), (1024, 3), (2048, 4), (4096, 5)])
+def test_mtu_enum_both_ways(size, enum):
+    assert base.mtu_enum(size) == enum
+    assert base.mtu_bytes(enum) == size
+
+
+def test_mtu_rejects_other_values():
+    with pytest.raises(base.PortError):
+        base.mtu_enum(1500)
+    with pytest.raises(base.PortError):
+        base.mtu_bytes(6)
+
+
+@pytest.mark.parametrize(("a", "b", "match"), [
+    (0xFFFF, 0xFFFF, True),
+    (0xFFFF, 0x7FFF, True),     # full vs limited
+    (0x7FFF, 0x7FFF, False),    # two limited members cannot talk
+    (0x8003, 0xFFFF, False),
+    (0x8003, 0x0003, True),
+    (0x8000, 0x8000, False),    # the invalid P_Key
+])
+def test_pkey_matches(a, b, match):
+    assert base.pkey_matches(a, b) is match
+
+
+def test_port_pkey_index_prefers_full_member():
+    p = port(pkeys=(0x7FFF, 0xFFFF, 0x8003))
+    assert p.pkey_index(0xFFFF) == 1
+    assert p.pkey_index(0x0003) == 2
+    with pytest.raises(base.PortError, match="0x8005"):
+        p.pkey_index(0x8005)
+
+
+def test_path_check():
+    Path(dlid=3).check()
+    Path(dlid=0xC001, dgid=MGID, grh=True).check()
+    assert Path(dlid=0xC001, dgid=MGID, grh=True).multicast
+    assert not Path(dlid=3).multicast
+    with pytest.raises(base.QpError, match="GRH"):
+        Path(dlid=0xC001).check()
+    with pytest.raises(base.QpError, match="DGID"):
+        Path(dlid=3, grh=True).check()
+    with pytest.raises(base.PortError):
+        Path(dlid=3, mtu=1500).check()
+
+
+def test_memory_pool_views_are_disjoint():
+    pool = MemoryPool(4, 64)
+    pool.view(1)[:3] = b"abc"
+    assert bytes(pool.view(1)[:3]) == b"abc"
+    assert bytes(pool.view(0)) == bytes(64) and bytes(pool.view(2)) == bytes(64)
+    with pytest.raises(base.QpError):
+        pool.view(4)
+    with pytest.raises(base.QpError):
+        MemoryPool(4, base.GRH_LEN)
+
+
+def test_event_queue_fd_readable_exactly_while_nonempty():
+    q = EventQueue()
+    try:
+        assert select.select([q], [], [], 0)[0] == []
+        q.put(PortEvent(PortEventKind.PORT_ERR))
+        q.put(PortEvent(PortEventKind.PORT_ACTIVE))
+        assert select.select([q], [], [], 0)[0] == [q]
+        assert [e.kind for e in q.get(1)] == [PortEventKind.PORT_ERR]
+        assert select.select([q], [], [], 0)[0] == [q]
+        assert [e.kind for e in q.get()] == [PortEventKind.PORT_ACTIVE]
+        assert select.select([q], [], [], 0)[0] == []
+        assert q.get() == []
+    finally:
+        q.close()
+    q.close()
+    with pytest.raises(base.BackendClosedError):
+        q.get()
+
+
+def test_event_queue_wait_wakes_on_put_from_another_thread():
+    q = EventQueue()
+    try:
+        timer = threading.Timer(0.05, q.put, args=(PortEvent(PortEventKind.LID_CHANGE),))
+        timer.start()
+        events = q.wait(5)
+        timer.join()
+        assert [e.kind for e in events] == [PortEventKind.LID_CHANGE]
+        assert q.wait(0.01) == []
+    finally:
+        q.close()
+
+
+def test_loopback_filter_ib_by_slid_and_qpn():
+    f = LoopbackFilter(port(lid=5), qpns={0x48})
+    mine = completion(0x48, slid=5)
+    sibling_host = completion(0x48, slid=6)          # same QPN on another port
+    other_qp = completion(0x49, slid=5)              # our port, not our QP (another agent)
+    mine_grh = completion(0x48, slid=5, sgid=GID_A)
+    other_grh = completion(0x48, slid=5, sgid=GID_B)  # GRH says another port
+    kept = f.filter([mine, sibling_host, other_qp, mine_grh, other_grh])
+    assert kept == [sibling_host, other_qp, other_grh]
+    assert f.counters.snapshot()[FabricCounter.LOOPBACK] == 2
+    f.qpns.add(0x49)
+    assert f.filter([other_qp]) == []
+    assert f.counters.snapshot()["loopback"] == 3
+
+
+def test_loopback_filter_roce_needs_grh():
+    f = LoopbackFilter(port(lid=0, link=LinkLayer.ETHERNET), qpns={7})
+    assert f.filter([completion(7, slid=0)]) == [completion(7, slid=0)]
+    assert f.filter([completion(7, sgid=GID_A)]) == []
+
+
+def test_counters_snapshot_has_every_name():
+    c = base.Counters()
+    c.add(FabricCounter.QKEY_MISMATCH, 2)
+    snap = c.snapshot()
+    assert set(snap) == {x.value for x in FabricCounter}
+    assert snap["qkey_mismatch"] == 2 and sum(snap.values()) == 2

@@ -1,0 +1,499 @@
+"""The fabric backend contract: what the agent needs from a UD data plane.
+
+Two backends implement it: `sim` (`xdpoib/fabric/simud.py`, datagrams between processes on one machine,
+with IB's rules) and `verbs` (`xdpoib/fabric/verbs.py`, pyverbs on an HCA or Soft-RoCE). One contract
+test suite (`tests/contract/contract_suite.py`) runs against both.
+
+The model is a small subset of verbs:
+
+- `Backend` is one opened HCA port: `port()` re-reads its `PortAttrs`, `events` queues its async
+  `PortEvent`s behind a selectable file descriptor, `counters()` reports every drop it saw.
+- `Backend.create_qp(pkey, qkey, recv_pool)` makes one UD QP bound to one P_Key (DESIGN 1: one QP per
+  (VIF, P_Key)). `Backend.alloc_pool(count, size)` makes the registered receive buffers it fills.
+- `Backend.create_ah(path)` turns a `Path` (from a PathRecord, or a multicast group) into an
+  `AddressHandle`.
+- `UdQp.post_send` takes a batch of `SendRequest`s; `UdQp.post_recv` hands buffers (by index in the
+  QP's pool) to the receive queue; `UdQp.poll` returns receive `Completion`s. Send completions are reaped
+  by the backend itself: a UD send that the fabric loses still completes successfully on hardware, so
+  the caller learns nothing from them.
+- Receive buffers follow verbs' UD layout: the first `GRH_LEN` (40) bytes of each buffer are reserved for
+  a GRH, the payload follows. `Completion.payload` is already past that area and `byte_len` never counts
+  it, on every backend.
+
+Integers are host-order Python ints; GIDs are 16 `bytes` in network order (helpers `gid_bytes` and
+`gid_str` convert). Everything here is plain data or small concrete helpers, so a backend only has to
+implement the abstract methods.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import select
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum, StrEnum
+
+from xdpoib.errors import XdpoibError
+
+GRH_LEN = 40                  # bytes a UD receive buffer reserves for the GRH
+MCAST_QPN = 0xFFFFFF          # destination QPN of every multicast send
+MCAST_LID_MIN = 0xC000        # LIDs from here up are multicast LIDs
+DEFAULT_PKEY = 0xFFFF         # the default partition, full member
+PKEY_FULL = 0x8000            # membership bit of a P_Key: set = full member, clear = limited
+
+
+# ---------------------------------------------------------------- errors
+
+class FabricError(XdpoibError):
+    """A fabric backend operation failed (the message says which one and why)."""
+
+
+class BackendClosedError(FabricError):
+    """The backend, QP or queue was used after `close()`."""
+
+
+class PortError(FabricError):
+    """The port cannot be opened or read, or does not have what the request needs (a P_Key, a GID)."""
+
+
+class QpError(FabricError):
+    """A QP could not be created, or a request on it is malformed (bad AH, buffer index, MGID)."""
+
+
+# ---------------------------------------------------------------- small conversions
+
+def gid_bytes(gid: str | bytes | ipaddress.IPv6Address) -> bytes:
+    """A GID as 16 bytes, from text (`fe80::1`), an IPv6Address or 16 bytes."""
+    if isinstance(gid, bytes | bytearray | memoryview):
+        raw = bytes(gid)
+        if len(raw) != 16:
+            raise PortError(f"GID must be 16 bytes, got {len(raw)}")
+        return raw
+    try:
+        return ipaddress.IPv6Address(gid).packed
+    except ValueError as exc:
+        raise PortError(f"bad GID {gid!r}: {exc}") from None
+
+
+def gid_str(gid: bytes) -> str:
+    """A 16-byte GID as compressed IPv6 text (`fe80::f452:1403:8d:5211`)."""
+    return str(ipaddress.IPv6Address(bytes(gid)))
+
+
+_MTU_ENUM = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}
+
+
+def mtu_bytes(enum: int) -> int:
+    """IB MTU enum (1..5, as in PortInfo and PathRecord) to bytes (256..4096)."""
+    for size, value in _MTU_ENUM.items():
+        if value == enum:
+            return size
+    raise PortError(f"bad IB MTU enum {enum}")
+
+
+def mtu_enum(size: int) -> int:
+    """IB MTU in bytes (256..4096) to its enum (1..5)."""
+    try:
+        return _MTU_ENUM[size]
+    except KeyError:
+        raise PortError(f"bad IB MTU {size} (one of 256, 512, 1024, 2048, 4096)") from None
+
+
+def pkey_matches(a: int, b: int) -> bool:
+    """IB P_Key match: same low 15 bits and at least one of the two is a full member."""
+    return (a & 0x7FFF) == (b & 0x7FFF) and bool((a | b) & PKEY_FULL) and (a & 0x7FFF) != 0
+
+
+# ---------------------------------------------------------------- port
+
+class LinkLayer(Enum):
+    """What the port runs on: InfiniBand (LIDs, SA) or Ethernet (RoCE: GRH always, no LIDs)."""
+
+    INFINIBAND = "ib"
+    ETHERNET = "eth"
+
+
+class PortState(IntEnum):
+    """Logical port state, numbered as in PortInfo and `ibv_port_state`."""
+
+    NOP = 0
+    DOWN = 1
+    INIT = 2
+    ARMED = 3
+    ACTIVE = 4
+
+
+@dataclass(frozen=True)
+class PortAttrs:
+    """One port, as read now. `gids[0]` is the port's own GID (subnet prefix + port GUID)."""
+
+    lid: int
+    sm_lid: int
+    state: PortState
+    active_mtu: int              # bytes
+    port_guid: int
+    gids: tuple[bytes, ...]      # GID table, 16 bytes each; index = sgid_index
+    pkeys: tuple[int, ...]       # P_Key table; index = pkey_index (0 entries are empty slots)
+    link_layer: LinkLayer = LinkLayer.INFINIBAND
+
+    @property
+    def gid(self) -> bytes:
+        """The port's own GID (table index 0)."""
+        return self.gids[0]
+
+    def pkey_index(self, pkey: int) -> int:
+        """Index of `pkey` in the P_Key table (exact low 15 bits; a full entry wins); PortError if absent."""
+        found = [i for i, p in enumerate(self.pkeys) if (p & 0x7FFF) == (pkey & 0x7FFF) and p & 0x7FFF]
+        if not found:
+            raise PortError(f"P_Key {pkey:#06x} is not in the port's P_Key table")
+        full = [i for i in found if self.pkeys[i] & PKEY_FULL]
+        return (full or found)[0]
+
+
+class PortEventKind(Enum):
+    """Async port events, as `ibv_get_async_event` reports them."""
+
+    PORT_ACTIVE = "port_active"
+    PORT_ERR = "port_err"
+    LID_CHANGE = "lid_change"
+    CLIENT_REREGISTER = "client_reregister"
+    PKEY_CHANGE = "pkey_change"
+
+
+@dataclass(frozen=True)
+class PortEvent:
+    """One async event; `attrs` is the port as read right after it (None if it could not be read)."""
+
+    kind: PortEventKind
+    attrs: PortAttrs | None = None
+
+
+class EventQueue:
+    """A thread-safe queue of `PortEvent`s with a file descriptor that is readable while it is not empty.
+
+    Backends `put()` events (from any thread); the agent `select()`s on `fileno()` and drains with
+    `get()`. Shared by both backends so the semantics are the same.
+    """
+
+    def __init__(self) -> None:
+        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._events: deque[PortEvent] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The descriptor to select on: readable while events are queued."""
+        if self._closed:
+            raise BackendClosedError("event queue is closed")
+        return self._rfd
+
+    def put(self, event: PortEvent) -> None:
+        """Queue one event (ignored after close)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._events.append(event)
+            os.write(self._wfd, b"\0")
+
+    def get(self, max_events: int | None = None) -> list[PortEvent]:
+        """Take up to `max_events` queued events (all if None) without blocking; [] when empty."""
+        with self._lock:
+            if self._closed:
+                raise BackendClosedError("event queue is closed")
+            out = []
+            while self._events and (max_events is None or len(out) < max_events):
+                out.append(self._events.popleft())
+            if out:
+                try:
+                    os.read(self._rfd, len(out))
+                except BlockingIOError:
+                    pass
+            return out
+
+    def wait(self, timeout: float) -> list[PortEvent]:
+        """Block up to `timeout` seconds for at least one event, then drain; [] on timeout."""
+        select.select([self.fileno()], [], [], timeout)
+        return self.get()
+
+    def close(self) -> None:
+        """Drop queued events and close the descriptors; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._events.clear()
+            os.close(self._rfd)
+            os.close(self._wfd)
+
+
+# ---------------------------------------------------------------- addressing and data
+
+@dataclass(frozen=True)
+class Path:
+    """Where a send goes: the address vector of an AH plus the path MTU the sender must respect.
+
+    Unicast inside an IB subnet: `dlid`, no GRH (Linux ipoib sends none, DESIGN 3.11). Multicast: `dlid`
+    is the MLID, `dgid` the MGID and `grh` True. RoCE: `grh` always True, `dgid` required, `dlid` 0.
+    """
+
+    dlid: int
+    sl: int = 0
+    mtu: int = 2048                 # path MTU in bytes; larger payloads are dropped and counted
+    dgid: bytes | None = None       # 16 bytes; required when grh is True
+    grh: bool = False
+    sgid_index: int = 0
+    hop_limit: int = 1
+    traffic_class: int = 0
+    flow_label: int = 0
+
+    @property
+    def multicast(self) -> bool:
+        """True for a multicast destination (multicast LID, or an MGID)."""
+        return self.dlid >= MCAST_LID_MIN or (self.dgid is not None and self.dgid[0] == 0xFF)
+
+    def check(self) -> None:
+        """Raise QpError if the fields contradict each other (GRH without DGID, bad MTU, bad DGID)."""
+        mtu_enum(self.mtu)
+        if self.grh and self.dgid is None:
+            raise QpError("a path with a GRH needs a DGID")
+        if self.dgid is not None and len(self.dgid) != 16:
+            raise QpError(f"DGID must be 16 bytes, got {len(self.dgid)}")
+        if self.multicast and not (self.grh and self.dgid is not None and self.dgid[0] == 0xFF):
+            raise QpError("a multicast path needs a GRH and an MGID as DGID")
+        if not 0 <= self.dlid <= 0xFFFF or not 0 <= self.sl <= 15:
+            raise QpError(f"bad DLID {self.dlid} or SL {self.sl}")
+
+
+class AddressHandle:
+    """An address handle made by `Backend.create_ah`; backends may subclass it to hold their own AH."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """One datagram to send: `payload` is the IPoIB frame (4-byte header + data), copied at post time."""
+
+    ah: AddressHandle
+    remote_qpn: int
+    remote_qkey: int
+    payload: bytes | bytearray | memoryview
+
+
+class CompletionStatus(IntEnum):
+    """Work completion status, numbered as `ibv_wc_status` (the ones a UD receive can see)."""
+
+    SUCCESS = 0
+    LOC_LEN_ERR = 1          # payload longer than the receive buffer
+    LOC_QP_OP_ERR = 2
+    LOC_PROT_ERR = 4
+    WR_FLUSH_ERR = 5         # QP moved to error/closed with the buffer still posted
+    GENERAL_ERR = 21
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One receive completion. `payload` views the receive buffer past the GRH area.
+
+    `sgid` is set exactly when `has_grh` is. `index` is the receive buffer's index in the QP's pool:
+    the caller re-posts it with `post_recv` once it is done with `payload`.
+    """
+
+    status: CompletionStatus
+    byte_len: int            # payload bytes, GRH excluded
+    src_qp: int
+    slid: int
+    sgid: bytes | None
+    has_grh: bool
+    pkey_index: int
+    index: int = -1
+    payload: memoryview | bytes = field(default=b"", repr=False, compare=False)
+
+
+class BufferPool(ABC):
+    """`count` registered buffers of `size` bytes each, addressed by index."""
+
+    count: int
+    size: int
+
+    @abstractmethod
+    def view(self, index: int) -> memoryview:
+        """A writable view of buffer `index` (its full `size` bytes)."""
+
+
+class MemoryPool(BufferPool):
+    """A BufferPool over one anonymous bytearray: enough for backends that copy (sim)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        if count <= 0 or size <= GRH_LEN:
+            raise QpError(f"buffer pool needs count > 0 and size > {GRH_LEN} (got {count} x {size})")
+        self.count, self.size = count, size
+        self._mem = memoryview(bytearray(count * size))
+
+    def view(self, index: int) -> memoryview:
+        """A writable view of buffer `index`."""
+        if not 0 <= index < self.count:
+            raise QpError(f"buffer index {index} outside pool of {self.count}")
+        return self._mem[index * self.size:(index + 1) * self.size]
+
+
+# ---------------------------------------------------------------- counters
+
+class FabricCounter(StrEnum):
+    """Names of the drop counters a backend keeps; stable (they become metric labels)."""
+
+    OVERSIZE = "oversize"                    # TX: payload above the path MTU or the port's active MTU
+    PORT_DOWN = "port_down"                  # TX/RX while the port is not ACTIVE
+    NO_DESTINATION = "no_destination"        # TX: no port has that DLID, or no QP that QPN (sim only)
+    NOT_MEMBER = "not_member"                # TX or RX on a multicast group the port is not a member of
+    QKEY_MISMATCH = "qkey_mismatch"          # RX: datagram Q_Key differs from the QP's
+    PKEY_MISMATCH = "pkey_mismatch"          # RX: datagram P_Key does not match the QP's / port's table
+    NO_RECV_BUFFER = "no_recv_buffer"        # RX: no receive buffer posted
+    BAD_DATAGRAM = "bad_datagram"            # RX: malformed transport header (sim only)
+    LOOPBACK = "loopback"                    # our own datagram came back (counted by LoopbackFilter)
+
+
+class Counters:
+    """Thread-safe drop counters keyed by `FabricCounter`; `snapshot()` gives {name: count} for metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(FabricCounter, 0)
+
+    def add(self, counter: FabricCounter, n: int = 1) -> None:
+        """Count `n` drops of one kind."""
+        with self._lock:
+            self._counts[counter] += n
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter by its stable name, zeros included."""
+        with self._lock:
+            return {c.value: n for c, n in self._counts.items()}
+
+
+class LoopbackFilter:
+    """Drops, and counts, completions that are our own datagrams coming back (DESIGN 3.10).
+
+    A completion is ours when its source QPN is one of our QPs and its source is our port: the SLID is
+    our LID (IB) or the SGID is one of our GIDs (a GRH is present). The agent updates `qpns` as it
+    creates QPs and `port` on LID changes.
+    """
+
+    def __init__(self, port: PortAttrs, qpns: Iterable[int] = (), counters: Counters | None = None) -> None:
+        self.port = port
+        self.qpns = set(qpns)
+        self.counters = counters if counters is not None else Counters()
+
+    def is_own(self, c: Completion) -> bool:
+        """True if `c` came from one of our QPs on our port."""
+        if c.src_qp not in self.qpns:
+            return False
+        if c.has_grh and c.sgid is not None:
+            return bytes(c.sgid) in self.port.gids
+        return self.port.link_layer is LinkLayer.INFINIBAND and c.slid == self.port.lid
+
+    def filter(self, completions: Iterable[Completion]) -> list[Completion]:
+        """The completions that are not ours; the others are counted as LOOPBACK."""
+        kept, dropped = [], 0
+        for c in completions:
+            if self.is_own(c):
+                dropped += 1
+            else:
+                kept.append(c)
+        if dropped:
+            self.counters.add(FabricCounter.LOOPBACK, dropped)
+        return kept
+
+
+# ---------------------------------------------------------------- the contract
+
+class UdQp(ABC):
+    """One UD QP, bound to one P_Key and Q_Key, with its receive buffer pool."""
+
+    qpn: int
+    pkey: int
+    pkey_index: int
+    qkey: int
+    pool: BufferPool
+
+    @abstractmethod
+    def post_send(self, batch: Sequence[SendRequest]) -> int:
+        """Send a batch; returns how many were accepted (the rest did not fit the send queue: retry them).
+
+        Payloads above the path MTU (or the port's active MTU) are dropped and counted as OVERSIZE, as
+        the sender must (hardware would lose them silently): they count as accepted.
+        """
+
+    @abstractmethod
+    def post_recv(self, indices: Iterable[int]) -> int:
+        """Hand receive buffers (indices into `pool`) to the receive queue; returns how many were posted."""
+
+    @abstractmethod
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        """Up to `max_entries` receive completions, oldest first, without blocking."""
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when completions may be waiting (spurious wakeups allowed;
+        call `poll` until it returns fewer than asked)."""
+
+    @abstractmethod
+    def attach_mcast(self, mgid: bytes, mlid: int) -> None:
+        """Attach to a multicast group (the port must also be a member in the SA to receive)."""
+
+    @abstractmethod
+    def detach_mcast(self, mgid: bytes, mlid: int) -> None:
+        """Detach from a multicast group; receiving from it stops."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Destroy the QP; posted buffers are flushed. Idempotent."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds until `fileno()` is readable; True if it is."""
+        ready, _, _ = select.select([self.fileno()], [], [], timeout)
+        return bool(ready)
+
+
+class Backend(ABC):
+    """One opened HCA port. Use as a context manager or call `close()` (idempotent)."""
+
+    events: EventQueue
+
+    @abstractmethod
+    def port(self) -> PortAttrs:
+        """Read the port's attributes now."""
+
+    @abstractmethod
+    def alloc_pool(self, count: int, size: int) -> BufferPool:
+        """Allocate and register `count` receive buffers of `size` bytes (GRH_LEN + largest payload)."""
+
+    @abstractmethod
+    def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> UdQp:
+        """Create a UD QP for `pkey` (must be in the P_Key table) with Q_Key `qkey`, receiving into `pool`."""
+
+    @abstractmethod
+    def create_ah(self, path: Path) -> AddressHandle:
+        """Make an address handle for `path` (QpError if the path is malformed)."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, int]:
+        """Drop counters by `FabricCounter` name, zeros included."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every QP, the event queue and the port. Idempotent."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
