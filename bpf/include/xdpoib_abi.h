@@ -1,0 +1,276 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * xdpoib_abi.h - the kernel/user contract of the xdpoib datapath.
+ *
+ * Every map key and value, the counters, the drop reasons, the metadata records exchanged with the
+ * agent, and the wire constants live here. xdpoib/abi.py mirrors this file in ctypes and the tests
+ * prove the mirror (a compiled probe without root, bcc's derived Key/Leaf types with root).
+ *
+ * Rules: never renumber a drop reason or a kind (the Python IntEnums in xdpoib/reasons.py carry the
+ * same numbers); bump XDPOIB_ABI_VERSION when a struct changes; keep every struct free of implicit
+ * padding (explicit reserved fields, checked by _Static_assert).
+ *
+ * This header is included both by BPF C (through bcc) and by plain C (the probe test), so it uses
+ * only fixed-width types.
+ */
+#ifndef XDPOIB_ABI_H
+#define XDPOIB_ABI_H
+
+#ifndef __BPF__
+#include <stdint.h>
+typedef uint8_t  xo_u8;
+typedef uint16_t xo_u16;
+typedef uint32_t xo_u32;
+typedef uint64_t xo_u64;
+#else
+typedef __u8  xo_u8;
+typedef __u16 xo_u16;
+typedef __u32 xo_u32;
+typedef __u64 xo_u64;
+#endif
+
+/* ================================================================ versions and sizes */
+
+#define XDPOIB_ABI_VERSION      1       /* bump on any layout change below */
+#define XDPOIB_META_VERSION     1       /* first byte of every metadata record */
+
+#define XDPOIB_ETH_ALEN         6
+#define XDPOIB_GID_LEN          16
+#define XDPOIB_HWADDR_LEN       20      /* IPoIB hardware address: flags, QPN[3], GID[16] */
+#define XDPOIB_ETH_HLEN         14
+#define XDPOIB_VLAN_HLEN        4
+#define XDPOIB_IPOIB_HLEN       4       /* EtherType (BE16) + 2 reserved zero bytes */
+#define XDPOIB_ARP_ETH_BODY     28      /* Ethernet ARP body */
+#define XDPOIB_ARP_IB_BODY      56      /* IPoIB ARP body (hlen 20) */
+#define XDPOIB_ND_OPT_ETH       8       /* ND link-layer option on Ethernet: len 1 */
+#define XDPOIB_ND_OPT_IB        24      /* ND link-layer option on IPoIB: len 3 */
+#define XDPOIB_MAX_VID          4095
+#define XDPOIB_MCAST_QPN        0xffffff
+#define XDPOIB_MAX_FRAME        2048    /* largest frame the ARP/ND rewrite paths accept */
+
+/* ================================================================ wire constants (host order) */
+
+#define XDPOIB_ETH_P_IP         0x0800
+#define XDPOIB_ETH_P_ARP        0x0806
+#define XDPOIB_ETH_P_RARP       0x8035
+#define XDPOIB_ETH_P_IPV6       0x86DD
+#define XDPOIB_ETH_P_TIPC       0x88CA
+#define XDPOIB_ETH_P_8021Q      0x8100
+#define XDPOIB_ETH_P_8021AD     0x88A8
+#define XDPOIB_ARPHRD_ETHER     1
+#define XDPOIB_ARPHRD_INFINIBAND 32
+#define XDPOIB_IPOIB_MGID_IPV4_SIG 0x401b  /* MGID bytes 2-3 for IPv4 and the broadcast group */
+#define XDPOIB_IPOIB_MGID_IPV6_SIG 0x601b  /* MGID bytes 2-3 for IPv6 groups */
+#define XDPOIB_PKEY_FULL_MEMBER 0x8000
+
+/* ================================================================ drop reasons and kinds */
+
+/* Same numbers as xdpoib.reasons.DropReason: never renumber, never reuse. */
+enum xdpoib_drop_reason {
+	XDPOIB_DROP_TRUNCATED             = 1,
+	XDPOIB_DROP_BAD_LENGTH            = 2,
+	XDPOIB_DROP_UNSUPPORTED_ETHERTYPE = 3,
+	XDPOIB_DROP_STACKED_VLAN          = 4,
+	XDPOIB_DROP_UNKNOWN_VLAN          = 5,
+	XDPOIB_DROP_SPOOFED_SOURCE        = 6,
+	XDPOIB_DROP_BAD_ARP               = 7,
+	XDPOIB_DROP_ARP_UNKNOWN_HWADDR    = 8,
+	XDPOIB_DROP_BAD_ND                = 9,
+	XDPOIB_DROP_ND_UNKNOWN_LLADDR     = 10,
+	XDPOIB_DROP_MCAST_MISMATCH        = 11,
+	XDPOIB_DROP_BAD_IP_HEADER         = 12,
+	XDPOIB_DROP_BAD_DHCP              = 13,
+	XDPOIB_DROP_NO_ROOM               = 14,
+	XDPOIB_DROP_UNKNOWN_PEER          = 15,
+	XDPOIB_DROP_UNKNOWN_VIF           = 16,
+	XDPOIB_DROP_BAD_METADATA          = 17,
+	XDPOIB_DROP_OVERSIZE              = 18,
+	XDPOIB_DROP_REDIRECT_FAILED       = 19,
+	XDPOIB_DROP_LOOPBACK              = 20,
+	XDPOIB_DROP_BAD_IPOIB_HEADER      = 21,
+	XDPOIB_DROP_NO_PARTITION          = 22,
+};
+#define XDPOIB_DROP_SLOTS       64      /* size of the per-reason counter array */
+
+/* Same numbers as xdpoib.reasons.Kind. */
+enum xdpoib_kind {
+	XDPOIB_KIND_PEER       = 1,     /* unicast to a known peer: dest_id = peer id */
+	XDPOIB_KIND_GROUP      = 2,     /* multicast: dest = MGID, dest_id = group id (0: not in the map) */
+	XDPOIB_KIND_UNRESOLVED = 3,     /* unicast MAC not in the peer map: dest = the MAC */
+	XDPOIB_KIND_CONTROL    = 4,     /* DHCP, IGMP/MLD: the original Ethernet frame, for the agent */
+};
+#define XDPOIB_KIND_SLOTS       8
+
+/* Direction index into the stats map. */
+enum xdpoib_dir {
+	XDPOIB_DIR_TX = 0,              /* Ethernet -> IPoIB */
+	XDPOIB_DIR_RX = 1,              /* IPoIB -> Ethernet */
+	XDPOIB_DIR_SLOTS = 2,
+};
+
+/* ================================================================ metadata records */
+
+/*
+ * TX metadata, placed with bpf_xdp_adjust_meta right before the frame the TX program hands the agent.
+ * For PEER/GROUP/UNRESOLVED the frame is the IPoIB frame (4-byte header + payload); for CONTROL it is
+ * the original, untouched Ethernet frame. dest holds the MGID (GROUP) or the destination MAC in its
+ * first 6 bytes (PEER, UNRESOLVED; the rest zero).
+ */
+struct xdpoib_tx_meta {
+	xo_u8  version;                 /* XDPOIB_META_VERSION */
+	xo_u8  kind;                    /* enum xdpoib_kind */
+	xo_u16 pkey;                    /* P_Key of the partition (host order, full-member bit as mapped) */
+	xo_u16 vid;                     /* VLAN id the frame came on (0 = untagged / priority-tagged) */
+	xo_u16 reserved;                /* zero */
+	xo_u32 vif_id;                  /* the sending VIF */
+	xo_u32 dest_id;                 /* peer id (PEER) or group id (GROUP); 0 = not in the maps */
+	xo_u8  dest[16];                /* MGID (GROUP) or destination MAC (PEER, UNRESOLVED, CONTROL) */
+};
+
+/* RX metadata flags */
+#define XDPOIB_RX_F_MULTICAST   0x01    /* received on a multicast group: dest MAC from the IP dest */
+#define XDPOIB_RX_F_ETHERNET    0x02    /* frame is already Ethernet (agent-rewritten control): pass on */
+
+/*
+ * RX metadata, supplied by the agent in front of each frame it injects (ctx_in.data = its size).
+ */
+struct xdpoib_rx_meta {
+	xo_u8  version;                 /* XDPOIB_META_VERSION */
+	xo_u8  flags;                   /* XDPOIB_RX_F_* */
+	xo_u16 pkey;                    /* P_Key the datagram arrived on (host order) */
+	xo_u32 peer_id;                 /* the sender's peer entry (created before its first frame) */
+	xo_u32 vif_id;                  /* the receiving VIF (unicast) or the partition's VIF (multicast) */
+	xo_u32 reserved;                /* zero */
+};
+
+/* ================================================================ map keys and values */
+
+/* Key of the *_by_mac maps: a MAC padded to 8 bytes (pad zero). */
+struct xdpoib_mac_key {
+	xo_u8  mac[XDPOIB_ETH_ALEN];
+	xo_u8  pad[2];
+};
+
+/* Key of xdpoib_by_addr: an IPoIB hardware address without its flags byte. */
+struct xdpoib_addr_key {
+	xo_u8  qpn[3];                  /* big-endian QPN */
+	xo_u8  pad;                     /* zero */
+	xo_u8  gid[XDPOIB_GID_LEN];
+};
+
+/* Value of xdpoib_by_addr: the MAC standing for that (QPN, GID): a VIF's MAC or a peer's REMAC. */
+struct xdpoib_mac_value {
+	xo_u8  mac[XDPOIB_ETH_ALEN];
+	xo_u8  pad[2];
+};
+
+/* A local VIF (value of xdpoib_vif_mac and xdpoib_vif_id). */
+struct xdpoib_vif {
+	xo_u32 vif_id;
+	xo_u8  mac[XDPOIB_ETH_ALEN];
+	xo_u8  reserved[2];
+	xo_u8  addr[XDPOIB_HWADDR_LEN]; /* our IPoIB address: flags, QPN, port GID */
+};
+
+/* A remote peer (value of xdpoib_peer_mac and xdpoib_peer_id); mac is its REMAC. */
+struct xdpoib_peer {
+	xo_u32 peer_id;
+	xo_u8  mac[XDPOIB_ETH_ALEN];
+	xo_u8  reserved[2];
+	xo_u8  addr[XDPOIB_HWADDR_LEN]; /* its IPoIB address */
+};
+
+/* Key of xdpoib_group: an MGID. */
+struct xdpoib_mgid_key {
+	xo_u8  mgid[XDPOIB_GID_LEN];
+};
+
+/* Value of xdpoib_group. */
+struct xdpoib_group {
+	xo_u32 group_id;
+	xo_u32 flags;                   /* reserved for the agent, zero */
+};
+
+/* Key of xdpoib_vlan (VID) and xdpoib_pkey (P_Key): a u32 holding a u16. */
+struct xdpoib_u32_key {
+	xo_u32 id;
+};
+
+/* Value of xdpoib_vlan: the P_Key of a VID. */
+struct xdpoib_vlan {
+	xo_u16 pkey;
+	xo_u16 reserved;
+};
+
+/* Value of xdpoib_pkey: the VID of a P_Key (0 = untagged). */
+struct xdpoib_pkey {
+	xo_u16 vid;
+	xo_u16 reserved;
+};
+
+/* Value of xdpoib_config[0]. */
+struct xdpoib_config {
+	xo_u64 report_interval_ns;      /* unresolved reports: at most one per destination per interval */
+	xo_u32 flags;                   /* reserved, zero */
+	xo_u32 reserved;
+};
+
+/* Per-CPU counters, one slot per direction (xdpoib_stats[XDPOIB_DIR_*]). Every packet is counted on
+ * entry (packets, bytes) and gets exactly one verdict (indexed by XDP action); each drop also counts
+ * its reason, each handed-over frame its kind. */
+struct xdpoib_stats {
+	xo_u64 packets;
+	xo_u64 bytes;
+	xo_u64 verdicts[5];             /* XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT */
+	xo_u64 reserved;
+	xo_u64 kinds[XDPOIB_KIND_SLOTS];
+	xo_u64 drops[XDPOIB_DROP_SLOTS];
+};
+
+/* Ring buffer event: a destination not in the maps (at most once per destination per interval). */
+struct xdpoib_unresolved_event {
+	xo_u8  version;                 /* XDPOIB_META_VERSION */
+	xo_u8  kind;                    /* UNRESOLVED (dest = MAC) or GROUP (dest = MGID not in the map) */
+	xo_u16 pkey;
+	xo_u32 vif_id;
+	xo_u8  dest[16];
+};
+
+/* Key of the rate limiter behind the events. */
+struct xdpoib_dest_key {
+	xo_u8  dest[16];
+	xo_u32 pkey;
+};
+
+/* ================================================================ map names and sizes */
+
+#define XDPOIB_MAX_VIFS         1024
+#define XDPOIB_MAX_PEERS        (1 << 20)
+#define XDPOIB_MAX_ADDRS        ((1 << 20) + 1024)
+#define XDPOIB_MAX_GROUPS       65536
+#define XDPOIB_MAX_VLANS        4096
+#define XDPOIB_MAX_XSKS         64
+#define XDPOIB_MAX_REPORTS      4096
+#define XDPOIB_EVENTS_PAGES     16
+
+/* ================================================================ layout checks */
+
+_Static_assert(sizeof(struct xdpoib_tx_meta) == 32, "tx meta size");
+_Static_assert(sizeof(struct xdpoib_rx_meta) == 16, "rx meta size");
+_Static_assert(sizeof(struct xdpoib_mac_key) == 8, "mac key size");
+_Static_assert(sizeof(struct xdpoib_addr_key) == 20, "addr key size");
+_Static_assert(sizeof(struct xdpoib_mac_value) == 8, "mac value size");
+_Static_assert(sizeof(struct xdpoib_vif) == 32, "vif size");
+_Static_assert(sizeof(struct xdpoib_peer) == 32, "peer size");
+_Static_assert(sizeof(struct xdpoib_mgid_key) == 16, "mgid key size");
+_Static_assert(sizeof(struct xdpoib_group) == 8, "group size");
+_Static_assert(sizeof(struct xdpoib_u32_key) == 4, "u32 key size");
+_Static_assert(sizeof(struct xdpoib_vlan) == 4, "vlan size");
+_Static_assert(sizeof(struct xdpoib_pkey) == 4, "pkey size");
+_Static_assert(sizeof(struct xdpoib_config) == 16, "config size");
+_Static_assert(sizeof(struct xdpoib_stats) == 8 * (2 + 5 + 1 + XDPOIB_KIND_SLOTS + XDPOIB_DROP_SLOTS),
+	       "stats size");
+_Static_assert(sizeof(struct xdpoib_unresolved_event) == 24, "event size");
+_Static_assert(sizeof(struct xdpoib_dest_key) == 20, "dest key size");
+
+#endif /* XDPOIB_ABI_H */
