@@ -26,5 +26,5 @@ def configure(p):
 
 def run(args) -> int:
     sys.stdout.write(PLAN)
-    print("xdpoib: error: the demo needs the agent (`xdpoib attach`), which has not landed yet", file=sys.stderr)
+    print("xdpoib: error: the demo needs the agent (`xdpoib attach`), not landed yet", file=sys.stderr)
     return 1
