@@ -1,0 +1,336 @@
+"""The backend contract suite: every fabric backend (`sim`, `verbs`) must pass it unchanged.
+
+A tier runs it by importing the tests into its own module and providing two fixtures:
+
+    from contract.contract_suite import *  # noqa: F403  (tests/ is on sys.path)
+
+    @pytest.fixture
+    def backend_pair():      # two opened `Backend`s (or proxies with the same methods) on one fabric,
+        ...                  # both ports ACTIVE and members of `contract_fabric.pkey`
+
+    @pytest.fixture
+    def contract_fabric():   # an object following `ContractFabric` below
+        ...
+
+Nothing here knows about ibsim, umad or qemu. Backends may live in other processes: completions are
+compared through `bytes(c.payload)`, and everything else goes through the contract's methods.
+Negative checks never sleep: a wanted datagram is sent after the unwanted ones, and once it arrives the
+unwanted ones must not have (both backends keep per-pair order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import select
+import time
+from typing import Protocol
+
+import pytest
+
+from xdpoib.fabric.base import (
+    GRH_LEN,
+    MCAST_QPN,
+    Backend,
+    CompletionStatus,
+    FabricCounter,
+    FabricError,
+    LinkLayer,
+    LoopbackFilter,
+    Path,
+    PortState,
+    SendRequest,
+)
+
+TIMEOUT = 5.0
+
+
+class ContractFabric(Protocol):
+    """What a tier tells the suite about its fabric."""
+
+    qkey: int                 # the Q_Key both ends use (the broadcast group's)
+    pkey: int                 # a P_Key both ports are full members of
+    unicast_grh: bool         # unicast always carries a GRH (RoCE) rather than only on request (IB)
+    counts_rx_drops: bool     # the backend counts receive-side drops (sim yes; verbs no: hardware is silent)
+
+    def path(self, src: Backend, dst: Backend, grh: bool = False) -> Path:
+        """A unicast path from src's port to dst's port."""
+
+    def new_mgid(self) -> bytes:
+        """A multicast GID no other test uses."""
+
+    def join(self, backend: Backend, mgid: bytes) -> Path:
+        """Make backend's port a full member of group mgid (creating it); return the multicast path."""
+
+    def leave(self, backend: Backend, mgid: bytes) -> None:
+        """End backend's port's membership of mgid."""
+
+
+# ---------------------------------------------------------------- helpers
+
+class End:
+    """One QP on one backend with all its buffers posted, plus what it sent and received."""
+
+    def __init__(self, backend, fabric, bufs=32, size=GRH_LEN + 4096, pkey=None, qkey=None):
+        self.backend = backend
+        self.pool = backend.alloc_pool(bufs, size)
+        self.qp = backend.create_qp(fabric.pkey if pkey is None else pkey,
+                                    fabric.qkey if qkey is None else qkey, self.pool)
+        self.qpn = self.qp.qpn
+        self.port = backend.port()
+
+    def post(self, indices):
+        """Post receive buffers."""
+        assert self.qp.post_recv(list(indices)) == len(list(indices))
+
+    def send(self, path, dst, payloads, qkey=None, remote_qpn=None):
+        """Send payloads to dst (an End) over path, in one batch."""
+        ah = self.backend.create_ah(path)
+        qpn = dst.qpn if remote_qpn is None else remote_qpn
+        key = dst.qp.qkey if qkey is None else qkey
+        batch = [SendRequest(ah, qpn, key, p) for p in payloads]
+        assert self.qp.post_send(batch) == len(batch)
+
+    def recv(self, n, timeout=TIMEOUT, repost=True):
+        """Wait for n completions (fail on timeout); repost their buffers; return them."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out with {len(got)} of {n} completions: {got}"
+            batch = self.qp.poll(n - len(got))
+            if not batch:
+                self.qp.wait(min(left, 0.2))
+                continue
+            got.extend(batch)
+            if repost:
+                self.qp.post_recv([c.index for c in batch])
+        return got
+
+    def nothing_more(self):
+        """Nothing else is waiting right now."""
+        extra = self.qp.poll(16)
+        assert extra == [], f"unexpected completions: {extra}"
+
+
+def payload(tag: int, size: int) -> bytes:
+    """An IPoIB-looking frame of `size` bytes whose contents identify it."""
+    body = bytes((tag + i) & 0xFF for i in range(max(0, size - 4)))
+    return (b"\x08\x00\x00\x00" + body)[:size]
+
+
+@pytest.fixture
+def ends(backend_pair, contract_fabric):
+    """One QP with 32 posted buffers on each backend of the pair."""
+    a, b = (End(x, contract_fabric) for x in backend_pair)
+    for e in (a, b):
+        e.post(range(32))
+    yield a, b
+    for e in (a, b):
+        e.qp.close()
+
+
+# ---------------------------------------------------------------- port
+
+def test_port_attributes(backend_pair, contract_fabric):
+    a, b = (x.port() for x in backend_pair)
+    for p in (a, b):
+        assert p.state is PortState.ACTIVE
+        assert p.active_mtu in (256, 512, 1024, 2048, 4096)
+        assert len(p.gid) == 16 and p.gid != bytes(16)
+        assert any((k & 0x7FFF) == (contract_fabric.pkey & 0x7FFF) for k in p.pkeys)
+        if p.link_layer is LinkLayer.INFINIBAND:
+            assert 0 < p.lid < 0xC000 and 0 < p.sm_lid < 0xC000
+            assert p.gid[8:] == p.port_guid.to_bytes(8, "big")
+    assert a.gid != b.gid
+    if a.link_layer is LinkLayer.INFINIBAND:
+        assert a.lid != b.lid
+
+
+def test_counters_and_events_are_exposed(backend_pair):
+    for backend in backend_pair:
+        assert set(backend.counters()) >= {c.value for c in FabricCounter}
+        fd = backend.events.fileno()
+        assert isinstance(fd, int) and fd >= 0
+        assert select.select([fd], [], [], 0)[0] == []
+        assert backend.events.get() == []
+
+
+# ---------------------------------------------------------------- QPs
+
+def test_qp_numbers_and_pkey_index(backend_pair, contract_fabric):
+    backend = backend_pair[0]
+    first, second = End(backend, contract_fabric), End(backend, contract_fabric)
+    try:
+        assert 1 < first.qpn < MCAST_QPN and 1 < second.qpn < MCAST_QPN
+        assert first.qpn != second.qpn
+        assert first.qp.pkey_index == backend.port().pkey_index(contract_fabric.pkey)
+        assert first.qp.qkey == contract_fabric.qkey
+    finally:
+        first.qp.close()
+        second.qp.close()
+    second.qp.close()  # idempotent
+
+
+def test_qp_for_a_pkey_not_in_the_table_is_refused(backend_pair, contract_fabric):
+    backend = backend_pair[0]
+    missing = next(k for k in range(0x8100, 0x8200) if k not in backend.port().pkeys)
+    pool = backend.alloc_pool(2, GRH_LEN + 256)
+    with pytest.raises(FabricError):
+        backend.create_qp(missing, contract_fabric.qkey, pool)
+
+
+def test_closed_qp_refuses_work(backend_pair, contract_fabric):
+    end = End(backend_pair[0], contract_fabric)
+    end.qp.close()
+    with pytest.raises(FabricError):
+        end.qp.post_recv([0])
+
+
+# ---------------------------------------------------------------- unicast
+
+@pytest.mark.parametrize("direction", ["a->b", "b->a"])
+def test_unicast_delivers_payload_and_source_fields(ends, contract_fabric, direction):
+    a, b = ends if direction == "a->b" else ends[::-1]
+    frames = [payload(1, 4), payload(2, 60), payload(3, min(a.port.active_mtu, 2048) - 4)]
+    a.send(contract_fabric.path(a.backend, b.backend), b, frames)
+    got = b.recv(len(frames))
+    assert [bytes(c.payload) for c in got] == frames
+    for c, f in zip(got, frames, strict=True):
+        assert c.status is CompletionStatus.SUCCESS
+        assert c.byte_len == len(f)
+        assert c.src_qp == a.qpn
+        assert c.pkey_index == b.qp.pkey_index
+        assert c.has_grh is contract_fabric.unicast_grh
+        assert (c.sgid is not None) is c.has_grh
+        if c.has_grh:
+            assert bytes(c.sgid) == a.port.gid
+        if a.port.link_layer is LinkLayer.INFINIBAND:
+            assert c.slid == a.port.lid
+    b.nothing_more()
+
+
+def test_unicast_with_requested_grh_carries_source_gid(ends, contract_fabric):
+    a, b = ends
+    a.send(contract_fabric.path(a.backend, b.backend, grh=True), b, [payload(7, 100)])
+    (c,) = b.recv(1)
+    assert c.has_grh and bytes(c.sgid) == a.port.gid
+    assert c.src_qp == a.qpn and bytes(c.payload) == payload(7, 100)
+
+
+def test_batch_arrives_complete_and_in_order(ends, contract_fabric):
+    a, b = ends
+    frames = [payload(i, 64 + i) for i in range(24)]
+    a.send(contract_fabric.path(a.backend, b.backend), b, frames)
+    assert [bytes(c.payload) for c in b.recv(len(frames))] == frames
+
+
+def test_wrong_qkey_is_dropped(ends, contract_fabric):
+    a, b = ends
+    before = b.backend.counters()[FabricCounter.QKEY_MISMATCH]
+    path = contract_fabric.path(a.backend, b.backend)
+    a.send(path, b, [payload(1, 80)], qkey=(contract_fabric.qkey + 1) & 0x7FFFFFFF)
+    a.send(path, b, [payload(2, 80)])
+    (c,) = b.recv(1)
+    assert bytes(c.payload) == payload(2, 80)
+    b.nothing_more()
+    if contract_fabric.counts_rx_drops:
+        assert b.backend.counters()[FabricCounter.QKEY_MISMATCH] == before + 1
+
+
+def test_oversize_is_dropped_and_counted_by_the_sender(ends, contract_fabric):
+    a, b = ends
+    path = dataclasses.replace(contract_fabric.path(a.backend, b.backend), mtu=256)
+    before = a.backend.counters()[FabricCounter.OVERSIZE]
+    a.send(path, b, [payload(1, 257), payload(2, 256)])
+    (c,) = b.recv(1)
+    assert bytes(c.payload) == payload(2, 256)
+    b.nothing_more()
+    assert a.backend.counters()[FabricCounter.OVERSIZE] == before + 1
+
+
+def test_without_posted_buffers_datagrams_are_dropped(backend_pair, contract_fabric):
+    a, b = End(backend_pair[0], contract_fabric), End(backend_pair[1], contract_fabric, bufs=4)
+    try:
+        a.post(range(4))
+        b.post(range(2))
+        before = b.backend.counters()[FabricCounter.NO_RECV_BUFFER]
+        path = contract_fabric.path(a.backend, b.backend)
+        a.send(path, b, [payload(i, 64) for i in range(5)])
+        got = b.recv(2, repost=False)
+        assert [bytes(c.payload) for c in got] == [payload(0, 64), payload(1, 64)]
+        b.post([2])
+        a.send(path, b, [payload(9, 64)])
+        (late,) = b.recv(1, repost=False)
+        assert bytes(late.payload) == payload(9, 64)
+        if contract_fabric.counts_rx_drops:
+            assert b.backend.counters()[FabricCounter.NO_RECV_BUFFER] == before + 3
+    finally:
+        a.qp.close()
+        b.qp.close()
+
+
+def test_short_receive_buffer_completes_with_length_error(backend_pair, contract_fabric):
+    a, b = End(backend_pair[0], contract_fabric), End(backend_pair[1], contract_fabric, bufs=2,
+                                                      size=GRH_LEN + 64)
+    try:
+        b.post(range(2))
+        a.send(contract_fabric.path(a.backend, b.backend), b, [payload(1, 100), payload(2, 64)])
+        first, second = b.recv(2)
+        assert first.status is CompletionStatus.LOC_LEN_ERR
+        assert second.status is CompletionStatus.SUCCESS and bytes(second.payload) == payload(2, 64)
+    finally:
+        a.qp.close()
+        b.qp.close()
+
+
+# ---------------------------------------------------------------- multicast
+
+@pytest.fixture
+def group(ends, contract_fabric):
+    """A fresh group both ports joined and both QPs attached: (mgid, path)."""
+    mgid = contract_fabric.new_mgid()
+    paths = [contract_fabric.join(e.backend, mgid) for e in ends]
+    for e, p in zip(ends, paths, strict=True):
+        e.qp.attach_mcast(mgid, p.dlid)
+    yield mgid, paths[0]
+    for e in ends:
+        contract_fabric.leave(e.backend, mgid)
+
+
+def test_multicast_reaches_attached_members_with_grh(ends, group, contract_fabric):
+    a, b = ends
+    mgid, path = group
+    assert path.grh and path.dgid == mgid
+    a.send(path, b, [payload(5, 300)], remote_qpn=MCAST_QPN, qkey=contract_fabric.qkey)
+    (c,) = b.recv(1)
+    assert bytes(c.payload) == payload(5, 300) and c.byte_len == 300
+    assert c.has_grh and bytes(c.sgid) == a.port.gid
+    assert c.src_qp == a.qpn and c.pkey_index == b.qp.pkey_index
+    if a.port.link_layer is LinkLayer.INFINIBAND:
+        assert c.slid == a.port.lid
+
+
+def test_own_multicast_is_filtered_as_loopback(ends, group, contract_fabric):
+    a, b = ends
+    _mgid, path = group
+    a.send(path, b, [payload(6, 90)], remote_qpn=MCAST_QPN, qkey=contract_fabric.qkey)
+    b.recv(1)
+    b.send(contract_fabric.path(b.backend, a.backend), a, [payload(7, 90)])
+    got = []
+    while not any(bytes(c.payload) == payload(7, 90) for c in got):
+        got += a.recv(1)
+    loop = LoopbackFilter(a.backend.port(), qpns={a.qpn})
+    kept = loop.filter(got)
+    assert [bytes(c.payload) for c in kept] == [payload(7, 90)]
+    assert loop.counters.snapshot()[FabricCounter.LOOPBACK] == len(got) - 1
+
+
+def test_detached_qp_receives_no_multicast(ends, group, contract_fabric):
+    a, b = ends
+    mgid, path = group
+    b.qp.detach_mcast(mgid, path.dlid)
+    a.send(path, b, [payload(8, 120)], remote_qpn=MCAST_QPN, qkey=contract_fabric.qkey)
+    a.send(contract_fabric.path(a.backend, b.backend), b, [payload(9, 120)])
+    (c,) = b.recv(1)
+    assert bytes(c.payload) == payload(9, 120)
+    b.nothing_more()
