@@ -357,6 +357,7 @@ class FabricCounter(StrEnum):
     QKEY_MISMATCH = "qkey_mismatch"          # RX: datagram Q_Key differs from the QP's
     PKEY_MISMATCH = "pkey_mismatch"          # RX: datagram P_Key does not match the QP's / port's table
     NO_RECV_BUFFER = "no_recv_buffer"        # RX: no receive buffer posted
+    RX_OVERRUN = "rx_overrun"                # TX (sim only): the receiver's socket queue was full
     BAD_DATAGRAM = "bad_datagram"            # RX: malformed transport header (sim only)
     LOOPBACK = "loopback"                    # our own datagram came back (counted by LoopbackFilter)
 

@@ -1,0 +1,602 @@
+"""The `sim` backend: UD datagrams between processes on one machine, with InfiniBand's rules.
+
+Each QP is an abstract unix datagram socket named after its fabric, port GUID and QPN; nothing is
+written to disk, and the kernel frees every name when its process dies. Two more kinds of names act as
+a registry that any process can read from /proc/net/unix:
+
+    @xdpoib-sim/FABRIC/q/GUID/QPN          a QP's data socket
+    @xdpoib-sim/FABRIC/l/LID/GUID          this port has that LID (rebound when the LID changes)
+    @xdpoib-sim/FABRIC/m/MGID/GUID/QPN     that QP is attached to that multicast group
+
+LIDs, GIDs, P_Key tables and multicast memberships come from the real SM (OpenSM on ibsim) through a
+`PortControl`: normally `SAControl` over `xdpoib.fabric.sa.SAClient`. The rules kept (DESIGN 5):
+the sender drops payloads above the path MTU or its port's active MTU (counted, as hardware would lose
+them) and sends multicast only when its port is a member; the receiver checks destination QPN, Q_Key and
+P_Key, delivers multicast only to QPs attached to the MGID on a port the SA lists as a (full or
+non-)member, and completes with source QPN, SLID, P_Key index and the SGID exactly when a GRH came (only
+on multicast or when the sender asked for one). A QP attached to a group receives its own multicast:
+`base.LoopbackFilter` drops it. A background thread re-reads the port and turns changes into
+`PortEvent`s; it also drops the membership cache, since OpenSM forgets the memberships of a port that
+went down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from xdpoib.errors import XdpoibError
+from xdpoib.fabric import simud_wire as wire
+from xdpoib.fabric.base import (
+    MCAST_QPN,
+    AddressHandle,
+    Backend,
+    BackendClosedError,
+    BufferPool,
+    Completion,
+    CompletionStatus,
+    Counters,
+    EventQueue,
+    FabricCounter,
+    LinkLayer,
+    MemoryPool,
+    Path,
+    PortAttrs,
+    PortError,
+    PortEvent,
+    PortEventKind,
+    PortState,
+    QpError,
+    SendRequest,
+    UdQp,
+    mtu_bytes,
+)
+
+PREFIX = "xdpoib-sim"
+JOIN_RECEIVES = 0x3            # JoinState bits that receive: FullMember, NonMember
+RECV_BUFSIZE = 1 << 18         # largest datagram we read (a bundle plus one 4 KiB packet fits)
+SEND_SOCKBUF = 1 << 22
+
+
+class PortControl(Protocol):
+    """Where the sim backend learns its port and its memberships (the SA, or a fixed description)."""
+
+    def port(self) -> PortAttrs:
+        """The port as it is now (raise an XdpoibError if it cannot be read)."""
+
+    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
+        """JoinState of port_gid in group mgid (0 if the SA hides it), or None if it is not a member."""
+
+    def close(self) -> None:
+        """Release what the control holds."""
+
+
+class SAControl:
+    """`PortControl` over an `SAClient`: SMPs to our port for its attributes, MCMemberRecord Gets."""
+
+    def __init__(self, sa, owned: bool = True) -> None:
+        self.sa = sa
+        self.owned = owned
+
+    @classmethod
+    def open(cls, device: str | None = None, port: int | None = None) -> SAControl:
+        """Open our own SA client on the umad port (a trusted requester, to see JoinStates)."""
+        from xdpoib.fabric.sa import SAClient
+
+        return cls(SAClient.open(device, port, sm_key=1))
+
+    def port(self) -> PortAttrs:
+        """Read the port through SMPs to ourselves."""
+        lp = self.sa.port()
+        try:
+            state = PortState(lp.state)
+        except ValueError:
+            state = PortState.DOWN
+        mtu = mtu_bytes(lp.active_mtu) if 1 <= lp.active_mtu <= 5 else 256
+        return PortAttrs(lid=lp.lid, sm_lid=lp.sm_lid, state=state, active_mtu=mtu, port_guid=lp.port_guid,
+                         gids=(lp.gid,), pkeys=tuple(lp.pkeys), link_layer=LinkLayer.INFINIBAND)
+
+    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
+        """One MCMemberRecord Get (MGID + PortGID)."""
+        rec = self.sa.member(mgid, port_gid)
+        return None if rec is None else rec.join_state
+
+    def close(self) -> None:
+        """Close the SA client if we opened it."""
+        if self.owned:
+            self.sa.close()
+
+
+class StaticControl:
+    """A fixed port and membership table: the data plane without an SM (unit tests, demos)."""
+
+    def __init__(self, attrs: PortAttrs, memberships: dict[bytes, int] | None = None) -> None:
+        self.attrs = attrs
+        self.memberships = dict(memberships or {})
+
+    def port(self) -> PortAttrs:
+        """The port as last set."""
+        return self.attrs
+
+    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
+        """JoinState from the table (only for our own GID)."""
+        return self.memberships.get(bytes(mgid)) if bytes(port_gid) == self.attrs.gid else None
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# ---------------------------------------------------------------- names and registry
+
+def _name(fabric: str, *parts: str) -> bytes:
+    return b"\0" + "/".join((PREFIX, fabric, *parts)).encode()
+
+
+def qp_address(fabric: str, guid: int, qpn: int) -> bytes:
+    """The abstract socket address of one QP."""
+    return _name(fabric, "q", f"{guid:016x}", f"{qpn:06x}")
+
+
+def scan(fabric: str) -> tuple[dict[int, int], dict[bytes, list[tuple[int, int]]]]:
+    """Read the registry: {LID: GUID} and {MGID: [(GUID, QPN), ...]} from /proc/net/unix."""
+    head = f"@{PREFIX}/{fabric}/"
+    lids: dict[int, int] = {}
+    groups: dict[bytes, list[tuple[int, int]]] = {}
+    with open("/proc/net/unix") as f:
+        for line in f:
+            cols = line.split()
+            if len(cols) < 8 or not cols[7].startswith(head):
+                continue
+            parts = cols[7][len(head):].split("/")
+            try:
+                if parts[0] == "l" and len(parts) == 3:
+                    lids[int(parts[1], 16)] = int(parts[2], 16)
+                elif parts[0] == "m" and len(parts) == 4:
+                    member = (int(parts[2], 16), int(parts[3], 16))
+                    groups.setdefault(bytes.fromhex(parts[1]), []).append(member)
+            except ValueError:
+                continue
+    return lids, groups
+
+
+def _bound(name: bytes) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        s.bind(name)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+# ---------------------------------------------------------------- QP
+
+@dataclass
+class _Attachment:
+    mlid: int
+    marker: socket.socket
+
+
+class SimQp(UdQp):
+    """A UD QP of the sim backend (see the module doc for the rules it keeps)."""
+
+    def __init__(self, backend: SimUdBackend, pkey: int, pkey_index: int, qkey: int, pool: BufferPool):
+        self.backend = backend
+        self.pkey, self.pkey_index, self.qkey, self.pool = pkey, pkey_index, qkey, pool
+        self.qpn = 0
+        for _ in range(64):
+            qpn = random.randint(0x100, MCAST_QPN - 1)
+            try:
+                self.sock = _bound(qp_address(backend.fabric, backend.guid, qpn))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise QpError(f"cannot create a sim QP: {exc}") from None
+            self.qpn = qpn
+            break
+        else:
+            raise QpError("cannot find a free QPN")
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, SEND_SOCKBUF)
+        self._posted: deque[int] = deque()
+        self._cq: deque[Completion] = deque()
+        self._attached: dict[bytes, _Attachment] = {}
+        self._rbuf = bytearray(RECV_BUFSIZE)
+        self._lock = threading.Lock()
+        # readable while the socket has data or completions wait in the CQ
+        self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._signalled = False
+        self._epoll = select.epoll()
+        self._epoll.register(self.sock.fileno(), select.EPOLLIN)
+        self._epoll.register(self._ready, select.EPOLLIN)
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"SimQp(qpn={self.qpn:#x}, pkey={self.pkey:#06x}, qkey={self.qkey:#x})"
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BackendClosedError(f"QP {self.qpn:#x} is closed")
+
+    # ---- send
+
+    def post_send(self, batch: Sequence[SendRequest]) -> int:
+        """Send a batch: each destination QP gets its packets in one or a few datagrams."""
+        self._check_open()
+        b = self.backend
+        port = b.attrs
+        count = b._counters.add
+        if port.state is not PortState.ACTIVE:
+            count(FabricCounter.PORT_DOWN, len(batch))
+            return len(batch)
+        out: dict[bytes, list[bytes]] = {}
+        groups = None
+        for req in batch:
+            path = req.ah.path
+            size = len(req.payload)
+            if size > path.mtu or size > port.active_mtu:
+                count(FabricCounter.OVERSIZE)
+                continue
+            sgid = port.gids[path.sgid_index] if path.grh else bytes(16)
+            dgid = path.dgid if path.grh else bytes(16)
+            if path.multicast:
+                if not b.is_member(dgid, sending=True):
+                    count(FabricCounter.NOT_MEMBER)
+                    continue
+                if groups is None:
+                    groups = b.registry(fresh=True)[1]
+                dests = [qp_address(b.fabric, guid, qpn) for guid, qpn in groups.get(dgid, ())]
+            else:
+                guid = b.guid_for_lid(path.dlid)
+                if guid is None:
+                    count(FabricCounter.NO_DESTINATION)
+                    continue
+                dests = [qp_address(b.fabric, guid, req.remote_qpn)]
+            pkt = wire.encode(wire.Packet(
+                slid=port.lid, dlid=path.dlid, sl=path.sl, pkey=self.pkey, src_qpn=self.qpn,
+                dst_qpn=req.remote_qpn, qkey=wire.effective_qkey(req.remote_qkey, self.qkey), grh=path.grh,
+                sgid=sgid, dgid=dgid, payload=bytes(req.payload)))
+            for d in dests:
+                out.setdefault(d, []).append(pkt)
+        for dest, pkts in out.items():
+            for datagram, n in wire.bundles(pkts):
+                try:
+                    self.sock.sendto(datagram, dest)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    count(FabricCounter.NO_DESTINATION, n)
+                except BlockingIOError:
+                    count(FabricCounter.RX_OVERRUN, n)
+        return len(batch)
+
+    # ---- receive
+
+    def _drain(self) -> None:
+        """Take every datagram that arrived and match it against the buffers posted now (as an HCA does)."""
+        b = self.backend
+        count = b._counters.add
+        view = memoryview(self._rbuf)
+        while True:
+            try:
+                n = self.sock.recv_into(self._rbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            packets, junk = wire.decode(bytes(view[:n]))
+            if junk:
+                count(FabricCounter.BAD_DATAGRAM)
+            port = b.attrs
+            for p in packets:
+                if port.state is not PortState.ACTIVE:
+                    count(FabricCounter.PORT_DOWN)
+                    continue
+                verdict = wire.receive_verdict(p, self.qpn, self.qkey, self.pkey, port.pkeys,
+                                               self._attached.keys())
+                if verdict is None and p.dst_qpn == MCAST_QPN and not b.is_member(p.dgid, sending=False):
+                    verdict = FabricCounter.NOT_MEMBER
+                if verdict is not None:
+                    count(verdict)
+                    continue
+                if not self._posted:
+                    count(FabricCounter.NO_RECV_BUFFER)
+                    continue
+                self._complete(p, self._posted.popleft())
+        if self._cq and not self._signalled:
+            os.eventfd_write(self._ready, 1)
+            self._signalled = True
+        elif not self._cq and self._signalled:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._ready)
+            self._signalled = False
+
+    def _complete(self, p: wire.Packet, index: int) -> None:
+        buf = self.pool.view(index)
+        size = len(p.payload)
+        sgid = p.sgid if p.grh else None
+        if not wire.fits(size, len(buf)):
+            self._cq.append(Completion(CompletionStatus.LOC_LEN_ERR, size, p.src_qpn, p.slid, sgid, p.grh,
+                                       self.pkey_index, index, b""))
+            return
+        if p.grh:
+            buf[:wire.GRH_LEN] = wire.grh(p)
+        payload = buf[wire.GRH_LEN:wire.GRH_LEN + size]
+        payload[:] = p.payload
+        self._cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid, sgid, p.grh,
+                                   self.pkey_index, index, payload))
+
+    def post_recv(self, indices: Iterable[int]) -> int:
+        """Post receive buffers (after matching what already arrived against the earlier ones)."""
+        self._check_open()
+        indices = list(indices)
+        for i in indices:
+            if not 0 <= i < self.pool.count:
+                raise QpError(f"buffer index {i} outside the pool of {self.pool.count}")
+        with self._lock:
+            self._drain()
+            self._posted.extend(indices)
+        return len(indices)
+
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        """Up to max_entries completions, oldest first."""
+        self._check_open()
+        with self._lock:
+            self._drain()
+            out = [self._cq.popleft() for _ in range(min(max_entries, len(self._cq)))]
+            if not self._cq and self._signalled:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._ready)
+                self._signalled = False
+            return out
+
+    def fileno(self) -> int:
+        """An epoll descriptor: readable while datagrams or completions wait."""
+        self._check_open()
+        return self._epoll.fileno()
+
+    # ---- multicast
+
+    def attach_mcast(self, mgid: bytes, mlid: int) -> None:
+        """Attach to a group: publish this QP in the group's registry."""
+        self._check_open()
+        mgid = bytes(mgid)
+        if len(mgid) != 16 or mgid[0] != 0xFF:
+            raise QpError(f"not a multicast GID: {mgid.hex()}")
+        with self._lock:
+            if mgid in self._attached:
+                return
+            marker = _bound(_name(self.backend.fabric, "m", mgid.hex(), f"{self.backend.guid:016x}",
+                                  f"{self.qpn:06x}"))
+            self._attached[mgid] = _Attachment(mlid, marker)
+
+    def detach_mcast(self, mgid: bytes, mlid: int) -> None:
+        """Detach from a group (QpError if not attached)."""
+        self._check_open()
+        with self._lock:
+            att = self._attached.pop(bytes(mgid), None)
+        if att is None:
+            raise QpError(f"QP {self.qpn:#x} is not attached to {bytes(mgid).hex()}")
+        att.marker.close()
+
+    def close(self) -> None:
+        """Destroy the QP: its names disappear, posted buffers are dropped. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        with self._lock:
+            for att in self._attached.values():
+                att.marker.close()
+            self._attached.clear()
+            self._epoll.close()
+            os.close(self._ready)
+            self.sock.close()
+            self._posted.clear()
+            self._cq.clear()
+        self.backend._forget(self)
+
+
+# ---------------------------------------------------------------- backend
+
+class SimUdBackend(Backend):
+    """The sim data plane for one port of one fabric (see the module doc)."""
+
+    def __init__(self, fabric: str, control: PortControl, poll_interval: float = 0.1,
+                 member_ttl: float = 1.0) -> None:
+        if not fabric or "/" in fabric or len(fabric) > 40:
+            raise PortError(f"bad sim fabric name {fabric!r} (1-40 characters, no '/')")
+        self.fabric = fabric
+        self.control = control
+        self.poll_interval = poll_interval
+        self.member_ttl = member_ttl
+        self.events = EventQueue()
+        self._counters = Counters()
+        self._qps: dict[int, SimQp] = {}
+        self._lock = threading.RLock()
+        self._members: dict[bytes, tuple[int | None, float]] = {}
+        self._lids: dict[int, int] = {}
+        self._lids_at = 0.0
+        self._closed = False
+        self._lid_marker: socket.socket | None = None
+        try:
+            self.attrs = control.port()
+        except BaseException:
+            self.events.close()
+            raise
+        self.guid = self.attrs.port_guid
+        self._publish_lid(self.attrs.lid)
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name=f"simud-{fabric}", daemon=True)
+        self._monitor.start()
+
+    @classmethod
+    def open(cls, fabric: str, sa=None, **kw) -> SimUdBackend:
+        """Open the sim data plane of `fabric` for this process's port (an SAClient, or our own)."""
+        control = SAControl(sa, owned=False) if sa is not None else SAControl.open()
+        try:
+            return cls(fabric, control, **kw)
+        except BaseException:
+            control.close()
+            raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendClosedError(f"sim backend {self.fabric} is closed")
+
+    # ---- registry
+
+    def _publish_lid(self, lid: int) -> None:
+        if self._lid_marker is not None:
+            self._lid_marker.close()
+            self._lid_marker = None
+        if lid:
+            try:
+                self._lid_marker = _bound(_name(self.fabric, "l", f"{lid:04x}", f"{self.guid:016x}"))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:      # another process on this port published it
+                    raise
+
+    def registry(self, fresh: bool = False) -> tuple[dict[int, int], dict[bytes, list[tuple[int, int]]]]:
+        """The fabric's {LID: GUID} and {MGID: [(GUID, QPN)]}, read now."""
+        lids, groups = scan(self.fabric)
+        with self._lock:
+            self._lids, self._lids_at = lids, time.monotonic()
+        return lids, groups
+
+    def guid_for_lid(self, lid: int) -> int | None:
+        """The port GUID that has `lid` (registry cached for a second, re-read on a miss)."""
+        now = time.monotonic()
+        guid = self._lids.get(lid) if now - self._lids_at < 1.0 else None
+        if guid is None and now - self._lids_at > 0.005:
+            guid = self.registry()[0].get(lid)
+        return guid
+
+    # ---- memberships
+
+    def is_member(self, mgid: bytes, sending: bool) -> bool:
+        """Whether the SA lists our port in `mgid` (any JoinState to send; Full/NonMember to receive)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._members.get(mgid)
+        if hit is None or hit[1] < now:
+            try:
+                hit = (self.control.member(mgid, self.attrs.gid), now + self.member_ttl)
+            except XdpoibError:             # the SA did not answer: not a member for now, ask again soon
+                hit = (None, now + min(self.member_ttl, 0.1))
+            with self._lock:
+                self._members[mgid] = hit
+        state = hit[0]
+        if state is None:
+            return False
+        return sending or state == 0 or bool(state & JOIN_RECEIVES)
+
+    def forget_memberships(self) -> None:
+        """Drop the membership cache (on port events, and whenever the caller changed memberships)."""
+        with self._lock:
+            self._members.clear()
+
+    # ---- port monitor
+
+    def _read_port(self) -> PortAttrs:
+        try:
+            return self.control.port()
+        except XdpoibError:                 # an unreadable port is a down port
+            return replace(self.attrs, state=PortState.DOWN)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            self.refresh()
+
+    def refresh(self) -> list[PortEvent]:
+        """Re-read the port now and queue the events its changes mean (the monitor does this periodically)."""
+        new = self._read_port()
+        with self._lock:
+            if self._closed:
+                return []
+            old, self.attrs = self.attrs, new
+            kinds = []
+            was_up, is_up = old.state is PortState.ACTIVE, new.state is PortState.ACTIVE
+            if was_up and not is_up:
+                kinds.append(PortEventKind.PORT_ERR)
+            if new.lid != old.lid and new.state is not PortState.DOWN:
+                kinds.append(PortEventKind.LID_CHANGE)
+                self._publish_lid(new.lid)
+            if new.pkeys != old.pkeys and new.state is not PortState.DOWN:
+                kinds.append(PortEventKind.PKEY_CHANGE)
+            if new.sm_lid != old.sm_lid and old.sm_lid and is_up:
+                kinds.append(PortEventKind.CLIENT_REREGISTER)
+            if is_up and not was_up:
+                kinds.append(PortEventKind.PORT_ACTIVE)
+            if kinds:
+                self._members.clear()
+        events = [PortEvent(k, new) for k in kinds]
+        for e in events:
+            self.events.put(e)
+        return events
+
+    # ---- contract
+
+    def port(self) -> PortAttrs:
+        """Read the port now (through the control), updating the cached attributes and events."""
+        self._check_open()
+        self.refresh()
+        return self.attrs
+
+    def alloc_pool(self, count: int, size: int) -> BufferPool:
+        """Plain memory: the sim copies into it."""
+        self._check_open()
+        return MemoryPool(count, size)
+
+    def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> UdQp:
+        """A UD QP for a P_Key of our table."""
+        self._check_open()
+        index = self.attrs.pkey_index(pkey)
+        if not 0 <= qkey <= 0xFFFFFFFF:
+            raise QpError(f"bad Q_Key {qkey:#x}")
+        qp = SimQp(self, self.attrs.pkeys[index], index, qkey, pool)
+        with self._lock:
+            self._qps[qp.qpn] = qp
+        return qp
+
+    def create_ah(self, path: Path) -> AddressHandle:
+        """An address handle (checks the path and its SGID index)."""
+        self._check_open()
+        path.check()
+        if path.grh and not 0 <= path.sgid_index < len(self.attrs.gids):
+            raise QpError(f"SGID index {path.sgid_index} outside the GID table")
+        return AddressHandle(path)
+
+    def counters(self) -> dict[str, int]:
+        """Drop counters by name."""
+        return self._counters.snapshot()
+
+    def qps(self) -> list[SimQp]:
+        """The open QPs."""
+        with self._lock:
+            return list(self._qps.values())
+
+    def _forget(self, qp: SimQp) -> None:
+        with self._lock:
+            self._qps.pop(qp.qpn, None)
+
+    def close(self) -> None:
+        """Stop the monitor, close the QPs, the registry names, the events and the control. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5)
+        for qp in self.qps():
+            qp.close()
+        if self._lid_marker is not None:
+            self._lid_marker.close()
+        self.events.close()
+        self.control.close()

@@ -1,0 +1,117 @@
+"""The sim UD transport's wire format and receive rules: pure functions, no I/O.
+
+One unix datagram carries a bundle of simulated UD packets (a whole `post_send` batch for one
+destination QP, so the receiver's small socket queue holds many packets). Each packet is a fixed
+56-byte header, then the payload:
+
+    magic "XU" (2) | flags (1) | sl (1) | slid (2) | dlid (2) | pkey (2) | length (2) |
+    src_qpn (4) | dst_qpn (4) | qkey (4) | sgid (16) | dgid (16)
+
+`flags` bit 0: a GRH is present (then sgid/dgid are meaningful). All integers big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from xdpoib.fabric.base import GRH_LEN, MCAST_QPN, FabricCounter, pkey_matches
+
+HEADER = struct.Struct("!2sBBHHHHIII16s16s")
+MAGIC = b"XU"
+FLAG_GRH = 0x01
+BUNDLE_MAX = 160 * 1024        # bytes per unix datagram (below the default socket send buffer)
+GRH_NEXT_HEADER = 0x1B         # IBA: the next header after a GRH is the BTH
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One simulated UD packet as the receiver sees it."""
+
+    slid: int
+    dlid: int
+    sl: int
+    pkey: int
+    src_qpn: int
+    dst_qpn: int
+    qkey: int
+    grh: bool
+    sgid: bytes
+    dgid: bytes
+    payload: bytes
+
+
+def encode(p: Packet) -> bytes:
+    """One packet: header + payload."""
+    return HEADER.pack(MAGIC, FLAG_GRH if p.grh else 0, p.sl, p.slid, p.dlid, p.pkey, len(p.payload),
+                       p.src_qpn, p.dst_qpn, p.qkey, p.sgid, p.dgid) + bytes(p.payload)
+
+
+def bundles(encoded: list[bytes]) -> Iterator[tuple[bytes, int]]:
+    """Join encoded packets into datagrams of at most BUNDLE_MAX bytes: (datagram, packets in it)."""
+    chunk: list[bytes] = []
+    size = 0
+    for e in encoded:
+        if chunk and size + len(e) > BUNDLE_MAX:
+            yield b"".join(chunk), len(chunk)
+            chunk, size = [], 0
+        chunk.append(e)
+        size += len(e)
+    if chunk:
+        yield b"".join(chunk), len(chunk)
+
+
+def decode(datagram: bytes) -> tuple[list[Packet], int]:
+    """The packets of one datagram, and how many malformed bytes ended it (0 when all were good)."""
+    out = []
+    off = 0
+    while off < len(datagram):
+        if len(datagram) - off < HEADER.size:
+            return out, len(datagram) - off
+        magic, flags, sl, slid, dlid, pkey, length, src, dst, qkey, sgid, dgid = \
+            HEADER.unpack_from(datagram, off)
+        end = off + HEADER.size + length
+        if magic != MAGIC or end > len(datagram):
+            return out, len(datagram) - off
+        out.append(Packet(slid, dlid, sl, pkey, src, dst, qkey, bool(flags & FLAG_GRH), sgid, dgid,
+                          datagram[off + HEADER.size:end]))
+        off = end
+    return out, 0
+
+
+def grh(p: Packet, traffic_class: int = 0, flow_label: int = 0, hop_limit: int = 1) -> bytes:
+    """The 40-byte GRH a verbs UD receive would put in front of the payload (IPv6 layout)."""
+    vtf = (6 << 28) | (traffic_class << 20) | flow_label
+    return struct.pack("!IHBB16s16s", vtf, len(p.payload), GRH_NEXT_HEADER, hop_limit, p.sgid, p.dgid)
+
+
+def effective_qkey(remote_qkey: int, own_qkey: int) -> int:
+    """The Q_Key a UD send carries: the QP's own when the request's high bit is set (IBA 10.2.4)."""
+    return own_qkey if remote_qkey & 0x80000000 else remote_qkey
+
+
+def receive_verdict(p: Packet, qpn: int, qkey: int, qp_pkey: int, port_pkeys: tuple[int, ...],
+                    attached: frozenset[bytes] | set[bytes]) -> FabricCounter | None:
+    """Why a QP must drop packet `p` (None: accept). Membership in the SA is checked by the caller.
+
+    Rules: addressed to this QP, or multicast (QPN 0xFFFFFF, GRH, MGID this QP is attached to); Q_Key
+    equal to the QP's; P_Key matching the QP's (same partition, not both limited members) while the QP's
+    P_Key is still in the port's table.
+    """
+    if p.dst_qpn == MCAST_QPN:
+        if not p.grh or p.dgid not in attached:
+            return FabricCounter.NOT_MEMBER
+    elif p.dst_qpn != qpn:
+        return FabricCounter.NO_DESTINATION
+    if p.qkey != qkey:
+        return FabricCounter.QKEY_MISMATCH
+    in_table = any(k & 0x7FFF and (k & 0x7FFF) == (qp_pkey & 0x7FFF) for k in port_pkeys)
+    if not in_table or not pkey_matches(p.pkey, qp_pkey):
+        return FabricCounter.PKEY_MISMATCH
+    return None
+
+
+def fits(payload_len: int, buffer_size: int) -> bool:
+    """True if a payload fits a receive buffer after its GRH area."""
+    return payload_len <= buffer_size - GRH_LEN
