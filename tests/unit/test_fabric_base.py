@@ -164,3 +164,76 @@ def test_counters_snapshot_has_every_name():
     snap = c.snapshot()
     assert set(snap) == {x.value for x in FabricCounter}
     assert snap["qkey_mismatch"] == 2 and sum(snap.values()) == 2
+
+
+# ---------------------------------------------------------------- the sim transport's wire and rules
+
+def packet(**kw):
+    from xdpoib.fabric.simud_wire import Packet
+
+    fields = dict(slid=2, dlid=3, sl=0, pkey=0xFFFF, src_qpn=0x100, dst_qpn=0x200, qkey=0xB1B, grh=False,
+                  sgid=bytes(16), dgid=bytes(16), payload=b"\x08\x00\x00\x00abc")
+    fields.update(kw)
+    return Packet(**fields)
+
+
+def test_sim_wire_round_trip_and_bundles():
+    from xdpoib.fabric import simud_wire as w
+
+    pkts = [packet(payload=bytes([i]) * (100 + i), grh=bool(i % 2), sgid=GID_A, dgid=MGID) for i in range(5)]
+    enc = [w.encode(p) for p in pkts]
+    assert all(len(e) == w.HEADER.size + len(p.payload) for e, p in zip(enc, pkts, strict=True))
+    (datagram, n), = list(w.bundles(enc))
+    assert n == 5
+    assert w.decode(datagram) == (pkts, 0)
+    big = [w.encode(packet(payload=bytes(4096)))] * 100
+    split = list(w.bundles(big))
+    assert sum(n for _, n in split) == 100 and len(split) > 1
+    assert all(len(d) <= w.BUNDLE_MAX for d, _ in split)
+
+
+def test_sim_wire_decode_reports_malformed_tail():
+    from xdpoib.fabric import simud_wire as w
+
+    good = w.encode(packet())
+    assert w.decode(good + b"XX") == ([packet()], 2)
+    assert w.decode(good[:-1]) == ([], len(good) - 1)                 # payload shorter than its length
+    assert w.decode(b"ZZ" + good[2:]) == ([], len(good))             # bad magic
+
+
+def test_sim_grh_layout():
+    from xdpoib.fabric import simud_wire as w
+
+    g = w.grh(packet(grh=True, sgid=GID_A, dgid=MGID), traffic_class=0x12, flow_label=0x345, hop_limit=7)
+    assert len(g) == base.GRH_LEN
+    assert int.from_bytes(g[0:4], "big") == (6 << 28) | (0x12 << 20) | 0x345
+    assert int.from_bytes(g[4:6], "big") == 7 and g[6] == 0x1B and g[7] == 7
+    assert g[8:24] == GID_A and g[24:40] == MGID
+
+
+def test_effective_qkey():
+    from xdpoib.fabric.simud_wire import effective_qkey
+
+    assert effective_qkey(0x1234, 0xB1B) == 0x1234
+    assert effective_qkey(0x80000000, 0xB1B) == 0xB1B
+
+
+@pytest.mark.parametrize(("desc", "pkt", "qp_pkey", "table", "attached", "verdict"), [
+    ("unicast to us", {}, 0xFFFF, (0xFFFF,), set(), None),
+    ("another QPN", {"dst_qpn": 0x201}, 0xFFFF, (0xFFFF,), set(), FabricCounter.NO_DESTINATION),
+    ("wrong Q_Key", {"qkey": 0xB1C}, 0xFFFF, (0xFFFF,), set(), FabricCounter.QKEY_MISMATCH),
+    ("other partition", {"pkey": 0x8003}, 0xFFFF, (0xFFFF, 0x8003), set(), FabricCounter.PKEY_MISMATCH),
+    ("limited to full", {"pkey": 0x0003}, 0x8003, (0xFFFF, 0x8003), set(), None),
+    ("limited to limited", {"pkey": 0x0003}, 0x0003, (0x0003,), set(), FabricCounter.PKEY_MISMATCH),
+    ("QP's P_Key left the table", {"pkey": 0x8003}, 0x8003, (0xFFFF,), set(), FabricCounter.PKEY_MISMATCH),
+    ("multicast, attached", {"dst_qpn": 0xFFFFFF, "grh": True, "dgid": MGID}, 0xFFFF, (0xFFFF,), {MGID},
+     None),
+    ("multicast, not attached", {"dst_qpn": 0xFFFFFF, "grh": True, "dgid": MGID}, 0xFFFF, (0xFFFF,),
+     set(), FabricCounter.NOT_MEMBER),
+    ("multicast without GRH", {"dst_qpn": 0xFFFFFF, "dgid": MGID}, 0xFFFF, (0xFFFF,), {MGID},
+     FabricCounter.NOT_MEMBER),
+])
+def test_sim_receive_verdict(desc, pkt, qp_pkey, table, attached, verdict):
+    from xdpoib.fabric.simud_wire import receive_verdict
+
+    assert receive_verdict(packet(**pkt), 0x200, 0xB1B, qp_pkey, table, attached) == verdict, desc
