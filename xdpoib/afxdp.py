@@ -1,0 +1,247 @@
+"""AF_XDP sockets in pure Python: UMEM, fill/completion/RX/TX rings, metadata read from UMEM.
+
+The agent's pump receives the frames the TX program redirects into its XSKMAP (IPoIB frames with the
+BPF metadata record just before them) and can transmit frames on the same interface. Everything is
+batched: one pass over a ring per wakeup, bulk fill-ring refills, one kick per TX batch.
+
+Layout (linux/if_xdp.h): rings are mmapped from the socket at fixed page offsets; each ring has
+u32 producer/consumer indices, a flags word and a power-of-two array of descriptors (u64 addresses for
+the fill and completion rings, {u64 addr, u32 len, u32 options} for RX/TX). The kernel writes the
+metadata (bpf_xdp_adjust_meta) right before the frame in UMEM, so it is read at addr - meta_len.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import socket
+import struct
+
+from xdpoib.errors import XdpoibError
+
+AF_XDP = 44
+SOL_XDP = 283
+XDP_MMAP_OFFSETS, XDP_RX_RING, XDP_TX_RING = 1, 2, 3
+XDP_UMEM_REG, XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_STATISTICS = 4, 5, 6, 7
+XDP_COPY, XDP_ZEROCOPY, XDP_USE_NEED_WAKEUP = 1 << 1, 1 << 2, 1 << 3
+XDP_RING_NEED_WAKEUP = 1
+PGOFF_RX, PGOFF_TX = 0, 0x80000000
+PGOFF_FILL, PGOFF_COMPLETION = 0x100000000, 0x180000000
+_DESC = struct.Struct("=QII")
+_ADDR = struct.Struct("=Q")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class XskError(XdpoibError):
+    """An AF_XDP socket could not be set up or used."""
+
+
+class _Ring:
+    """One mmapped ring: producer/consumer indices, flags, and descriptors of `esize` bytes."""
+
+    def __init__(self, fd: int, pgoff: int, offsets: tuple[int, int, int, int], size: int, esize: int):
+        prod, cons, desc, flags = offsets
+        self.map = mmap.mmap(fd, desc + size * esize, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+        self.mv = memoryview(self.map)
+        self.u32 = self.mv.cast("I")
+        self.prod_i, self.cons_i, self.flags_i = prod // 4, cons // 4, flags // 4
+        self.desc, self.size, self.mask, self.esize = desc, size, size - 1, esize
+
+    @property
+    def producer(self) -> int:
+        return self.u32[self.prod_i]
+
+    @producer.setter
+    def producer(self, v: int) -> None:
+        self.u32[self.prod_i] = v & 0xFFFFFFFF
+
+    @property
+    def consumer(self) -> int:
+        return self.u32[self.cons_i]
+
+    @consumer.setter
+    def consumer(self, v: int) -> None:
+        self.u32[self.cons_i] = v & 0xFFFFFFFF
+
+    @property
+    def needs_wakeup(self) -> bool:
+        return bool(self.u32[self.flags_i] & XDP_RING_NEED_WAKEUP)
+
+    def slot(self, idx: int) -> int:
+        return self.desc + (idx & self.mask) * self.esize
+
+    def close(self) -> None:
+        self.u32.release()
+        self.mv.release()
+        self.map.close()
+
+
+class XskSocket:
+    """An AF_XDP socket bound to one queue of one interface, with its own UMEM.
+
+    Half of the UMEM frames feed the fill ring (RX), half are kept for TX. `recv` returns
+    (metadata, frame) pairs copied out of UMEM and gives their frames straight back to the fill ring.
+    """
+
+    def __init__(self, ifindex: int, queue_id: int = 0, *, frames: int = 4096, frame_size: int = 4096,
+                 ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True):
+        if frames & (frames - 1) or ring_size & (ring_size - 1):
+            raise XskError("frames and ring_size must be powers of two")
+        self.frame_size, self.meta_len = frame_size, meta_len
+        self._rings: list[_Ring] = []
+        self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
+        try:
+            self.umem = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._umem_mv = memoryview(self.umem)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(self.umem))
+            self.sock.setsockopt(SOL_XDP, XDP_UMEM_REG, struct.pack("=QQIII4x", base, len(self.umem),
+                                                                    frame_size, 0, 0))
+            for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
+                self.sock.setsockopt(SOL_XDP, opt, struct.pack("=I", ring_size))
+            off = struct.unpack("=16Q", self.sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, 128))
+            fd = self.sock.fileno()
+            self.rx = self._ring(fd, PGOFF_RX, off[0:4], ring_size, _DESC.size)
+            self.tx = self._ring(fd, PGOFF_TX, off[4:8], ring_size, _DESC.size)
+            self.fill = self._ring(fd, PGOFF_FILL, off[8:12], ring_size, 8)
+            self.comp = self._ring(fd, PGOFF_COMPLETION, off[12:16], ring_size, 8)
+            flags = (XDP_COPY if copy_mode else 0) | XDP_USE_NEED_WAKEUP
+            addr = struct.pack("=HHIII", AF_XDP, flags, ifindex, queue_id, 0)
+            if _libc.bind(fd, ctypes.c_char_p(addr), len(addr)) != 0:
+                err = ctypes.get_errno()
+                raise XskError(f"AF_XDP bind to ifindex {ifindex} queue {queue_id}: {os.strerror(err)}")
+            half = frames // 2
+            self._tx_free = [i * frame_size for i in range(half, frames)]
+            self._fill_frames([i * frame_size for i in range(min(half, ring_size))])
+        except OSError as e:
+            self.close()
+            raise XskError(f"AF_XDP socket setup failed: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_ring_full": 0}
+
+    def _ring(self, fd, pgoff, offsets, size, esize) -> _Ring:
+        r = _Ring(fd, pgoff, offsets, size, esize)
+        self._rings.append(r)
+        return r
+
+    def fileno(self) -> int:
+        """The socket's fd: XSKMAP entries take it; poll() it for POLLIN."""
+        return self.sock.fileno()
+
+    # --- RX ---------------------------------------------------------------------------------------
+
+    def _fill_frames(self, addrs: list[int]) -> None:
+        r = self.fill
+        prod = r.producer
+        for a in addrs:
+            _ADDR.pack_into(r.mv, r.slot(prod), a)
+            prod += 1
+        r.producer = prod
+        if r.needs_wakeup:
+            self._wake_rx()
+
+    def _wake_rx(self) -> None:
+        try:
+            self.sock.recvfrom(0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, OSError):
+            pass
+
+    def recv(self, max_frames: int = 256, timeout: float | None = 0.0) -> list[tuple[bytes, bytes]]:
+        """Return up to max_frames (metadata, frame) pairs; wait up to timeout seconds for the first."""
+        r = self.rx
+        cons, prod = r.consumer, r.producer
+        if cons == prod and timeout != 0.0:
+            p = select.poll()
+            p.register(self.fileno(), select.POLLIN)
+            p.poll(None if timeout is None else int(timeout * 1000))
+            prod = r.producer
+        n = min((prod - cons) & 0xFFFFFFFF, max_frames)
+        out, back = [], []
+        um, ml = self._umem_mv, self.meta_len
+        for i in range(n):
+            addr, length, _ = _DESC.unpack_from(r.mv, r.slot(cons + i))
+            out.append((bytes(um[addr - ml:addr]) if ml else b"", bytes(um[addr:addr + length])))
+            back.append(addr - addr % self.frame_size)
+        if n:
+            r.consumer = cons + n
+            self._fill_frames(back)
+            self.stats["rx_frames"] += n
+        return out
+
+    # --- TX ---------------------------------------------------------------------------------------
+
+    def _reap_completions(self) -> None:
+        c = self.comp
+        cons, prod = c.consumer, c.producer
+        n = (prod - cons) & 0xFFFFFFFF
+        for i in range(n):
+            self._tx_free.append(_ADDR.unpack_from(c.mv, c.slot(cons + i))[0])
+        if n:
+            c.consumer = cons + n
+
+    def send(self, frames: list[bytes]) -> int:
+        """Queue frames on the TX ring and kick the kernel once; return how many were queued."""
+        self._reap_completions()
+        t = self.tx
+        prod = t.producer
+        room = t.size - ((prod - t.consumer) & 0xFFFFFFFF)
+        n = min(len(frames), room, len(self._tx_free))
+        um = self._umem_mv
+        for i in range(n):
+            data = frames[i]
+            if len(data) > self.frame_size:
+                raise XskError(f"frame of {len(data)} bytes exceeds the UMEM frame size {self.frame_size}")
+            addr = self._tx_free.pop()
+            um[addr:addr + len(data)] = data
+            _DESC.pack_into(t.mv, t.slot(prod + i), addr, len(data), 0)
+        t.producer = prod + n
+        self.stats["tx_frames"] += n
+        self.stats["tx_ring_full"] += len(frames) - n
+        self.kick()
+        return n
+
+    def kick(self) -> None:
+        """Wake the kernel's TX path (needed in copy mode) and collect completions."""
+        try:
+            self.sock.send(b"", socket.MSG_DONTWAIT)
+        except (BlockingIOError, OSError):
+            pass
+        self._reap_completions()
+
+    def pending_tx(self) -> int:
+        """Frames queued on the TX ring that the kernel has not consumed yet."""
+        return (self.tx.producer - self.tx.consumer) & 0xFFFFFFFF
+
+    def kernel_stats(self) -> dict[str, int]:
+        """Return the kernel's XDP_STATISTICS for this socket."""
+        raw = self.sock.getsockopt(SOL_XDP, XDP_STATISTICS, 48)
+        keys = ("rx_dropped", "rx_invalid_descs", "tx_invalid_descs", "rx_ring_full",
+                "rx_fill_ring_empty_descs", "tx_ring_empty_descs")
+        vals = struct.unpack("=6Q", raw.ljust(48, b"\0"))
+        return dict(zip(keys, vals, strict=True))
+
+    def close(self) -> None:
+        """Unmap the rings and UMEM and close the socket (idempotent)."""
+        for r in self._rings:
+            r.close()
+        self._rings.clear()
+        mv = getattr(self, "_umem_mv", None)
+        if mv is not None:
+            mv.release()
+            self._umem_mv = None
+        if getattr(self, "umem", None) is not None:
+            self.umem.close()
+            self.umem = None
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+
+    def __enter__(self) -> XskSocket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,194 @@
+"""Links: the only module that imports pyroute2.
+
+An attachment's user-facing interface (eth4) is either the end of a veth pair that xdpoib creates
+(the other, internal end stays in the root namespace, where the agent and the BPF programs live), or an
+existing TAP that a VM holds. Offloads that XDP cannot finish (tx checksum, TSO) are switched off with
+ethtool and restored on detach (DESIGN 6).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from xdpoib.errors import XdpoibError
+
+IFNAMSIZ = 16
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+NETNS_DIR = "/run/netns"
+
+
+class LinkError(XdpoibError):
+    """A link operation failed or named something that does not exist."""
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What xdpoib needs to know of a link."""
+
+    ifname: str
+    index: int
+    mac: str
+    mtu: int
+    kind: str          # veth, tun, ... ('' for a physical device)
+    up: bool
+    netns: str | None
+
+
+def check_ifname(name: str) -> str:
+    """Return name if it is a valid Linux interface name, else raise LinkError."""
+    if not _IFNAME_RE.match(name or "") or name in (".", ".."):
+        raise LinkError(f"invalid interface name {name!r} (1-15 characters, no '/' or spaces)")
+    return name
+
+
+def netns_exists(name: str) -> bool:
+    """Return whether a named network namespace (`ip netns add NAME`) exists."""
+    return bool(name) and "/" not in name and os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def check_netns(name: str | None) -> str | None:
+    """Return name if it is None (root namespace) or an existing named namespace, else raise."""
+    if name is not None and not netns_exists(name):
+        raise LinkError(f"network namespace {name!r} does not exist (see `ip netns list`)")
+    return name
+
+
+@contextmanager
+def _ipr(netns: str | None = None):
+    from pyroute2 import IPRoute
+
+    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _index(ipr, ifname: str, netns: str | None) -> int:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        where = f" in netns {netns}" if netns else ""
+        raise LinkError(f"no interface {ifname!r}{where}")
+    return idx[0]
+
+
+def link_info(ifname: str, netns: str | None = None) -> LinkInfo:
+    """Return the LinkInfo of ifname (in netns, or the root namespace)."""
+    with _ipr(netns) as ipr:
+        msg = ipr.get_links(_index(ipr, ifname, netns))[0]
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+        return LinkInfo(ifname, msg["index"], msg.get_attr("IFLA_ADDRESS") or "", msg.get_attr("IFLA_MTU"),
+                        kind, bool(msg["flags"] & 1), netns)
+
+
+def link_exists(ifname: str, netns: str | None = None) -> bool:
+    """Return whether ifname exists (in netns)."""
+    with _ipr(netns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def is_tap(ifname: str, netns: str | None = None) -> bool:
+    """Return whether ifname is a TAP device (tun driver in tap mode)."""
+    info = link_info(ifname, netns)
+    if info.kind != "tun":
+        return False
+    flags = _read(f"/sys/class/net/{ifname}/tun_flags") if netns is None else None
+    return flags is None or int(flags, 16) & 0x0002 == 0x0002
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def create_veth(ifname: str, peer: str, netns: str | None) -> None:
+    """Create a veth pair: `peer` in the root namespace (internal end), `ifname` in netns (user end)."""
+    check_ifname(ifname)
+    check_ifname(peer)
+    with _ipr() as ipr:
+        spec = {"ifname": ifname}
+        if netns:
+            spec["net_ns_fd"] = netns
+        try:
+            ipr.link("add", ifname=peer, kind="veth", peer=spec)
+        except Exception as e:  # pyroute2 raises NetlinkError with errno
+            raise LinkError(f"cannot create veth {peer}/{ifname}: {e}") from None
+
+
+def delete_link(ifname: str, netns: str | None = None) -> bool:
+    """Delete ifname if it exists; return whether it did (deleting a veth end removes both)."""
+    with _ipr(netns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return False
+        ipr.link("del", index=idx[0])
+        return True
+
+
+def set_link(ifname: str, netns: str | None = None, *, mac: str | None = None, mtu: int | None = None,
+             up: bool | None = None) -> None:
+    """Set a link's MAC, MTU and/or admin state."""
+    kw: dict = {}
+    if mac is not None:
+        kw["address"] = mac
+    if mtu is not None:
+        kw["mtu"] = mtu
+    if up is not None:
+        kw["state"] = "up" if up else "down"
+    with _ipr(netns) as ipr:
+        try:
+            ipr.link("set", index=_index(ipr, ifname, netns), **kw)
+        except LinkError:
+            raise
+        except Exception as e:
+            raise LinkError(f"cannot set {kw} on {ifname}: {e}") from None
+
+
+def set_carrier(ifname: str, on: bool, netns: str | None = None) -> None:
+    """Set the carrier of a veth end by bringing its peer (the internal end) up or down."""
+    set_link(ifname, netns, up=on)
+
+
+# --- offloads (ethtool) ----------------------------------------------------------------------------
+
+_OFFLOADS = {"tx": "tx-checksumming", "tso": "tcp-segmentation-offload", "gro": "generic-receive-offload"}
+
+
+def _ethtool(args: list[str], netns: str | None) -> str:
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + ["ethtool", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise LinkError(f"`{' '.join(cmd)}` failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def get_offloads(ifname: str, netns: str | None = None) -> dict[str, bool]:
+    """Return the state of the offloads xdpoib changes ({'tx': True, 'tso': False, 'gro': ...})."""
+    text = _ethtool(["-k", ifname], netns)
+    state = {}
+    for key, label in _OFFLOADS.items():
+        m = re.search(rf"^{label}: (on|off)", text, re.M)
+        if m:
+            state[key] = m.group(1) == "on"
+    return state
+
+
+def set_offloads(ifname: str, netns: str | None = None, **wanted: bool) -> dict[str, bool]:
+    """Set offloads (tx=False, tso=False, gro=True, ...) and return their previous state, for restore."""
+    before = get_offloads(ifname, netns)
+    args = []
+    for key, on in wanted.items():
+        if key not in _OFFLOADS:
+            raise LinkError(f"unknown offload {key!r}")
+        args += [key, "on" if on else "off"]
+    if args:
+        _ethtool(["-K", ifname, *args], netns)
+    return {k: before[k] for k in wanted if k in before}
