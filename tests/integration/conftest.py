@@ -1,0 +1,52 @@
+"""Integration fixtures: a real OpenSM on ibsim, started by the tests and torn down by PID.
+
+`sim_fabric` is module-scoped: one fabric per test module (ibsim serves at most 10 clients, OpenSM
+included). A module sets `SIM_HOSTS = N` to change the host count (default 3: h1 and h2 are in
+partition 0x8003, h3 is not). Use `sim_fabric.sa_client("h1")` for an SA client running as a host,
+`sim_fabric.spawn("h1", argv)` for any other client process, `sim_fabric.saquery("h2", ...)` for
+independent checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from prereq import need_cmd, need_file, need_root
+
+_serial = itertools.count(1)
+
+
+def fabric_name(tag: str = "t") -> str:
+    """A fabric name unique to this test process (fabrics can run side by side)."""
+    return f"{tag}{os.getpid()}-{next(_serial)}"
+
+
+def need_sim() -> None:
+    """Skip (developer box) or fail (CI) unless ibsim, OpenSM, saquery and umad2sim are here."""
+    need_root()
+    need_cmd("ibsim", "opensm", "saquery")
+    from xdpoib.fabric.simfabric import UMAD2SIM_CANDIDATES
+
+    need_file(next((p for p in UMAD2SIM_CANDIDATES if os.path.exists(p)), UMAD2SIM_CANDIDATES[0]))
+
+
+@pytest.fixture
+def sim_prereqs():
+    """Check the fabric's prerequisites (skip or fail, see prereq.py); returns `fabric_name`."""
+    need_sim()
+    return fabric_name
+
+
+@pytest.fixture(scope="module")
+def sim_fabric(request):
+    """A running fabric (`xdpoib.fabric.simfabric.SimFabric`) shared by one test module."""
+    need_sim()
+    from xdpoib.fabric.simfabric import SimFabric
+
+    fab = SimFabric.up(fabric_name("m"), hosts=getattr(request.module, "SIM_HOSTS", 3))
+    try:
+        yield fab
+    finally:
+        fab.down()

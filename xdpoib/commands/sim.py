@@ -1,0 +1,79 @@
+"""`xdpoib sim`: start, inspect, fault and stop a simulated fabric (ibsim + OpenSM, no HCA needed)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+NAME = "sim"
+HELP = "simulated InfiniBand fabric for tests and demos: ibsim with a real OpenSM"
+EPILOG = """examples:
+  xdpoib sim up lab --hosts 3                start ibsim + OpenSM; prints each host's port GUID
+  xdpoib sim up lab --partitions parts.conf  use your own OpenSM partitions file
+  xdpoib sim show lab --json                 hosts, GUIDs, LIDs and PIDs
+  eval "$(xdpoib sim env lab h1)"; saquery   become host h1's umad client in this shell
+  xdpoib sim fault lab unlink h2             take h2's port down (relink brings it back)
+  xdpoib sim fault lab drop h1 50            lose 50% of the MADs sent to h1 (0 restores)
+  xdpoib sim down lab                        stop everything by PID and remove its files
+"""
+
+
+def configure(p):
+    """Add the sim actions: up, down, show, env, fault."""
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = sub.add_parser("up", help="start a fabric")
+    up.add_argument("name")
+    up.add_argument("--hosts", type=int, default=2, help="number of hosts h1..hN (default 2, at most 8)")
+    up.add_argument("--partitions", metavar="FILE", help="OpenSM partitions file (default: the default "
+                    "partition plus 0x8003 without the last host)")
+    up.add_argument("-j", "--json", action="store_true", help="print JSON")
+    down = sub.add_parser("down", help="stop a fabric and remove its files")
+    down.add_argument("name")
+    show = sub.add_parser("show", help="describe a running fabric")
+    show.add_argument("name")
+    show.add_argument("-j", "--json", action="store_true", help="print JSON")
+    env = sub.add_parser("env", help="print the shell exports that make a process a host's umad client")
+    env.add_argument("name")
+    env.add_argument("host")
+    fault = sub.add_parser("fault", help="unlink|relink HOST, or drop HOST PERCENT")
+    fault.add_argument("name")
+    fault.add_argument("kind", choices=("unlink", "relink", "drop"))
+    fault.add_argument("host")
+    fault.add_argument("percent", nargs="?", type=int, help="for drop: 0..100")
+
+
+def _summary(fab, lids: bool) -> dict:
+    return {"name": fab.name, "sockname": fab.sockname, "workdir": str(fab.workdir),
+            "pids": {k: v[0] for k, v in fab.state["pids"].items()},
+            "hosts": [{"name": h.name, "guid": f"{h.guid:#018x}", "nodeid": h.nodeid, "node_desc": h.node_desc,
+                       **({"lid": fab.lid(h)} if lids else {})} for h in fab.hosts]}
+
+
+def run(args) -> int:
+    """Carry out one sim action."""
+    from xdpoib.errors import UsageError
+    from xdpoib.fabric.simfabric import SimFabric
+
+    if args.action == "up":
+        fab = SimFabric.up(args.name, hosts=args.hosts, partitions=args.partitions)
+        print(json.dumps(_summary(fab, False), indent=1) if args.json else fab.describe())
+        return 0
+    fab = SimFabric.attach(args.name)
+    if args.action == "down":
+        fab.down()
+        print(f"fabric {args.name} is down")
+    elif args.action == "show":
+        print(json.dumps(_summary(fab, True), indent=1) if args.json else fab.describe())
+    elif args.action == "env":
+        for k, v in fab.client_env(args.host).items():
+            print(f"export {k}={shlex.quote(v)}")
+        print(f"cd {shlex.quote(fab.client_cwd(args.host))}")
+    elif args.kind == "drop":
+        if args.percent is None:
+            raise UsageError("drop needs a PERCENT (0..100)")
+        fab.drop(args.host, args.percent)
+    else:
+        if args.percent is not None:
+            raise UsageError(f"{args.kind} takes no PERCENT")
+        getattr(fab, args.kind)(args.host)
+    return 0
