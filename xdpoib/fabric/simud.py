@@ -181,6 +181,14 @@ def _bound(name: bytes) -> socket.socket:
 
 # ---------------------------------------------------------------- QP
 
+@dataclass(frozen=True)
+class _Flow:
+    limit: int                       # largest payload: min(path MTU, port active MTU)
+    prefix: bytes                    # the shared header, length excluded
+    dests: Sequence[bytes]           # socket addresses to copy each packet to
+    drop: FabricCounter | None = None
+
+
 @dataclass
 class _Attachment:
     mlid: int
@@ -240,34 +248,28 @@ class SimQp(UdQp):
             count(FabricCounter.PORT_DOWN, len(batch))
             return len(batch)
         out: dict[bytes, list[bytes]] = {}
+        flows: dict[tuple, _Flow] = {}
         groups = None
         for req in batch:
-            path = req.ah.path
+            key = (id(req.ah), req.remote_qpn, req.remote_qkey)
+            flow = flows.get(key)
+            if flow is None:
+                if req.ah.path.multicast and groups is None:
+                    groups = b.registry(fresh=True)[1]
+                flow = flows[key] = self._flow(req, port, groups)
             size = len(req.payload)
-            if size > path.mtu or size > port.active_mtu:
+            if size > flow.limit:
                 count(FabricCounter.OVERSIZE)
                 continue
-            sgid = port.gids[path.sgid_index] if path.grh else bytes(16)
-            dgid = path.dgid if path.grh else bytes(16)
-            if path.multicast:
-                if not b.is_member(dgid, sending=True):
-                    count(FabricCounter.NOT_MEMBER)
-                    continue
-                if groups is None:
-                    groups = b.registry(fresh=True)[1]
-                dests = [qp_address(b.fabric, guid, qpn) for guid, qpn in groups.get(dgid, ())]
-            else:
-                guid = b.guid_for_lid(path.dlid)
-                if guid is None:
-                    count(FabricCounter.NO_DESTINATION)
-                    continue
-                dests = [qp_address(b.fabric, guid, req.remote_qpn)]
-            pkt = wire.encode(wire.Packet(
-                slid=port.lid, dlid=path.dlid, sl=path.sl, pkey=self.pkey, src_qpn=self.qpn,
-                dst_qpn=req.remote_qpn, qkey=wire.effective_qkey(req.remote_qkey, self.qkey), grh=path.grh,
-                sgid=sgid, dgid=dgid, payload=bytes(req.payload)))
-            for d in dests:
-                out.setdefault(d, []).append(pkt)
+            if flow.drop is not None:
+                count(flow.drop)
+                continue
+            pkt = b"".join((flow.prefix, size.to_bytes(2, "big"), req.payload))
+            for d in flow.dests:
+                q = out.get(d)
+                if q is None:
+                    q = out[d] = []
+                q.append(pkt)
         for dest, pkts in out.items():
             for datagram, n in wire.bundles(pkts):
                 try:
@@ -278,6 +280,26 @@ class SimQp(UdQp):
                     count(FabricCounter.RX_OVERRUN, n)
         return len(batch)
 
+    def _flow(self, req: SendRequest, port: PortAttrs, groups) -> _Flow:
+        """Where the packets of one (AH, QPN, Q_Key) go, and their shared header."""
+        b = self.backend
+        path = req.ah.path
+        limit = min(path.mtu, port.active_mtu)
+        sgid = port.gids[path.sgid_index] if path.grh else bytes(16)
+        dgid = path.dgid if path.grh else bytes(16)
+        head = wire.prefix(wire.Packet(
+            slid=port.lid, dlid=path.dlid, sl=path.sl, pkey=self.pkey, src_qpn=self.qpn, dst_qpn=req.remote_qpn,
+            qkey=wire.effective_qkey(req.remote_qkey, self.qkey), grh=path.grh, sgid=sgid, dgid=dgid,
+            payload=b""))
+        if path.multicast:
+            if not b.is_member(dgid, sending=True):
+                return _Flow(limit, head, (), FabricCounter.NOT_MEMBER)
+            return _Flow(limit, head, [qp_address(b.fabric, g, q) for g, q in groups.get(dgid, ())])
+        guid = b.guid_for_lid(path.dlid)
+        if guid is None:
+            return _Flow(limit, head, (), FabricCounter.NO_DESTINATION)
+        return _Flow(limit, head, [qp_address(b.fabric, guid, req.remote_qpn)])
+
     # ---- receive
 
     def _drain(self) -> None:
@@ -285,52 +307,58 @@ class SimQp(UdQp):
         b = self.backend
         count = b._counters.add
         view = memoryview(self._rbuf)
+        verdicts: dict[bytes, tuple[FabricCounter | None, wire.Packet]] = {}
+        posted, cq, pool = self._posted, self._cq, self.pool
         while True:
             try:
                 n = self.sock.recv_into(self._rbuf)
             except (BlockingIOError, InterruptedError):
                 break
-            packets, junk = wire.decode(bytes(view[:n]))
+            parts, junk = wire.split(view[:n])
             if junk:
                 count(FabricCounter.BAD_DATAGRAM)
-            port = b.attrs
-            for p in packets:
-                if port.state is not PortState.ACTIVE:
-                    count(FabricCounter.PORT_DOWN)
-                    continue
-                verdict = wire.receive_verdict(p, self.qpn, self.qkey, self.pkey, port.pkeys,
-                                               self._attached.keys())
-                if verdict is None and p.dst_qpn == MCAST_QPN and not b.is_member(p.dgid, sending=False):
-                    verdict = FabricCounter.NOT_MEMBER
+            for head, body in parts:
+                seen = verdicts.get(head)
+                if seen is None:
+                    seen = verdicts[head] = self._judge(wire.parse_prefix(head))
+                verdict, p = seen
                 if verdict is not None:
                     count(verdict)
                     continue
-                if not self._posted:
+                if not posted:
                     count(FabricCounter.NO_RECV_BUFFER)
                     continue
-                self._complete(p, self._posted.popleft())
-        if self._cq and not self._signalled:
+                index = posted.popleft()
+                buf = pool.view(index)
+                size = len(body)
+                if size > len(buf) - wire.GRH_LEN:
+                    cq.append(Completion(CompletionStatus.LOC_LEN_ERR, size, p.src_qpn, p.slid,
+                                         p.sgid if p.grh else None, p.grh, self.pkey_index, index, b""))
+                    continue
+                if p.grh:
+                    buf[:wire.GRH_LEN] = wire.grh(p, length=size)
+                payload = buf[wire.GRH_LEN:wire.GRH_LEN + size]
+                payload[:] = body
+                cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid,
+                                     p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload))
+        if cq and not self._signalled:
             os.eventfd_write(self._ready, 1)
             self._signalled = True
-        elif not self._cq and self._signalled:
+        elif not cq and self._signalled:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._ready)
             self._signalled = False
 
-    def _complete(self, p: wire.Packet, index: int) -> None:
-        buf = self.pool.view(index)
-        size = len(p.payload)
-        sgid = p.sgid if p.grh else None
-        if not wire.fits(size, len(buf)):
-            self._cq.append(Completion(CompletionStatus.LOC_LEN_ERR, size, p.src_qpn, p.slid, sgid, p.grh,
-                                       self.pkey_index, index, b""))
-            return
-        if p.grh:
-            buf[:wire.GRH_LEN] = wire.grh(p)
-        payload = buf[wire.GRH_LEN:wire.GRH_LEN + size]
-        payload[:] = p.payload
-        self._cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid, sgid, p.grh,
-                                   self.pkey_index, index, payload))
+    def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
+        """Why this QP drops packets with p's header (None: accept them)."""
+        b = self.backend
+        port = b.attrs
+        if port.state is not PortState.ACTIVE:
+            return FabricCounter.PORT_DOWN, p
+        verdict = wire.receive_verdict(p, self.qpn, self.qkey, self.pkey, port.pkeys, self._attached.keys())
+        if verdict is None and p.dst_qpn == MCAST_QPN and not b.is_member(p.dgid, sending=False):
+            verdict = FabricCounter.NOT_MEMBER
+        return verdict, p
 
     def post_recv(self, indices: Iterable[int]) -> int:
         """Post receive buffers (after matching what already arrived against the earlier ones)."""

@@ -4,8 +4,11 @@ One unix datagram carries a bundle of simulated UD packets (a whole `post_send` 
 destination QP, so the receiver's small socket queue holds many packets). Each packet is a fixed
 56-byte header, then the payload:
 
-    magic "XU" (2) | flags (1) | sl (1) | slid (2) | dlid (2) | pkey (2) | length (2) |
-    src_qpn (4) | dst_qpn (4) | qkey (4) | sgid (16) | dgid (16)
+    magic "XU" (2) | flags (1) | sl (1) | slid (2) | dlid (2) | pkey (2) | src_qpn (4) | dst_qpn (4) |
+    qkey (4) | sgid (16) | dgid (16) | length (2)
+
+Everything but the length is the same for every packet of one (sender QP, address handle, QPN, Q_Key),
+so both ends handle that prefix once per batch (`prefix`, `split`).
 
 `flags` bit 0: a GRH is present (then sgid/dgid are meaningful). All integers big-endian.
 """
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 
 from xdpoib.fabric.base import GRH_LEN, MCAST_QPN, FabricCounter, pkey_matches
 
-HEADER = struct.Struct("!2sBBHHHHIII16s16s")
+HEADER = struct.Struct("!2sBBHHHIII16s16sH")
+PREFIX_LEN = HEADER.size - 2
 MAGIC = b"XU"
 FLAG_GRH = 0x01
 BUNDLE_MAX = 160 * 1024        # bytes per unix datagram (below the default socket send buffer)
@@ -42,10 +46,21 @@ class Packet:
     payload: bytes
 
 
+def prefix(p: Packet) -> bytes:
+    """The header of `p` without its length: shared by every packet of one flow."""
+    return HEADER.pack(MAGIC, FLAG_GRH if p.grh else 0, p.sl, p.slid, p.dlid, p.pkey, p.src_qpn, p.dst_qpn,
+                       p.qkey, p.sgid, p.dgid, 0)[:PREFIX_LEN]
+
+
 def encode(p: Packet) -> bytes:
     """One packet: header + payload."""
-    return HEADER.pack(MAGIC, FLAG_GRH if p.grh else 0, p.sl, p.slid, p.dlid, p.pkey, len(p.payload),
-                       p.src_qpn, p.dst_qpn, p.qkey, p.sgid, p.dgid) + bytes(p.payload)
+    return prefix(p) + len(p.payload).to_bytes(2, "big") + bytes(p.payload)
+
+
+def parse_prefix(head: bytes, payload: bytes = b"") -> Packet:
+    """The packet fields of a header prefix (with `payload` attached)."""
+    _m, flags, sl, slid, dlid, pkey, src, dst, qkey, sgid, dgid, _l = HEADER.unpack(head + b"\0\0")
+    return Packet(slid, dlid, sl, pkey, src, dst, qkey, bool(flags & FLAG_GRH), sgid, dgid, payload)
 
 
 def bundles(encoded: list[bytes]) -> Iterator[tuple[bytes, int]]:
@@ -62,28 +77,35 @@ def bundles(encoded: list[bytes]) -> Iterator[tuple[bytes, int]]:
         yield b"".join(chunk), len(chunk)
 
 
-def decode(datagram: bytes) -> tuple[list[Packet], int]:
-    """The packets of one datagram, and how many malformed bytes ended it (0 when all were good)."""
+def split(datagram: memoryview) -> tuple[list[tuple[bytes, memoryview]], int]:
+    """A datagram's packets as (header prefix, payload view), and how many malformed bytes ended it."""
     out = []
-    off = 0
-    while off < len(datagram):
-        if len(datagram) - off < HEADER.size:
-            return out, len(datagram) - off
-        magic, flags, sl, slid, dlid, pkey, length, src, dst, qkey, sgid, dgid = \
-            HEADER.unpack_from(datagram, off)
-        end = off + HEADER.size + length
-        if magic != MAGIC or end > len(datagram):
-            return out, len(datagram) - off
-        out.append(Packet(slid, dlid, sl, pkey, src, dst, qkey, bool(flags & FLAG_GRH), sgid, dgid,
-                          datagram[off + HEADER.size:end]))
+    off, n = 0, len(datagram)
+    while off < n:
+        body = off + HEADER.size
+        if body > n:
+            return out, n - off
+        end = body + int.from_bytes(datagram[body - 2:body], "big")
+        head = bytes(datagram[off:off + PREFIX_LEN])
+        if end > n or head[:2] != MAGIC:
+            return out, n - off
+        out.append((head, datagram[body:end]))
         off = end
     return out, 0
 
 
-def grh(p: Packet, traffic_class: int = 0, flow_label: int = 0, hop_limit: int = 1) -> bytes:
+def decode(datagram: bytes) -> tuple[list[Packet], int]:
+    """The packets of one datagram, and how many malformed bytes ended it (0 when all were good)."""
+    parts, junk = split(memoryview(datagram))
+    return [parse_prefix(head, bytes(body)) for head, body in parts], junk
+
+
+def grh(p: Packet, traffic_class: int = 0, flow_label: int = 0, hop_limit: int = 1,
+        length: int | None = None) -> bytes:
     """The 40-byte GRH a verbs UD receive would put in front of the payload (IPv6 layout)."""
     vtf = (6 << 28) | (traffic_class << 20) | flow_label
-    return struct.pack("!IHBB16s16s", vtf, len(p.payload), GRH_NEXT_HEADER, hop_limit, p.sgid, p.dgid)
+    size = len(p.payload) if length is None else length
+    return struct.pack("!IHBB16s16s", vtf, size, GRH_NEXT_HEADER, hop_limit, p.sgid, p.dgid)
 
 
 def effective_qkey(remote_qkey: int, own_qkey: int) -> int:
