@@ -201,7 +201,9 @@ class RemoteBackend(Proxy):
     """A `SimUdBackend` in a child process started with one simulated host's environment."""
 
     def __init__(self, fabric: str, env: dict[str, str] | None = None, cwd: str | None = None,
-                 poll_interval: float = 0.1, timeout: float = 30.0):
+                 poll_interval: float = 0.1, timeout: float = 30.0, spawn=subprocess.Popen):
+        """Start the child with `env` added to ours, in `cwd`; `spawn` is Popen or a wrapper with its
+        signature (e.g. `SimFabric.spawn` bound to a host, which records the child for `down()`)."""
         Proxy.__init__(self, self, 0)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         full = dict(os.environ)
@@ -212,7 +214,7 @@ class RemoteBackend(Proxy):
         d["timeout"], d["sock"], d["_proxies"], d["_fds"] = timeout, parent, {}, {}
         d["_closed"], d["pid"] = False, None
         try:
-            d["proc"] = subprocess.Popen(
+            d["proc"] = spawn(
                 [sys.executable, "-m", "xdpoib.fabric.simud_remote", str(child.fileno()), fabric,
                  str(poll_interval)], env=full, cwd=cwd, pass_fds=[child.fileno()])
         finally:
@@ -224,6 +226,12 @@ class RemoteBackend(Proxy):
             self.close()
             raise
         self._proxies[0] = self
+
+    @classmethod
+    def on_host(cls, fab, host, **kw) -> RemoteBackend:
+        """A backend running as `host` of a `SimFabric`, recorded by the fabric so `down()` ends it."""
+        return cls(fab.name, fab.client_env(host), fab.client_cwd(host),
+                   spawn=lambda argv, **popen: fab.spawn(host, argv, **popen), **kw)
 
     def _proxy(self, oid: int) -> Proxy:
         p = self._proxies.get(oid)
