@@ -148,3 +148,20 @@ def test_up_replaces_a_dead_fabric_of_the_same_name(sim_prereqs):
     finally:
         fab2.down()
     assert leftovers(name, old) == []
+
+
+def test_slot_of_a_killed_client_is_freed(sim_prereqs):
+    fabric_name = sim_prereqs
+    with SimFabric.up(fabric_name("slot"), hosts=1) as fab:
+        c = fab.sa_client("h1")
+        listed = fab.clients()
+        assert {(x["nodeid"], x["sm"]) for x in listed} == {("sm", True), ("h1", False)}
+        assert any(x["pid"] == c.pid for x in listed)
+        os.kill(c.pid, signal.SIGKILL)                    # SIGKILL: ibsim keeps the slot
+        c.proc.wait()
+        assert any(x["pid"] == c.pid for x in fab.clients())
+        assert len(fab.free_dead_clients()) == 1
+        assert [x["nodeid"] for x in fab.clients()] == ["sm"]
+        c.close()
+        with fab.sa_client("h1") as again:
+            assert again.port().active

@@ -42,11 +42,12 @@ def configure(p):
     fault.add_argument("percent", nargs="?", type=int, help="for drop: 0..100")
 
 
-def _summary(fab, lids: bool) -> dict:
-    return {"name": fab.name, "sockname": fab.sockname, "workdir": str(fab.workdir),
+def _summary(fab, live: bool) -> dict:
+    extra = {"clients": fab.clients()} if live else {}
+    return {**extra, "name": fab.name, "sockname": fab.sockname, "workdir": str(fab.workdir),
             "pids": {k: v[0] for k, v in fab.state["pids"].items()},
             "hosts": [{"name": h.name, "guid": f"{h.guid:#018x}", "nodeid": h.nodeid, "node_desc": h.node_desc,
-                       **({"lid": fab.lid(h)} if lids else {})} for h in fab.hosts]}
+                       **({"lid": fab.lid(h)} if live else {})} for h in fab.hosts]}
 
 
 def run(args) -> int:
@@ -63,7 +64,13 @@ def run(args) -> int:
         fab.down()
         print(f"fabric {args.name} is down")
     elif args.action == "show":
-        print(json.dumps(_summary(fab, True), indent=1) if args.json else fab.describe())
+        if args.json:
+            print(json.dumps(_summary(fab, True), indent=1))
+        else:
+            print(fab.describe())
+            for c in fab.clients():
+                print(f"  ibsim client {c['slot']}: pid {c['pid']} on {c['nodeid']} (LID {c['lid']})"
+                      + (" SM" if c["sm"] else ""))
     elif args.action == "env":
         for k, v in fab.client_env(args.host).items():
             print(f"export {k}={shlex.quote(v)}")

@@ -8,7 +8,8 @@ process finds it with `SimFabric.attach(name)` and `down()` tears it down by PID
 A process becomes a host by running with `client_env(host)` in `client_cwd(host)` (umad2sim writes
 `./sys-<pid>/` there). `spawn(host, argv)` and `sa_client(host)` start such processes and record them,
 so `down()` also ends any that were left running. ibsim serves at most 10 clients (OpenSM is one; a
-client killed with SIGKILL holds its slot), so `up` keeps room for helper tools: at most 8 hosts.
+client killed with SIGKILL holds its slot until `free_dead_clients()`), so `up` keeps room for helper
+tools: at most 8 hosts. `clients()` lists the attached clients (ibsim console `Attached`).
 
 Faults go through ibsim's console, a FIFO that ibsim holds open for writing itself (so it never sees
 EOF): `unlink(host)`, `relink(host)`, `drop(host, percent)` (MADs to the host's port are lost).
@@ -17,6 +18,7 @@ EOF): `unlink(host)`, `relink(host)`, `drop(host, percent)` (MADs to the host's 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -289,6 +291,9 @@ class SimFabric:
 
     def down(self) -> None:
         """Stop recorded clients, OpenSM and ibsim by PID, then remove the fabric's directories."""
+        with contextlib.suppress(OSError, ValueError):
+            on_disk = json.loads((self.statedir / "state.json").read_text())
+            self.state["pids"] = {**on_disk.get("pids", {}), **self.state.get("pids", {})}
         pids = self.state.get("pids", {})
         clients = [tuple(v) for k, v in pids.items() if k.startswith("client-")]
         order = [clients, [tuple(pids["opensm"])] if "opensm" in pids else [],
@@ -339,14 +344,23 @@ class SimFabric:
     # ---- state
 
     def _save(self) -> None:
-        tmp = self.statedir / "state.json.tmp"
+        tmp = self.statedir / f"state.json.{os.getpid()}"
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self.statedir / "state.json")
 
     def _record(self, key: str, p: subprocess.Popen) -> None:
+        """Remember a process we started (PID + start time), under the state lock."""
         self._children[p.pid] = p
         start = _start_time(p.pid)
-        if start is not None:
+        if start is None:
+            return
+        with open(self.statedir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                on_disk = json.loads((self.statedir / "state.json").read_text())
+                self.state["pids"] = {**on_disk.get("pids", {}), **self.state["pids"]}
+            except (OSError, ValueError):
+                pass
             self.state["pids"][key] = [p.pid, start]
             self._save()
 
@@ -393,11 +407,7 @@ class SimFabric:
         from xdpoib.fabric.sa import RemoteSAClient
 
         c = RemoteSAClient(self.client_env(host), cwd=self.client_cwd(host), **kw)
-        self._children[c.proc.pid] = c.proc
-        start = _start_time(c.proc.pid)
-        if start is not None:
-            self.state["pids"][f"client-{c.proc.pid}"] = [c.proc.pid, start]
-            self._save()
+        self._record(f"client-{c.proc.pid}", c.proc)
         return c
 
     def saquery(self, host: SimHost | str, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
@@ -437,6 +447,33 @@ class SimFabric:
         if not 0 <= int(percent) <= 100:
             raise UsageError(f"drop percentage must be 0..100, got {percent}")
         self.console(f'Error "{self.host(host).nodeid}"[1] {int(percent)}')
+
+    def clients(self, timeout: float = 5.0) -> list[dict]:
+        """ibsim's attached clients (console `Attached`): slot, pid, nodeid, lid, whether it is the SM."""
+        log = self.workdir / "ibsim.log"
+        start = log.stat().st_size
+        self.console("Attached")
+        end = time.monotonic() + timeout
+        while True:                        # the listing ends with the next prompt
+            text = log.read_bytes()[start:].decode(errors="replace")
+            if re.search(r"Client \d+:[^\n]*\n(?:Client[^\n]*\n)*sim> ", text) or time.monotonic() > end:
+                break
+            time.sleep(0.01)
+        out = []
+        for m in re.finditer(r'Client (\d+): pid (\d+) connected at "([^"]*)" port (0x[0-9a-f]+), lid (\d+), '
+                             r'qp (\d+) ?(SM)?', text):
+            out.append({"slot": int(m.group(1)), "pid": int(m.group(2)), "nodeid": m.group(3),
+                        "port_guid": int(m.group(4), 16), "lid": int(m.group(5)), "sm": bool(m.group(7))})
+        return out
+
+    def free_dead_clients(self) -> list[int]:
+        """Free the ibsim slots of clients that died without detaching (SIGKILL); return the slots."""
+        freed = []
+        for c in self.clients():
+            if not os.path.exists(f"/proc/{c['pid']}") or _start_time(c["pid"]) is None:
+                self.console(f"X {c['slot']}")
+                freed.append(c["slot"])
+        return freed
 
     def describe(self) -> str:
         """Human-readable summary: name, socket name, hosts and their GUIDs."""
