@@ -148,6 +148,30 @@ def test_unknown_qpn_and_lid_are_counted_at_the_sender(hosts):
     assert counter(hosts["h1"], FabricCounter.NO_DESTINATION) == before + 2
 
 
+def test_length_error_puts_the_qp_in_the_error_state(hosts):
+    a = Qp(hosts["h1"])
+    pool = hosts["h2"].alloc_pool(2, GRH_LEN + 64)
+    qp = hosts["h2"].create_qp(0xFFFF, QKEY, pool)
+    qp.post_recv([0])
+    path = Path(dlid=hosts["h2"].port().lid)
+    a.send(path, qp.qpn, [bytes(65)])
+    deadline = time.monotonic() + 5
+    while not (got := qp.poll(4)):
+        assert time.monotonic() < deadline
+        qp.wait(0.1)
+    assert [c.status for c in got] == [CompletionStatus.LOC_LEN_ERR]
+    before = hosts["h2"].counters()
+    assert qp.post_recv([1]) == 1
+    assert [c.status for c in qp.poll(4)] == [CompletionStatus.WR_FLUSH_ERR]
+    a.send(path, qp.qpn, [bytes(8)])
+    ah = hosts["h2"].create_ah(Path(dlid=hosts["h1"].port().lid))
+    qp.post_send([SendRequest(ah, a.qpn, QKEY, bytes(8))])
+    assert qp.poll(4) == []
+    after = hosts["h2"].counters()
+    assert after[FabricCounter.QP_ERROR] == before[FabricCounter.QP_ERROR] + 2
+    qp.close()
+
+
 # ---------------------------------------------------------------- P_Key and MTU
 
 def test_pkey_membership(hosts):

@@ -18,7 +18,9 @@ The model is a small subset of verbs:
   the caller learns nothing from them.
 - Receive buffers follow verbs' UD layout: the first `GRH_LEN` (40) bytes of each buffer are reserved for
   a GRH, the payload follows. `Completion.payload` is already past that area and `byte_len` never counts
-  it, on every backend.
+  it, on every backend. Size buffers for GRH_LEN + the port's active MTU: a longer datagram completes
+  in error (LOC_LEN_ERR; rxe says LOC_QP_OP_ERR) and moves the QP to the error state, as hardware does,
+  after which every posted buffer completes with WR_FLUSH_ERR and the QP must be recreated.
 
 Integers are host-order Python ints; GIDs are 16 `bytes` in network order (helpers `gid_bytes` and
 `gid_str` convert). Everything here is plain data or small concrete helpers, so a backend only has to
@@ -360,6 +362,7 @@ class FabricCounter(StrEnum):
     RX_OVERRUN = "rx_overrun"                # TX (sim only): the receiver's socket queue was full
     BAD_DATAGRAM = "bad_datagram"            # RX: malformed transport header (sim only)
     LOOPBACK = "loopback"                    # our own datagram came back (counted by LoopbackFilter)
+    QP_ERROR = "qp_error"                    # TX/RX on a QP in the error state (after a length error)
 
 
 class Counters:

@@ -224,6 +224,7 @@ class SimQp(UdQp):
         # readable while the socket has data or completions wait in the CQ
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._signalled = False
+        self.error = False              # the QP is in the error state (after a length error)
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._ready, select.EPOLLIN)
@@ -244,6 +245,9 @@ class SimQp(UdQp):
         b = self.backend
         port = b.attrs
         count = b._counters.add
+        if self.error:
+            count(FabricCounter.QP_ERROR, len(batch))
+            return len(batch)
         if port.state is not PortState.ACTIVE:
             count(FabricCounter.PORT_DOWN, len(batch))
             return len(batch)
@@ -318,6 +322,9 @@ class SimQp(UdQp):
             if junk:
                 count(FabricCounter.BAD_DATAGRAM)
             for head, body in parts:
+                if self.error:
+                    count(FabricCounter.QP_ERROR)
+                    continue
                 seen = verdicts.get(head)
                 if seen is None:
                     seen = verdicts[head] = self._judge(wire.parse_prefix(head))
@@ -332,8 +339,9 @@ class SimQp(UdQp):
                 buf = pool.view(index)
                 size = len(body)
                 if size > len(buf) - wire.GRH_LEN:
-                    cq.append(Completion(CompletionStatus.LOC_LEN_ERR, size, p.src_qpn, p.slid,
+                    cq.append(Completion(CompletionStatus.LOC_LEN_ERR, 0, p.src_qpn, p.slid,
                                          p.sgid if p.grh else None, p.grh, self.pkey_index, index, b""))
+                    self._to_error()
                     continue
                 if p.grh:
                     buf[:wire.GRH_LEN] = wire.grh(p, length=size)
@@ -341,13 +349,28 @@ class SimQp(UdQp):
                 payload[:] = body
                 cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid,
                                      p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload))
-        if cq and not self._signalled:
+        self._signal()
+
+    def _signal(self) -> None:
+        """Keep the eventfd readable exactly while completions wait."""
+        if self._cq and not self._signalled:
             os.eventfd_write(self._ready, 1)
             self._signalled = True
-        elif not cq and self._signalled:
+        elif not self._cq and self._signalled:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._ready)
             self._signalled = False
+
+    def _to_error(self) -> None:
+        """Move to the error state: every posted buffer completes with WR_FLUSH_ERR."""
+        self.error = True
+        self._flush(list(self._posted))
+        self._posted.clear()
+
+    def _flush(self, indices: list[int]) -> None:
+        for index in indices:
+            self._cq.append(Completion(CompletionStatus.WR_FLUSH_ERR, 0, 0, 0, None, False, self.pkey_index,
+                                       index, b""))
 
     def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
         """Why this QP drops packets with p's header (None: accept them)."""
@@ -369,7 +392,11 @@ class SimQp(UdQp):
                 raise QpError(f"buffer index {i} outside the pool of {self.pool.count}")
         with self._lock:
             self._drain()
-            self._posted.extend(indices)
+            if self.error:
+                self._flush(indices)
+                self._signal()
+            else:
+                self._posted.extend(indices)
         return len(indices)
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
@@ -378,10 +405,7 @@ class SimQp(UdQp):
         with self._lock:
             self._drain()
             out = [self._cq.popleft() for _ in range(min(max_entries, len(self._cq)))]
-            if not self._cq and self._signalled:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._ready)
-                self._signalled = False
+            self._signal()
             return out
 
     def fileno(self) -> int:
