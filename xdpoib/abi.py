@@ -49,6 +49,8 @@ MAX_PEERS = 1 << 20
 MAX_ADDRS = (1 << 20) + 1024
 MAX_GROUPS = 65536
 MAX_VLANS = 4096
+MAX_PKEYS = 32768
+F_VALID = 0x01
 MAX_XSKS = 64
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "include" / "xdpoib_abi.h"
@@ -156,19 +158,19 @@ class U32Key(_Struct):
 class Vlan(_Struct):
     """Value of the vlan map: the P_Key of a VID."""
 
-    _fields_ = [("pkey", u16), ("reserved", u16)]
+    _fields_ = [("pkey", u16), ("flags", u8), ("reserved", u8)]
 
 
 class Pkey(_Struct):
     """Value of the pkey map: the VID of a P_Key."""
 
-    _fields_ = [("vid", u16), ("reserved", u16)]
+    _fields_ = [("vid", u16), ("flags", u8), ("reserved", u8)]
 
 
 class Config(_Struct):
     """Value of config[0]."""
 
-    _fields_ = [("report_interval_ns", u64), ("flags", u32), ("reserved", u32)]
+    _fields_ = [("report_interval_ns", u64), ("flags", u32), ("scope", u8), ("reserved", u8 * 3)]
 
 
 class Stats(_Struct):
@@ -245,6 +247,8 @@ CONSTANTS: dict[str, int] = {
     "XDPOIB_MAX_ADDRS": MAX_ADDRS,
     "XDPOIB_MAX_GROUPS": MAX_GROUPS,
     "XDPOIB_MAX_VLANS": MAX_VLANS,
+    "XDPOIB_MAX_PKEYS": MAX_PKEYS,
+    "XDPOIB_F_VALID": F_VALID,
     "XDPOIB_MAX_XSKS": MAX_XSKS,
     "XDPOIB_DIR_TX": Direction.TX,
     "XDPOIB_DIR_RX": Direction.RX,

@@ -16,7 +16,7 @@
 #ifndef XDPOIB_ABI_H
 #define XDPOIB_ABI_H
 
-#ifndef __BPF__
+#if !defined(__BPF__) && !defined(XDPOIB_BPF)
 #include <stdint.h>
 typedef uint8_t  xo_u8;
 typedef uint16_t xo_u16;
@@ -191,28 +191,33 @@ struct xdpoib_group {
 	xo_u32 flags;                   /* reserved for the agent, zero */
 };
 
-/* Key of xdpoib_vlan (VID) and xdpoib_pkey (P_Key): a u32 holding a u16. */
+/* Key of the id maps and of the array maps: a u32. */
 struct xdpoib_u32_key {
 	xo_u32 id;
 };
 
-/* Value of xdpoib_vlan: the P_Key of a VID. */
+#define XDPOIB_F_VALID          0x01    /* an array slot in use */
+
+/* Value of xdpoib_vlan, an array indexed by VID: the P_Key of that VLAN. */
 struct xdpoib_vlan {
-	xo_u16 pkey;
-	xo_u16 reserved;
+	xo_u16 pkey;                    /* as configured; the datapath forces the full-member bit */
+	xo_u8  flags;                   /* XDPOIB_F_VALID */
+	xo_u8  reserved;
 };
 
-/* Value of xdpoib_pkey: the VID of a P_Key (0 = untagged). */
+/* Value of xdpoib_pkey, an array indexed by P_Key & 0x7fff: the VID of that partition. */
 struct xdpoib_pkey {
-	xo_u16 vid;
-	xo_u16 reserved;
+	xo_u16 vid;                     /* 0 = untagged */
+	xo_u8  flags;                   /* XDPOIB_F_VALID */
+	xo_u8  reserved;
 };
 
 /* Value of xdpoib_config[0]. */
 struct xdpoib_config {
 	xo_u64 report_interval_ns;      /* unresolved reports: at most one per destination per interval */
 	xo_u32 flags;                   /* reserved, zero */
-	xo_u32 reserved;
+	xo_u8  scope;                   /* MGID scope nibble of the broadcast group (0 = link-local, 2) */
+	xo_u8  reserved[3];
 };
 
 /* Per-CPU counters, one slot per direction (xdpoib_stats[XDPOIB_DIR_*]). Every packet is counted on
@@ -248,7 +253,8 @@ struct xdpoib_dest_key {
 #define XDPOIB_MAX_PEERS        (1 << 20)
 #define XDPOIB_MAX_ADDRS        ((1 << 20) + 1024)
 #define XDPOIB_MAX_GROUPS       65536
-#define XDPOIB_MAX_VLANS        4096
+#define XDPOIB_MAX_VLANS        4096    /* array indexed by VID */
+#define XDPOIB_MAX_PKEYS        32768   /* array indexed by P_Key & 0x7fff */
 #define XDPOIB_MAX_XSKS         64
 #define XDPOIB_MAX_REPORTS      4096
 #define XDPOIB_EVENTS_PAGES     16

@@ -1,0 +1,323 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * xdpoib_helpers.h - small helpers shared by the TX and RX programs (BPF only).
+ *
+ * Build switches (cflags):
+ *   XDPOIB_TEST_FILL   fill bytes prepended by adjust_head/adjust_meta with 0xFF before writing them,
+ *                      so an unwritten byte shows in tests (BPF_PROG_TEST_RUN zero-fills them)
+ *   XDPOIB_TX_DEVMAP   TX redirects through a devmap instead of the XSKMAP (tests, benchmarks)
+ *   XDPOIB_RESTORE     put the input frame back before returning (benchmarks with repeat > 1)
+ */
+#ifndef XDPOIB_HELPERS_H
+#define XDPOIB_HELPERS_H
+
+#include "xdpoib_abi.h"
+#include "xdpoib_maps.h"
+
+#define BE16(x) ((__be16)__constant_htons(x))
+#define XO_DROP(st, why) drop_frame((st), XDPOIB_DROP_##why)
+
+/* ================================================================ verifier-visible bounds */
+
+/**
+ * Mask a value in a way the compiler cannot optimise away, so the verifier sees the bound.
+ *
+ * @v v         value
+ * @v mask      2^n - 1
+ * @ret v & mask
+ */
+#define xo_mask(v, mask) ({ u64 __v = (v); asm volatile("%0 &= " #mask : "+r"(__v)); (u32)__v; })
+
+/* A size in [1, mask + 1] for helpers that refuse zero sizes (v must be >= 1 for the value to hold). */
+#define xo_size(v, mask) (xo_mask((v) - 1, mask) + 1)
+
+/* ================================================================ per-invocation state */
+
+/* What one program run has done to the frame, for counters and the restore build. */
+struct xo_state {
+	struct xdpoib_stats *st;
+	int head;                       /* sum of adjust_head offsets */
+	int meta;                       /* bytes of metadata added by adjust_meta */
+	u32 saved_len;                  /* restore build: input length */
+	u32 saved_bytes;                /* restore build: bytes saved */
+};
+
+/* ================================================================ counters and verdicts */
+
+/**
+ * Count a packet on entry.
+ *
+ * @v ctx       XDP context
+ * @v s         state to fill
+ * @v dir       XDPOIB_DIR_TX or XDPOIB_DIR_RX
+ */
+static __always_inline void count_entry(struct xdp_md *ctx, struct xo_state *s, u32 dir)
+{
+	struct xdpoib_stats *st = xo_stats.lookup(&dir);
+
+	s->st = st;
+	if (st) {
+		st->packets++;
+		st->bytes += ctx->data_end - ctx->data;
+	}
+}
+
+/**
+ * Record a verdict (exactly one per packet).
+ *
+ * @v st        counters of this direction
+ * @v action    XDP action
+ * @ret action
+ */
+static __always_inline int record_action(struct xdpoib_stats *st, int action)
+{
+	if (st && action >= 0 && action < 5)
+		st->verdicts[action]++;
+	return action;
+}
+
+/**
+ * Drop a frame, counting its reason.
+ *
+ * @v st        counters of this direction
+ * @v reason    enum xdpoib_drop_reason
+ * @ret XDP_DROP
+ */
+static __always_inline int drop_frame(struct xdpoib_stats *st, u32 reason)
+{
+	if (st)
+		st->drops[reason & (XDPOIB_DROP_SLOTS - 1)]++;
+	return record_action(st, XDP_DROP);
+}
+
+/**
+ * Count the kind of a frame handed on.
+ *
+ * @v st        counters
+ * @v kind      enum xdpoib_kind
+ */
+static __always_inline void count_kind(struct xdpoib_stats *st, u32 kind)
+{
+	if (st)
+		st->kinds[kind & (XDPOIB_KIND_SLOTS - 1)]++;
+}
+
+/* ================================================================ frame size changes */
+
+/**
+ * Move the frame start (bpf_xdp_adjust_head), remembering it for the restore build.
+ *
+ * @v ctx       XDP context
+ * @v s         state
+ * @v delta     bytes to remove at the head (negative: bytes to add)
+ * @ret 0 or a negative error
+ */
+static __always_inline int adjust_head(struct xdp_md *ctx, struct xo_state *s, int delta)
+{
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return -1;
+	s->head += delta;
+#ifdef XDPOIB_TEST_FILL
+	if (delta < 0) {
+		u8 ff[XDPOIB_ETH_HLEN + XDPOIB_VLAN_HLEN];
+		u32 n = -delta;
+
+		__builtin_memset(ff, 0xff, sizeof(ff));
+		if (n > sizeof(ff))
+			n = sizeof(ff);
+		if (n >= 1)
+			bpf_xdp_store_bytes(ctx, 0, ff, n);
+	}
+#endif
+	return 0;
+}
+
+/**
+ * Set the frame length (bpf_xdp_adjust_tail).
+ *
+ * @v ctx       XDP context
+ * @v len       new length
+ * @ret 0 or a negative error
+ */
+static __always_inline int set_len(struct xdp_md *ctx, u32 len)
+{
+	int delta = (int)len - (int)(ctx->data_end - ctx->data);
+
+	if (delta == 0)
+		return 0;
+	return bpf_xdp_adjust_tail(ctx, delta);
+}
+
+/**
+ * Reserve metadata in front of the frame; the caller writes every byte.
+ *
+ * @v ctx       XDP context
+ * @v s         state
+ * @v size      bytes (a multiple of 4, at most 32)
+ * @ret 0 or a negative error
+ */
+static __always_inline int reserve_meta(struct xdp_md *ctx, struct xo_state *s, int size)
+{
+	if (bpf_xdp_adjust_meta(ctx, -size))
+		return -1;
+	s->meta += size;
+	return 0;
+}
+
+/* ================================================================ restore build */
+
+#ifdef XDPOIB_RESTORE
+/**
+ * Save the head of the input frame (restore build).
+ *
+ * @v ctx       XDP context
+ * @v s         state
+ */
+static __always_inline void save_frame(struct xdp_md *ctx, struct xo_state *s)
+{
+	u32 zero = 0, n = ctx->data_end - ctx->data;
+	struct xo_saved *sv = xo_saved.lookup(&zero);
+
+	s->saved_len = n;
+	if (n > XDPOIB_RESTORE_BYTES)
+		n = XDPOIB_RESTORE_BYTES;
+	if (!sv || n < 1)
+		return;
+	if (bpf_xdp_load_bytes(ctx, 0, sv->buf, xo_size(n, 127)) == 0)
+		s->saved_bytes = n;
+}
+
+/**
+ * Put the input frame back (restore build), so that repeat > 1 replays the same input.
+ *
+ * @v ctx       XDP context
+ * @v s         state
+ */
+static __always_inline void restore_frame(struct xdp_md *ctx, struct xo_state *s)
+{
+	u32 zero = 0, n = s->saved_bytes;
+	struct xo_saved *sv = xo_saved.lookup(&zero);
+
+	if (s->meta)
+		bpf_xdp_adjust_meta(ctx, s->meta);
+	if (s->head)
+		bpf_xdp_adjust_head(ctx, -s->head);
+	set_len(ctx, s->saved_len);
+	if (sv && n >= 1 && n <= XDPOIB_RESTORE_BYTES)
+		bpf_xdp_store_bytes(ctx, 0, sv->buf, xo_size(n, 127));
+}
+#endif
+
+/* ================================================================ MGIDs (DESIGN 3.3, 3.4) */
+
+/**
+ * Write the common MGID prefix ff1S:SSSS:PPPP and zero the rest.
+ *
+ * @v mgid      16 bytes out
+ * @v sig       IPv4 or IPv6 signature
+ * @v pkey      P_Key with the full-member bit
+ * @v scope     scope nibble
+ */
+static __always_inline void mgid_prefix(u8 *mgid, u16 sig, u16 pkey, u8 scope)
+{
+	__builtin_memset(mgid, 0, 16);
+	mgid[0] = 0xff;
+	mgid[1] = 0x10 | (scope & 0x0f);
+	mgid[2] = sig >> 8;
+	mgid[3] = sig & 0xff;
+	mgid[4] = pkey >> 8;
+	mgid[5] = pkey & 0xff;
+}
+
+/* ================================================================ checksums */
+
+/**
+ * Fold a 32-bit ones-complement partial sum to 16 bits.
+ *
+ * @v sum       partial sum (from bpf_csum_diff)
+ * @ret folded sum, in memory byte order
+ */
+static __always_inline u16 csum_fold16(u64 sum)
+{
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (u16)sum;
+}
+
+/* ================================================================ lookups */
+
+/**
+ * Return the IPoIB address behind a MAC: a VIF's own, else a peer's.
+ *
+ * @v mac       6 bytes
+ * @ret pointer to 20 bytes, or NULL
+ */
+static __always_inline u8 *addr_by_mac(const u8 *mac)
+{
+	struct xdpoib_mac_key k = {};
+	struct xdpoib_vif *v;
+	struct xdpoib_peer *p;
+
+	__builtin_memcpy(k.mac, mac, 6);
+	v = xo_vif_mac.lookup(&k);
+	if (v)
+		return v->addr;
+	p = xo_peer_mac.lookup(&k);
+	if (p)
+		return p->addr;
+	return NULL;
+}
+
+/**
+ * Return the MAC behind an IPoIB address, matched on (QPN, GID).
+ *
+ * @v addr      20 bytes
+ * @ret pointer to 6 bytes, or NULL
+ */
+static __always_inline u8 *mac_by_addr(const u8 *addr)
+{
+	struct xdpoib_addr_key k = {};
+	struct xdpoib_mac_value *m;
+
+	__builtin_memcpy(k.qpn, addr + 1, 3);
+	__builtin_memcpy(k.gid, addr + 4, 16);
+	m = xo_by_addr.lookup(&k);
+	return m ? m->mac : NULL;
+}
+
+/**
+ * Report a destination the maps do not know, at most once per interval.
+ *
+ * @v kind      XDPOIB_KIND_UNRESOLVED (dest = MAC) or XDPOIB_KIND_GROUP (dest = MGID)
+ * @v dest      16 bytes
+ * @v pkey      partition
+ * @v vif_id    sending VIF
+ */
+static __always_inline void report_unresolved(u8 kind, const u8 *dest, u16 pkey, u32 vif_id)
+{
+	struct xdpoib_dest_key k = {};
+	struct xdpoib_unresolved_event ev = {};
+	struct xdpoib_config *cfg;
+	u32 zero = 0;
+	u64 now = bpf_ktime_get_ns(), interval = 1000000000ULL, *last;
+
+	cfg = xo_config.lookup(&zero);
+	if (cfg && cfg->report_interval_ns)
+		interval = cfg->report_interval_ns;
+	__builtin_memcpy(k.dest, dest, 16);
+	k.pkey = pkey;
+	last = xo_reported.lookup(&k);
+	if (last && now - *last < interval)
+		return;
+	xo_reported.update(&k, &now);
+	ev.version = XDPOIB_META_VERSION;
+	ev.kind = kind;
+	ev.pkey = pkey;
+	ev.vif_id = vif_id;
+	__builtin_memcpy(ev.dest, dest, 16);
+	xo_events.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+#endif /* XDPOIB_HELPERS_H */

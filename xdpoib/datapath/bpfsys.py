@@ -1,0 +1,184 @@
+"""The bpf(2) system call by ctypes: map operations (single and batched), pinning, BPF_PROG_TEST_RUN.
+
+bcc 0.26 has no test_run wrapper and its batch helpers want its own table objects; these work on
+plain fds, so they serve bcc-loaded objects and pinned ones (opened with `obj_get`) alike.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+
+from xdpoib.errors import XdpoibError
+
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+NR_BPF = 321  # x86_64
+
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
+MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
+PROG_LOAD = 5
+OBJ_PIN = 6
+OBJ_GET = 7
+PROG_TEST_RUN = 10
+OBJ_GET_INFO_BY_FD = 15
+MAP_LOOKUP_BATCH = 24
+MAP_UPDATE_BATCH = 26
+MAP_DELETE_BATCH = 27
+
+BPF_ANY = 0
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+
+
+class BpfSyscallError(XdpoibError, OSError):
+    """A bpf(2) command failed; `errno` says why."""
+
+    def __init__(self, what: str, err: int):
+        OSError.__init__(self, err, f"bpf {what}: {os.strerror(err)}")
+        self.what = what
+
+
+class _Attr(ct.Union):
+    _fields_ = [("raw", ct.c_uint8 * 128)]
+
+
+def bpf(cmd: int, attr: ct.Structure, what: str) -> int:
+    """Issue one bpf(2) command; return its result or raise BpfSyscallError."""
+    r = _libc.syscall(NR_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
+    if r < 0:
+        raise BpfSyscallError(what, ct.get_errno())
+    return r
+
+
+class MapElemAttr(ct.Structure):
+    """bpf_attr for the MAP_*_ELEM commands."""
+
+    _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
+                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class MapBatchAttr(ct.Structure):
+    """bpf_attr.batch."""
+
+    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
+                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
+                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class ObjAttr(ct.Structure):
+    """bpf_attr for OBJ_PIN / OBJ_GET."""
+
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32),
+                ("path_fd", ct.c_int32), ("pad", ct.c_uint32)]
+
+
+class TestRunAttr(ct.Structure):
+    """bpf_attr.test."""
+
+    _fields_ = [("prog_fd", ct.c_uint32), ("retval", ct.c_uint32), ("data_size_in", ct.c_uint32),
+                ("data_size_out", ct.c_uint32), ("data_in", ct.c_uint64), ("data_out", ct.c_uint64),
+                ("repeat", ct.c_uint32), ("duration", ct.c_uint32), ("ctx_size_in", ct.c_uint32),
+                ("ctx_size_out", ct.c_uint32), ("ctx_in", ct.c_uint64), ("ctx_out", ct.c_uint64),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class ProgLoadAttr(ct.Structure):
+    """The first fields of bpf_attr for PROG_LOAD (enough to load a relocated program)."""
+
+    _fields_ = [("prog_type", ct.c_uint32), ("insn_cnt", ct.c_uint32), ("insns", ct.c_uint64),
+                ("license", ct.c_uint64), ("log_level", ct.c_uint32), ("log_size", ct.c_uint32),
+                ("log_buf", ct.c_uint64), ("kern_version", ct.c_uint32), ("prog_flags", ct.c_uint32),
+                ("prog_name", ct.c_char * 16), ("prog_ifindex", ct.c_uint32),
+                ("expected_attach_type", ct.c_uint32), ("pad", ct.c_uint8 * 64)]
+
+
+def _addr(buf) -> int:
+    return ct.addressof(buf) if buf is not None else 0
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    """Look key up into value (ctypes objects); return False if absent."""
+    a = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value))
+    try:
+        bpf(MAP_LOOKUP_ELEM, a, "map lookup")
+    except BpfSyscallError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
+    """Insert or replace one element."""
+    bpf(MAP_UPDATE_ELEM, MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value), flags=flags),
+        "map update")
+
+
+def map_delete(fd: int, key) -> bool:
+    """Delete one element; return False if it was absent."""
+    try:
+        bpf(MAP_DELETE_ELEM, MapElemAttr(map_fd=fd, key=_addr(key)), "map delete")
+    except BpfSyscallError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """Fill next_key with the key after key (None: the first); False at the end."""
+    a = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(next_key))
+    try:
+        bpf(MAP_GET_NEXT_KEY, a, "map next key")
+    except BpfSyscallError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_update_batch(fd: int, keys, values, count: int) -> None:
+    """Insert or replace count elements from ctypes arrays in one call (BPF_MAP_UPDATE_BATCH)."""
+    a = MapBatchAttr(keys=_addr(keys), values=_addr(values), count=count, map_fd=fd)
+    bpf(MAP_UPDATE_BATCH, a, "map update batch")
+    if a.count != count:
+        raise BpfSyscallError("map update batch (partial)", errno.EIO)
+
+
+def map_delete_batch(fd: int, keys, count: int) -> int:
+    """Delete count keys from a ctypes array in one call; return how many were deleted."""
+    a = MapBatchAttr(keys=_addr(keys), count=count, map_fd=fd)
+    try:
+        bpf(MAP_DELETE_BATCH, a, "map delete batch")
+    except BpfSyscallError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    return a.count
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a map or program fd at a bpffs path."""
+    p = ct.create_string_buffer(os.fsencode(path))
+    bpf(OBJ_PIN, ObjAttr(pathname=ct.addressof(p), bpf_fd=fd), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned map or program; return a new fd (the caller closes it)."""
+    p = ct.create_string_buffer(os.fsencode(path))
+    return bpf(OBJ_GET, ObjAttr(pathname=ct.addressof(p)), f"open pinned {path}")
+
+
+def prog_load_log(prog_type: int, insns: bytes, name: str = "probe") -> tuple[int, str]:
+    """Load relocated instructions with a verbose verifier log (diagnostics); return (fd or -errno, log)."""
+    buf = ct.create_string_buffer(1 << 24)
+    code = ct.create_string_buffer(insns, len(insns))
+    lic = ct.create_string_buffer(b"GPL")
+    a = ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ct.addressof(code),
+                     license=ct.addressof(lic), log_level=1, log_size=len(buf), log_buf=ct.addressof(buf),
+                     prog_name=name.encode()[:15])
+    r = _libc.syscall(NR_BPF, PROG_LOAD, ct.byref(a), ct.sizeof(a))
+    return (r if r >= 0 else -ct.get_errno()), buf.value.decode(errors="replace")

@@ -1,0 +1,123 @@
+"""Compile and load the XDP programs with bcc (the only module, with its siblings, that imports bcc).
+
+bcc rewrites map accesses only in the main source file, so `source()` inlines the local headers of
+`bpf/include/` into one text before compiling. Compiling takes ~2 s and ~170 MiB: do it once (a
+pytest session fixture, or a child process in the agent) and pin what outlives it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdpoib.errors import PrerequisiteError, XdpoibError
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+MAIN = BPF_DIR / "xdpoib.c"
+PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_noop")
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+class BpfLoadError(XdpoibError):
+    """bcc could not compile or the kernel refused a program."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """Compile-time switches (see bpf/include/xdpoib_helpers.h)."""
+
+    test_fill: bool = False     # fill prepended bytes with 0xFF (tests)
+    tx_devmap: bool = False     # TX redirects through a devmap instead of the XSKMAP (tests, bench)
+    restore: bool = False       # put the input frame back before returning (bench, repeat > 1)
+    restore_bytes: int = 128
+
+    def cflags(self) -> list[str]:
+        """Return the compiler flags of this build."""
+        flags = ["-DXDPOIB_BPF", "-Wno-unused-function", "-Wno-unused-variable"]
+        if self.test_fill:
+            flags.append("-DXDPOIB_TEST_FILL")
+        if self.tx_devmap:
+            flags.append("-DXDPOIB_TX_DEVMAP")
+        if self.restore:
+            flags += ["-DXDPOIB_RESTORE", f"-DXDPOIB_RESTORE_BYTES={self.restore_bytes}"]
+        return flags
+
+
+TEST_BUILD = Build(test_fill=True, tx_devmap=True)
+BENCH_BUILD = Build(tx_devmap=True, restore=True)
+
+
+def source(main: Path = MAIN) -> str:
+    """Return the program source with every local `#include "x.h"` inlined once (include guards kept)."""
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> str:
+        out = []
+        for line in path.read_text().splitlines(keepends=True):
+            m = _INCLUDE.match(line)
+            if m:
+                inc = (path.parent / m.group(1)) if (path.parent / m.group(1)).exists() else \
+                    BPF_DIR / "include" / m.group(1)
+                if not inc.exists():
+                    raise BpfLoadError(f"{path.name}: include {m.group(1)!r} not found")
+                inc = inc.resolve()
+                if inc not in seen:
+                    seen.add(inc)
+                    out.append(f"/* ---- {inc.name} ---- */\n{expand(inc)}")
+                continue
+            out.append(line)
+        return "".join(out)
+
+    return expand(main)
+
+
+class Datapath:
+    """The compiled programs and their maps: `fd(name)` of a program, `map_fd(name)` of a map.
+
+    Use as a context manager or call `close()` (idempotent).
+    """
+
+    def __init__(self, build: Build = Build()):
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise PrerequisiteError("bcc is not importable (Debian python3-bpfcc; see make setup)") from e
+        self.build = build
+        self._bpf = None
+        try:
+            self._bpf = BPF(text=source().encode(), cflags=build.cflags())
+            self._progs = {name: self._bpf.load_func(name.encode(), BPF.XDP) for name in PROGRAMS}
+        except Exception as e:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+            raise BpfLoadError(f"loading the XDP programs failed: {str(e).splitlines()[0]}") from e
+
+    def fd(self, prog: str) -> int:
+        """Return the fd of a loaded program."""
+        return self._progs[prog].fd
+
+    def map_fd(self, name: str) -> int:
+        """Return the fd of a map."""
+        return self._bpf[name.encode()].map_fd
+
+    def table(self, name: str):
+        """Return bcc's table object (for its derived Key/Leaf types and ring buffer polling)."""
+        return self._bpf[name.encode()]
+
+    @property
+    def bpf(self):
+        """The bcc BPF object."""
+        return self._bpf
+
+    def close(self) -> None:
+        """Unload the programs and drop the maps (pinned ones survive)."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

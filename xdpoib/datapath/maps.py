@@ -1,0 +1,243 @@
+"""Typed facades over the datapath's maps, by fd (bcc-loaded or pinned), with batched updates.
+
+`Map` wraps one map with its ctypes key/value types from `xdpoib.abi`; `Maps` knows every map of the
+datapath by name and offers the operations the agent needs (VIFs, peers, groups, partitions, counters).
+Big maps are emptied with batched deletes, never bcc's `clear()` (minutes on 1e6 entries).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from xdpoib import abi
+from xdpoib.datapath import bpfsys
+from xdpoib.errors import XdpoibError
+
+PIN_ROOT = Path("/sys/fs/bpf/xdpoib")
+
+# map name -> (key type, value type, per-CPU)
+LAYOUT: dict[str, tuple[type, type, bool]] = {
+    "xo_stats": (ct.c_uint32, abi.Stats, True),
+    "xo_vif_mac": (abi.MacKey, abi.Vif, False),
+    "xo_vif_id": (abi.U32Key, abi.Vif, False),
+    "xo_peer_mac": (abi.MacKey, abi.Peer, False),
+    "xo_peer_id": (abi.U32Key, abi.Peer, False),
+    "xo_by_addr": (abi.AddrKey, abi.MacValue, False),
+    "xo_group": (abi.MgidKey, abi.Group, False),
+    "xo_vlan": (ct.c_uint32, abi.Vlan, False),
+    "xo_pkey": (ct.c_uint32, abi.Pkey, False),
+    "xo_config": (ct.c_uint32, abi.Config, False),
+    "xo_xsks": (ct.c_uint32, ct.c_uint32, False),
+    "xo_egress": (ct.c_uint32, ct.c_uint32, False),
+}
+BATCH = 4096
+
+
+class MapError(XdpoibError):
+    """A map operation failed (full map, wrong layout, missing pin)."""
+
+
+def possible_cpus() -> int:
+    """Return the number of possible CPUs (the width of per-CPU map values)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+class Map:
+    """One BPF map with typed keys and values."""
+
+    def __init__(self, fd: int, key_type: type, value_type: type, percpu: bool = False, name: str = ""):
+        self.fd, self.key_type, self.value_type, self.percpu, self.name = fd, key_type, value_type, percpu, name
+        self._ncpu = possible_cpus() if percpu else 1
+
+    def _key(self, key):
+        return key if isinstance(key, self.key_type) else self.key_type(key)
+
+    def _value(self, value):
+        return value if isinstance(value, self.value_type) else self.value_type(value)
+
+    def get(self, key):
+        """Return the value (a list of per-CPU values for per-CPU maps), or None if absent."""
+        if self.percpu:
+            buf = (self.value_type * self._ncpu)()
+            return list(buf) if bpfsys.map_lookup(self.fd, self._key(key), buf) else None
+        v = self.value_type()
+        return v if bpfsys.map_lookup(self.fd, self._key(key), v) else None
+
+    def set(self, key, value) -> None:
+        """Insert or replace one element (per-CPU maps: the same value on every CPU)."""
+        if self.percpu:
+            buf = (self.value_type * self._ncpu)(*([value] * self._ncpu))
+            bpfsys.map_update(self.fd, self._key(key), buf)
+            return
+        bpfsys.map_update(self.fd, self._key(key), self._value(value))
+
+    def delete(self, key) -> bool:
+        """Delete one element; False if absent."""
+        return bpfsys.map_delete(self.fd, self._key(key))
+
+    def keys(self) -> Iterator:
+        """Iterate over the keys (a snapshot walk: do not delete while iterating)."""
+        k, nk = None, self.key_type()
+        while bpfsys.map_next_key(self.fd, k, nk):
+            yield nk
+            k, nk = nk, self.key_type()
+
+    def update_batch(self, pairs: Iterable[tuple]) -> int:
+        """Insert or replace many (key, value) pairs, BATCH per bpf(2) call; return how many."""
+        pairs = list(pairs)
+        for i in range(0, len(pairs), BATCH):
+            chunk = pairs[i:i + BATCH]
+            keys = (self.key_type * len(chunk))(*(self._key(k) for k, _ in chunk))
+            vals = (self.value_type * len(chunk))(*(self._value(v) for _, v in chunk))
+            bpfsys.map_update_batch(self.fd, keys, vals, len(chunk))
+        return len(pairs)
+
+    def delete_batch(self, keys: Iterable) -> int:
+        """Delete many keys, BATCH per call; return how many were deleted."""
+        keys = [bytes(self._key(k)) for k in keys]
+        done = 0
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i:i + BATCH]
+            arr = (self.key_type * len(chunk))(*(self.key_type.from_buffer_copy(k) for k in chunk))
+            done += bpfsys.map_delete_batch(self.fd, arr, len(chunk))
+        return done
+
+    def clear(self) -> int:
+        """Delete every element with batched deletes; return how many."""
+        return self.delete_batch([bytes(k) for k in self.keys()])
+
+
+class Maps:
+    """Every map of one datapath, with the agent-level operations."""
+
+    def __init__(self, fds: dict[str, int], owned: bool = False):
+        self._fds, self._owned = fds, owned
+        for name, (kt, vt, percpu) in LAYOUT.items():
+            if name in fds:
+                setattr(self, name[3:], Map(fds[name], kt, vt, percpu, name))
+
+    @classmethod
+    def of(cls, dp) -> Maps:
+        """Facades over a loaded `Datapath`'s maps."""
+        return cls({name: dp.map_fd(name) for name in LAYOUT})
+
+    @classmethod
+    def open_pinned(cls, pin_dir: Path) -> Maps:
+        """Open the maps pinned under pin_dir (see `pin`); close() closes their fds."""
+        fds = {}
+        try:
+            for name in LAYOUT:
+                fds[name] = bpfsys.obj_get(str(pin_dir / name))
+        except bpfsys.BpfSyscallError as e:
+            for fd in fds.values():
+                os.close(fd)
+            raise MapError(f"cannot open pinned maps under {pin_dir}: {e.strerror}") from e
+        return cls(fds, owned=True)
+
+    def pin(self, pin_dir: Path) -> None:
+        """Pin every map under pin_dir (a bpffs directory, created if needed)."""
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        for name, fd in self._fds.items():
+            bpfsys.obj_pin(fd, str(pin_dir / name))
+
+    def close(self) -> None:
+        """Close fds this object opened (pinned maps stay pinned). Idempotent."""
+        if self._owned:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._owned = False
+
+    # --------------------------------------------------------------------------------- entities
+
+    def add_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """Install local VIFs given as (vif_id, mac, addr20); their addresses win over peers'."""
+        vifs = list(vifs)
+        vals = [abi.Vif(vif_id=i, mac=(ct.c_uint8 * 6)(*m), addr=(ct.c_uint8 * 20)(*a)) for i, m, a in vifs]
+        self.vif_mac.update_batch((abi.mac_key(m), v) for (_, m, _), v in zip(vifs, vals, strict=True))
+        self.vif_id.update_batch((abi.U32Key(i), v) for (i, _, _), v in zip(vifs, vals, strict=True))
+        self.by_addr.update_batch((abi.addr_key(a), abi.MacValue(mac=(ct.c_uint8 * 6)(*m))) for _, m, a in vifs)
+
+    def add_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """Install peers given as (peer_id, remac, addr20), batched; an address a VIF owns keeps the VIF."""
+        peers = list(peers)
+        vals = [abi.Peer(peer_id=i, mac=(ct.c_uint8 * 6)(*m), addr=(ct.c_uint8 * 20)(*a)) for i, m, a in peers]
+        self.peer_mac.update_batch((abi.mac_key(m), v) for (_, m, _), v in zip(peers, vals, strict=True))
+        self.peer_id.update_batch((abi.U32Key(i), v) for (i, _, _), v in zip(peers, vals, strict=True))
+        self.by_addr.update_batch((abi.addr_key(a), abi.MacValue(mac=(ct.c_uint8 * 6)(*m))) for _, m, a in peers)
+        touched = {bytes(abi.addr_key(a)) for _, _, a in peers}
+        for key in list(self.vif_id.keys()):
+            v = self.vif_id.get(key)
+            if v is not None and bytes(abi.addr_key(bytes(v.addr))) in touched:
+                self.by_addr.set(abi.addr_key(bytes(v.addr)), abi.MacValue(mac=v.mac))
+
+    def load(self, tables) -> None:
+        """Install an oracle `Tables` (xdpoib.wire.oracle): VIFs, peers, partitions, scope."""
+        self.add_vifs((v.vif_id, v.mac, v.addr.pack()) for v in tables.vifs)
+        self.add_peers((p.peer_id, p.mac, p.addr.pack()) for p in tables.peers)
+        self.clear_partitions()
+        self.set_partitions(tables.vlan_pkeys)
+        self.set_config(scope=tables.scope)
+
+    def remove_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """Remove peers given as (peer_id, remac, addr20), batched."""
+        peers = list(peers)
+        self.peer_mac.delete_batch(abi.mac_key(m) for _, m, _ in peers)
+        self.peer_id.delete_batch(abi.U32Key(i) for i, _, _ in peers)
+        self.by_addr.delete_batch(abi.addr_key(a) for _, _, a in peers)
+
+    def set_group(self, mgid: bytes, group_id: int) -> None:
+        """Map an MGID to a group id."""
+        self.group.set(abi.MgidKey(mgid=(ct.c_uint8 * 16)(*mgid)), abi.Group(group_id=group_id))
+
+    def set_partitions(self, vlan_pkeys: dict[int, int]) -> None:
+        """Install VID -> P_Key (and P_Key -> the smallest VID mapping it) for every partition."""
+        for vid, pkey in sorted(vlan_pkeys.items()):
+            self.vlan.set(vid, abi.Vlan(pkey=pkey, flags=abi.F_VALID))
+        seen = set()
+        for vid, pkey in sorted(vlan_pkeys.items()):
+            if pkey & 0x7FFF not in seen:
+                seen.add(pkey & 0x7FFF)
+                self.pkey.set(pkey & 0x7FFF, abi.Pkey(vid=vid, flags=abi.F_VALID))
+
+    def clear_partitions(self) -> None:
+        """Mark every VID and P_Key slot unused."""
+        self.vlan.update_batch((i, abi.Vlan()) for i in range(abi.MAX_VLANS))
+        self.pkey.update_batch((i, abi.Pkey()) for i in range(abi.MAX_PKEYS))
+
+    def set_config(self, report_interval_ns: int = 0, scope: int = 2) -> None:
+        """Set the datapath configuration."""
+        self.config.set(0, abi.Config(report_interval_ns=report_interval_ns, scope=scope))
+
+    def clear(self) -> None:
+        """Empty every table (entities, groups, partitions, rate limiter untouched)."""
+        for m in (self.vif_mac, self.vif_id, self.peer_mac, self.peer_id, self.by_addr, self.group):
+            m.clear()
+        self.clear_partitions()
+
+    def counters(self, direction: abi.Direction) -> abi.Stats:
+        """Return the counters of one direction, summed over CPUs."""
+        per = self.stats.get(int(direction)) or []
+        total = abi.Stats()
+        for s in per:
+            total.packets += s.packets
+            total.bytes += s.bytes
+            for i in range(5):
+                total.verdicts[i] += s.verdicts[i]
+            for i in range(abi.KIND_SLOTS):
+                total.kinds[i] += s.kinds[i]
+            for i in range(abi.DROP_SLOTS):
+                total.drops[i] += s.drops[i]
+        return total
+
+    def reset_counters(self) -> None:
+        """Zero the counters."""
+        for d in abi.Direction:
+            self.stats.set(int(d), abi.Stats())
