@@ -113,6 +113,10 @@ def test_path_cache_hits_expires_and_invalidates(sim_fabric, clients):
     assert c.stats()["path ok"] == before + 3
     bulk = c.paths([h2.gid, h3.gid, "fe80::dead:beef"])
     assert [type(x).__name__ for x in bulk] == ["PathRecord", "PathRecord", "SANoRecordsError"]
+    st, lat = c.stats(), c.latency()
+    answered = st["path ok"] + st.get("path error", 0) + st.get("path timeout", 0)
+    assert lat["path"]["count"] == answered - len(bulk)          # one duration per single query
+    assert lat["paths"]["count"] == 1
 
 
 def test_join_broadcast_verified_by_saquery_then_leave(sim_fabric, clients):

@@ -188,3 +188,12 @@ def test_child_protocol_round_trips_records_and_errors():
     err = sa.decode(sa.encode(sa.status_error(0x0200, "join")))
     assert type(err) is sa.SARequestInvalidError and err.status == 0x0200
     assert type(sa.decode(sa.encode(sa.SATimeoutError("gone")))) is sa.SATimeoutError
+
+
+def test_latency_histogram_is_cumulative():
+    h = sa.LatencyHistogram(buckets=(0.001, 0.01, 0.1))
+    for t in (0.0005, 0.005, 0.005, 0.5):
+        h.observe("path", t)
+    snap = h.snapshot()["path"]
+    assert snap["buckets"] == {"0.001": 1, "0.01": 3, "0.1": 3}
+    assert snap["count"] == 4 and snap["sum"] == pytest.approx(0.5105)

@@ -535,6 +535,32 @@ class RetryPolicy:
     deadline: float = 10.0
 
 
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class LatencyHistogram:
+    """Query durations per query type, in Prometheus' cumulative-bucket form (DESIGN 7)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts: dict[str, list[int]] = {}
+        self.sums: Counter = Counter()
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Count one query of `kind` that took `seconds` (answered or not)."""
+        row = self.counts.setdefault(kind, [0] * (len(self.buckets) + 1))
+        for i, le in enumerate(self.buckets):
+            if seconds <= le:
+                row[i] += 1
+        row[-1] += 1
+        self.sums[kind] += seconds
+
+    def snapshot(self) -> dict[str, dict]:
+        """{type: {"buckets": {le: cumulative count}, "count": n, "sum": seconds}}."""
+        return {k: {"buckets": dict(zip(map(str, self.buckets), row[:-1], strict=True)), "count": row[-1],
+                    "sum": self.sums[k]} for k, row in self.counts.items()}
+
+
 @dataclass
 class SAClient:
     """An SA client on one umad port. Thread-safe: one transaction engine behind a lock."""
@@ -550,7 +576,8 @@ class SAClient:
         self._tid = (os.getpid() & 0xFFFF) << 16
         self._port: LocalPort | None = None
         self._cpi: ClassPortInfo | None = None
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter()      # (type, ok|error|timeout), and "timeouts", "lost", "busy"
+        self.latency = LatencyHistogram()
 
     @classmethod
     def open(cls, device: str | None = None, port: int | None = None, **kw) -> SAClient:
@@ -590,11 +617,12 @@ class SAClient:
         r.sent_at = now
         mad = bytearray(r.mad)
         struct.pack_into(">I", mad, 12, r.tid)
+        ms = max(1, int(r.timeout * 1000))
         if r.mgmt_class == 0x81:
-            self.umad.send(0x81, bytes(mad), 0xFFFF, 0, 0)
+            self.umad.send(0x81, bytes(mad), 0xFFFF, 0, 0, timeout_ms=ms)
         else:
             sm_sl = self._port.sm_sl if self._port else 0
-            self.umad.send(0x03, bytes(mad), r.dlid, SA_QP, SA_QKEY, sl=sm_sl)
+            self.umad.send(0x03, bytes(mad), r.dlid, SA_QP, SA_QKEY, sl=sm_sl, timeout_ms=ms)
 
     def _fail_or_retry(self, r: _Request, now: float, pending: deque) -> None:
         if r.attempts > self.policy.retries or now >= r.deadline:
@@ -666,7 +694,7 @@ class SAClient:
                               deadline)
             t0 = time.monotonic()
             self._run([r])
-            self.stats[f"{kind}_seconds"] += time.monotonic() - t0
+            self.latency.observe(kind, time.monotonic() - t0)
         return self._answer(r, kind)
 
     def _answer(self, r: _Request, kind: str) -> SAMad:
@@ -757,7 +785,9 @@ class SAClient:
                                                                           pkey=pkey).pack(),
                                                     sm_key=self.sm_key),
                                   f"PathRecord to {gid_str(to_gid(d))}") for d in dgids]
+            t0 = time.monotonic()
             self._run(reqs)
+            self.latency.observe("paths", time.monotonic() - t0)
         out: list[PathRecord | SAError] = []
         for r in reqs:
             try:
@@ -830,8 +860,8 @@ class SAClient:
 
 RECORD_TYPES = {c.__name__: c for c in (PathRecord, MCMemberRecord, ClassPortInfo, LocalPort)}
 REMOTE_METHODS = ("port", "class_port_info", "path", "paths", "send_only_join_state", "join",
-                  "join_send_only", "leave", "member", "group", "stats", "set_policy", "set_sm_key", "path_cache_stats",
-                  "invalidate")
+                  "join_send_only", "leave", "member", "group", "stats", "latency", "set_policy", "set_sm_key",
+                  "path_cache_stats", "invalidate")
 
 
 def encode(obj):
@@ -871,6 +901,8 @@ def decode(obj):
 def _serve_call(client: SAClient, op: str, args: list, kwargs: dict):
     if op == "stats":
         return {" ".join(map(str, k)) if isinstance(k, tuple) else k: v for k, v in client.stats.items()}
+    if op == "latency":
+        return client.latency.snapshot()
     if op == "set_policy":
         client.policy = RetryPolicy(**kwargs)
         return None

@@ -161,8 +161,13 @@ class UmadPort:
             self.lib.umad_release_port(ctypes.byref(p))
 
     def send(self, mgmt_class: int, mad: bytes, dlid: int, dqp: int, qkey: int, sl: int = 0,
-             pkey_index: int = 0) -> None:
-        """Send one MAD (at most 256 bytes) through the agent registered for `mgmt_class`."""
+             pkey_index: int = 0, timeout_ms: int = 1000) -> None:
+        """Send one MAD (at most 256 bytes) through the agent registered for `mgmt_class`.
+
+        `timeout_ms` must be non-zero for a request: the kernel's MAD layer delivers a response only
+        when it matches a send that waits for one (it then echoes a lost request back with status 110).
+        umad2sim ignores it. Retries are the caller's: the kernel's are disabled.
+        """
         if len(mad) > MAD_SIZE:
             raise UmadError(f"MAD of {len(mad)} bytes is larger than {MAD_SIZE}")
         buf = self._sendbuf
@@ -170,7 +175,7 @@ class UmadPort:
         ctypes.memmove(ctypes.addressof(buf) + self.hdr, mad, len(mad))
         self.lib.umad_set_addr(buf, dlid, dqp, sl, qkey)
         self.lib.umad_set_pkey(buf, pkey_index)
-        rc = self.lib.umad_send(self.portid, self.agents[mgmt_class], buf, MAD_SIZE, 0, 0)
+        rc = self.lib.umad_send(self.portid, self.agents[mgmt_class], buf, MAD_SIZE, max(0, int(timeout_ms)), 0)
         if rc < 0:
             raise UmadError(f"umad_send failed: {os.strerror(-rc)}")
 
