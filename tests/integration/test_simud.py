@@ -350,3 +350,41 @@ def test_registry_names_disappear_with_their_process(fab):
         assert not any((h.guid, q.qpn) in m for m in groups.values())
     finally:
         backend.close()
+
+
+# ---------------------------------------------------------------- events from port changes (no SM needed)
+
+def test_port_changes_become_events_and_a_new_lid_is_reachable():
+    """Port changes OpenSM on ibsim cannot easily make (LID, SM, P_Key table), on a fixed port description."""
+    from dataclasses import replace
+
+    from xdpoib.fabric.base import PortAttrs
+    from xdpoib.fabric.simud import SimUdBackend, StaticControl
+
+    def attrs(lid, guid):
+        gid = bytes.fromhex("fe80000000000000") + guid.to_bytes(8, "big")
+        return PortAttrs(lid=lid, sm_lid=1, state=PortState.ACTIVE, active_mtu=2048, port_guid=guid, gids=(gid,),
+                         pkeys=(0xFFFF,))
+
+    fabric = f"ev{os.getpid()}"
+    ca, cb = StaticControl(attrs(0x21, 0xA1)), StaticControl(attrs(0x22, 0xB2))
+    with SimUdBackend(fabric, ca, poll_interval=3600) as a, SimUdBackend(fabric, cb, poll_interval=3600) as b:
+        qa = a.create_qp(0xFFFF, QKEY, a.alloc_pool(4, GRH_LEN + 256))
+        qb = b.create_qp(0xFFFF, QKEY, b.alloc_pool(4, GRH_LEN + 256))
+        qb.post_recv(range(4))
+        cb.attrs = replace(cb.attrs, lid=0x33, sm_lid=2, pkeys=(0xFFFF, 0x8003))
+        kinds = [e.kind for e in b.refresh()]
+        assert kinds == [PortEventKind.LID_CHANGE, PortEventKind.PKEY_CHANGE, PortEventKind.CLIENT_REREGISTER]
+        assert [e.kind for e in b.events.get()] == kinds
+        old = a.counters()[FabricCounter.NO_DESTINATION]
+        a.registry()                           # senders re-read the LID registry within a second; now
+        qa.post_send([SendRequest(a.create_ah(Path(dlid=0x22)), qb.qpn, QKEY, b"old-lid")])
+        qa.post_send([SendRequest(a.create_ah(Path(dlid=0x33)), qb.qpn, QKEY, b"new-lid")])
+        assert a.counters()[FabricCounter.NO_DESTINATION] == old + 1
+        assert qb.wait(5)
+        assert [bytes(c.payload) for c in qb.poll(4)] == [b"new-lid"]
+        cb.attrs = replace(cb.attrs, state=PortState.DOWN)
+        assert [e.kind for e in b.refresh()] == [PortEventKind.PORT_ERR]
+        cb.attrs = replace(cb.attrs, state=PortState.ACTIVE)
+        assert [e.kind for e in b.refresh()] == [PortEventKind.PORT_ACTIVE]
+        assert b.refresh() == []
