@@ -427,6 +427,7 @@ class SimQp(UdQp):
             marker = _bound(_name(self.backend.fabric, "m", mgid.hex(), f"{self.backend.guid:016x}",
                                   f"{self.qpn:06x}"))
             self._attached[mgid] = _Attachment(mlid, marker)
+        self.backend.forget_memberships(mgid)      # the caller has just joined, most likely
 
     def detach_mcast(self, mgid: bytes, mlid: int) -> None:
         """Detach from a group (QpError if not attached)."""
@@ -436,6 +437,7 @@ class SimQp(UdQp):
         if att is None:
             raise QpError(f"QP {self.qpn:#x} is not attached to {bytes(mgid).hex()}")
         att.marker.close()
+        self.backend.forget_memberships(bytes(mgid))
 
     def close(self) -> None:
         """Destroy the QP: its names disappear, posted buffers are dropped. Idempotent."""
@@ -541,6 +543,8 @@ class SimUdBackend(Backend):
                 hit = (self.control.member(mgid, self.attrs.gid), now + self.member_ttl)
             except XdpoibError:             # the SA did not answer: not a member for now, ask again soon
                 hit = (None, now + min(self.member_ttl, 0.1))
+            if hit[0] is None:              # a join may be under way: ask again sooner
+                hit = (None, min(hit[1], now + self.member_ttl / 4))
             with self._lock:
                 self._members[mgid] = hit
         state = hit[0]
@@ -548,10 +552,14 @@ class SimUdBackend(Backend):
             return False
         return sending or state == 0 or bool(state & JOIN_RECEIVES)
 
-    def forget_memberships(self) -> None:
-        """Drop the membership cache (on port events, and whenever the caller changed memberships)."""
+    def forget_memberships(self, mgid: bytes | None = None) -> None:
+        """Drop the membership cache of one group, or all (port events, attach/detach and multicast AHs
+        do it; call it after a join or leave that none of those follow)."""
         with self._lock:
-            self._members.clear()
+            if mgid is None:
+                self._members.clear()
+            else:
+                self._members.pop(bytes(mgid), None)
 
     # ---- port monitor
 
@@ -622,6 +630,8 @@ class SimUdBackend(Backend):
         path.check()
         if path.grh and not 0 <= path.sgid_index < len(self.attrs.gids):
             raise QpError(f"SGID index {path.sgid_index} outside the GID table")
+        if path.multicast:
+            self.forget_memberships(path.dgid)     # made right after a (send-only) join
         return AddressHandle(path)
 
     def counters(self) -> dict[str, int]:
