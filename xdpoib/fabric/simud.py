@@ -66,6 +66,7 @@ PREFIX = "xdpoib-sim"
 JOIN_RECEIVES = 0x3            # JoinState bits that receive: FullMember, NonMember
 RECV_BUFSIZE = 1 << 18         # largest datagram we read (a bundle plus one 4 KiB packet fits)
 SEND_SOCKBUF = 1 << 22
+READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 
 
 class PortControl(Protocol):
@@ -478,6 +479,7 @@ class SimUdBackend(Backend):
         self._lids_at = 0.0
         self._closed = False
         self._lid_marker: socket.socket | None = None
+        self._read_failures = 0
         try:
             self.attrs = control.port()
         except BaseException:
@@ -565,9 +567,14 @@ class SimUdBackend(Backend):
 
     def _read_port(self) -> PortAttrs:
         try:
-            return self.control.port()
-        except XdpoibError:                 # an unreadable port is a down port
+            attrs = self.control.port()
+        except XdpoibError:                 # a lost MAD now and then is not a down port; a few in a row are
+            self._read_failures += 1
+            if self._read_failures < READ_FAILURES_DOWN:
+                return self.attrs
             return replace(self.attrs, state=PortState.DOWN)
+        self._read_failures = 0
+        return attrs
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval):
