@@ -1,0 +1,603 @@
+"""The agent: one process per attachment, composing SA client, UD QP, links, datapath and pump.
+
+`Agent.start()` brings the pieces up in order, each one's undo pushed on an ExitStack, so `close()`
+(also on SIGTERM) releases them in exact reverse order: groups left, QP closed, XDP removed, links
+deleted or restored, runtime files removed. `Agent.run()` is a single-threaded select() loop:
+
+- eth4 -> fabric: frames the datapath hands over on the AF_XDP socket are translated (the oracle, in
+  the plain datapath), classified, and sent in batches to a peer (path resolved first, at most 3 frames
+  queued meanwhile) or a multicast group (send-only join on first use);
+- fabric -> eth4: receive completions are filtered for loopback, their senders learned (from the GRH,
+  or SLID + source QPN, or the ARP/ND addresses they carry), translated and injected on eth4;
+- timers: eth4's multicast list is mirrored into SA joins; memberships are re-checked and rejoined;
+  port events force a rejoin and fresh paths; the control socket answers status/peers/groups/stop.
+
+Run as `python -m xdpoib.agent SPEC_JSON` (what `xdpoib attach` starts); the process must be the port's
+umad client (on the sim fabric: started with `SimFabric.client_env(host)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+from xdpoib import link, state
+from xdpoib.control import ControlServer
+from xdpoib.errors import FrameError, XdpoibError
+from xdpoib.peers import GroupEntry, PeerEntry, PeerTable
+from xdpoib.reasons import Kind
+from xdpoib.wire import frames as f
+from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str
+from xdpoib.wire.mgid import broadcast_mgid, full_pkey, ipv4_mgid, ipv6_mgid
+from xdpoib.wire.oracle import Vif, eth_to_ipoib, ipoib_to_eth
+
+log = logging.getLogger("xdpoib.agent")
+
+RECV_BUFFERS = 512
+BATCH = 256
+#: veth refuses XDP when the peer MTU is above ~3.5 KB unless the program is frags-aware (DESIGN 6).
+VETH_XDP_MAX_MTU = 3498
+MEMBERSHIP_CHECK_S = 5.0
+MCAST_SYNC_S = 1.0
+PATH_RETRY_S = 1.0
+JOIN_FULL = 1
+
+
+class AgentError(XdpoibError):
+    """The agent could not bring the attachment up."""
+
+
+def internal_name(spec: state.AttachSpec) -> str:
+    """The internal veth end's name: `xo` + 8 hex digits of the attachment id (fits IFNAMSIZ)."""
+    return "xo" + hashlib.sha1(spec.id.encode()).hexdigest()[:8]
+
+
+class Agent:
+    """One attachment's agent."""
+
+    def __init__(self, spec: state.AttachSpec):
+        self.spec = spec
+        self.pkey = full_pkey(spec.pkey)
+        self.stack = ExitStack()
+        self.stopping = False
+        self.state = "starting"
+        self.drops: Counter = Counter()          # by DropReason name or agent reason
+        self.stats: Counter = Counter()
+        self.groups: dict[bytes, GroupEntry] = {}
+        self._next_group_id = 1
+        self._sends: list = []
+        self._last_mcast_sync = 0.0
+        self._last_member_check = time.monotonic()
+        self.started = time.time()
+
+    # ================================================================================ bring-up
+
+    def start(self) -> None:
+        """Bring everything up; on failure, undo what was done and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        s = self.spec
+        self.sa = self._open_sa()
+        self.stack.callback(self.sa.close)
+        self.port = self._wait_active(30.0)
+        self.backend = self._open_backend()
+        self.stack.callback(self.backend.close)
+        self.port_attrs = self.backend.port()
+
+        # the broadcast group: its parameters are the template of every other group (DESIGN 3.5)
+        self.bcast_mgid = broadcast_mgid(self.pkey)
+        self.bcast = self._join_with_retry(self.bcast_mgid, 20.0)
+        self.qkey = self.bcast.qkey
+        self.ib_mtu = min(self.bcast.mtu_bytes or 2048, self.port_attrs.active_mtu)
+        pool = self.backend.alloc_pool(RECV_BUFFERS, 40 + self.ib_mtu)
+        self.qp = self.backend.create_qp(self.pkey, self.qkey, pool)
+        self.stack.callback(self.qp.close)
+        self.qp.post_recv(range(RECV_BUFFERS))
+        from xdpoib.fabric.base import LoopbackFilter
+
+        self.loopback = LoopbackFilter(self.port_attrs, [self.qp.qpn])
+        g = self._group(self.bcast_mgid, "broadcast")
+        self._record_join(g, self.bcast, JOIN_FULL)
+        self.stack.callback(self._leave_all)
+
+        # links
+        self.mac = lemac(self.port_attrs.port_guid.to_bytes(8, "big"))
+        self.eth_mtu = self.ib_mtu - 4
+        if s.mode == "veth":
+            self.eth_mtu = min(self.eth_mtu, VETH_XDP_MAX_MTU)
+            s.internal = internal_name(s)
+            link.create_veth(s.ifname, s.internal, s.netns)
+            self.stack.callback(link.delete_link, s.internal)
+            link.set_link(s.ifname, s.netns, mac=mac_str(self.mac), mtu=self.eth_mtu, up=True)
+            link.set_link(s.internal, None, mtu=self.eth_mtu, up=False)
+            self._sysctls()
+            link.set_offloads(s.ifname, s.netns, tx=False, tso=False)
+            attach_to = s.internal
+        else:
+            raise AgentError("tap mode is not implemented yet")
+        self.ifindex = link.link_info(attach_to).index
+
+        # datapath: frames from eth4 reach us on an AF_XDP socket
+        from xdpoib.afxdp import XskSocket
+        from xdpoib.datapath.redirect import RedirectDatapath
+
+        self.datapath = RedirectDatapath(attach_to)
+        self.stack.callback(self.datapath.close)
+        self.xsk = XskSocket(self.ifindex, 0, frames=4096, ring_size=2048)
+        self.stack.callback(self.xsk.close)
+        self.datapath.add_socket(0, self.xsk.fileno())
+
+        our = IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid)
+        self.vif = Vif(0, self.mac, our)
+        self.peers = PeerTable([self.vif], {0: self.pkey})
+        self.loopback.qpns = {self.qp.qpn}
+        self._restore_state()
+
+        # control socket, then carrier: only now does eth4 pass traffic
+        state.ensure_dirs()
+        self.control = ControlServer(state.socket_path(s.id), self.handle_request)
+        self.stack.callback(self.control.close)
+        if s.mode == "veth":
+            link.set_link(s.internal, None, up=True)
+        s.pid = os.getpid()
+        state.write_spec(s)
+        self.stack.callback(state.remove_files, s.id, True)
+        self.state = "running"
+        log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
+                 self.qp.qpn, self.port.lid)
+
+    def _open_sa(self):
+        from xdpoib.fabric.sa import SAClient
+
+        return SAClient.open(self.spec.device, self.spec.port if self.spec.device else None,
+                             sm_key=1 if self.spec.backend == "sim" else 0)
+
+    def _open_backend(self):
+        if self.spec.backend == "sim":
+            from xdpoib.fabric.simud import SimUdBackend
+
+            return SimUdBackend.open(self.spec.fabric, sa=self.sa)
+        from xdpoib.fabric.verbs import VerbsBackend
+
+        return VerbsBackend.open(self.spec.device, self.spec.port)
+
+    def _wait_active(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.sa.port()
+            if p.active and p.lid:
+                return p
+            if time.monotonic() > deadline:
+                raise AgentError(f"port is {p.state_name} (LID {p.lid}) after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _join_with_retry(self, mgid: bytes, timeout: float):
+        from xdpoib.fabric.sa import SAError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.sa.join(mgid, JOIN_FULL)
+            except SAError as e:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"cannot join the broadcast group {gid_str(mgid)}: {e}") from None
+                time.sleep(0.5)
+
+    def _sysctls(self) -> None:
+        """Let the host stack announce itself through us: gratuitous ARP and unsolicited NA on link
+        up and address changes (DESIGN 2)."""
+        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
+        for key in (f"net.ipv4.conf.{self.spec.ifname}.arp_notify=1",
+                    f"net.ipv6.conf.{self.spec.ifname}.ndisc_notify=1"):
+            subprocess.run([*base, "sysctl", "-qw", key], capture_output=True, check=False)
+
+    # ================================================================================ groups
+
+    def _group(self, mgid: bytes, why: str) -> GroupEntry:
+        g = self.groups.get(mgid)
+        if g is None:
+            g = self.groups[mgid] = GroupEntry(mgid, self._next_group_id)
+            self._next_group_id += 1
+        g.why.add(why)
+        return g
+
+    def _record_join(self, g: GroupEntry, rec, join_state: int) -> None:
+        from xdpoib.fabric.base import Path
+
+        g.join_state, g.mlid, g.qkey, g.mtu = g.join_state | join_state, rec.mlid, rec.qkey, rec.mtu_bytes
+        g.joined_at = time.monotonic()
+        g.ah = self.backend.create_ah(Path(dlid=rec.mlid, sl=rec.sl, mtu=rec.mtu_bytes or self.ib_mtu,
+                                           dgid=g.mgid, grh=True, hop_limit=rec.hop_limit or 1,
+                                           traffic_class=rec.tclass, flow_label=rec.flow_label))
+        if join_state & JOIN_FULL and not g.attached:
+            self.qp.attach_mcast(g.mgid, rec.mlid)
+            g.attached = True
+
+    def join(self, mgid: bytes, why: str, full: bool = True) -> GroupEntry | None:
+        """Join (creating it with the broadcast group's parameters if needed) and attach; None on failure."""
+        from xdpoib.fabric.sa import SAError
+
+        g = self._group(mgid, why)
+        if g.join_state & JOIN_FULL or (g.join_state and not full):
+            return g
+        try:
+            if full:
+                rec = self.sa.join(mgid, JOIN_FULL, create=self.bcast)
+                self._record_join(g, rec, JOIN_FULL)
+            else:
+                rec = self.sa.join_send_only(mgid, create=self.bcast)
+                self._record_join(g, rec, self.sa.send_only_join_state())
+            self.stats["joins"] += 1
+            return g
+        except (SAError, XdpoibError) as e:
+            self.drops["join_failed"] += 1
+            log.warning("join %s failed: %s", gid_str(mgid), e)
+            return None
+
+    def leave(self, g: GroupEntry) -> None:
+        """Detach and leave one group (errors are logged: the SA forgets us anyway on port down)."""
+        from xdpoib.fabric.sa import SAError
+
+        if g.attached:
+            with contextlib.suppress(XdpoibError):
+                self.qp.detach_mcast(g.mgid, g.mlid)
+            g.attached = False
+        if g.join_state:
+            try:
+                self.sa.leave(g.mgid, g.join_state)
+            except (SAError, XdpoibError) as e:
+                log.warning("leave %s: %s", gid_str(g.mgid), e)
+            g.join_state = 0
+        self.groups.pop(g.mgid, None)
+
+    def _leave_all(self) -> None:
+        for g in list(self.groups.values()):
+            self.leave(g)
+
+    def _eth_groups(self) -> set[bytes]:
+        """MGIDs of the IPv4/IPv6 groups on eth4's own multicast list (read in its namespace)."""
+        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
+        out = subprocess.run([*base, "cat", "/proc/net/igmp6", "/proc/net/igmp"], capture_output=True,
+                             text=True, timeout=5)
+        mgids, dev = set(), None
+        for line in out.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and len(parts[2]) == 32 and parts[1] == self.spec.ifname:
+                mgids.add(ipv6_mgid(bytes.fromhex(parts[2]), self.pkey))
+            elif len(parts) >= 2 and parts[0].rstrip(":").isdigit() and ":" in line.split()[1:3]:
+                dev = parts[1]
+            elif len(parts) >= 2 and line.startswith("\t") and dev == self.spec.ifname and len(parts[0]) == 8:
+                grp = bytes.fromhex(parts[0])[::-1]
+                if grp[0] & 0xF0 == 0xE0:
+                    mgids.add(ipv4_mgid(grp, self.pkey))
+        return mgids
+
+    def sync_multicast(self) -> None:
+        """Mirror eth4's multicast list into full joins (so IPv6 ND and mDNS work), leave what went."""
+        try:
+            want = self._eth_groups()
+        except (OSError, subprocess.SubprocessError, XdpoibError) as e:
+            log.warning("reading eth4's multicast list: %s", e)
+            return
+        for mgid in want:
+            g = self.groups.get(mgid)
+            if g is None or not g.join_state & JOIN_FULL:
+                self.join(mgid, "eth4")
+        for g in list(self.groups.values()):
+            if "eth4" in g.why and g.mgid not in want:
+                g.why.discard("eth4")
+                if not g.why:
+                    self.leave(g)
+
+    def check_memberships(self) -> None:
+        """Ask the SA whether our full memberships still exist; rejoin the ones it forgot."""
+        from xdpoib.fabric.sa import SAError
+
+        for g in list(self.groups.values()):
+            if not g.join_state & JOIN_FULL:
+                continue
+            try:
+                if self.sa.member(g.mgid) is None:
+                    log.warning("membership of %s is gone: rejoining", gid_str(g.mgid))
+                    self.stats["rejoins"] += 1
+                    create = None if g.mgid == self.bcast_mgid else self.bcast
+                    rec = self.sa.join(g.mgid, JOIN_FULL, create=create)
+                    self._record_join(g, rec, JOIN_FULL)
+            except (SAError, XdpoibError) as e:
+                log.warning("membership check of %s: %s", gid_str(g.mgid), e)
+
+    def on_port_events(self) -> None:
+        """Port events: re-read the port, drop paths, rejoin (OpenSM forgets a port's memberships)."""
+        from xdpoib.fabric.base import PortEventKind
+
+        for ev in self.backend.events.get():
+            self.stats[f"port_event_{ev.kind.value}"] += 1
+            log.info("port event %s", ev.kind.value)
+            if ev.attrs is not None:
+                self.port_attrs = ev.attrs
+                self.loopback.port = ev.attrs
+            if ev.kind is PortEventKind.PORT_ERR:
+                continue
+            self.peers.forget_paths()
+            self._last_member_check = 0.0       # check memberships (and rejoin) right away
+
+    # ================================================================================ pump
+
+    def _flush_sends(self) -> None:
+        if self._sends:
+            batch, self._sends = self._sends, []
+            sent = 0
+            while sent < len(batch):
+                n = self.qp.post_send(batch[sent:])
+                if n == 0:
+                    self.drops["send_queue_full"] += len(batch) - sent
+                    break
+                sent += n
+            self.stats["tx_frames"] += sent
+
+    def _send_to_group(self, mgid: bytes, frame: bytes) -> None:
+        from xdpoib.fabric.base import MCAST_QPN, SendRequest
+
+        g = self.groups.get(mgid)
+        if g is None or g.ah is None or not g.join_state:
+            g = self.join(mgid, "send", full=False)
+            if g is None:
+                self.drops["no_group"] += 1
+                return
+        self._sends.append(SendRequest(g.ah, MCAST_QPN, g.qkey or self.qkey, frame))
+
+    def _send_to_peer(self, e: PeerEntry, frame: bytes) -> None:
+        from xdpoib.fabric.base import SendRequest
+
+        if e.path_state != "resolved":
+            if len(e.pending) == e.pending.maxlen:
+                self.drops["unresolved_queue_full"] += 1
+            e.pending.append(frame)
+            self.resolve(e)
+            return
+        if len(frame) > e.path_mtu:
+            self.drops["oversize"] += 1
+            return
+        self._sends.append(SendRequest(e.ah, e.addr.qpn, self.qkey, frame))
+
+    def resolve(self, e: PeerEntry) -> None:
+        """PathRecord for a peer, then its address handle; queued frames go out once it resolves."""
+        from xdpoib.fabric.base import Path
+        from xdpoib.fabric.sa import SAError
+
+        now = time.monotonic()
+        if e.path_state == "failed" and now - e.resolved_at < PATH_RETRY_S:
+            return
+        try:
+            rec = self.sa.path(e.addr.gid, sgid=self.port_attrs.gid, pkey=self.pkey)
+            e.path_mtu = min(rec.mtu_bytes or self.ib_mtu, self.ib_mtu)
+            e.path = Path(dlid=rec.dlid, sl=rec.sl, mtu=e.path_mtu)
+            e.ah = self.backend.create_ah(e.path)
+            e.lid = e.lid or rec.dlid
+            e.path_state, e.resolved_at = "resolved", now
+            self.stats["paths_resolved"] += 1
+        except (SAError, XdpoibError) as ex:
+            e.path_state, e.resolved_at = "failed", now
+            self.drops["path_failed"] += len(e.pending)
+            e.pending.clear()
+            log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
+            return
+        while e.pending:
+            self._send_to_peer(e, e.pending.popleft())
+
+    def pump_eth(self) -> int:
+        """eth4 -> fabric: one batch from the AF_XDP socket."""
+        got = self.xsk.recv(BATCH)
+        for _, frame in got:
+            self.stats["eth_rx_frames"] += 1
+            try:
+                r = eth_to_ipoib(frame, self.peers)
+            except FrameError as e:
+                self.drops[e.reason.name.lower()] += 1
+                continue
+            if r.kind == Kind.CONTROL:
+                self.stats["control_frames"] += 1
+            if r.mgid is not None:
+                self._send_to_group(r.mgid, r.frame)
+            elif r.peer is not None:
+                self._send_to_peer(self.peers.by_id(r.peer.peer_id), r.frame)
+            else:
+                self.drops["unknown_destination"] += 1
+        self._flush_sends()
+        return len(got)
+
+    def _learn_from_payload(self, data: bytes, src_qpn: int, slid: int):
+        """A sender's own address, from the ARP it sent (sender hardware address) if it matches."""
+        if len(data) >= 4 + f.ARP_IB_LEN and data[:2] in (b"\x08\x06", b"\x80\x35") and data[8] == 20:
+            sha = IPoIBAddr.unpack(data[12:32])
+            if sha.qpn == src_qpn:
+                return self.peers.learn(sha, lid=slid)
+        return None
+
+    def _learn_nd(self, data: bytes, slid: int) -> None:
+        """Learn the IPoIB addresses that ND link-layer options carry (so their translation succeeds)."""
+        if len(data) < 4 + 40 + 4 or data[:2] != b"\x86\xdd" or data[4 + 6] != f.IPPROTO_ICMPV6:
+            return
+        msg = data[44:]
+        if msg[0] not in f.ND_TYPES:
+            return
+        try:
+            opts = f.parse_nd_options(msg, msg[0])
+        except FrameError:
+            return
+        for o in opts:
+            if o.opt_type in (f.ND_OPT_SLLA, f.ND_OPT_TLLA) and len(o.raw) == 24:
+                addr = IPoIBAddr.unpack(o.raw[4:24])
+                if addr.key != self.vif.addr.key:
+                    self.peers.learn(addr)
+
+    def pump_fabric(self) -> int:
+        """fabric -> eth4: one batch of receive completions."""
+        comps = self.qp.poll(BATCH)
+        if not comps:
+            return 0
+        repost = [c.index for c in comps]
+        out = []
+        pool = self.qp.pool
+        for c in self.loopback.filter(comps):
+            if c.status != 0:
+                self.drops["completion_error"] += 1
+                continue
+            data = bytes(c.payload[:c.byte_len])
+            multicast = c.has_grh and pool.view(c.index)[24] == 0xFF
+            peer = self._learn_from_payload(data, c.src_qp, c.slid)
+            if peer is None:
+                if c.has_grh and c.sgid is not None:
+                    peer = self.peers.learn(IPoIBAddr(0, c.src_qp, bytes(c.sgid)), lid=c.slid)
+                else:
+                    peer = self.peers.by_lid(c.slid, c.src_qp)
+            if peer is None:
+                self.drops["unknown_source"] += 1
+                continue
+            peer.last_seen = time.monotonic()
+            self._learn_nd(data, c.slid)
+            try:
+                r = ipoib_to_eth(data, self.peers, src=peer.as_peer(), vif=self.vif, pkey=self.pkey,
+                                 multicast=multicast)
+            except FrameError as e:
+                self.drops[e.reason.name.lower()] += 1
+                continue
+            out.append(r.frame)
+        self.qp.post_recv(repost)
+        if out:
+            sent = self.xsk.send(out)
+            self.stats["eth_tx_frames"] += sent
+            if sent < len(out):
+                self.drops["inject_ring_full"] += len(out) - sent
+        return len(comps)
+
+    # ================================================================================ loop
+
+    def run(self) -> None:
+        """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""
+        rlist = [self.xsk.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
+        while not self.stopping:
+            now = time.monotonic()
+            if now - self._last_mcast_sync >= MCAST_SYNC_S:
+                self._last_mcast_sync = now
+                self.sync_multicast()
+            if now - self._last_member_check >= MEMBERSHIP_CHECK_S:
+                self._last_member_check = now
+                self.check_memberships()
+            try:
+                ready, _, _ = select.select(rlist, [], [], 0.2)
+            except InterruptedError:
+                continue
+            busy = True
+            while busy and not self.stopping:
+                busy = bool(self.pump_eth()) | bool(self.pump_fabric())
+            if self.backend.events.fileno() in ready:
+                self.on_port_events()
+            if self.control.fileno() in ready:
+                self.control.handle()
+            if self.xsk.pending_tx():
+                self.xsk.kick()
+        self.state = "stopping"
+
+    # ================================================================================ control
+
+    def status(self) -> dict:
+        p = self.port_attrs
+        s = self.spec
+        return {
+            "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{self.pkey:#06x}",
+                           "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
+                           "internal": s.internal, "pid": os.getpid(), "state": self.state,
+                           "uptime_seconds": round(time.time() - self.started, 1)},
+            "port": {"gid": gid_str(p.gid), "lid": p.lid, "sm_lid": p.sm_lid, "state": p.state.name.lower(),
+                     "active_mtu": p.active_mtu, "guid": f"{p.port_guid:#018x}"},
+            "broadcast": {"mgid": gid_str(self.bcast_mgid), "qkey": f"{self.qkey:#x}", "mtu": self.bcast.mtu_bytes,
+                          "mlid": self.bcast.mlid},
+            "eth": {"ifname": s.ifname, "mac": mac_str(self.mac), "mtu": self.eth_mtu},
+            "qpn": self.qp.qpn,
+            "peers": len(self.peers.entries),
+            "groups": len(self.groups),
+            "counters": dict(self.stats),
+            "drops": dict(self.drops),
+            "fabric_drops": {k: v for k, v in self.backend.counters().items() if v},
+            "datapath": self.datapath.counters(),
+        }
+
+    def handle_request(self, req: dict) -> dict:
+        """Answer one control request."""
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "peers":
+            return {"peers": [e.to_dict() for e in self.peers.entries.values()]}
+        if cmd == "groups":
+            return {"groups": [g.to_dict() for g in self.groups.values()]}
+        if cmd == "stop":
+            self.stopping = True
+            return {"stopping": True}
+        raise XdpoibError(f"unknown request {cmd!r}")
+
+    # ================================================================================ state, teardown
+
+    def _restore_state(self) -> None:
+        try:
+            data = json.loads(state.persist_path(self.spec.id).read_text())
+            self.peers.restore(data.get("peers", {}))
+        except (OSError, ValueError, KeyError, XdpoibError):
+            pass
+
+    def save_state(self) -> None:
+        """Persist REMACs and ids (so a restarted agent keeps the same REMACs)."""
+        with contextlib.suppress(OSError, AttributeError):
+            state.ensure_dirs()
+            p = state.persist_path(self.spec.id)
+            p.write_text(json.dumps({"peers": self.peers.to_json()}))
+
+    def close(self) -> None:
+        """Release everything in reverse order (idempotent)."""
+        self.save_state()
+        self.stack.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xdpoib.agent SPEC_JSON`: run one attachment's agent in the foreground."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    spec = state.AttachSpec.from_json(argv[0])
+    agent = Agent(spec)
+
+    def stop(signum, frame):
+        agent.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        agent.start()
+    except XdpoibError as e:
+        print(f"xdpoib agent: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        agent.run()
+    finally:
+        agent.close()
+        log.info("detached %s", spec.where)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`xdpoib attach`: give a host an Ethernet interface whose traffic crosses the fabric as IPoIB."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from xdpoib import state
+from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+
+NAME = "attach"
+HELP = "attach an Ethernet interface to the InfiniBand fabric (starts its agent)"
+EPILOG = """examples:
+  xdpoib attach eth4 --sim lab:h1                 eth4 in this namespace, host h1 of sim fabric 'lab'
+  xdpoib attach eth4 --netns blue --sim lab:h2    eth4 created inside netns 'blue'
+  xdpoib attach eth4 --device mlx5_0 --port 1 --pkey 0x8003
+  xdpoib attach tap0 --mode tap --device mlx5_0   a VM's existing TAP
+"""
+READY_TIMEOUT = 60.0
+
+
+def configure(p):
+    p.add_argument("ifname", metavar="IFNAME", help="the Ethernet interface to create (veth) or use (tap)")
+    p.add_argument("--netns", metavar="NS", help="network namespace of IFNAME (default: this one)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--device", metavar="DEV", help="HCA device (e.g. mlx5_0), verbs backend")
+    src.add_argument("--sim", metavar="FABRIC:HOST", help="a host of a simulated fabric (`xdpoib sim up`)")
+    p.add_argument("--port", type=int, default=1, metavar="N", help="HCA port (default 1)")
+    p.add_argument("--pkey", default="0xffff", metavar="PKEY", help="partition (default 0xffff)")
+    p.add_argument("--mode", choices=("veth", "tap"), default="veth",
+                   help="veth: create IFNAME as a veth end (default); tap: use an existing TAP")
+    p.add_argument("--force", action="store_true", help="replace an existing attachment of IFNAME")
+    p.add_argument("-j", "--json", action="store_true", help="print the result as JSON")
+
+
+def build_spec(args) -> state.AttachSpec:
+    """Validate everything that can be checked before changing anything, and return the spec."""
+    from xdpoib import link
+    from xdpoib.wire.mgid import parse_pkey
+
+    link.check_ifname(args.ifname)
+    try:
+        pkey = parse_pkey(args.pkey)
+    except XdpoibError as e:
+        raise UsageError(f"bad --pkey: {e}") from None
+    link.check_netns(args.netns)
+    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port)
+    if args.sim:
+        fabric, sep, host = args.sim.partition(":")
+        if not sep or not fabric or not host:
+            raise UsageError(f"bad --sim {args.sim!r}: expected FABRIC:HOST, e.g. lab:h1")
+        from xdpoib.fabric.simfabric import SimFabric
+
+        fab = SimFabric.attach(fabric)          # raises if it is not running
+        fab.host(host)                          # raises if there is no such host
+        spec.backend, spec.fabric, spec.host = "sim", fabric, host
+    else:
+        if not os.path.exists(f"/sys/class/infiniband/{args.device}"):
+            raise UsageError(f"no RDMA device {args.device!r} (see `ibv_devices`)")
+        spec.backend, spec.device = "verbs", args.device
+    if args.mode == "tap" and not (link.link_exists(args.ifname, args.netns)
+                                   and link.is_tap(args.ifname, args.netns)):
+        raise UsageError(f"{spec.where} is not an existing TAP device (tap mode uses a TAP a VM holds)")
+    return spec
+
+
+def check_not_attached(spec: state.AttachSpec, force: bool) -> None:
+    """Refuse to attach twice (unless --force, which detaches the old attachment first)."""
+    from xdpoib import link
+
+    old = state.read_spec(spec.id)
+    if old is not None and state.pid_alive(old.pid):
+        if not force:
+            raise UsageError(f"{spec.where} is already attached (agent pid {old.pid}); use --force to replace it")
+        from xdpoib.commands.detach import detach
+
+        detach(old)
+    elif old is not None:
+        state.remove_files(spec.id, keep_state=True)     # a dead agent's leftovers
+    if spec.mode == "veth" and link.link_exists(spec.ifname, spec.netns):
+        raise UsageError(f"{spec.where} already exists; pick another name or delete it")
+
+
+def start_agent(spec: state.AttachSpec) -> int:
+    """Start the agent process (root namespace, as the port's umad client); return its pid once ready."""
+    from xdpoib import control
+
+    state.ensure_dirs()
+    logf = open(state.log_path(spec.id), "ab")  # noqa: SIM115 - handed to the child
+    argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json()]
+    try:
+        if spec.backend == "sim":
+            from xdpoib.fabric.simfabric import SimFabric
+
+            proc = SimFabric.attach(spec.fabric).spawn(spec.host, argv, stdout=logf, stderr=logf,
+                                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        else:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+    finally:
+        logf.close()
+    deadline = time.monotonic() + READY_TIMEOUT
+    sock = state.socket_path(spec.id)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise XdpoibError(f"the agent for {spec.where} failed: {last_error(spec.id)}")
+        if sock.exists():
+            try:
+                st = control.request(sock, "status", timeout=2.0)
+                if st["attachment"]["state"] == "running":
+                    return proc.pid
+            except control.ControlError:
+                pass
+        time.sleep(0.1)
+    state.stop_pid(proc.pid)
+    raise XdpoibError(f"the agent for {spec.where} was not ready after {READY_TIMEOUT:.0f} s: "
+                      f"{last_error(spec.id)}")
+
+
+def last_error(aid: str) -> str:
+    """The agent log's last error line (or its last line)."""
+    try:
+        lines = state.log_path(aid).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    for line in reversed(lines[-50:]):
+        if "error" in line.lower():
+            return line.split("error: ", 1)[-1].strip()
+    return lines[-1].strip() if lines else "no log"
+
+
+def run(args) -> int:
+    if os.geteuid() != 0:
+        raise PrerequisiteError("xdpoib attach must run as root (links, XDP, the fabric)")
+    spec = build_spec(args)
+    check_not_attached(spec, args.force)
+    start_agent(spec)
+    from xdpoib import control
+
+    st = control.request(state.socket_path(spec.id), "status")
+    if args.json:
+        import json
+
+        print(json.dumps(st, indent=2))
+    else:
+        e, p = st["eth"], st["port"]
+        print(f"{spec.where}: attached, MAC {e['mac']} MTU {e['mtu']} QPN {st['qpn']:#x}, "
+              f"port LID {p['lid']} GID {p['gid']}, broadcast {st['broadcast']['mgid']}")
+    return 0

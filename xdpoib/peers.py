@@ -1,0 +1,158 @@
+"""The agent's peers and groups: identities, REMACs, path state, the few frames queued while resolving.
+
+Pure bookkeeping (no I/O): the agent resolves paths and joins groups, and records the outcome here.
+A peer is a remote (QPN, GID); its REMAC comes from `RemacTable` (stable across LID changes and
+restarts), its id from a counter; both are persisted in the attachment's state file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from xdpoib.wire.addr import IPoIBAddr, RemacTable, gid_str, mac_str, parse_gid
+from xdpoib.wire.oracle import Peer, Tables, Vif
+
+#: Frames kept per peer while its path resolves (DESIGN 1).
+MAX_PENDING = 3
+
+
+@dataclass
+class PeerEntry:
+    """One remote endpoint as the agent knows it."""
+
+    peer_id: int
+    remac: bytes
+    addr: IPoIBAddr
+    lid: int | None = None
+    path_state: str = "unresolved"      # unresolved | resolved | failed
+    path: object = None                 # fabric.base.Path
+    ah: object = None                   # fabric.base.AddressHandle
+    path_mtu: int = 0
+    first_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    resolved_at: float = 0.0
+    pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
+
+    def as_peer(self) -> Peer:
+        return Peer(self.peer_id, self.remac, self.addr)
+
+    def to_dict(self) -> dict:
+        now = time.monotonic()
+        return {"remac": mac_str(self.remac), "gid": gid_str(self.addr.gid), "qpn": self.addr.qpn,
+                "lid": self.lid, "path": self.path_state, "path_mtu": self.path_mtu,
+                "age_seconds": round(now - self.first_seen, 1), "idle_seconds": round(now - self.last_seen, 1),
+                "pending": len(self.pending)}
+
+
+@dataclass
+class GroupEntry:
+    """One multicast group the attachment sends to or receives from."""
+
+    mgid: bytes
+    group_id: int
+    join_state: int = 0                 # 1 full member, 8/4 send-only, 0 not joined
+    mlid: int = 0
+    qkey: int = 0
+    mtu: int = 0
+    ah: object = None
+    attached: bool = False              # our QP receives from it
+    why: set[str] = field(default_factory=set)   # broadcast, eth4, snooped, send
+    joined_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"mgid": gid_str(self.mgid), "join_state": self.join_state, "mlid": self.mlid,
+                "qkey": self.qkey, "mtu": self.mtu, "attached": self.attached, "why": sorted(self.why)}
+
+
+class PeerTable(Tables):
+    """Peers and VIFs with dictionary indexes; also the oracle's `Tables` for the Python datapath."""
+
+    def __init__(self, vifs: list[Vif], vlan_pkeys: dict[int, int], scope: int = 2,
+                 remacs: RemacTable | None = None, next_id: int = 1):
+        super().__init__(vifs=list(vifs), peers=[], vlan_pkeys=dict(vlan_pkeys), scope=scope)
+        self.remacs = remacs or RemacTable(reserved={v.mac for v in vifs})
+        self.entries: dict[tuple[int, bytes], PeerEntry] = {}
+        self._by_mac: dict[bytes, PeerEntry] = {}
+        self._by_id: dict[int, PeerEntry] = {}
+        self._by_lid: dict[tuple[int, int], PeerEntry] = {}
+        self._vif_by_mac = {v.mac: v for v in vifs}
+        self._vif_by_key = {v.addr.key: v for v in vifs}
+        self._next_id = next_id
+        self._ids: dict[tuple[int, bytes], int] = {}
+
+    # --- learning -------------------------------------------------------------------------------
+
+    def learn(self, addr: IPoIBAddr, lid: int | None = None) -> PeerEntry:
+        """Return the peer at addr, creating it (REMAC, id) on first sight; record its LID if given."""
+        key = addr.key
+        e = self.entries.get(key)
+        if e is None:
+            pid = self._ids.get(key)
+            if pid is None:
+                pid = self._next_id
+                self._next_id += 1
+                self._ids[key] = pid
+            e = PeerEntry(pid, self.remacs.assign(addr.gid, addr.qpn), addr)
+            self.entries[key] = e
+            self._by_mac[e.remac] = e
+            self._by_id[pid] = e
+        elif addr.flags != e.addr.flags:
+            e.addr = addr
+        if lid and lid != e.lid:
+            if e.lid is not None:
+                self._by_lid.pop((e.lid, addr.qpn), None)
+            e.lid = lid
+            self._by_lid[(lid, addr.qpn)] = e
+        e.last_seen = time.monotonic()
+        return e
+
+    def by_lid(self, lid: int, qpn: int) -> PeerEntry | None:
+        """The peer sending from (SLID, source QPN): how a datagram without GRH is identified."""
+        return self._by_lid.get((lid, qpn))
+
+    def by_remac(self, mac: bytes) -> PeerEntry | None:
+        return self._by_mac.get(bytes(mac))
+
+    def by_id(self, pid: int) -> PeerEntry | None:
+        return self._by_id.get(pid)
+
+    def forget_paths(self) -> None:
+        """Mark every path stale (port event, LID change): they are resolved again on next use."""
+        for e in self.entries.values():
+            e.path_state, e.path, e.ah = "unresolved", None, None
+
+    # --- the oracle's Tables interface, with dictionaries -----------------------------------------
+
+    def vif_by_mac(self, mac):
+        return self._vif_by_mac.get(bytes(mac))
+
+    def peer_by_mac(self, mac):
+        e = self._by_mac.get(bytes(mac))
+        return e.as_peer() if e is not None else None
+
+    def peer_by_id(self, peer_id):
+        e = self._by_id.get(peer_id)
+        return e.as_peer() if e is not None else None
+
+    def mac_by_addr(self, addr):
+        v = self._vif_by_key.get(addr.key)
+        if v is not None:
+            return v.mac
+        e = self.entries.get(addr.key)
+        return e.remac if e is not None else None
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"next_id": self._next_id, "remacs": self.remacs.to_json(),
+                "ids": [{"gid": gid_str(g), "qpn": q, "id": i} for (q, g), i in self._ids.items()]}
+
+    def restore(self, data: dict) -> None:
+        """Take REMACs and ids from a state file written by `to_json` (before any peer is learned)."""
+        self.remacs = RemacTable.from_json(data.get("remacs", []), reserved=set(self._vif_by_mac))
+        for it in data.get("ids", []):
+            self._ids[(int(it["qpn"]), parse_gid(it["gid"]))] = int(it["id"])
+        self._next_id = max([self._next_id, int(data.get("next_id", 1)), *[i + 1 for i in self._ids.values()]])
+

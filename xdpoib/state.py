@@ -1,0 +1,199 @@
+"""Where attachments live on disk, and the spec that describes one.
+
+An attachment is identified by (netns, ifname). Its files:
+- `/run/xdpoib/<id>.json`  the spec and the agent's PID (present while attached),
+- `/run/xdpoib/<id>.sock`  the agent's root-only control socket,
+- `/run/xdpoib/<id>.log`   the agent's log,
+- `/var/lib/xdpoib/<id>.json`  persisted identities (REMACs, peer and group ids) across restarts,
+- `/etc/xdpoib/attachments.conf`  attachments `xdpoib up` brings up: one `xdpoib attach` argument
+  list per line, `#` comments.
+`XDPOIB_RUN_DIR`, `XDPOIB_STATE_DIR` and `XDPOIB_CONFIG` override the locations (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from xdpoib.errors import UsageError
+
+
+def run_dir() -> Path:
+    """The runtime directory (created 0700 on demand)."""
+    return Path(os.environ.get("XDPOIB_RUN_DIR", "/run/xdpoib"))
+
+
+def state_dir() -> Path:
+    """The persistent state directory."""
+    return Path(os.environ.get("XDPOIB_STATE_DIR", "/var/lib/xdpoib"))
+
+
+def config_path() -> Path:
+    """The attachments file that `xdpoib up`/`down` read."""
+    return Path(os.environ.get("XDPOIB_CONFIG", "/etc/xdpoib/attachments.conf"))
+
+
+def attachment_id(ifname: str, netns: str | None) -> str:
+    """A file-name-safe id for (netns, ifname): `NS@IFNAME`, or `@IFNAME` in the root namespace."""
+    return f"{netns or ''}@{ifname}"
+
+
+@dataclass
+class AttachSpec:
+    """Everything an agent needs to bring one attachment up; also what `status` shows of it."""
+
+    ifname: str
+    netns: str | None = None
+    mode: str = "veth"                  # veth | tap
+    pkey: int = 0xFFFF
+    backend: str = "sim"                # sim | verbs
+    fabric: str | None = None           # sim: fabric name
+    host: str | None = None             # sim: host name in the fabric
+    device: str | None = None           # verbs: HCA device (e.g. mlx5_0)
+    port: int = 1
+    internal: str | None = None         # the internal veth end (veth mode)
+    pid: int | None = None
+
+    @property
+    def id(self) -> str:
+        return attachment_id(self.ifname, self.netns)
+
+    @property
+    def where(self) -> str:
+        """`eth4` or `eth4 in netns NS`, for messages."""
+        return f"{self.ifname} in netns {self.netns}" if self.netns else self.ifname
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AttachSpec:
+        return cls(**json.loads(text))
+
+
+def spec_path(aid: str) -> Path:
+    return run_dir() / f"{aid}.json"
+
+
+def socket_path(aid: str) -> Path:
+    return run_dir() / f"{aid}.sock"
+
+
+def log_path(aid: str) -> Path:
+    return run_dir() / f"{aid}.log"
+
+
+def persist_path(aid: str) -> Path:
+    return state_dir() / f"{aid}.json"
+
+
+def ensure_dirs() -> None:
+    """Create the runtime and state directories, root-only."""
+    for d in (run_dir(), state_dir()):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+
+
+def write_spec(spec: AttachSpec) -> None:
+    """Record a running attachment (atomically)."""
+    ensure_dirs()
+    p = spec_path(spec.id)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(spec.to_json())
+    os.replace(tmp, p)
+
+
+def read_spec(aid: str) -> AttachSpec | None:
+    """Return the recorded spec of an attachment, or None."""
+    try:
+        return AttachSpec.from_json(spec_path(aid).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Return whether a process exists."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def attachments() -> list[AttachSpec]:
+    """Every recorded attachment (alive or not)."""
+    out = []
+    d = run_dir()
+    if d.is_dir():
+        for p in sorted(d.glob("*@*.json")):
+            s = read_spec(p.stem)
+            if s is not None:
+                out.append(s)
+    return out
+
+
+def find(ifname: str, netns: str | None) -> AttachSpec:
+    """Return the spec of an attachment or raise a UsageError naming what is attached."""
+    s = read_spec(attachment_id(ifname, netns))
+    if s is None:
+        where = f"{ifname} in netns {netns}" if netns else ifname
+        known = ", ".join(a.where for a in attachments()) or "none"
+        raise UsageError(f"{where} is not attached (attached: {known})")
+    return s
+
+
+def remove_files(aid: str, keep_state: bool = False) -> None:
+    """Remove an attachment's runtime files (and its persisted state unless keep_state)."""
+    paths = [spec_path(aid), socket_path(aid)] + ([] if keep_state else [persist_path(aid)])
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM a process and wait for it to exit (SIGKILL after timeout); True if it was running."""
+    import time
+
+    if not pid_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def read_config() -> list[list[str]]:
+    """Return the argument lists of the attachments file (missing file: none)."""
+    import shlex
+
+    p = config_path()
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            try:
+                out.append(shlex.split(line))
+            except ValueError as e:
+                raise UsageError(f"{p}:{n}: {e}") from None
+    return out
