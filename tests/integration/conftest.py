@@ -32,6 +32,23 @@ def need_sim() -> None:
     need_file(next((p for p in UMAD2SIM_CANDIDATES if os.path.exists(p)), UMAD2SIM_CANDIDATES[0]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_fabric_left_behind():
+    """After the whole run: no fabric this test process named may remain (processes, sockets, dirs)."""
+    yield
+    from xdpoib.fabric import simfabric
+
+    root = simfabric.state_root()
+    names = sorted(d.name for d in root.glob(f"*{os.getpid()}-*")) if root.exists() else []
+    left = {n: simfabric.residue(n) for n in names}
+    for n in names:                                   # clean up, then report
+        try:
+            simfabric.SimFabric.attach(n).down()
+        except Exception:
+            pass
+    assert not left, f"fabrics left behind by tests: {left}"
+
+
 @pytest.fixture
 def sim_prereqs():
     """Check the fabric's prerequisites (skip or fail, see prereq.py); returns `fabric_name`."""

@@ -25,16 +25,6 @@ def xdpoib(*args, check=True):
     return r
 
 
-def leftovers(name: str, pids: list[int]) -> list[str]:
-    """Everything of fabric `name` still on the machine: processes, abstract sockets, directories."""
-    out = [f"pid {p}" for p in pids if simfabric._start_time(p) is not None]
-    out += simfabric._abstract_sockets(f"xdpoib-{name}")
-    d = simfabric.state_root() / name
-    if d.exists():
-        out.append(str(d))
-    return out
-
-
 def wait_for(pred, timeout=10.0):
     end = time.monotonic() + timeout
     while not (v := pred()) and time.monotonic() < end:
@@ -93,7 +83,7 @@ def test_cli_up_show_fault_down(sim_prereqs):
             assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, bad
     finally:
         xdpoib("sim", "down", name)
-    assert leftovers(name, pids) == []
+    assert simfabric.residue(name, pids) == []
     r = xdpoib("sim", "down", name, check=False)
     assert r.returncode == 1 and "no fabric named" in r.stderr
 
@@ -109,8 +99,8 @@ def test_down_leaves_no_process_socket_or_directory(sim_prereqs):
     assert client.port().active
     assert simfabric._abstract_sockets(fab.sockname)
     fab.down()
-    assert leftovers(name, pids) == []
-    assert not any(p.name.startswith("sys-") for p in fab.workdir.parent.glob("*/**/sys-*"))
+    assert simfabric.residue(name, pids) == []
+    assert not fab.workdir.exists()                      # with the clients' ./sys-<pid>/ directories
     client.close()
 
 
@@ -147,7 +137,7 @@ def test_up_replaces_a_dead_fabric_of_the_same_name(sim_prereqs):
         assert fab2.running() and fab2.lid("h1") > 0
     finally:
         fab2.down()
-    assert leftovers(name, old) == []
+    assert simfabric.residue(name, old) == []
 
 
 def test_slot_of_a_killed_client_is_freed(sim_prereqs):
@@ -165,3 +155,21 @@ def test_slot_of_a_killed_client_is_freed(sim_prereqs):
         c.close()
         with fab.sa_client("h1") as again:
             assert again.port().active
+
+
+def test_custom_partitions_file_and_reload(sim_prereqs, tmp_path):
+    fabric_name = sim_prereqs
+    hosts = simfabric.make_hosts(3)
+    conf = tmp_path / "parts.conf"
+    conf.write_text("Default=0x7fff, ipoib : ALL=full;\n"
+                    f"P8004=0x8004, ipoib, mtu=4 : {hosts[1].guid:#x}=full;\n")
+    with SimFabric.up(fabric_name("part"), hosts=3, partitions=conf) as fab, \
+            fab.sa_client("h1") as c1, fab.sa_client("h2") as c2:
+        assert c2.port().pkey_index(0x8004) is not None
+        assert c1.port().pkey_index(0x8004) is None
+        assert c1.port().pkey_index(0x8003) is None           # the default 0x8003 is not there
+        fab.reload_partitions(conf.read_text().replace(f"{hosts[1].guid:#x}=full",
+                                                       f"{hosts[0].guid:#x}=full, {hosts[1].guid:#x}=full"))
+        assert wait_for(lambda: c1.port().pkey_index(0x8004) is not None), "h1 never got P_Key 0x8004"
+        assert c1.join("ff12:401b:8004::ffff:ffff").pkey == 0x8004
+    assert conf.exists()                                         # the caller's file is left alone

@@ -639,14 +639,15 @@ class SAClient:
         pending, inflight = deque(requests), {}
         while pending or inflight:
             now = time.monotonic()
+            backing_off: deque = deque()
             while pending and len(inflight) < self.max_outstanding:
                 r = pending.popleft()
-                wait = r.sent_at + r.timeout - now if r.busy else 0
-                if wait > 0:        # busy: back off before resending
-                    pending.appendleft(r)
-                    break
+                if r.busy and r.sent_at + r.timeout > now:     # busy: back off before resending
+                    backing_off.append(r)
+                    continue
                 self._send(r, now)
                 inflight[r.tid] = r
+            pending.extendleft(reversed(backing_off))
             if not inflight:
                 time.sleep(max(0.001, min(r.sent_at + r.timeout for r in pending) - now))
                 continue
@@ -660,7 +661,7 @@ class SAClient:
                 if r is not None and r.mgmt_class == cls:
                     del inflight[tid]
                     mstatus = struct.unpack_from(">H", mad, 4)[0] & 0x7FFF
-                    if ustatus == UMAD_STATUS_TIMEOUT or ustatus != 0:
+                    if ustatus:                           # 110: lost (a timeout echo, or ibsim's drop)
                         self.stats["lost"] += 1
                         self._fail_or_retry(r, now, pending)
                     elif mstatus & 0x1F == 0x0001:        # busy: back off, then retry
@@ -689,11 +690,22 @@ class SAClient:
     def _sa(self, method: int, attr: int, mask: int, data: bytes, what: str, kind: str,
             deadline: float | None = None) -> SAMad:
         """One SA query: returns the response, or raises the error its status maps to."""
+        mad = pack_sa_mad(method, attr, 0, mask, data, sm_key=self.sm_key)
         with self._lock:
-            r = self._request(0x03, pack_sa_mad(method, attr, 0, mask, data, sm_key=self.sm_key), what,
-                              deadline)
+            r = self._request(0x03, mad, what, deadline)
             t0 = time.monotonic()
             self._run([r])
+            if isinstance(r.result, SATimeoutError):
+                # The SM may have moved (failover, our port re-registered): re-read our port and, if
+                # it names another SM LID now, ask that one.
+                try:
+                    moved = self.port().sm_lid not in (0, r.dlid)
+                except SAError:
+                    moved = False
+                if moved:
+                    self.stats["sm_moved"] += 1
+                    r = self._request(0x03, mad, what, deadline)
+                    self._run([r])
             self.latency.observe(kind, time.monotonic() - t0)
         return self._answer(r, kind)
 

@@ -143,6 +143,16 @@ def _abstract_sockets(prefix: str) -> list[str]:
     return [n for n in names if n.startswith("@" + prefix + ":")]
 
 
+def residue(name: str, pids=()) -> list[str]:
+    """What of fabric `name` is still on this machine: live `pids`, its abstract sockets, its state dir."""
+    out = [f"pid {p}" for p in pids if _start_time(p) is not None]
+    out += _abstract_sockets(f"xdpoib-{name}")
+    d = state_root() / name
+    if d.exists():
+        out.append(str(d))
+    return out
+
+
 class SimFabric:
     """A running ibsim + OpenSM fabric; a context manager whose exit calls `down()`."""
 
@@ -474,6 +484,16 @@ class SimFabric:
                 self.console(f"X {c['slot']}")
                 freed.append(c["slot"])
         return freed
+
+    def reload_partitions(self, text: str) -> None:
+        """Replace OpenSM's partitions file and make it re-read it (SIGHUP: a new sweep follows)."""
+        if not self.running():
+            raise SimFabricError(f"fabric {self.name!r} is not running")
+        path = self.workdir / "partitions.conf"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        os.kill(self.state["pids"]["opensm"][0], signal.SIGHUP)
 
     def describe(self) -> str:
         """Human-readable summary: name, socket name, hosts and their GUIDs."""
