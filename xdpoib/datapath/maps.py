@@ -58,7 +58,11 @@ class Map:
         self._ncpu = possible_cpus() if percpu else 1
 
     def _key(self, key):
-        return key if isinstance(key, self.key_type) else self.key_type(key)
+        if isinstance(key, self.key_type):
+            return key
+        if isinstance(key, bytes | bytearray):
+            return self.key_type.from_buffer_copy(key)
+        return self.key_type(key)
 
     def _value(self, value):
         return value if isinstance(value, self.value_type) else self.value_type(value)
@@ -102,17 +106,17 @@ class Map:
 
     def delete_batch(self, keys: Iterable) -> int:
         """Delete many keys, BATCH per call; return how many were deleted."""
-        keys = [bytes(self._key(k)) for k in keys]
+        keys = [self._key(k) for k in keys]
         done = 0
         for i in range(0, len(keys), BATCH):
             chunk = keys[i:i + BATCH]
-            arr = (self.key_type * len(chunk))(*(self.key_type.from_buffer_copy(k) for k in chunk))
+            arr = (self.key_type * len(chunk))(*chunk)
             done += bpfsys.map_delete_batch(self.fd, arr, len(chunk))
         return done
 
     def clear(self) -> int:
         """Delete every element with batched deletes; return how many."""
-        return self.delete_batch([bytes(k) for k in self.keys()])
+        return self.delete_batch(list(self.keys()))
 
 
 class Maps:
