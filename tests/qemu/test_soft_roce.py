@@ -29,12 +29,15 @@ BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_TIMEOUT", "300"))
 
 # The guest's own checks (tests/qemu/guest/test_verbs_roce.py), besides the whole contract suite.
 VERBS_CHECKS = [
+    "verbs_roce::test_unknown_device_is_a_one_line_port_error",
     "verbs_roce::test_qp_reaches_rts_with_qkey",
     "verbs_roce::test_unicast_both_ways",
     "verbs_roce::test_wrong_qkey_is_dropped",
     "verbs_roce::test_oversize_is_refused_by_the_sender",
     "verbs_roce::test_multicast_attach_detach_with_delivery",
     "verbs_roce::test_ipoib_arp_and_ipv4_exchange",
+    "verbs_roce::test_length_error_leaves_the_qp_in_error_and_sends_are_counted",
+    "verbs_roce::test_port_events_follow_the_netdev",
 ]
 CONTRACT_CHECKS = [f"contract_verbs::{name}" for name, fn in inspect.getmembers(contract_suite)
                    if name.startswith("test_") and inspect.isfunction(fn)]

@@ -140,6 +140,7 @@ class VerbsQp(UdQp):
         self.backend, self.pool, self.pkey, self.qkey = backend, pool, pkey, qkey
         self.pkey_index = port.pkey_index(pkey)
         self._closed = False
+        self.error = False          # an error completion moved the QP to the error state: recreate it
         ctx = backend._ctx
         self._stack = contextlib.ExitStack()
         try:
@@ -189,11 +190,17 @@ class VerbsQp(UdQp):
     def _reap_sends(self) -> None:
         for wc in self._send_cq.poll(len(self._send_wrs)):
             self._free_slots.append(wc.wr_id)
+            if wc.status != CompletionStatus.SUCCESS:
+                self.error = True
 
     def post_send(self, batch: Sequence[SendRequest]) -> int:
-        """Copy and post a batch; oversize payloads are dropped and counted (they count as accepted)."""
+        """Copy and post a batch; oversize payloads are dropped and counted (they count as accepted), and so
+        is everything sent on a QP in the error state (QP_ERROR)."""
         self._check_open()
         self._reap_sends()
+        if self.error:
+            self.backend._counters.add(FabricCounter.QP_ERROR, len(batch))
+            return len(batch)
         active = self.backend._active_mtu
         slots: list[int] = []
         accepted = 0
@@ -261,6 +268,8 @@ class VerbsQp(UdQp):
         buf = self.pool.view(index)
         status = CompletionStatus(wc.status) if wc.status in _STATUSES else CompletionStatus.GENERAL_ERR
         ok = status is CompletionStatus.SUCCESS
+        if not ok:
+            self.error = True       # verbs: any error completion leaves the QP in the error state
         byte_len = max(0, min(wc.byte_len, self.pool.size) - GRH_LEN) if ok else 0
         has_grh = ok and bool(wc.wc_flags & ib.WC_GRH)
         sgid = _grh_sgid(buf) if has_grh else None
@@ -422,7 +431,7 @@ class VerbsBackend(Backend):
         return ah
 
     def counters(self) -> dict[str, int]:
-        """Drop counters (the sender's OVERSIZE; hardware drops on receive silently)."""
+        """Drop counters: the sender's OVERSIZE and QP_ERROR (hardware drops on receive silently)."""
         return self._counters.snapshot()
 
     # ---------------------------------------------------------------- RoCE paths and groups (no SA)

@@ -19,6 +19,9 @@ from xdpoib.fabric.base import (
     CompletionStatus,
     FabricCounter,
     LoopbackFilter,
+    PortError,
+    PortEventKind,
+    PortState,
     QpError,
     SendRequest,
 )
@@ -84,11 +87,25 @@ def hosts(verbs_backends, fabric):
         h.close()
 
 
+def kernel_qp(qpn: int) -> str:
+    """`rdma resource show qp` for one QP: the kernel's own view of it."""
+    return subprocess.run(["rdma", "resource", "show", "qp", "lqpn", str(qpn)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_unknown_device_is_a_one_line_port_error():
+    from xdpoib.fabric.verbs import VerbsBackend, list_devices
+
+    assert set(list_devices()) >= {"rxe0", "rxe1"}
+    with pytest.raises(PortError, match="no_such_hca") as err:
+        VerbsBackend("no_such_hca")
+    assert "\n" not in str(err.value)
+
+
 def test_qp_reaches_rts_with_qkey(hosts):
     """The kernel's own view of our QP: UD, in RTS, on the right device."""
     for h in hosts:
-        out = subprocess.run(["rdma", "resource", "show", "qp", "lqpn", str(h.qp.qpn)],
-                             capture_output=True, text=True, check=True).stdout
+        out = kernel_qp(h.qp.qpn)
         assert f"lqpn {h.qp.qpn}" in out and "type UD" in out and "state RTS" in out, out
         assert h.backend.device in out, out
         assert h.qp.qkey == 0x0B1B and h.qp.pkey_index == h.port.pkey_index(0xFFFF)
@@ -206,3 +223,60 @@ def test_ipoib_arp_and_ipv4_exchange(hosts, fabric):
     finally:
         for h in hosts:
             fabric.leave(h.backend, bcast)
+
+
+def test_length_error_leaves_the_qp_in_error_and_sends_are_counted(verbs_backends, fabric):
+    a = Host(verbs_backends[0], fabric)
+    backend = verbs_backends[1]
+    qp = backend.create_qp(fabric.pkey, fabric.qkey, backend.alloc_pool(2, GRH_LEN + 64))
+    try:
+        qp.post_recv([0, 1])
+        a.send_to(backend.port().gid, qp.qpn, [b"\x08\x00\x00\x00" + bytes(96)])
+        got, deadline = [], time.monotonic() + TIMEOUT
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += qp.poll(2 - len(got)) or ([], qp.wait(0.2))[0]
+        assert [c.status is CompletionStatus.SUCCESS for c in got] == [False, False], got
+        assert qp.error and "state ERR" in kernel_qp(qp.qpn)
+        before = backend.counters()[FabricCounter.QP_ERROR]
+        ah = backend.create_ah(backend.roce_path(a.port.gid))
+        assert qp.post_send([SendRequest(ah, a.qp.qpn, fabric.qkey, b"\x08\x00\x00\x00late")]) == 1
+        assert backend.counters()[FabricCounter.QP_ERROR] == before + 1
+        a.quiet()
+    finally:
+        qp.close()
+        a.close()
+
+
+def _wait_event(backend, kind: PortEventKind):
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for ev in backend.events.wait(0.2):
+            if ev.kind is kind:
+                return ev
+    raise AssertionError(f"no {kind.name} event on {backend.device} within {TIMEOUT}s")
+
+
+def test_port_events_follow_the_netdev(verbs_backends, fabric):
+    """Last in this module: takes the veth pair down and up, then proves unicast works again."""
+    for b in verbs_backends:
+        b.events.get()
+    subprocess.run(["ip", "link", "set", "veth1", "down"], check=True)
+    try:
+        down = _wait_event(verbs_backends[1], PortEventKind.PORT_ERR)
+        assert down.attrs is not None and down.attrs.state is not PortState.ACTIVE
+    finally:
+        subprocess.run(["ip", "link", "set", "veth1", "up"], check=True)
+    up = _wait_event(verbs_backends[1], PortEventKind.PORT_ACTIVE)
+    assert up.attrs is not None and up.attrs.state is PortState.ACTIVE
+    deadline = time.monotonic() + 10
+    while "tentative" in subprocess.run(["ip", "-6", "addr"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "IPv6 DAD did not finish after the link came back"
+        time.sleep(0.2)
+    a, b = (Host(x, fabric) for x in verbs_backends)
+    try:
+        a.send_to(b.port.gid, b.qp.qpn, [b"\x08\x00\x00\x00back"])
+        (c,) = b.recv()
+        assert bytes(c.payload) == b"\x08\x00\x00\x00back"
+    finally:
+        a.close()
+        b.close()
