@@ -38,9 +38,10 @@ def parse_pkey(text: str | int) -> int:
     if isinstance(text, int):
         return full_pkey(text)
     try:
-        return full_pkey(int(text, 16))
+        value = int(text, 16)
     except ValueError:
         raise AddressError(f"not a P_Key: {text!r} (expected hex such as 0xffff or 0x8003)") from None
+    return full_pkey(value)
 
 
 def _prefix(signature: int, pkey: int, scope: int) -> bytes:

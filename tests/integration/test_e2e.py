@@ -1,0 +1,205 @@
+"""End to end: Ethernet hosts in network namespaces, attached with the real CLI over a sim fabric with
+a real OpenSM; ARP + IPv4 ping, IPv6 ping (ND translated), a TCP transfer, SA memberships checked with
+saquery, and detach leaving nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from prereq import need_cmd
+
+from xdpoib.wire.addr import gid_str
+from xdpoib.wire.mgid import ipv6_mgid
+
+XDPOIB = [sys.executable, "-m", "xdpoib"]
+SIM_HOSTS = 3          # GetTable answers are cut at 3 MCMemberRecords under umad2sim
+BCAST = "ff12:401b:ffff::ffff:ffff"
+
+
+def xdpoib(*args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def nsexec(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} in {ns} failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def lab(sim_fabric):
+    """Three namespaces ns1..ns3, eth4 attached in each to hosts h1..h3, IPv4 10.77.0.N/24."""
+    need_cmd("ip", "ping", "iperf3", "saquery")
+    tag = uuid.uuid4().hex[:4]
+    names = [f"xo{tag}n{i}" for i in (1, 2, 3)]
+    for ns in names:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    try:
+        for i, ns in enumerate(names, 1):
+            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.77.0.{i}/24", "dev", "eth4"], check=True)
+        yield sim_fabric, names
+    finally:
+        for ns in names:
+            xdpoib("detach", "eth4", "--netns", ns, check=False)
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def ll6(ns: str) -> str:
+    out = nsexec(ns, "ip", "-6", "-o", "addr", "show", "dev", "eth4", "scope", "link").stdout
+    return re.search(r"inet6 (\S+)/64", out).group(1)
+
+
+def test_arp_and_ipv4_ping_between_all_hosts(lab):
+    _, ns = lab
+    for src in (0, 1, 2):
+        for dst in (0, 1, 2):
+            if src != dst:
+                r = nsexec(ns[src], "ping", "-c", "2", "-i", "0.2", "-W", "3", f"10.77.0.{dst + 1}", check=False)
+                assert r.returncode == 0, r.stdout
+    # ARP resolved to the peer's REMAC, which the agent lists as a resolved peer
+    neigh = nsexec(ns[0], "ip", "neigh", "show", "10.77.0.2", "dev", "eth4").stdout
+    mac = re.search(r"lladdr (\S+)", neigh).group(1)
+    peers = xdpoib("peers", "eth4", "--netns", ns[0], "-j").stdout
+    assert mac in peers and '"path": "resolved"' in peers
+    assert int(mac.split(":")[0], 16) & 0x03 == 0x02          # locally administered unicast REMAC
+
+
+def test_ipv6_ping_with_nd_translated(lab):
+    _, ns = lab
+    target = ll6(ns[1])
+    r = nsexec(ns[0], "ping", "-6", "-c", "2", "-i", "0.2", "-W", "3", f"{target}%eth4", check=False)
+    assert r.returncode == 0, r.stdout
+    groups = xdpoib("groups", "eth4", "--netns", ns[1], "-j").stdout
+    # the solicited-node group of ns2's address was joined because it is on eth4's own list
+    addr = ipaddress.IPv6Address(target).packed
+    snm = ipv6_mgid(bytes.fromhex("ff0200000000000000000001ff") + addr[13:])
+    assert gid_str(snm) in groups
+
+
+def test_tcp_transfer_with_iperf3_and_payload_integrity(lab, tmp_path):
+    _, ns = lab
+    server = subprocess.Popen(["ip", "netns", "exec", ns[1], "iperf3", "-s", "-1", "-B", "10.77.0.2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(50):
+            if nsexec(ns[1], "ss", "-ltn", check=False).stdout.count(":5201"):
+                break
+            subprocess.run(["sleep", "0.1"])
+        r = nsexec(ns[0], "iperf3", "-c", "10.77.0.2", "-n", "4M", "-J", timeout=120, check=False)
+        assert r.returncode == 0, r.stdout[-1000:]
+        assert '"bytes":\t4194304' in r.stdout or re.search(r'"bytes":\s*4194304', r.stdout)
+    finally:
+        server.kill()
+        server.wait()
+    # payload integrity: 3 MiB of random bytes through a TCP socket, hashed on both ends
+    blob = os.urandom(3 << 20)
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    code = ("import socket,hashlib,sys;s=socket.create_server(('10.77.0.3',5300));c,_=s.accept();"
+            "h=hashlib.sha256();n=0\nwhile True:\n d=c.recv(65536)\n if not d: break\n h.update(d);n+=len(d)\n"
+            "print(n,h.hexdigest())")
+    rx = subprocess.Popen(["ip", "netns", "exec", ns[2], sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True)
+    send = ("import socket,sys,time\nfor _ in range(100):\n try:\n"
+            "  s=socket.create_connection(('10.77.0.3',5300));break\n"
+            " except OSError: time.sleep(0.1)\ns.sendall(open(sys.argv[1],'rb').read());s.close()")
+    nsexec(ns[0], sys.executable, "-c", send, str(src), timeout=120)
+    out, _ = rx.communicate(timeout=120)
+    n, digest = out.split()
+    assert int(n) == len(blob) and digest == hashlib.sha256(blob).hexdigest()
+
+
+def members(fab, mgid: str) -> dict[str, int]:
+    """PortGID -> JoinState of every member of mgid, as OpenSM reports it (trusted saquery)."""
+    r = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", mgid)
+    assert r.returncode == 0, r.stderr
+    out, gid = {}, None
+    for line in r.stdout.splitlines():
+        m = re.match(r"^\s+(PortGid|JoinState)\.+\s*(\S+)", line)
+        if m and m.group(1) == "PortGid":
+            gid = str(ipaddress.IPv6Address(m.group(2)))
+        elif m and gid is not None:
+            out[gid] = int(m.group(2), 16)
+    return out
+
+
+def test_opensm_lists_each_attached_port_in_the_broadcast_group(lab):
+    fab, _ = lab
+    listed = members(fab, BCAST)
+    for h in fab.hosts:
+        assert listed.get(str(ipaddress.IPv6Address(h.gid)), 0) & 1, (h.name, listed)
+
+
+def test_attach_twice_fails_and_changes_nothing(lab):
+    fab, ns = lab
+    before = xdpoib("status", "eth4", "--netns", ns[0], "-j").stdout
+    r = xdpoib("attach", "eth4", "--netns", ns[0], "--sim", f"{fab.name}:h1", check=False)
+    assert r.returncode != 0 and "already attached" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    after = xdpoib("status", "eth4", "--netns", ns[0], "-j").stdout
+    assert re.sub(r'"uptime_seconds": [\d.]+', "", before).split('"counters"')[0] == \
+        re.sub(r'"uptime_seconds": [\d.]+', "", after).split('"counters"')[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attach", "tap9", "--mode", "tap", "--sim", "{fab}:h1"], "not an existing TAP"),
+    (["detach", "eth9"], "not attached"),
+    (["attach", "eth9", "--sim", "{fab}:h1", "--pkey", "0x8000"], "invalid partition"),
+    (["attach", "eth9", "--sim", "{fab}:h1", "--pkey", "zz"], "bad --pkey"),
+    (["attach", "eth9", "--netns", "no-such-ns", "--sim", "{fab}:h1"], "does not exist"),
+    (["attach", "eth9", "--sim", "{fab}:h9"], "no host"),
+    (["attach", "eth9", "--sim", "nofabric:h1"], "nofabric"),
+    (["attach", "eth9", "--sim", "justaname"], "FABRIC:HOST"),
+])
+def test_bad_cli_input_is_one_clear_line_and_changes_nothing(lab, args, message):
+    fab, _ = lab
+    links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    r = xdpoib(*[a.format(fab=fab.name) for a in args], check=False)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr
+    assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == links_before
+
+
+def test_not_root_is_refused(lab):
+    fab, _ = lab
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *XDPOIB, "attach", "eth9",
+                        "--sim", f"{fab.name}:h1"], capture_output=True, text=True, timeout=60,
+                       cwd="/", env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode != 0 and "root" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_detach_leaves_nothing_behind(lab):
+    """Last in the module: detaching ns3's eth4 leaves no link, program, file, process or membership."""
+    fab, names = lab
+    ns = names[2]
+    gid = str(ipaddress.IPv6Address(fab.host("h3").gid))
+    assert members(fab, BCAST).get(gid)
+    st = xdpoib("status", "eth4", "--netns", ns, "-j").stdout
+    pid = int(re.search(r'"pid": (\d+)', st).group(1))
+    internal = re.search(r'"internal": "(\w+)"', st).group(1)
+    xdpoib("detach", "eth4", "--netns", ns)
+    assert not Path(f"/proc/{pid}").exists()
+    assert subprocess.run(["ip", "link", "show", internal], capture_output=True).returncode != 0
+    assert "eth4" not in subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
+    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    assert f"({pid})" not in progs                           # no program held by the agent
+    run = Path("/run/xdpoib")
+    assert not (run / f"{ns}@eth4.json").exists() and not (run / f"{ns}@eth4.sock").exists()
+    assert gid not in members(fab, BCAST)                    # the SA forgot the membership
+    r = xdpoib("detach", "eth4", "--netns", ns, check=False)
+    assert r.returncode != 0 and "not attached" in r.stderr
