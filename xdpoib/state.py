@@ -149,9 +149,10 @@ def find(ifname: str, netns: str | None) -> AttachSpec:
     return s
 
 
-def remove_files(aid: str, keep_state: bool = False) -> None:
-    """Remove an attachment's runtime files (and its persisted state unless keep_state)."""
+def remove_files(aid: str, keep_state: bool = False, keep_log: bool = True) -> None:
+    """Remove an attachment's runtime files (its persisted state unless keep_state, its log unless keep_log)."""
     paths = [spec_path(aid), socket_path(aid)] + ([] if keep_state else [persist_path(aid)])
+    paths += [] if keep_log else [log_path(aid)]
     for p in paths:
         try:
             p.unlink()

@@ -199,7 +199,8 @@ def test_detach_leaves_nothing_behind(lab):
     progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
     assert f"({pid})" not in progs                           # no program held by the agent
     run = Path("/run/xdpoib")
-    assert not (run / f"{ns}@eth4.json").exists() and not (run / f"{ns}@eth4.sock").exists()
+    assert not [p for p in run.glob(f"{ns}@eth4.*")]         # spec, socket, log
+    assert not Path(f"/var/lib/xdpoib/{ns}@eth4.json").exists()
     assert gid not in members(fab, BCAST)                    # the SA forgot the membership
     r = xdpoib("detach", "eth4", "--netns", ns, check=False)
     assert r.returncode != 0 and "not attached" in r.stderr

@@ -88,7 +88,7 @@ def start_agent(spec: state.AttachSpec) -> int:
     from xdpoib import control
 
     state.ensure_dirs()
-    logf = open(state.log_path(spec.id), "ab")  # noqa: SIM115 - handed to the child
+    logf = open(state.log_path(spec.id), "wb")  # noqa: SIM115 - handed to the child
     argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json()]
     try:
         if spec.backend == "sim":

@@ -33,7 +33,7 @@ def detach(spec: state.AttachSpec) -> None:
     # an agent that died without cleaning up leaves its links behind: remove them here
     if spec.mode == "veth" and spec.internal and link.link_exists(spec.internal):
         link.delete_link(spec.internal)
-    state.remove_files(spec.id)
+    state.remove_files(spec.id, keep_log=False)
 
 
 def run(args) -> int:
