@@ -166,10 +166,13 @@ static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u
 	u32 out_len = to_ib ? XDPOIB_ARP_IB_BODY : XDPOIB_ARP_ETH_BODY;
 	int err;
 
-	if (bpf_xdp_load_bytes(ctx, in_l2, in, in_len))
+	/* l3_keep accepted either form; the wrong one for this direction is BAD_ARP */
+	if (bpf_xdp_load_bytes(ctx, in_l2, in, 2))
 		return XDPOIB_DROP_TRUNCATED;
 	if (in[0] != 0 || in[1] != (to_ib ? XDPOIB_ARPHRD_ETHER : XDPOIB_ARPHRD_INFINIBAND))
 		return XDPOIB_DROP_BAD_ARP;
+	if (bpf_xdp_load_bytes(ctx, in_l2, in, in_len))
+		return XDPOIB_DROP_TRUNCATED;
 	out[0] = 0;
 	out[1] = to_ib ? XDPOIB_ARPHRD_INFINIBAND : XDPOIB_ARPHRD_ETHER;
 	out[2] = 0x08;

@@ -149,7 +149,7 @@ def ipoib_frame(r) -> bytes:
     from xdpoib.errors import FrameError
     from xdpoib.wire.oracle import eth_to_ipoib
 
-    if r.random() < 0.9:
+    if r.random() < 0.85:
         for _ in range(20):
             try:
                 res = eth_to_ipoib(eth_frame(r), tables())
@@ -159,6 +159,15 @@ def ipoib_frame(r) -> bytes:
             if r.random() < 0.1:
                 out[2:4] = r.randbytes(2)       # reserved bytes: ignored
             return bytes(out)
+    k = r.randrange(5)
+    ip_a, ip_b = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    if k == 0:      # Ethernet-form ARP on the fabric
+        return f.ipoib(f.ETH_P_ARP, f.arp(2, _hw(r), ip_a, _hw(r), ip_b))
+    if k == 1:      # IB ARP naming addresses nobody has
+        return f.ipoib(f.ETH_P_ARP, f.arp(1, r.choice([r.randbytes(20), PEERS[0].addr.pack()]), ip_a,
+                                          r.choice([bytes(20), r.randbytes(20)]), ip_b))
+    if k == 2:      # ND with Ethernet-form options
+        return f.ipoib(f.ETH_P_IPV6, _nd_packet(r, _ip6(r)))
     etype = r.choice([0x88CC, 0x9000, f.ETH_P_TIPC, f.ETH_P_IP])
     return struct.pack("!HH", etype, 0) + r.randbytes(r.randrange(10, 80))
 
@@ -172,7 +181,7 @@ def mangle(r, frame: bytes) -> list[bytes]:
     for _ in range(4):
         m = bytearray(b)
         op = r.randrange(6)
-        if op == 0 and len(m) > 18:              # IPv4 total length / IPv6 payload length / ARP lens
+        if op == 0 and len(m) > 21:              # IPv4 total length / IPv6 payload length / ARP lens
             i = r.choice([16, 17, 18, 19, 20, 21])
             m[i] = r.randrange(256)
         elif op == 1:                            # a second tag

@@ -44,6 +44,14 @@ class Build:
         return flags
 
 
+def unpin(pin_dir: Path) -> None:
+    """Remove everything pinned under pin_dir and the directory itself (missing is fine)."""
+    if pin_dir.is_dir():
+        for p in pin_dir.iterdir():
+            p.unlink()
+        pin_dir.rmdir()
+
+
 TEST_BUILD = Build(test_fill=True, tx_devmap=True)
 BENCH_BUILD = Build(tx_devmap=True, restore=True)
 
@@ -109,6 +117,16 @@ class Datapath:
     def bpf(self):
         """The bcc BPF object."""
         return self._bpf
+
+    def pin(self, pin_dir: Path) -> None:
+        """Pin every program and map under pin_dir (bpffs), so they outlive this process."""
+        from xdpoib.datapath import bpfsys
+        from xdpoib.datapath.maps import Maps
+
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        for name, fn in self._progs.items():
+            bpfsys.obj_pin(fn.fd, str(pin_dir / name))
+        Maps.of(self).pin(pin_dir)
 
     def close(self) -> None:
         """Unload the programs and drop the maps (pinned ones survive)."""
