@@ -1,8 +1,13 @@
-"""`xdpoib demo`: three hosts on a simulated fabric (lands with the agent issue)."""
+"""`xdpoib demo`: three Ethernet hosts on a simulated fabric with a real OpenSM, talking IPoIB."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
+
+from xdpoib.errors import PrerequisiteError, XdpoibError
 
 NAME = "demo"
 HELP = "run the three-host demo on a simulated fabric (OpenSM on ibsim)"
@@ -10,21 +15,112 @@ EPILOG = """examples:
   xdpoib demo           run it and tear everything down
   xdpoib demo --keep    leave the fabric and hosts running for exploring
 """
-
-PLAN = """xdpoib demo will:
-  1. start ibsim with one switch and three hosts, and OpenSM on it (a real subnet manager);
-  2. create three network namespaces, each with eth4 attached over the fabric (`xdpoib attach`);
-  3. show ARP resolution, IPv4 and IPv6 ping across the fabric as standard IPoIB;
-  4. print `xdpoib status`, `xdpoib peers` and `xdpoib groups` for one host;
-  5. tear everything down (unless --keep).
-"""
+FABRIC = "demo"
+HOSTS = 3
 
 
 def configure(p):
-    p.add_argument("--keep", action="store_true", help="leave the demo running")
+    p.add_argument("--keep", action="store_true", help="leave the demo running (`xdpoib demo --down` ends it)")
+    p.add_argument("--down", action="store_true", help="tear down a demo left running with --keep")
+
+
+def ns_name(i: int) -> str:
+    return f"xdpoib-demo{i}"
+
+
+def step(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
+
+
+def show(cmd: list[str], ns: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command (in a namespace), echoing it and its output like a terminal session."""
+    full = (["ip", "netns", "exec", ns] if ns else []) + cmd
+    where = f"[{ns}] " if ns else ""
+    print(f"{where}$ {' '.join(cmd)}", flush=True)
+    r = subprocess.run(full, capture_output=True, text=True, timeout=120)
+    out = (r.stdout + r.stderr).rstrip()
+    if out:
+        print("  " + out.replace("\n", "\n  "), flush=True)
+    return r
+
+
+def xdpoib(*args: str) -> subprocess.CompletedProcess:
+    return show([sys.executable, "-m", "xdpoib", *args])
+
+
+def teardown() -> None:
+    """Detach every demo host, delete the namespaces, stop the fabric (each step tolerates absence)."""
+    from xdpoib import state
+    from xdpoib.commands.detach import detach
+    from xdpoib.fabric.simfabric import SimFabric
+
+    for i in range(1, HOSTS + 1):
+        s = state.read_spec(state.attachment_id("eth4", ns_name(i)))
+        if s is not None:
+            detach(s)
+        subprocess.run(["ip", "netns", "del", ns_name(i)], capture_output=True)
+    try:
+        SimFabric.attach(FABRIC).down()
+    except XdpoibError:
+        pass
 
 
 def run(args) -> int:
-    sys.stdout.write(PLAN)
-    print("xdpoib: error: the demo needs the agent (`xdpoib attach`), not landed yet", file=sys.stderr)
-    return 1
+    if os.geteuid() != 0:
+        raise PrerequisiteError("the demo must run as root (network namespaces, XDP, the fabric)")
+    if args.down:
+        teardown()
+        print("demo torn down")
+        return 0
+    from xdpoib.fabric.simfabric import SimFabric
+
+    teardown()      # a previous --keep run, if any
+    ok = False
+    try:
+        step(f"1. A fabric: ibsim with one switch and {HOSTS} hosts, and a real OpenSM on it")
+        fab = SimFabric.up(FABRIC, hosts=HOSTS)
+        print(fab.describe())
+
+        step("2. Three hosts (network namespaces), each with eth4 attached to the fabric")
+        for i in range(1, HOSTS + 1):
+            ns = ns_name(i)
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            r = xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{FABRIC}:h{i}")
+            if r.returncode != 0:
+                raise XdpoibError(f"attaching host {i} failed")
+            show(["ip", "addr", "add", f"10.0.0.{i}/24", "dev", "eth4"], ns)
+        show(["ip", "-br", "link", "show", "eth4"], ns_name(1))
+
+        step("3. ARP resolution across the fabric, then IPv4 ping")
+        show(["ping", "-c", "3", "-i", "0.2", "10.0.0.2"], ns_name(1))
+        show(["ip", "neigh", "show", "dev", "eth4"], ns_name(1))
+        show(["ping", "-c", "3", "-i", "0.2", "10.0.0.3"], ns_name(2))
+
+        step("4. IPv6: neighbour discovery translated (link-layer options 8 <-> 24 bytes), then ping")
+        time.sleep(1.0)     # DAD on the link-local addresses
+        ll = show(["ip", "-6", "-br", "addr", "show", "dev", "eth4"], ns_name(3)).stdout.split()[-1].split("/")[0]
+        show(["ping", "-6", "-c", "3", "-i", "0.2", f"{ll}%eth4"], ns_name(1))
+
+        step("5. What the agent of host 1 knows")
+        xdpoib("status", "eth4", "--netns", ns_name(1))
+        xdpoib("peers", "eth4", "--netns", ns_name(1))
+        xdpoib("groups", "eth4", "--netns", ns_name(1))
+
+        step("6. OpenSM's view: every host is a member of the IPv4 broadcast group")
+        print("$ saquery --smkey 1 MCMR --mgid ff12:401b:ffff::ffff:ffff    (as host h1)")
+        mcmr = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", "ff12:401b:ffff::ffff:ffff").stdout
+        for line in mcmr.splitlines():      # the two lines that matter of each record
+            if "PortGid" in line or "JoinState" in line:
+                print("  " + line.strip())
+        ok = True
+    finally:
+        if args.keep and ok:
+            step("The demo keeps running. Explore, e.g.:")
+            print(f"  ip netns exec {ns_name(1)} ping 10.0.0.2\n  xdpoib status eth4 --netns {ns_name(1)}\n"
+                  f"  eval \"$(xdpoib sim env {FABRIC} h1)\"; saquery -s\n  xdpoib demo --down    # when done")
+        else:
+            step("Tearing down: detach (groups left, XDP removed, links deleted), namespaces, fabric")
+            teardown()
+    print("\ndemo " + ("done" if ok else "FAILED"))
+    return 0 if ok else 1

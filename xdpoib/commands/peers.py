@@ -21,5 +21,7 @@ def run(args) -> int:
     if args.json:
         dump(rows)
     else:
+        for r in rows:
+            r["qpn"] = f"{r['qpn']:#x}"
         print(table(rows, ["remac", "gid", "qpn", "lid", "path", "path_mtu", "age_seconds", "idle_seconds"]))
     return 0
