@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -94,6 +95,10 @@ class Map:
             yield nk
             k, nk = nk, self.key_type()
 
+    def count(self) -> int:
+        """Return the number of elements (walks the keys)."""
+        return sum(1 for _ in self.keys())
+
     def update_batch(self, pairs: Iterable[tuple]) -> int:
         """Insert or replace many (key, value) pairs, BATCH per bpf(2) call; return how many."""
         pairs = list(pairs)
@@ -103,6 +108,19 @@ class Map:
             vals = (self.value_type * len(chunk))(*(self._value(v) for _, v in chunk))
             bpfsys.map_update_batch(self.fd, keys, vals, len(chunk))
         return len(pairs)
+
+    def update_batch_raw(self, keys: bytes, values: bytes) -> int:
+        """Insert or replace elements given as packed key and value bytes (the fast path for big loads)."""
+        ks, vs = ct.sizeof(self.key_type), ct.sizeof(self.value_type)
+        n = len(keys) // ks
+        if len(keys) != n * ks or len(values) != n * vs:
+            raise MapError(f"{self.name}: {len(keys)} key bytes and {len(values)} value bytes for {n} entries")
+        for i in range(0, n, BATCH):
+            c = min(BATCH, n - i)
+            karr = (self.key_type * c).from_buffer_copy(keys, i * ks)
+            varr = (self.value_type * c).from_buffer_copy(values, i * vs)
+            bpfsys.map_update_batch(self.fd, karr, varr, c)
+        return n
 
     def delete_batch(self, keys: Iterable) -> int:
         """Delete many keys, BATCH per call; return how many were deleted."""
@@ -172,10 +190,11 @@ class Maps:
     def add_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Install peers given as (peer_id, remac, addr20), batched; an address a VIF owns keeps the VIF."""
         peers = list(peers)
-        vals = [abi.Peer(peer_id=i, mac=(ct.c_uint8 * 6)(*m), addr=(ct.c_uint8 * 20)(*a)) for i, m, a in peers]
-        self.peer_mac.update_batch((abi.mac_key(m), v) for (_, m, _), v in zip(peers, vals, strict=True))
-        self.peer_id.update_batch((abi.U32Key(i), v) for (i, _, _), v in zip(peers, vals, strict=True))
-        self.by_addr.update_batch((abi.addr_key(a), abi.MacValue(mac=(ct.c_uint8 * 6)(*m))) for _, m, a in peers)
+        macs = b"".join(m + b"\0\0" for _, m, _ in peers)
+        vals = b"".join(struct.pack("<I", i) + m + b"\0\0" + a for i, m, a in peers)
+        self.peer_mac.update_batch_raw(macs, vals)
+        self.peer_id.update_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)), vals)
+        self.by_addr.update_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers), macs)
         touched = {bytes(abi.addr_key(a)) for _, _, a in peers}
         for key in list(self.vif_id.keys()):
             v = self.vif_id.get(key)
