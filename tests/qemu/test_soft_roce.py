@@ -60,8 +60,15 @@ class GuestRun:
 
 
 def _say(request, line: str) -> None:
+    """Print a line on the terminal even while output is captured (the tier's timings)."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line(line)
+        return
+    with capture.global_and_fixture_disabled():
         reporter.write_line(line)
 
 
@@ -69,7 +76,7 @@ def _say(request, line: str) -> None:
 def guest(request) -> GuestRun:
     """Build (cached) and boot the guest once; parse its console."""
     need_root()
-    need_cmd("qemu-system-x86_64", "debootstrap", "cpio", "curl")
+    need_cmd("qemu-system-x86_64", "debootstrap", "cpio")
     t0 = time.monotonic()
     build = subprocess.run(["bash", str(TOOLS / "build-image.sh"), str(CACHE)], capture_output=True,
                            text=True, timeout=BUILD_TIMEOUT)

@@ -40,7 +40,8 @@ command -v debootstrap >/dev/null || { echo "build-image: debootstrap is not ins
 [ "$(id -u)" = 0 ] || { echo "build-image: must run as root (debootstrap)" >&2; exit 2; }
 
 # Fail early, with its own message, when the mirror cannot be reached.
-if [[ "$mirror" == http* ]] && ! curl -fsS -m 20 -o /dev/null "$mirror/dists/bookworm/Release"; then
+if [[ "$mirror" == http* ]] && ! python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)' \
+        "$mirror/dists/bookworm/Release" 2>/dev/null; then
     echo "build-image: INFRA: Debian mirror $mirror is unreachable" >&2
     exit 3
 fi

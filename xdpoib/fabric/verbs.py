@@ -241,6 +241,8 @@ class VerbsQp(UdQp):
         for i in idx:
             if not 0 <= i < self.pool.count:
                 raise QpError(f"buffer index {i} outside pool of {self.pool.count}")
+        if len(set(idx)) != len(idx):
+            raise QpError("a receive buffer can only be posted once per call")   # it would link a cycle
         if not idx:
             return 0
         for this, nxt in itertools.pairwise(idx):
