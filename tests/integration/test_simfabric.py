@@ -71,6 +71,10 @@ def test_cli_up_show_fault_down(sim_prereqs):
         assert wait_for(lambda: fab.lid("h2") == 0), "h2 still routable after unlink"
         xdpoib("sim", "fault", name, "relink", "h2")
         assert wait_for(lambda: fab.lid("h2") > 0), "h2 not back after relink"
+        xdpoib("sim", "fault", name, "unlink", "h2", "--wait")
+        assert fab.lid("h2") == 0
+        xdpoib("sim", "fault", name, "relink", "h2", "--wait")
+        assert fab.lid("h2") > 0
         xdpoib("sim", "fault", name, "drop", "h2", "100")
         assert fab.saquery("h2", "-c", timeout=5).returncode != 0
         xdpoib("sim", "fault", name, "drop", "h2", "0")

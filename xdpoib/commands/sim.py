@@ -12,7 +12,7 @@ EPILOG = """examples:
   xdpoib sim up lab --partitions parts.conf  use your own OpenSM partitions file
   xdpoib sim show lab --json                 hosts, GUIDs, LIDs and PIDs
   eval "$(xdpoib sim env lab h1)"; saquery   become host h1's umad client in this shell
-  xdpoib sim fault lab unlink h2             take h2's port down (relink brings it back)
+  xdpoib sim fault lab unlink h2 --wait      take h2's port down, until OpenSM noticed (relink undoes)
   xdpoib sim fault lab drop h1 50            lose 50% of the MADs sent to h1 (0 restores)
   xdpoib sim down lab                        stop everything by PID and remove its files
 """
@@ -40,6 +40,8 @@ def configure(p):
     fault.add_argument("kind", choices=("unlink", "relink", "drop"))
     fault.add_argument("host")
     fault.add_argument("percent", nargs="?", type=int, help="for drop: 0..100")
+    fault.add_argument("--wait", action="store_true",
+                       help="unlink/relink: return once the SM has (un)routed the host")
 
 
 def _summary(fab, live: bool) -> dict:
@@ -82,5 +84,5 @@ def run(args) -> int:
     else:
         if args.percent is not None:
             raise UsageError(f"{args.kind} takes no PERCENT")
-        getattr(fab, args.kind)(args.host)
+        getattr(fab, args.kind)(args.host, wait=args.wait)
     return 0

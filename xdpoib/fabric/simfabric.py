@@ -44,6 +44,7 @@ GUID_BASE = 0xF452140300000000             # Mellanox OUI f4:52:14, as in DESIGN
 SM_NODE_GUID = GUID_BASE | 0x00F00000
 SWITCH_GUID = GUID_BASE | 0x00E00000
 PARTITION_8003 = 0x8003
+SM_NODE = "sm"                             # the SM's own HCA: never faulted, so tools run there
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 
@@ -197,10 +198,14 @@ class SimFabric:
             if old is not None:
                 old.down()
         shutil.rmtree(statedir, ignore_errors=True)
-        statedir.mkdir(parents=True)
         owned = workdir is None
         wd = statedir if owned else Path(workdir)
-        wd.mkdir(parents=True, exist_ok=True)
+        try:
+            statedir.mkdir(parents=True)
+            wd.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SimFabricError(f"cannot create {e.filename}: {e.strerror} (run as root, or set "
+                                 "XDPOIB_RUN_DIR to a writable directory)") from None
         host_list = make_hosts(hosts)
         state = {"name": name, "workdir": str(wd), "owned_workdir": owned, "sockname": f"xdpoib-{name}",
                  "hosts": [asdict(h) for h in host_list], "pids": {}}
@@ -241,7 +246,7 @@ class SimFabric:
                 raise SimFabricError(f"ibsim did not open its sockets in {timeout:.0f}s")
             time.sleep(0.02)
         osm = wd / "osm"
-        env = dict(self.client_env("sm"), OSM_TMP_DIR=str(osm), OSM_CACHE_DIR=str(osm))
+        env = dict(self.client_env(SM_NODE), OSM_TMP_DIR=str(osm), OSM_CACHE_DIR=str(osm))
         empty_conf = osm / "opensm.conf"
         empty_conf.write_text("# defaults; see xdpoib.fabric.simfabric\n")
         with open(osm / "stdout.log", "wb") as out:
@@ -254,7 +259,7 @@ class SimFabric:
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll `saquery -c` until the SA answers, then until every host port has a LID."""
-        h = self.hosts[0]
+        h = SM_NODE
         while True:
             if not _alive(self.state["pids"]["opensm"]):
                 raise SimFabricError(f"opensm exited: {self._tail('osm/stdout.log')}")
@@ -273,10 +278,11 @@ class SimFabric:
             time.sleep(0.1)
 
     def lid(self, host: SimHost | str) -> int:
-        """The LID the SM gave `host` (0 if none): `saquery PR --dgid` (GetTables are cut under umad2sim)."""
+        """The LID the SM gave `host` (0 if none): `saquery PR --dgid` on the SM's node (GetTables are cut
+        under umad2sim, so a Get-like query per host)."""
         h = self.host(host)
         gid = ":".join(h.gid.hex()[i:i + 4] for i in range(0, 32, 4))
-        r = self.saquery(self.hosts[0], "PR", "--dgid", gid, timeout=3)
+        r = self.saquery(SM_NODE, "PR", "--dgid", gid, timeout=3)
         m = re.search(r"^\s*dlid\.+(\d+)", r.stdout, re.M)
         return int(m.group(1)) if r.returncode == 0 and m else 0
 
@@ -394,12 +400,12 @@ class SimFabric:
 
     def client_env(self, host: SimHost | str) -> dict[str, str]:
         """The environment that makes a process `host`'s umad client (add it to os.environ)."""
-        nodeid = "sm" if host == "sm" else self.host(host).nodeid
+        nodeid = SM_NODE if host == SM_NODE else self.host(host).nodeid
         return {"LD_PRELOAD": umad2sim_path(), "SIM_HOST": nodeid, "IBSIM_SOCKNAME": self.sockname}
 
     def client_cwd(self, host: SimHost | str) -> str:
         """A scratch working directory for `host`'s clients (umad2sim writes ./sys-<pid>/ there)."""
-        d = self.workdir / "clients" / self.host(host).name
+        d = self.workdir / "clients" / (SM_NODE if host == SM_NODE else self.host(host).name)
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
@@ -421,7 +427,8 @@ class SimFabric:
         return c
 
     def saquery(self, host: SimHost | str, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-        """Run `saquery ARGS` as `host` (bounded: a client with no ibsim would retry forever)."""
+        """Run `saquery ARGS` as `host`, or on the SM's node with "sm" (bounded: a client with no ibsim
+        would retry forever)."""
         env = dict(os.environ, **self.client_env(host))
         try:
             return subprocess.run(["saquery", *args], env=env, cwd=self.client_cwd(host), capture_output=True,
@@ -444,13 +451,28 @@ class SimFabric:
         finally:
             os.close(fd)
 
-    def unlink(self, host: SimHost | str) -> None:
-        """Take `host`'s port down (ibsim `Unlink`): OpenSM sees the link go."""
-        self.console(f'Unlink "{self.host(host).nodeid}"[1]')
+    def unlink(self, host: SimHost | str, wait: bool = False, timeout: float = 10.0) -> None:
+        """Take `host`'s port down (ibsim `Unlink`). With `wait`, return once the SA no longer routes to
+        it: OpenSM has swept and dropped the port's multicast memberships (a flap shorter than a sweep
+        may leave them in place, as on hardware)."""
+        h = self.host(host)
+        self.console(f'Unlink "{h.nodeid}"[1]')
+        if wait:
+            self._wait_lid(h, lambda lid: lid == 0, timeout, "still routed after unlink")
 
-    def relink(self, host: SimHost | str) -> None:
-        """Bring `host`'s port back (ibsim `ReLink`); OpenSM has dropped its multicast memberships."""
-        self.console(f'ReLink "{self.host(host).nodeid}"[1]')
+    def relink(self, host: SimHost | str, wait: bool = False, timeout: float = 10.0) -> None:
+        """Bring `host`'s port back (ibsim `ReLink`); with `wait`, return once the SA routes to it again."""
+        h = self.host(host)
+        self.console(f'ReLink "{h.nodeid}"[1]')
+        if wait:
+            self._wait_lid(h, lambda lid: lid > 0, timeout, "not routed after relink")
+
+    def _wait_lid(self, h: SimHost, ok, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not ok(self.lid(h)):
+            if time.monotonic() > end:
+                raise SimFabricError(f"{h.name} {what} ({timeout:.0f}s)")
+            time.sleep(0.02)
 
     def drop(self, host: SimHost | str, percent: int) -> None:
         """Lose `percent` % of the MADs delivered to `host`'s port (ibsim `Error`); 0 restores."""
