@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from prereq import need_cmd
 
+from xdpoib.agent import internal_name
+from xdpoib.state import AttachSpec
 from xdpoib.wire.addr import gid_str
 from xdpoib.wire.mgid import ipv6_mgid
 
@@ -167,12 +169,17 @@ def test_attach_twice_fails_and_changes_nothing(lab):
 ])
 def test_bad_cli_input_is_one_clear_line_and_changes_nothing(lab, args, message):
     fab, _ = lab
-    links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     r = xdpoib(*[a.format(fab=fab.name) for a in args], check=False)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert message in r.stderr
-    assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == links_before
+    # nothing was created: no link of that name (nor its internal end), no runtime files, no agent
+    ifname = args[1]
+    spec = AttachSpec(ifname, None)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f": {ifname}" not in links and internal_name(spec) not in links
+    assert not list(Path("/run/xdpoib").glob(f"*@{ifname}.*"))
+    assert subprocess.run(["pgrep", "-f", f'"ifname": "{ifname}"'], capture_output=True).returncode != 0
 
 
 def test_not_root_is_refused(lab):
