@@ -358,6 +358,16 @@ class VerbsBackend(Backend):
                                                daemon=True)
         self._events_thread.start()
 
+    @classmethod
+    def open(cls, device: str | None = None, port: int | None = 1) -> VerbsBackend:
+        """Open `device` (default: the only RDMA device there is) at `port` (default 1)."""
+        if device is None:
+            devices = list_devices()
+            if len(devices) != 1:
+                raise PortError(f"name the RDMA device to use (--device): found {devices or 'none'}")
+            device = devices[0]
+        return cls(device, 1 if port is None else port)
+
     # ---------------------------------------------------------------- port
 
     def port(self) -> PortAttrs:

@@ -100,6 +100,10 @@ def test_unknown_device_is_a_one_line_port_error():
     with pytest.raises(PortError, match="no_such_hca") as err:
         VerbsBackend("no_such_hca")
     assert "\n" not in str(err.value)
+    with pytest.raises(PortError, match="rxe0"):
+        VerbsBackend.open(None)                      # two devices here: it must be named
+    with VerbsBackend.open("rxe1", 1) as backend:
+        assert backend.port().gid == backend.roce_path(backend.port().gid).dgid
 
 
 def test_qp_reaches_rts_with_qkey(hosts):
