@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from xdpoib.errors import AddressError, UsageError
 from xdpoib.fabric import sa
 from xdpoib.fabric.sa import gid_str
 
@@ -287,3 +288,12 @@ def test_bench_path_resolution(sim_fabric):
     print(f"\nPathRecord x{n}: one at a time {single / n * 1e6:.0f} us each (pipe included); "
           f"bulk {single / bulk:.1f}x faster; cached {single / cached:.1f}x faster; "
           f"mean SA round trip inside the client {lat['sum'] / lat['count'] * 1e6:.0f} us")
+
+
+def test_bad_input_is_a_clean_error_and_the_client_stays_up(sim_fabric, clients):
+    c = clients["h1"]
+    with pytest.raises(AddressError):
+        c.path("not-a-gid")
+    with pytest.raises(UsageError):
+        c.join(BCAST, join_state="full")
+    assert c.port().active                                     # still serving

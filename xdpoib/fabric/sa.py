@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields, replace
 
-from xdpoib.errors import AddressError, XdpoibError
+from xdpoib.errors import AddressError, UsageError, XdpoibError
 
 # ---------------------------------------------------------------- constants
 
@@ -934,6 +934,7 @@ def serve(device: str | None, port: int | None, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     def reply(**msg):
+        """Write one answer line."""
         stdout.write(json.dumps(msg) + "\n")
         stdout.flush()
 
@@ -960,7 +961,12 @@ def serve(device: str | None, port: int | None, stdin=None, stdout=None) -> int:
                 reply(error=encode(e))
             except XdpoibError as e:
                 reply(error={"$x": type(e).__name__, "message": str(e)})
+            except (TypeError, ValueError, KeyError) as e:     # a malformed request: say so, stay up
+                reply(error={"$x": "UsageError", "message": f"bad request {req.get('op')!r}: {e}"})
     return 0
+
+
+_OTHER_ERRORS = {"AddressError": AddressError, "UsageError": UsageError}
 
 
 class RemoteSAClient:
@@ -996,7 +1002,7 @@ class RemoteSAClient:
         if "error" in msg:
             err = msg["error"]
             if "$x" in err:
-                raise XdpoibError(err["message"])
+                raise _OTHER_ERRORS.get(err["$x"], XdpoibError)(err["message"])
             raise decode(err)
         return decode(msg["ok"])
 
