@@ -77,8 +77,10 @@ def check_not_attached(spec: state.AttachSpec, force: bool) -> None:
         from xdpoib.commands.detach import detach
 
         detach(old)
-    elif old is not None:
-        state.remove_files(spec.id, keep_state=True)     # a dead agent's leftovers
+    elif old is not None:                               # a dead agent's leftovers (links, files)
+        from xdpoib.commands.detach import detach
+
+        detach(old, keep_state=True)
     if spec.mode == "veth" and link.link_exists(spec.ifname, spec.netns):
         raise UsageError(f"{spec.where} already exists; pick another name or delete it")
 

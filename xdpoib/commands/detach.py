@@ -20,7 +20,7 @@ def configure(p):
     p.add_argument("--netns", metavar="NS", help="network namespace of IFNAME")
 
 
-def detach(spec: state.AttachSpec) -> None:
+def detach(spec: state.AttachSpec, keep_state: bool = False) -> None:
     """Ask the agent to stop (it undoes everything in reverse), wait, and clean up after a dead one."""
     from xdpoib import control, link
 
@@ -33,7 +33,7 @@ def detach(spec: state.AttachSpec) -> None:
     # an agent that died without cleaning up leaves its links behind: remove them here
     if spec.mode == "veth" and spec.internal and link.link_exists(spec.internal):
         link.delete_link(spec.internal)
-    state.remove_files(spec.id, keep_log=False)
+    state.remove_files(spec.id, keep_state=keep_state, keep_log=False)
 
 
 def run(args) -> int:
