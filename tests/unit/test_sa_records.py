@@ -197,3 +197,8 @@ def test_latency_histogram_is_cumulative():
     snap = h.snapshot()["path"]
     assert snap["buckets"] == {"0.001": 1, "0.01": 3, "0.1": 3}
     assert snap["count"] == 4 and snap["sum"] == pytest.approx(0.5105)
+
+
+def test_as_dict_shows_gids_as_text():
+    d = sa.as_dict(PathRecord(dgid=DGID, sgid=SGID, dlid=4))
+    assert d["dgid"] == "fe80::f452:1403:0:201" and d["dlid"] == 4

@@ -910,6 +910,18 @@ def decode(obj):
     return obj
 
 
+def as_dict(rec) -> dict:
+    """A record as plain JSON-friendly values for people: GIDs as IPv6 text, the rest as is."""
+    out = {}
+    for f in fields(rec):
+        v = getattr(rec, f.name)
+        out[f.name] = gid_str(v) if isinstance(v, bytes) and len(v) == 16 else list(v) if isinstance(
+            v, tuple) else v
+    if isinstance(rec, LocalPort):
+        out["gid"], out["state_name"] = gid_str(rec.gid), rec.state_name
+    return out
+
+
 def _serve_call(client: SAClient, op: str, args: list, kwargs: dict):
     if op == "stats":
         return {" ".join(map(str, k)) if isinstance(k, tuple) else k: v for k, v in client.stats.items()}
@@ -1058,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         with SAClient.open(a.device, a.port) as c:
             fn = {"port": c.port, "cpi": c.class_port_info, "path": c.path, "member": c.member,
                   "group": c.group}[a.op]
-            print(json.dumps(encode(fn(*a.args)), indent=1))
+            res = fn(*a.args)
+            print(json.dumps(as_dict(res) if res is not None else None, indent=1))
     except XdpoibError as e:
         print(f"xdpoib: error: {e}", file=sys.stderr)
         return 1
