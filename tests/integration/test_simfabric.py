@@ -177,3 +177,20 @@ def test_custom_partitions_file_and_reload(sim_prereqs, tmp_path):
         assert wait_for(lambda: c1.port().pkey_index(0x8004) is not None), "h1 never got P_Key 0x8004"
         assert c1.join("ff12:401b:8004::ffff:ffff").pkey == 0x8004
     assert conf.exists()                                         # the caller's file is left alone
+
+
+def test_client_slots_are_counted_and_freed(sim_prereqs):
+    fabric_name = sim_prereqs
+    with SimFabric.up(fabric_name("full"), hosts=2) as fab:
+        cs = [fab.sa_client("h1" if i % 2 else "h2") for i in range(simfabric.IBSIM_MAX_CLIENTS - 1)]
+        try:
+            assert len(fab.clients()) == simfabric.IBSIM_MAX_CLIENTS        # with OpenSM
+            with pytest.raises(SimFabricError, match="at most 10 clients"):
+                fab.sa_client("h1")
+            os.kill(cs[0].pid, signal.SIGKILL)                 # its slot stays taken in ibsim ...
+            cs[0].proc.wait()
+            with fab.sa_client("h1") as c:                     # ... until the next client frees it
+                assert c.port().active
+        finally:
+            for c in cs:
+                c.close()

@@ -409,8 +409,20 @@ class SimFabric:
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
+    def _ensure_slot(self) -> None:
+        """Refuse clearly when ibsim has no free client slot (an 11th client dies on attach); slots of
+        clients killed without detaching are freed first."""
+        if len(self.clients()) < IBSIM_MAX_CLIENTS:
+            return
+        self.free_dead_clients()
+        taken = self.clients()
+        if len(taken) >= IBSIM_MAX_CLIENTS:
+            raise SimFabricError(f"fabric {self.name!r}: ibsim serves at most {IBSIM_MAX_CLIENTS} clients, "
+                                 f"all taken (pids {', '.join(str(c['pid']) for c in taken)})")
+
     def spawn(self, host: SimHost | str, argv: list[str], **popen) -> subprocess.Popen:
         """Start `argv` as `host`'s client; recorded so that `down()` stops it if it is still running."""
+        self._ensure_slot()
         env = dict(popen.pop("env", None) or os.environ)
         env.update(self.client_env(host))
         popen.setdefault("cwd", self.client_cwd(host))
@@ -422,6 +434,7 @@ class SimFabric:
         """An SA client running as `host` in a child process (`xdpoib.fabric.sa.RemoteSAClient`)."""
         from xdpoib.fabric.sa import RemoteSAClient
 
+        self._ensure_slot()
         c = RemoteSAClient(self.client_env(host), cwd=self.client_cwd(host), **kw)
         self._record(f"client-{c.proc.pid}", c.proc)
         return c
