@@ -1,0 +1,85 @@
+"""Reliability of an attachment under fabric faults: a port that bounces (OpenSM drops its
+memberships) and lost MADs. The agent must rejoin and traffic must come back by itself."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+SIM_HOSTS = 2
+BCAST = "ff12:401b:ffff::ffff:ffff"
+
+
+def x(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
+    assert not check or r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def pair(sim_fabric):
+    names = [f"xf{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
+    try:
+        for i, ns in enumerate(names, 1):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.66.0.{i}/24", "dev", "eth4"], check=True)
+        yield sim_fabric, names
+    finally:
+        for ns in names:
+            x("detach", "eth4", "--netns", ns, check=False)
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def ping(ns, dst, count=1, wait=2):
+    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", str(wait), dst],
+                          capture_output=True, text=True).returncode == 0
+
+
+def member(fab, host) -> bool:
+    gid = str(ipaddress.IPv6Address(fab.host(host).gid))
+    out = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", BCAST).stdout
+    return gid in out
+
+
+def until(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_port_bounce_rejoins_and_traffic_returns(pair):
+    fab, (ns1, ns2) = pair
+    assert ping(ns1, "10.66.0.2", count=2)
+    fab.unlink("h2")
+    assert until(lambda: not member(fab, "h2"), 15), "OpenSM still lists h2 after unlink"
+    fab.relink("h2")
+    # the agent notices (port event or its periodic membership check) and rejoins by itself
+    assert until(lambda: member(fab, "h2"), 30), "h2 did not rejoin the broadcast group"
+    assert until(lambda: ping(ns1, "10.66.0.2"), 30), "traffic did not come back after the bounce"
+    st = json.loads(x("status", "eth4", "--netns", ns2, "-j").stdout)
+    assert st["counters"].get("rejoins", 0) >= 1 or any(k.startswith("port_event") for k in st["counters"])
+
+
+def test_attach_and_resolve_under_lost_mads(pair):
+    """With half of h1's MADs lost, a fresh attachment still joins, resolves its path and pings."""
+    fab, (ns1, _) = pair
+    x("detach", "eth4", "--netns", ns1)
+    fab.drop("h1", 50)
+    try:
+        x("attach", "eth4", "--netns", ns1, "--sim", f"{fab.name}:h1")
+        subprocess.run(["ip", "-n", ns1, "addr", "add", "10.66.0.1/24", "dev", "eth4"], check=True)
+        assert until(lambda: ping(ns1, "10.66.0.2"), 30)
+        peers = json.loads(x("peers", "eth4", "--netns", ns1, "-j").stdout)
+        assert any(p["path"] == "resolved" for p in peers)
+    finally:
+        fab.drop("h1", 0)
