@@ -41,6 +41,11 @@ def no_fabric_left_behind():
     root = simfabric.state_root()
     names = sorted(d.name for d in root.glob(f"*{os.getpid()}-*")) if root.exists() else []
     left = {n: simfabric.residue(n) for n in names}
+    with open("/proc/net/unix") as f:
+        names_now = [ln.split()[-1] for ln in f.read().splitlines()[1:] if len(ln.split()) >= 8]
+    socks = [n for n in names_now if n.startswith("@xdpoib-") and f"{os.getpid()}-" in n]
+    if socks:
+        left["sockets"] = socks                   # ibsim of a fabric whose state is gone
     for n in names:                                   # clean up, then report
         try:
             simfabric.SimFabric.attach(n).down()
