@@ -578,6 +578,7 @@ class SAClient:
         self._cpi: ClassPortInfo | None = None
         self.stats: Counter = Counter()      # (type, ok|error|timeout), and "timeouts", "lost", "busy"
         self.latency = LatencyHistogram()
+        self.peak_inflight = 0                  # most queries ever in flight at once (<= max_outstanding)
 
     @classmethod
     def open(cls, device: str | None = None, port: int | None = None, **kw) -> SAClient:
@@ -647,6 +648,7 @@ class SAClient:
                     continue
                 self._send(r, now)
                 inflight[r.tid] = r
+            self.peak_inflight = max(self.peak_inflight, len(inflight))
             pending.extendleft(reversed(backing_off))
             if not inflight:
                 time.sleep(max(0.001, min(r.sent_at + r.timeout for r in pending) - now))
@@ -873,7 +875,7 @@ class SAClient:
 RECORD_TYPES = {c.__name__: c for c in (PathRecord, MCMemberRecord, ClassPortInfo, LocalPort)}
 REMOTE_METHODS = ("port", "class_port_info", "path", "paths", "send_only_join_state", "join",
                   "join_send_only", "leave", "member", "group", "stats", "latency", "set_policy", "set_sm_key",
-                  "path_cache_stats", "invalidate")
+                  "set_max_outstanding", "peak_inflight", "path_cache_stats", "invalidate")
 
 
 def encode(obj):
@@ -933,6 +935,12 @@ def _serve_call(client: SAClient, op: str, args: list, kwargs: dict):
     if op == "set_sm_key":
         client.sm_key = int(args[0])
         return None
+    if op == "set_max_outstanding":
+        client.max_outstanding = max(1, int(args[0]))
+        client.peak_inflight = 0
+        return None
+    if op == "peak_inflight":
+        return client.peak_inflight
     if op == "path_cache_stats":
         c = client.path_cache
         return {"entries": len(c), "hits": c.hits, "misses": c.misses}
