@@ -59,7 +59,11 @@ def run(args) -> int:
 
     if args.action == "up":
         fab = SimFabric.up(args.name, hosts=args.hosts, partitions=args.partitions)
-        print(json.dumps(_summary(fab, False), indent=1) if args.json else fab.describe())
+        if args.json:
+            print(json.dumps(_summary(fab, False), indent=1))
+        else:
+            print(fab.describe())
+            print(f'  be a host: eval "$(xdpoib sim env {fab.name} h1)"; stop: xdpoib sim down {fab.name}')
         return 0
     fab = SimFabric.attach(args.name)
     if args.action == "down":
