@@ -70,6 +70,7 @@ class Agent:
         self.pkey = full_pkey(spec.pkey)
         self.stack = ExitStack()
         self.stopping = False
+        self.vif_learned = True         # veth: eth4's MAC is ours; tap: learned from the guest
         self.state = "starting"
         self.drops: Counter = Counter()          # by DropReason name or agent reason
         self.stats: Counter = Counter()
@@ -129,7 +130,13 @@ class Agent:
             link.set_offloads(s.ifname, s.netns, tx=False, tso=False)
             attach_to = s.internal
         else:
-            raise AgentError("tap mode is not implemented yet")
+            # a VM's TAP: frames the VM writes are RX on the TAP (XDP sees them), frames sent on it with
+            # AF_XDP reach the VM. The VIF MAC is the guest's, learned from its first frame.
+            before = link.link_info(s.ifname)
+            self.stack.callback(link.set_link, s.ifname, None, mtu=before.mtu)
+            link.set_link(s.ifname, None, mtu=self.eth_mtu, up=True)
+            self.vif_learned = False
+            attach_to = s.ifname
         self.ifindex = link.link_info(attach_to).index
 
         # datapath: frames from eth4 reach us on an AF_XDP socket
@@ -400,11 +407,23 @@ class Agent:
         while e.pending:
             self._send_to_peer(e, e.pending.popleft())
 
+    def learn_vif(self, frame: bytes) -> None:
+        """TAP mode: the guest's MAC (the source of its first unicast-sourced frame) becomes the VIF."""
+        src = bytes(frame[6:12])
+        if len(frame) >= 14 and not src[0] & 1 and any(src):
+            self.mac = src
+            self.vif = Vif(0, src, self.vif.addr)
+            self.peers.set_vifs([self.vif])
+            self.vif_learned = True
+            log.info("guest MAC %s learned on %s", mac_str(src), self.spec.ifname)
+
     def pump_eth(self) -> int:
         """eth4 -> fabric: one batch from the AF_XDP socket."""
         got = self.xsk.recv(BATCH)
         for _, frame in got:
             self.stats["eth_rx_frames"] += 1
+            if not self.vif_learned:
+                self.learn_vif(frame)
             try:
                 r = eth_to_ipoib(frame, self.peers)
             except FrameError as e:

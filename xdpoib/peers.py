@@ -82,6 +82,12 @@ class PeerTable(Tables):
         self._next_id = next_id
         self._ids: dict[tuple[int, bytes], int] = {}
 
+    def set_vifs(self, vifs: list[Vif]) -> None:
+        """Replace the local VIFs (TAP mode learns the guest's MAC after start)."""
+        self.vifs = list(vifs)
+        self._vif_by_mac = {v.mac: v for v in vifs}
+        self._vif_by_key = {v.addr.key: v for v in vifs}
+
     # --- learning -------------------------------------------------------------------------------
 
     def learn(self, addr: IPoIBAddr, lid: int | None = None) -> PeerEntry:

@@ -41,6 +41,9 @@ def build_spec(args) -> state.AttachSpec:
     from xdpoib.wire.mgid import parse_pkey
 
     link.check_ifname(args.ifname)
+    if args.mode == "tap" and args.netns:
+        raise UsageError("tap mode uses a TAP in the agent's (root) namespace, where the VM's TAP lives; "
+                         "drop --netns")
     try:
         pkey = parse_pkey(args.pkey)
     except XdpoibError as e:

@@ -1,0 +1,106 @@
+"""TAP mode: a "VM" (this test, holding the TAP's fd as qemu would) talks ARP and ICMP through an
+attached TAP to a veth-mode host across the sim fabric."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from xdpoib.wire import frames as f
+from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC
+
+SIM_HOSTS = 2
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_IP, PEER_IP = bytes([10, 55, 0, 1]), bytes([10, 55, 0, 2])
+
+
+def x(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
+    assert not check or r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture
+def vm_tap():
+    """A TAP held open by this process, like a VM's."""
+    name = f"xt{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    try:
+        yield name, fd
+    finally:
+        x("detach", name, check=False)
+        os.close(fd)
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def read_until(fd, pred, timeout=10.0):
+    """Frames the 'VM' receives until one matches pred."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            frame = os.read(fd, 4096)
+            if pred(frame):
+                return frame
+    raise AssertionError("the VM received no matching frame")
+
+
+def test_vm_behind_a_tap_pings_a_host_across_the_fabric(sim_fabric, vm_tap):
+    tap, fd = vm_tap
+    ns = f"xp{uuid.uuid4().hex[:5]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h2")
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.55.0.2/24", "dev", "eth4"], check=True)
+        x("attach", tap, "--mode", "tap", "--sim", f"{sim_fabric.name}:h1")
+
+        # ARP for the peer; the reply comes from its REMAC, addressed to the guest's MAC
+        os.write(fd, f.eth(BROADCAST_MAC, GUEST_MAC, f.ETH_P_ARP,
+                           f.arp(f.ARPOP_REQUEST, GUEST_MAC, GUEST_IP, ZERO_MAC, PEER_IP)))
+        reply = read_until(fd, lambda fr: fr[12:14] == b"\x08\x06" and fr[20:22] == b"\x00\x02")
+        assert reply[:6] == GUEST_MAC
+        a = f.parse_arp(reply[14:])
+        assert a.spa == PEER_IP and a.tha == GUEST_MAC and a.tpa == GUEST_IP
+        remac = a.sha
+        assert remac[0] & 0x03 == 0x02
+
+        echo = f.ipv4(GUEST_IP, PEER_IP, f.IPPROTO_ICMP, f.icmp_echo(0x4242, 1, b"from the vm"))
+        os.write(fd, f.eth(remac, GUEST_MAC, f.ETH_P_IP, echo))
+        pong = read_until(fd, lambda fr: fr[12:14] == b"\x08\x00" and fr[14 + 9] == f.IPPROTO_ICMP
+                          and fr[34] == f.ICMP_ECHO_REPLY)
+        assert pong[:6] == GUEST_MAC and pong[6:12] == remac and pong.endswith(b"from the vm")
+
+        # anti-spoof: another source MAC from the same TAP is dropped and counted
+        os.write(fd, f.eth(remac, bytes.fromhex("525400999999"), f.ETH_P_IP, echo))
+        time.sleep(0.5)
+        st = json.loads(x("status", tap, "-j").stdout)
+        assert st["eth"]["mac"] == "52:54:00:12:34:56"
+        assert st["drops"].get("spoofed_source", 0) >= 1
+
+        x("detach", tap)                    # the TAP stays (the VM holds it), as it was before
+        shown = subprocess.run(["ip", "link", "show", tap], capture_output=True, text=True).stdout
+        assert "xdp" not in shown and "mtu 1500" in shown
+    finally:
+        x("detach", "eth4", "--netns", ns, check=False)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_tap_mode_refuses_a_namespace_and_a_missing_tap(sim_fabric):
+    r = x("attach", "nosuchtap0", "--mode", "tap", "--sim", f"{sim_fabric.name}:h1", check=False)
+    assert r.returncode != 0 and "not an existing TAP" in r.stderr
+    r = x("attach", "tap0", "--mode", "tap", "--netns", "x", "--sim", f"{sim_fabric.name}:h1", check=False)
+    assert r.returncode != 0 and "drop --netns" in r.stderr
