@@ -21,14 +21,17 @@ int xdpoib_tx(struct xdp_md *ctx)
 {
 	struct xo_state s = {};
 	int rc;
+#ifdef XDPOIB_RESTORE
+	u8 saved[XDPOIB_RESTORE_BYTES];
+#endif
 
 	count_entry(ctx, &s, XDPOIB_DIR_TX);
 #ifdef XDPOIB_RESTORE
-	save_frame(ctx, &s);
+	save_frame(ctx, &s, saved);
 #endif
 	rc = tx_frame(ctx, &s);
 #ifdef XDPOIB_RESTORE
-	restore_frame(ctx, &s);
+	restore_frame(ctx, &s, saved);
 #endif
 	return rc;
 }
@@ -43,14 +46,17 @@ int xdpoib_rx(struct xdp_md *ctx)
 {
 	struct xo_state s = {};
 	int rc;
+#ifdef XDPOIB_RESTORE
+	u8 saved[XDPOIB_RESTORE_BYTES];
+#endif
 
 	count_entry(ctx, &s, XDPOIB_DIR_RX);
 #ifdef XDPOIB_RESTORE
-	save_frame(ctx, &s);
+	save_frame(ctx, &s, saved);
 #endif
 	rc = rx_frame(ctx, &s);
 #ifdef XDPOIB_RESTORE
-	restore_frame(ctx, &s);
+	restore_frame(ctx, &s, saved);
 #endif
 	return rc;
 }

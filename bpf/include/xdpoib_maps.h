@@ -58,12 +58,5 @@ struct xo_scratch {
 };
 BPF_PERCPU_ARRAY(xo_scratch, struct xo_scratch, 1);
 
-#ifdef XDPOIB_RESTORE
-/* Benchmark builds: the first bytes of the input frame, put back before returning. */
-struct xo_saved {
-	u8 buf[XDPOIB_RESTORE_BYTES];
-};
-BPF_PERCPU_ARRAY(xo_saved, struct xo_saved, 1);
-#endif
 
 #endif /* XDPOIB_MAPS_H */

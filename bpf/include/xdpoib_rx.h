@@ -22,11 +22,12 @@
  */
 static __always_inline void rx_group_mac(struct xdp_md *ctx, u16 etype, u8 *dst)
 {
-	u8 ip[16];
+	u8 *ip;
 
 	__builtin_memset(dst, 0xff, 6);
 	if (etype == XDPOIB_ETH_P_IP) {
-		if (bpf_xdp_load_bytes(ctx, XDPOIB_IPOIB_HLEN + 16, ip, 4) || (ip[0] & 0xf0) != 0xe0)
+		ip = pkt_at(ctx, XDPOIB_IPOIB_HLEN + 16, 4);
+		if (!ip || (ip[0] & 0xf0) != 0xe0)
 			return;
 		dst[0] = 0x01;
 		dst[1] = 0x00;
@@ -35,7 +36,8 @@ static __always_inline void rx_group_mac(struct xdp_md *ctx, u16 etype, u8 *dst)
 		dst[4] = ip[2];
 		dst[5] = ip[3];
 	} else if (etype == XDPOIB_ETH_P_IPV6) {
-		if (bpf_xdp_load_bytes(ctx, XDPOIB_IPOIB_HLEN + 24, ip, 16) || ip[0] != 0xff)
+		ip = pkt_at(ctx, XDPOIB_IPOIB_HLEN + 24, 16);
+		if (!ip || ip[0] != 0xff)
 			return;
 		dst[0] = 0x33;
 		dst[1] = 0x33;
@@ -51,15 +53,17 @@ static __always_inline void rx_group_mac(struct xdp_md *ctx, u16 etype, u8 *dst)
  */
 static __always_inline int rx_is_dhcp(struct xdp_md *ctx, u32 keep)
 {
-	u8 h[20], ports[4];
+	u8 *h, *ports;
 	u32 hl;
 
-	if (bpf_xdp_load_bytes(ctx, XDPOIB_IPOIB_HLEN, h, 20))
+	h = pkt_at(ctx, XDPOIB_IPOIB_HLEN, 20);
+	if (!h)
 		return 0;
 	hl = (h[0] & 0x0f) * 4;
 	if (h[9] != 17 || ((h[6] & 0x1f) | h[7]) != 0 || keep < hl + 8)
 		return 0;
-	if (bpf_xdp_load_bytes(ctx, XDPOIB_IPOIB_HLEN + hl, ports, 4))
+	ports = pkt_at(ctx, XDPOIB_IPOIB_HLEN + hl, 4);
+	if (!ports)
 		return 0;
 	return ports[0] == 0 && ports[1] == 67 && ports[2] == 0 && ports[3] == 68;
 }

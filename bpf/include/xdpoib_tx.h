@@ -36,19 +36,21 @@ struct tx_decision {
 static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype, const u8 *dst,
 				       struct tx_decision *d, u8 scope)
 {
-	u8 ip[16];
-	int v4 = etype == XDPOIB_ETH_P_IP, v6 = etype == XDPOIB_ETH_P_IPV6, ipmc = 0;
+	u8 *ip4 = NULL, *ip6 = NULL;
+	int ipmc = 0;
 	struct xdpoib_peer *p;
 	struct xdpoib_mac_key k = {};
 
-	if (v4) {
-		if (bpf_xdp_load_bytes(ctx, l3off + 16, ip, 4))
+	if (etype == XDPOIB_ETH_P_IP) {
+		ip4 = pkt_at(ctx, l3off + 16, 4);
+		if (!ip4)
 			return XDPOIB_DROP_TRUNCATED;
-		ipmc = (ip[0] & 0xf0) == 0xe0;
-	} else if (v6) {
-		if (bpf_xdp_load_bytes(ctx, l3off + 24, ip, 16))
+		ipmc = (ip4[0] & 0xf0) == 0xe0;
+	} else if (etype == XDPOIB_ETH_P_IPV6) {
+		ip6 = pkt_at(ctx, l3off + 24, 16);
+		if (!ip6)
 			return XDPOIB_DROP_TRUNCATED;
-		ipmc = ip[0] == 0xff;
+		ipmc = ip6[0] == 0xff;
 	}
 	if ((dst[0] & dst[1] & dst[2] & dst[3] & dst[4] & dst[5]) == 0xff) {
 		mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV4_SIG, d->pkey, scope);
@@ -57,15 +59,15 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
 		return 0;
 	}
 	if (dst[0] & 1) {
-		if (v4 && ipmc && dst[0] == 0x01 && dst[1] == 0x00 && dst[2] == 0x5e) {
+		if (ip4 && ipmc && dst[0] == 0x01 && dst[1] == 0x00 && dst[2] == 0x5e) {
 			mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV4_SIG, d->pkey, scope);
-			d->dest[12] = ip[0] & 0x0f;
-			d->dest[13] = ip[1];
-			d->dest[14] = ip[2];
-			d->dest[15] = ip[3];
-		} else if (v6 && ipmc && dst[0] == 0x33 && dst[1] == 0x33) {
+			d->dest[12] = ip4[0] & 0x0f;
+			d->dest[13] = ip4[1];
+			d->dest[14] = ip4[2];
+			d->dest[15] = ip4[3];
+		} else if (ip6 && ipmc && dst[0] == 0x33 && dst[1] == 0x33) {
 			mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV6_SIG, d->pkey, scope);
-			__builtin_memcpy(d->dest + 6, ip + 6, 10);
+			__builtin_memcpy(d->dest + 6, ip6 + 6, 10);
 		} else {
 			return XDPOIB_DROP_MCAST_MISMATCH;
 		}
@@ -96,41 +98,46 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
  */
 static __always_inline int tx_is_control(struct xdp_md *ctx, u32 l3off, u16 etype, u32 keep)
 {
-	u8 h[48];
+	u8 *h, *t;
 
 	if (etype == XDPOIB_ETH_P_IP) {
 		u32 hl;
-		u8 ports[4];
+		u8 *ports;
 
-		if (bpf_xdp_load_bytes(ctx, l3off, h, 20))
+		h = pkt_at(ctx, l3off, 20);
+		if (!h)
 			return 0;
 		if (h[9] == 2)
 			return 1;
 		hl = (h[0] & 0x0f) * 4;
 		if (h[9] != 17 || ((h[6] & 0x1f) | h[7]) != 0 || keep < hl + 8)
 			return 0;
-		if (bpf_xdp_load_bytes(ctx, l3off + hl, ports, 4))
+		ports = pkt_at(ctx, l3off + hl, 4);
+		if (!ports)
 			return 0;
 		return ports[0] == 0 && ports[1] == 68 && ports[2] == 0 && ports[3] == 67;
 	}
 	if (etype == XDPOIB_ETH_P_IPV6) {
 		u32 o = 40;
-		u8 nh, t;
+		u8 nh;
 
-		if (bpf_xdp_load_bytes(ctx, l3off, h, 40))
+		h = pkt_at(ctx, l3off, 40);
+		if (!h)
 			return 0;
 		nh = h[6];
 		if (nh == 0 && keep >= 48) {
-			if (bpf_xdp_load_bytes(ctx, l3off + 40, h, 2))
+			h = pkt_at(ctx, l3off + 40, 2);
+			if (!h)
 				return 0;
 			nh = h[0];
 			o = 40 + ((u32)h[1] + 1) * 8;
 		}
 		if (nh != 58 || keep <= o)
 			return 0;
-		if (bpf_xdp_load_bytes(ctx, l3off + o, &t, 1))
+		t = pkt_at(ctx, l3off + o, 1);
+		if (!t)
 			return 0;
-		return t == 130 || t == 131 || t == 132 || t == 143;
+		return t[0] == 130 || t[0] == 131 || t[0] == 132 || t[0] == 143;
 	}
 	return 0;
 }

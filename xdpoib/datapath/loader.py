@@ -30,7 +30,7 @@ class Build:
     test_fill: bool = False     # fill prepended bytes with 0xFF (tests)
     tx_devmap: bool = False     # TX redirects through a devmap instead of the XSKMAP (tests, bench)
     restore: bool = False       # put the input frame back before returning (bench, repeat > 1)
-    restore_bytes: int = 128
+    restore_bytes: int = 48
 
     def cflags(self) -> list[str]:
         """Return the compiler flags of this build."""
