@@ -37,9 +37,9 @@ from xdpoib.errors import FrameError, XdpoibError
 from xdpoib.peers import GroupEntry, PeerEntry, PeerTable
 from xdpoib.reasons import Kind
 from xdpoib.wire import frames as f
-from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str
+from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str, remac
 from xdpoib.wire.mgid import broadcast_mgid, full_pkey, ipv4_mgid, ipv6_mgid
-from xdpoib.wire.oracle import Vif, eth_to_ipoib, ipoib_to_eth
+from xdpoib.wire.oracle import Vif, eth_to_ipoib, ipoib_to_eth, too_big_reply
 
 log = logging.getLogger("xdpoib.agent")
 
@@ -77,6 +77,7 @@ class Agent:
         self.groups: dict[bytes, GroupEntry] = {}
         self._next_group_id = 1
         self._sends: list = []
+        self._inject: list[bytes] = []
         self._last_mcast_sync = 0.0
         self._last_member_check = time.monotonic()
         self.started = time.time()
@@ -125,7 +126,9 @@ class Agent:
             link.create_veth(s.ifname, s.internal, s.netns)
             self.stack.callback(link.delete_link, s.internal)
             link.set_link(s.ifname, s.netns, mac=mac_str(self.mac), mtu=self.eth_mtu, up=True)
-            link.set_link(s.internal, None, mtu=self.eth_mtu, up=False)
+            # the internal end takes the largest frame XDP allows, so a frame above eth4's path MTU
+            # (eth4's MTU raised by hand) reaches us and is answered with ICMP instead of vanishing
+            link.set_link(s.internal, None, mtu=VETH_XDP_MAX_MTU, up=False)
             self._sysctls()
             link.set_offloads(s.ifname, s.netns, tx=False, tso=False)
             attach_to = s.internal
@@ -357,7 +360,15 @@ class Agent:
                 sent += n
             self.stats["tx_frames"] += sent
 
-    def _send_to_group(self, mgid: bytes, frame: bytes) -> None:
+    def _too_big(self, eth_frame: bytes, ib_mtu: int, from_mac: bytes) -> None:
+        """Drop an oversize frame and tell its sender the MTU (ICMP frag-needed / Packet Too Big)."""
+        self.drops["oversize"] += 1
+        reply = too_big_reply(eth_frame, ib_mtu - 4, from_mac) if eth_frame else None
+        if reply is not None:
+            self._inject.append(reply)
+            self.stats["icmp_too_big"] += 1
+
+    def _send_to_group(self, mgid: bytes, frame: bytes, eth_frame: bytes = b"") -> None:
         from xdpoib.fabric.base import MCAST_QPN, SendRequest
 
         g = self.groups.get(mgid)
@@ -366,19 +377,22 @@ class Agent:
             if g is None:
                 self.drops["no_group"] += 1
                 return
+        if len(frame) > (g.mtu or self.ib_mtu):
+            self._too_big(eth_frame, g.mtu or self.ib_mtu, remac(self.port_attrs.gid, MCAST_QPN))
+            return
         self._sends.append(SendRequest(g.ah, MCAST_QPN, g.qkey or self.qkey, frame))
 
-    def _send_to_peer(self, e: PeerEntry, frame: bytes) -> None:
+    def _send_to_peer(self, e: PeerEntry, frame: bytes, eth_frame: bytes = b"") -> None:
         from xdpoib.fabric.base import SendRequest
 
         if e.path_state != "resolved":
             if len(e.pending) == e.pending.maxlen:
                 self.drops["unresolved_queue_full"] += 1
-            e.pending.append(frame)
+            e.pending.append((frame, eth_frame))
             self.resolve(e)
             return
         if len(frame) > e.path_mtu:
-            self.drops["oversize"] += 1
+            self._too_big(eth_frame, e.path_mtu, e.remac)
             return
         self._sends.append(SendRequest(e.ah, e.addr.qpn, self.qkey, frame))
 
@@ -405,7 +419,7 @@ class Agent:
             log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
             return
         while e.pending:
-            self._send_to_peer(e, e.pending.popleft())
+            self._send_to_peer(e, *e.pending.popleft())
 
     def learn_vif(self, frame: bytes) -> None:
         """TAP mode: the guest's MAC (the source of its first unicast-sourced frame) becomes the VIF."""
@@ -432,12 +446,15 @@ class Agent:
             if r.kind == Kind.CONTROL:
                 self.stats["control_frames"] += 1
             if r.mgid is not None:
-                self._send_to_group(r.mgid, r.frame)
+                self._send_to_group(r.mgid, r.frame, frame)
             elif r.peer is not None:
-                self._send_to_peer(self.peers.by_id(r.peer.peer_id), r.frame)
+                self._send_to_peer(self.peers.by_id(r.peer.peer_id), r.frame, frame)
             else:
                 self.drops["unknown_destination"] += 1
         self._flush_sends()
+        if self._inject:
+            out, self._inject = self._inject, []
+            self.stats["eth_tx_frames"] += self.xsk.send(out)
         return len(got)
 
     def _learn_from_payload(self, data: bytes, src_qpn: int, slid: int):

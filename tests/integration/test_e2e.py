@@ -125,6 +125,22 @@ def test_tcp_transfer_with_iperf3_and_payload_integrity(lab, tmp_path):
     assert int(n) == len(blob) and digest == hashlib.sha256(blob).hexdigest()
 
 
+def test_oversize_frame_is_answered_with_frag_needed(lab):
+    """eth4's MTU raised above the fabric's by hand: the agent answers ICMP frag-needed, and the
+    sender's stack learns the path MTU (DESIGN 3.6)."""
+    _, ns = lab
+    nsexec(ns[0], "ip", "link", "set", "eth4", "mtu", "3000")
+    try:
+        r = nsexec(ns[0], "ping", "-M", "do", "-s", "2500", "-c", "2", "-W", "2", "10.77.0.2", check=False)
+        assert "mtu = 2044" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert "mtu 2044" in nsexec(ns[0], "ip", "route", "get", "10.77.0.2").stdout
+        st = xdpoib("status", "eth4", "--netns", ns[0], "-j").stdout
+        assert '"icmp_too_big"' in st and '"oversize"' in st
+    finally:
+        nsexec(ns[0], "ip", "link", "set", "eth4", "mtu", "2044")
+        nsexec(ns[0], "ip", "route", "flush", "cache", check=False)
+
+
 def members(fab, mgid: str) -> dict[str, int]:
     """PortGID -> JoinState of every member of mgid, as OpenSM reports it (trusted saquery)."""
     r = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", mgid)

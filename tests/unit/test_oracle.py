@@ -409,3 +409,41 @@ def test_bit_flips_raise_frameerror_or_translate(frame, data):
         rx(r.frame, M, multicast=r.kind == Kind.GROUP)
     except FrameError:
         pass
+
+
+# --- DESIGN 3.6: oversize frames answered with ICMP ------------------------------------------------
+
+def test_too_big_ipv4_is_frag_needed_with_the_mtu():
+    from xdpoib.wire.oracle import too_big_reply
+
+    big = f.eth(B_REMAC, A_MAC, f.ETH_P_IP, f.ipv4(A_IP4, B_IP4, f.IPPROTO_UDP,
+                                                    f.udp(A_IP4, B_IP4, 1, 2, bytes(3000))))
+    r = too_big_reply(big, 1020, B_REMAC)
+    assert r[:12] == A_MAC + B_REMAC
+    ip = f.parse_ipv4(r[14:])
+    assert (ip.src, ip.dst, ip.proto) == (B_IP4, A_IP4, f.IPPROTO_ICMP) and f.checksum(r[14:34]) == 0
+    icmp = r[34:]
+    assert icmp[0:2] == b"\x03\x04" and struct.unpack("!H", icmp[6:8])[0] == 1020 and f.checksum(icmp) == 0
+    assert icmp[8:28] == big[14:34] and len(r) - 14 <= 576
+
+
+def test_too_big_ipv6_is_packet_too_big():
+    from xdpoib.wire.oracle import too_big_reply
+
+    big = f.eth(B_REMAC, A_MAC, f.ETH_P_IPV6, f.ipv6(A_IP6, B_IP6, 59, bytes(3000)), vid=3)
+    r = too_big_reply(big, 2044, B_REMAC)
+    h = f.parse_eth(r)
+    assert h.vid == 3 and h.dst == A_MAC
+    l3 = r[h.hlen:]
+    ip = f.parse_ipv6(l3)
+    assert ip.src == B_IP6 and ip.dst == A_IP6 and l3[40] == 2 and struct.unpack("!I", l3[44:48])[0] == 2044
+    assert _icmpv6_ok(l3) and len(l3) <= 1280
+
+
+def test_no_icmp_error_about_icmp_errors_or_arp():
+    from xdpoib.wire.oracle import too_big_reply
+
+    err = f.eth(B_REMAC, A_MAC, f.ETH_P_IP, f.ipv4(A_IP4, B_IP4, f.IPPROTO_ICMP, b"\x03\x04" + bytes(3000)))
+    assert too_big_reply(err, 1000, B_REMAC) is None
+    arp = f.eth(B_REMAC, A_MAC, f.ETH_P_ARP, f.arp(1, A_MAC, A_IP4, ZERO_MAC, B_IP4))
+    assert too_big_reply(arp, 1000, B_REMAC) is None

@@ -422,3 +422,42 @@ def dhcp_server_to_eth(l3: bytes, default_mac: bytes) -> bytes:
     mac = mac_from_client_id(msg.option(f.DHCP_OPT_CLIENT_ID)) or default_mac
     msg.htype, msg.hlen, msg.chaddr = f.ARPHRD_ETHER, 6, mac + b"\x00" * 10
     return _rebuild_udp4(l3, msg.pack().ljust(size, b"\x00"))
+
+
+# ===================================================================================================
+# Oversize frames: ICMP "fragmentation needed" / ICMPv6 "packet too big" (DESIGN 3.6)
+# ===================================================================================================
+
+def too_big_reply(frame: bytes, mtu: int, from_mac: bytes) -> bytes | None:
+    """The ICMP error that tells the sender of an oversize Ethernet frame the MTU it must use.
+
+    IPv4 gets type 3 code 4 with the next-hop MTU, IPv6 type 2 (Packet Too Big); both quote as much
+    of the original packet as the minimum MTU allows (576 / 1280 bytes in all), come from the original
+    destination address (the far end of this link) and from_mac, and go to the sender's MAC. Other
+    frames (ARP, non-IP, ICMP errors themselves) get None: they are just dropped.
+
+    @v frame     the Ethernet frame that did not fit (one 802.1Q tag allowed; the reply keeps it)
+    @v mtu       the largest IP packet the path carries
+    @v from_mac  source MAC of the reply (the destination's REMAC)
+    """
+    h = f.parse_eth(frame)
+    l3 = frame[h.hlen:]
+    vid = h.vid
+    if h.ethertype == f.ETH_P_IP:
+        ip = f.parse_ipv4(l3)
+        if ip.proto == f.IPPROTO_ICMP and len(l3) > ip.hlen and l3[ip.hlen] not in (0, 8):
+            return None                                 # never answer an ICMP error
+        quote = l3[:576 - 28]
+        body = struct.pack("!BBHHH", f.ICMP_DEST_UNREACH, 4, 0, 0, mtu) + quote
+        body = body[:2] + struct.pack("!H", f.checksum(body)) + body[4:]
+        reply = f.ipv4(ip.dst, ip.src, f.IPPROTO_ICMP, body, ttl=64)
+    elif h.ethertype == f.ETH_P_IPV6:
+        ip = f.parse_ipv6(l3)
+        if ip.next_header == f.IPPROTO_ICMPV6 and len(l3) > 40 and l3[40] < 128:
+            return None
+        quote = l3[:1280 - 48]
+        reply = f.ipv6(ip.dst, ip.src, f.IPPROTO_ICMPV6,
+                       f.icmpv6(ip.dst, ip.src, f.ICMPV6_PKT_TOO_BIG, 0, struct.pack("!I", mtu) + quote))
+    else:
+        return None
+    return f.eth(h.src, from_mac, h.ethertype, reply, vid=vid)
