@@ -49,6 +49,8 @@ MAX_PEERS = 1 << 20
 MAX_ADDRS = (1 << 20) + 1024
 MAX_GROUPS = 65536
 MAX_VLANS = 4096
+VIF_SLOTS = 1024
+PEER_SLOTS = 65536
 MAX_PKEYS = 32768
 F_VALID = 0x01
 MAX_XSKS = 64
@@ -128,13 +130,15 @@ class MacValue(_Struct):
 class Vif(_Struct):
     """A local VIF: id, MAC and our IPoIB address."""
 
-    _fields_ = [("vif_id", u32), ("mac", u8 * ETH_ALEN), ("reserved", u8 * 2), ("addr", u8 * HWADDR_LEN)]
+    _fields_ = [("vif_id", u32), ("mac", u8 * ETH_ALEN), ("flags", u8), ("reserved", u8),
+                ("addr", u8 * HWADDR_LEN)]
 
 
 class Peer(_Struct):
     """A remote peer: id, REMAC and its IPoIB address."""
 
-    _fields_ = [("peer_id", u32), ("mac", u8 * ETH_ALEN), ("reserved", u8 * 2), ("addr", u8 * HWADDR_LEN)]
+    _fields_ = [("peer_id", u32), ("mac", u8 * ETH_ALEN), ("flags", u8), ("reserved", u8),
+                ("addr", u8 * HWADDR_LEN)]
 
 
 class MgidKey(_Struct):
@@ -247,6 +251,8 @@ CONSTANTS: dict[str, int] = {
     "XDPOIB_MAX_ADDRS": MAX_ADDRS,
     "XDPOIB_MAX_GROUPS": MAX_GROUPS,
     "XDPOIB_MAX_VLANS": MAX_VLANS,
+    "XDPOIB_VIF_SLOTS": VIF_SLOTS,
+    "XDPOIB_PEER_SLOTS": PEER_SLOTS,
     "XDPOIB_MAX_PKEYS": MAX_PKEYS,
     "XDPOIB_F_VALID": F_VALID,
     "XDPOIB_MAX_XSKS": MAX_XSKS,
@@ -270,6 +276,17 @@ def addr_key(addr20: bytes) -> AddrKey:
     ct.memmove(k.qpn, addr20[1:4], 3)
     ct.memmove(k.gid, addr20[4:20], GID_LEN)
     return k
+
+
+def mac_slot(mac: bytes, nslots: int) -> int:
+    """Slot of a MAC in a direct-mapped cache (XDPOIB_MAC_SLOT)."""
+    x = (mac[2] << 24 | mac[3] << 16 | mac[4] << 8 | mac[5]) ^ (mac[0] << 8 | mac[1])
+    return (x ^ (x >> 16)) & (nslots - 1)
+
+
+def id_slot(ident: int, nslots: int) -> int:
+    """Slot of an id in a direct-mapped cache (XDPOIB_ID_SLOT)."""
+    return ident & (nslots - 1)
 
 
 def tx_meta(data: bytes) -> TxMeta:

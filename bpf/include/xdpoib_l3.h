@@ -110,7 +110,6 @@ static __always_inline int l3_move(struct xdp_md *ctx, struct xo_state *s, u32 i
  */
 static __always_inline int arp_hw_to_ib(const u8 *mac, u8 *out)
 {
-	u8 *a;
 	u8 all = mac[0] & mac[1] & mac[2] & mac[3] & mac[4] & mac[5];
 	u8 any = mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5];
 
@@ -118,10 +117,8 @@ static __always_inline int arp_hw_to_ib(const u8 *mac, u8 *out)
 		__builtin_memset(out, 0, 20);
 		return 0;
 	}
-	a = addr_by_mac(mac);
-	if (!a)
+	if (addr_by_mac(mac, out))
 		return XDPOIB_DROP_ARP_UNKNOWN_HWADDR;
-	__builtin_memcpy(out, a, 20);
 	return 0;
 }
 
@@ -349,13 +346,11 @@ static __always_inline int nd_rewrite(struct xdp_md *ctx, struct xo_state *s, u3
 			return XDPOIB_DROP_BAD_ND;
 		slot[0] = opt[0];
 		if (to_ib) {
-			x = addr_by_mac(opt + 2);
-			if (!x)
+			if (addr_by_mac(opt + 2, slot + 4))
 				return XDPOIB_DROP_ND_UNKNOWN_LLADDR;
 			slot[1] = 3;
 			slot[2] = 0;
 			slot[3] = 0;
-			__builtin_memcpy(slot + 4, x, 20);
 			sum = (u32)bpf_csum_diff((void *)opt, 8, (void *)slot, 24, sum);
 		} else {
 			x = mac_by_addr(opt + 4);

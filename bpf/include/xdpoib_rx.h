@@ -95,7 +95,6 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 	void *meta = (void *)(long)ctx->data_meta;
 	struct xdpoib_rx_meta *m = meta;
-	struct xdpoib_u32_key id = {};
 	struct xdpoib_peer *peer;
 	struct xdpoib_vif *vif;
 	struct xdpoib_pkey *pk;
@@ -110,13 +109,11 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 	pkey = m->pkey;
 	if (flags & XDPOIB_RX_F_ETHERNET)
 		return rx_redirect(s->st, XDPOIB_KIND_CONTROL);
-	id.id = m->peer_id;
-	peer = xo_peer_id.lookup(&id);
+	peer = peer_by_id(m->peer_id);
 	if (!peer)
 		return XO_DROP(s->st, UNKNOWN_PEER);
 	__builtin_memcpy(src, peer->mac, 6);
-	id.id = m->vif_id;
-	vif = xo_vif_id.lookup(&id);
+	vif = vif_by_id(m->vif_id);
 	if (!vif)
 		return XO_DROP(s->st, UNKNOWN_VIF);
 	__builtin_memcpy(dst, vif->mac, 6);

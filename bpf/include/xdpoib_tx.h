@@ -39,7 +39,6 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
 	u8 *ip4 = NULL, *ip6 = NULL;
 	int ipmc = 0;
 	struct xdpoib_peer *p;
-	struct xdpoib_mac_key k = {};
 
 	if (etype == XDPOIB_ETH_P_IP) {
 		ip4 = pkt_at(ctx, l3off + 16, 4);
@@ -76,9 +75,8 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
 	}
 	if (ipmc)
 		return XDPOIB_DROP_MCAST_MISMATCH;
-	__builtin_memcpy(k.mac, dst, 6);
 	__builtin_memcpy(d->dest, dst, 6);
-	p = xo_peer_mac.lookup(&k);
+	p = peer_by_mac(dst);
 	if (p) {
 		d->kind = XDPOIB_KIND_PEER;
 		d->dest_id = p->peer_id;
@@ -187,7 +185,6 @@ static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 {
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 	struct tx_decision d = {};
-	struct xdpoib_mac_key k = {};
 	struct xdpoib_vlan *vl;
 	struct xdpoib_vif *vif;
 	struct xdpoib_config *cfg;
@@ -213,8 +210,7 @@ static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 		return XO_DROP(s->st, UNKNOWN_VLAN);
 	d.pkey = vl->pkey | XDPOIB_PKEY_FULL_MEMBER;
 	d.vid = vid;
-	__builtin_memcpy(k.mac, eth + 6, 6);
-	vif = xo_vif_mac.lookup(&k);
+	vif = vif_by_mac(eth + 6);
 	if (!vif)
 		return XO_DROP(s->st, SPOOFED_SOURCE);
 	d.vif_id = vif->vif_id;

@@ -128,3 +128,32 @@ def test_unresolved_destination_is_reported_once_per_interval(datapath, maps, ev
         testrun.run(datapath.fd("xdpoib_tx"), frame)
     datapath.bpf.ring_buffer_consume()
     assert len([e for e in events if bytes(e.dest[:6]) == unknown]) == 4
+
+
+def test_slot_cache_collisions_fall_back_to_the_hash(datapath, maps):
+    """Two peers in one cache slot: both resolve (one by the slot, one by the hash); removing the
+    slot's owner clears the slot, so it is never used stale."""
+    maps.load(gen.tables())
+    a_mac = bytes.fromhex("020000abcdef")
+    b_mac = next(m for m in (bytes([2, 0, 0, 0, x >> 8, x & 0xFF]) for x in range(1 << 16))
+                 if m != a_mac and abi.mac_slot(m, abi.PEER_SLOTS) == abi.mac_slot(a_mac, abi.PEER_SLOTS))
+    b_id = 500 + abi.PEER_SLOTS                  # same id slot as 500
+    a = (500, a_mac, b"\0\0\1\1" + bytes(15) + b"\x0a")
+    b = (b_id, b_mac, b"\0\0\1\2" + bytes(15) + b"\x0b")
+    maps.add_peers([a, b])
+    ip = f.ipv4(bytes([10, 0, 0, 1]), bytes([10, 0, 0, 9]), 17, f.udp(bytes(4), bytes(4), 1, 2, b"x"))
+
+    def dest(mac):
+        r = testrun.run(datapath.fd("xdpoib_tx"), f.eth(mac, gen.VIFS[0].mac, 0x0800, ip))
+        m = abi.TxMeta.from_bytes(r.meta)
+        return Kind(m.kind), m.dest_id
+
+    assert dest(a_mac) == (Kind.PEER, 500) and dest(b_mac) == (Kind.PEER, b_id)
+    rx = f.ipoib(0x0800, ip)
+    for pid, mac in ((500, a_mac), (b_id, b_mac)):
+        r = testrun.run(datapath.fd("xdpoib_rx"), rx, abi.rx_meta(pid, gen.VIFS[0].vif_id, 0xFFFF))
+        assert r.retval == XdpAction.REDIRECT and r.frame[6:12] == mac
+    maps.remove_peers([b])
+    assert dest(b_mac) == (Kind.UNRESOLVED, 0) and dest(a_mac) == (Kind.PEER, 500)
+    r = testrun.run(datapath.fd("xdpoib_rx"), rx, abi.rx_meta(b_id, gen.VIFS[0].vif_id, 0xFFFF))
+    assert r.retval == XdpAction.DROP

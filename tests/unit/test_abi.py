@@ -12,6 +12,8 @@ from prereq import need_cmd
 from xdpoib import abi
 from xdpoib.reasons import DropReason, Kind
 
+SLOT_MACS = [bytes.fromhex(h) for h in ("020000000001", "f452148d5211", "ffffffffffff", "060102030405")]
+
 
 def _probe_source() -> str:
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "xdpoib_abi.h"', "int main(void) {"]
@@ -22,6 +24,10 @@ def _probe_source() -> str:
             lines.append(f'printf("fsize {cname}.{field} %zu\\n", sizeof(((struct {cname} *)0)->{field}));')
     for name in abi.CONSTANTS:
         lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
+    for i, mac in enumerate(SLOT_MACS):
+        arr = ", ".join(str(b) for b in mac)
+        lines.append(f"{{ unsigned char m[6] = {{{arr}}}; "
+                     f'printf("slot mac{i} %u\\n", (unsigned)XDPOIB_MAC_SLOT(m, XDPOIB_PEER_SLOTS)); }}')
     lines += ["return 0;", "}"]
     return "\n".join(lines)
 
@@ -90,3 +96,8 @@ def test_addr_key_ignores_flags():
     addr = bytes([0x80, 0x00, 0x12, 0x34]) + bytes(range(16))
     k1, k2 = abi.addr_key(addr), abi.addr_key(b"\x00" + addr[1:])
     assert bytes(k1) == bytes(k2) == b"\x00\x12\x34\x00" + bytes(range(16))
+
+
+@pytest.mark.parametrize("i", range(len(SLOT_MACS)))
+def test_mac_slot_function_matches_header(probe, i):
+    assert abi.mac_slot(SLOT_MACS[i], abi.PEER_SLOTS) == probe[f"slot mac{i}"]

@@ -26,6 +26,10 @@ LAYOUT: dict[str, tuple[type, type, bool]] = {
     "xo_vif_id": (abi.U32Key, abi.Vif, False),
     "xo_peer_mac": (abi.MacKey, abi.Peer, False),
     "xo_peer_id": (abi.U32Key, abi.Peer, False),
+    "xo_vifmac_slot": (ct.c_uint32, abi.Vif, False),
+    "xo_vifid_slot": (ct.c_uint32, abi.Vif, False),
+    "xo_peermac_slot": (ct.c_uint32, abi.Peer, False),
+    "xo_peerid_slot": (ct.c_uint32, abi.Peer, False),
     "xo_by_addr": (abi.AddrKey, abi.MacValue, False),
     "xo_group": (abi.MgidKey, abi.Group, False),
     "xo_vlan": (ct.c_uint32, abi.Vlan, False),
@@ -179,23 +183,57 @@ class Maps:
 
     # --------------------------------------------------------------------------------- entities
 
+    def _fill_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
+        """Put entries (id, mac, packed value) into the direct-mapped caches (last one wins a slot)."""
+        mac_slots = {abi.mac_slot(m, nslots): v for _, m, v in entries}
+        id_slots = {abi.id_slot(i, nslots): v for i, _, v in entries}
+        for cache, slots in ((by_mac, mac_slots), (by_id, id_slots)):
+            if slots:
+                cache.update_batch_raw(struct.pack(f"<{len(slots)}I", *slots), b"".join(slots.values()))
+
+    def _clear_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
+        """Empty the cache slots that hold any of these entries (checked by MAC or id)."""
+        empty = by_mac.value_type()
+        for i, m, _ in entries:
+            s = abi.mac_slot(m, nslots)
+            v = by_mac.get(s)
+            if v is not None and bytes(v.mac) == m:
+                by_mac.set(s, empty)
+            s = abi.id_slot(i, nslots)
+            v = by_id.get(s)
+            if v is not None and v.flags and (v.vif_id if hasattr(v, "vif_id") else v.peer_id) == i:
+                by_id.set(s, empty)
+
+    @staticmethod
+    def _packed(entries) -> list[tuple[int, bytes, bytes]]:
+        """(id, mac, addr20) -> (id, mac, the 32-byte Vif/Peer value with the valid flag)."""
+        return [(i, bytes(m), struct.pack("<I", i) + bytes(m) + bytes([abi.F_VALID, 0]) + bytes(a))
+                for i, m, a in entries]
+
     def add_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Install local VIFs given as (vif_id, mac, addr20); their addresses win over peers'."""
-        vifs = list(vifs)
-        vals = [abi.Vif(vif_id=i, mac=(ct.c_uint8 * 6)(*m), addr=(ct.c_uint8 * 20)(*a)) for i, m, a in vifs]
-        self.vif_mac.update_batch((abi.mac_key(m), v) for (_, m, _), v in zip(vifs, vals, strict=True))
-        self.vif_id.update_batch((abi.U32Key(i), v) for (i, _, _), v in zip(vifs, vals, strict=True))
-        self.by_addr.update_batch((abi.addr_key(a), abi.MacValue(mac=(ct.c_uint8 * 6)(*m))) for _, m, a in vifs)
+        vifs = self._packed(vifs)
+        if not vifs:
+            return
+        macs = b"".join(m + b"\0\0" for _, m, _ in vifs)
+        vals = b"".join(v for _, _, v in vifs)
+        self.vif_mac.update_batch_raw(macs, vals)
+        self.vif_id.update_batch_raw(struct.pack(f"<{len(vifs)}I", *(i for i, _, _ in vifs)), vals)
+        self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for _, _, v in vifs), macs)
+        self._fill_slots(self.vifmac_slot, self.vifid_slot, abi.VIF_SLOTS, vifs)
 
     def add_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Install peers given as (peer_id, remac, addr20), batched; an address a VIF owns keeps the VIF."""
-        peers = list(peers)
+        peers = self._packed(peers)
+        if not peers:
+            return
         macs = b"".join(m + b"\0\0" for _, m, _ in peers)
-        vals = b"".join(struct.pack("<I", i) + m + b"\0\0" + a for i, m, a in peers)
+        vals = b"".join(v for _, _, v in peers)
         self.peer_mac.update_batch_raw(macs, vals)
         self.peer_id.update_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)), vals)
-        self.by_addr.update_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers), macs)
-        touched = {bytes(abi.addr_key(a)) for _, _, a in peers}
+        self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for _, _, v in peers), macs)
+        self._fill_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
+        touched = {v[13:16] + b"\0" + v[16:32] for _, _, v in peers}
         for key in list(self.vif_id.keys()):
             v = self.vif_id.get(key)
             if v is not None and bytes(abi.addr_key(bytes(v.addr))) in touched:
@@ -212,6 +250,7 @@ class Maps:
     def remove_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Remove peers given as (peer_id, remac, addr20), batched."""
         peers = list(peers)
+        self._clear_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, self._packed(peers))
         self.peer_mac.delete_batch(abi.mac_key(m) for _, m, _ in peers)
         self.peer_id.delete_batch(abi.U32Key(i) for i, _, _ in peers)
         self.by_addr.delete_batch(abi.addr_key(a) for _, _, a in peers)
@@ -243,6 +282,9 @@ class Maps:
         """Empty every table (entities, groups, partitions, rate limiter untouched)."""
         for m in (self.vif_mac, self.vif_id, self.peer_mac, self.peer_id, self.by_addr, self.group):
             m.clear()
+        for cache, n in ((self.vifmac_slot, abi.VIF_SLOTS), (self.vifid_slot, abi.VIF_SLOTS),
+                         (self.peermac_slot, abi.PEER_SLOTS), (self.peerid_slot, abi.PEER_SLOTS)):
+            cache.update_batch_raw(struct.pack(f"<{n}I", *range(n)), bytes(ct.sizeof(cache.value_type) * n))
         self.clear_partitions()
 
     def counters(self, direction: abi.Direction) -> abi.Stats:
