@@ -71,3 +71,24 @@ int xdpoib_noop(struct xdp_md *ctx)
 {
 	return XDP_PASS;
 }
+
+#ifdef XDPOIB_RESTORE
+/**
+ * Benchmark harness cost: what the restore build adds around every program (count, save, restore
+ * after an IPoIB-sized head change), with no translation work.
+ *
+ * @v ctx       XDP context
+ * @ret XDP_PASS
+ */
+int xdpoib_harness(struct xdp_md *ctx)
+{
+	struct xo_state s = {};
+	u8 saved[XDPOIB_RESTORE_BYTES];
+
+	count_entry(ctx, &s, XDPOIB_DIR_SLOTS);     /* same lookup, no slot: counts nothing */
+	save_frame(ctx, &s, saved);
+	adjust_head(ctx, &s, XDPOIB_ETH_HLEN - XDPOIB_IPOIB_HLEN);
+	restore_frame(ctx, &s, saved);
+	return XDP_PASS;
+}
+#endif

@@ -31,6 +31,7 @@ def run(args) -> int:
         print(json.dumps(res.as_json()))
         return 0
     print(f"no-op XDP program: {res.noop_ns:7.1f} ns/packet   (repeat {res.repeat}, median of {res.rounds})")
+    print(f"  restore harness: {res.harness_ns:7.1f} ns/packet   (included in each program below)")
     for k, v in res.ns.items():
         print(f"{k:>17}: {v:7.1f} ns/packet   {v / res.noop_ns:5.2f}x no-op")
     return 0

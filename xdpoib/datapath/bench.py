@@ -1,6 +1,9 @@
 """`xdpoib bench datapath`: ns per packet of each program via BPF_PROG_TEST_RUN, as ratios to a no-op
 XDP program measured in the same run (interleaved rounds, medians).
 
+`restore_harness_ns_per_packet` is what the restore build alone costs (count, save, restore, no
+translation): the share of each program's time that production frames do not pay.
+
 Uses the restore build, so with repeat > 1 every repetition takes the real path; the counters are
 checked afterwards to prove it (every repetition redirected, none dropped).
 """
@@ -36,6 +39,7 @@ def _frames() -> dict[str, tuple[str, bytes, bytes]]:
     rx_meta = abi.rx_meta(7, 1, 0xFFFF)
     return {
         "noop": ("xdpoib_noop", eth, b""),
+        "harness": ("xdpoib_harness", eth, b""),
         "tx": ("xdpoib_tx", eth, b""),
         "rx": ("xdpoib_rx", f.ipoib(0x0800, ip), rx_meta),
         "arp": ("xdpoib_tx", arp, b""),
@@ -47,13 +51,15 @@ class BenchResult:
     """Median ns per packet of each program and the no-op baseline."""
 
     noop_ns: float
+    harness_ns: float
     ns: dict[str, float]
     repeat: int
     rounds: int
 
     def as_json(self) -> dict:
         """The JSON object `xdpoib bench datapath --json` prints."""
-        out: dict = {"noop_ns_per_packet": round(self.noop_ns, 2)}
+        out: dict = {"noop_ns_per_packet": round(self.noop_ns, 2),
+                     "restore_harness_ns_per_packet": round(self.harness_ns, 2)}
         for k, v in self.ns.items():
             out[k] = {"ns_per_packet": round(v, 2), "ratio_to_noop": round(v / self.noop_ns, 2)}
         out["repeat"], out["rounds"] = self.repeat, self.rounds
@@ -76,7 +82,7 @@ def run_bench(repeat: int = 1_000_000, rounds: int = 5) -> BenchResult:
         m.egress.set(0, 1)
         for key, (prog, frame, meta) in frames.items():
             r = testrun.run(dp.fd(prog), frame, meta)
-            want = XdpAction.PASS if key == "noop" else XdpAction.REDIRECT
+            want = XdpAction.PASS if key in ("noop", "harness") else XdpAction.REDIRECT
             if r.retval != want or r.frame != frame or r.meta != meta:
                 raise BenchError(f"{key}: the restore build did not take the real path and restore the frame "
                                  f"(verdict {r.retval})")
@@ -89,4 +95,4 @@ def run_bench(repeat: int = 1_000_000, rounds: int = 5) -> BenchResult:
         if tx.verdicts[XdpAction.REDIRECT] != 2 * rounds * repeat or rx.verdicts[XdpAction.REDIRECT] != rounds * repeat:
             raise BenchError("not every repetition was redirected: the measured path is not the real one")
     med = {k: float(statistics.median(v)) for k, v in samples.items()}
-    return BenchResult(med.pop("noop"), med, repeat, rounds)
+    return BenchResult(med.pop("noop"), med.pop("harness"), med, repeat, rounds)

@@ -95,7 +95,8 @@ class Datapath:
         self._bpf = None
         try:
             self._bpf = BPF(text=source().encode(), cflags=build.cflags())
-            self._progs = {name: self._bpf.load_func(name.encode(), BPF.XDP) for name in PROGRAMS}
+            names = PROGRAMS + (("xdpoib_harness",) if build.restore else ())
+            self._progs = {name: self._bpf.load_func(name.encode(), BPF.XDP) for name in names}
         except Exception as e:
             if self._bpf is not None:
                 self._bpf.cleanup()
