@@ -62,6 +62,46 @@ int xdpoib_rx(struct xdp_md *ctx)
 }
 
 /**
+ * Batched injection: run i of a live-frames call takes xo_inject[i] (frame and metadata) in place of
+ * the dummy input, then does what xdpoib_rx does. The agent fills the slots, zeroes xo_inject_idx and
+ * makes one call with repeat = batch_size = the number of frames.
+ *
+ * @v ctx       XDP context (live frame, contents replaced)
+ * @ret XDP action
+ */
+int xdpoib_rx_batch(struct xdp_md *ctx)
+{
+	struct xo_state s = {};
+	struct xdpoib_inject_slot *slot;
+	struct xdpoib_rx_meta *m;
+	void *data, *meta;
+	u32 zero = 0, i, len, *idx;
+
+	idx = xo_inject_idx.lookup(&zero);
+	if (!idx)
+		return XDP_ABORTED;
+	i = *idx;
+	*idx = i + 1;
+	i &= XDPOIB_INJECT_SLOTS - 1;
+	slot = xo_inject.lookup(&i);
+	len = slot ? slot->len : 0;
+	if (!slot || len < XDPOIB_ETH_HLEN || len > XDPOIB_INJECT_MAX || set_len(ctx, len) ||
+	    bpf_xdp_store_bytes(ctx, 0, slot->frame, xo_size(len, 4095)) ||
+	    bpf_xdp_adjust_meta(ctx, -(int)sizeof(*m))) {
+		count_entry(ctx, &s, XDPOIB_DIR_RX);
+		return XO_DROP(s.st, BAD_METADATA);
+	}
+	data = (void *)(long)ctx->data;
+	meta = (void *)(long)ctx->data_meta;
+	m = meta;
+	if ((void *)(m + 1) > data)
+		return XDP_ABORTED;
+	__builtin_memcpy(m, &slot->meta, sizeof(*m));
+	count_entry(ctx, &s, XDPOIB_DIR_RX);
+	return rx_frame(ctx, &s);
+}
+
+/**
  * The benchmark baseline: pass every frame.
  *
  * @v ctx       XDP context

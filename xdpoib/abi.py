@@ -198,6 +198,16 @@ class DestKey(_Struct):
     _fields_ = [("dest", u8 * 16), ("pkey", u32)]
 
 
+INJECT_SLOTS = 256
+INJECT_MAX = 3504
+
+
+class InjectSlot(_Struct):
+    """One frame queued for batched injection."""
+
+    _fields_ = [("len", u32), ("reserved", u32), ("meta", RxMeta), ("frame", u8 * 4096)]
+
+
 # C struct name -> mirror, for the probe tests.
 STRUCTS: dict[str, type[_Struct]] = {
     "xdpoib_tx_meta": TxMeta,
@@ -216,6 +226,7 @@ STRUCTS: dict[str, type[_Struct]] = {
     "xdpoib_stats": Stats,
     "xdpoib_unresolved_event": UnresolvedEvent,
     "xdpoib_dest_key": DestKey,
+    "xdpoib_inject_slot": InjectSlot,
 }
 
 # C macro or enumerator -> the Python value that must equal it, for the probe tests.
@@ -252,6 +263,8 @@ CONSTANTS: dict[str, int] = {
     "XDPOIB_MAX_GROUPS": MAX_GROUPS,
     "XDPOIB_MAX_VLANS": MAX_VLANS,
     "XDPOIB_VIF_SLOTS": VIF_SLOTS,
+    "XDPOIB_INJECT_SLOTS": INJECT_SLOTS,
+    "XDPOIB_INJECT_MAX": INJECT_MAX,
     "XDPOIB_PEER_SLOTS": PEER_SLOTS,
     "XDPOIB_MAX_PKEYS": MAX_PKEYS,
     "XDPOIB_F_VALID": F_VALID,

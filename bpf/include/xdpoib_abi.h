@@ -249,6 +249,16 @@ struct xdpoib_dest_key {
 	xo_u32 pkey;
 };
 
+/* A frame queued for batched injection (xo_inject[i], the i-th run of one live-frames call). */
+#define XDPOIB_INJECT_SLOTS     256     /* the kernel's largest live-frames batch */
+#define XDPOIB_INJECT_MAX       3504    /* largest injected frame (a page minus head/tailroom) */
+struct xdpoib_inject_slot {
+	xo_u32 len;                     /* frame bytes */
+	xo_u32 reserved;
+	struct xdpoib_rx_meta meta;
+	xo_u8  frame[4096];             /* only len (<= XDPOIB_INJECT_MAX) bytes used */
+};
+
 /* ================================================================ map names and sizes */
 
 #define XDPOIB_MAX_VIFS         1024
@@ -295,5 +305,6 @@ _Static_assert(sizeof(struct xdpoib_stats) == 8 * (2 + 5 + 1 + XDPOIB_KIND_SLOTS
 	       "stats size");
 _Static_assert(sizeof(struct xdpoib_unresolved_event) == 24, "event size");
 _Static_assert(sizeof(struct xdpoib_dest_key) == 20, "dest key size");
+_Static_assert(sizeof(struct xdpoib_inject_slot) == 24 + 4096, "inject slot size");
 
 #endif /* XDPOIB_ABI_H */

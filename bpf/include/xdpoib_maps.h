@@ -51,6 +51,10 @@ BPF_XSKMAP(xo_xsks, XDPOIB_MAX_XSKS);
 /* Where RX frames go: slot 0 is the device facing eth4 (internal veth end or the VM's TAP). */
 BPF_DEVMAP(xo_egress, 1);
 
+/* Batched injection: frames and metadata for one live-frames call, and the per-CPU run index. */
+BPF_ARRAY(xo_inject, struct xdpoib_inject_slot, XDPOIB_INJECT_SLOTS);
+BPF_PERCPU_ARRAY(xo_inject_idx, u32, 1);
+
 /* Destinations not in the maps: reported on xo_events, once per destination per interval. */
 BPF_TABLE("lru_hash", struct xdpoib_dest_key, u64, xo_reported, XDPOIB_MAX_REPORTS);
 BPF_RINGBUF_OUTPUT(xo_events, XDPOIB_EVENTS_PAGES);

@@ -37,6 +37,8 @@ LAYOUT: dict[str, tuple[type, type, bool]] = {
     "xo_config": (ct.c_uint32, abi.Config, False),
     "xo_xsks": (ct.c_uint32, ct.c_uint32, False),
     "xo_egress": (ct.c_uint32, ct.c_uint32, False),
+    "xo_inject": (ct.c_uint32, abi.InjectSlot, False),
+    "xo_inject_idx": (ct.c_uint32, ct.c_uint32, True),
 }
 BATCH = 4096
 

@@ -1,0 +1,207 @@
+"""Injection through live-frames BPF_PROG_TEST_RUN and the devmap: frames reach eth4 on a veth pair and
+the reader of a TAP, translated; measured rates are printed (never asserted)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import socket
+import struct
+import subprocess
+import time
+import uuid
+
+import gen
+import pytest
+from prereq import need_cmd
+
+from xdpoib import abi
+from xdpoib.datapath.inject import Injector, attach_anchor
+from xdpoib.wire import frames as f
+
+IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+UDP = f.ipv4(IP_B, IP_A, 17, f.udp(IP_B, IP_A, 1000, 2000, b"injected"))
+PEER, VIF = gen.PEERS[0], gen.VIFS[0]
+
+CAPTURE = r"""
+import socket, sys, select
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+want, got = int(sys.argv[2]), 0
+while got < want:
+    r, _, _ = select.select([s], [], [], 5)
+    if not r:
+        break
+    data, addr = s.recvfrom(65535)
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    got += 1
+    print(data.hex(), flush=True)
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def veth_netns():
+    """A throwaway netns holding eth4; its peer (the internal end) stays here. Removed afterwards."""
+    need_cmd("ip", "ethtool")
+    tag = uuid.uuid4().hex[:6]
+    ns, inner, eth4 = f"xot-{tag}", f"xoi{tag}", f"xoe{tag}"
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", eth4)
+        sh("ip", "link", "set", eth4, "netns", ns)
+        sh("ip", "link", "set", inner, "up")
+        sh("ip", "-n", ns, "link", "set", eth4, "up")
+        # DESIGN 6: a veth peer drops redirected frames unless it has XDP or GRO on
+        sh("ip", "netns", "exec", ns, "ethtool", "-K", eth4, "gro", "on")
+        yield ns, inner, eth4
+    finally:
+        subprocess.run(["ip", "link", "del", inner], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _capture(ns: str, dev: str, n: int) -> subprocess.Popen:
+    cap = subprocess.Popen(["ip", "netns", "exec", ns, os.path.realpath("/proc/self/exe"), "-c", CAPTURE,
+                            dev, str(n)], stdout=subprocess.PIPE, text=True)
+    assert cap.stdout.readline().strip() == "ready"
+    return cap
+
+
+def test_live_frames_reach_eth4_over_veth(datapath, maps, veth_netns):
+    ns, inner, eth4 = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    n = 20
+    cap = subprocess.Popen(["ip", "netns", "exec", ns, os.path.realpath("/proc/self/exe"), "-c", CAPTURE,
+                            eth4, str(n)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert cap.stdout.readline().strip() == "ready"
+        for _ in range(n):
+            inj.send(f.ipoib(0x0800, UDP), PEER.peer_id, VIF.vif_id, 0xFFFF)
+        got = [bytes.fromhex(line) for line in cap.stdout]
+    finally:
+        cap.kill()
+        cap.wait()
+    assert got and all(g == f.eth(VIF.mac, PEER.mac, 0x0800, UDP) for g in got), got[:1]
+    assert len(got) == n
+    t0, k = time.perf_counter(), 2000
+    for _ in range(k):
+        inj.send(f.ipoib(0x0800, UDP), PEER.peer_id, VIF.vif_id, 0xFFFF)
+    rate = k / (time.perf_counter() - t0)
+    meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+    t0, calls = time.perf_counter(), 10
+    for _ in range(calls):
+        inj.send_repeated(f.ipoib(0x0800, UDP), meta, 64)
+    batched = calls * 64 / (time.perf_counter() - t0)
+    print(f"\nveth injection: {rate / 1e3:.0f} kpps one frame per call, {batched / 1e3:.0f} kpps 64 per call")
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+@pytest.fixture
+def tap():
+    """A TAP device whose fd this test holds (the VM's side); deleted afterwards."""
+    need_cmd("ip")
+    name = f"xotap{uuid.uuid4().hex[:6]}"
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+        sh("ip", "link", "set", name, "up")
+        yield name, fd
+    finally:
+        os.close(fd)
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+def _read_frames(fd: int, want: bytes, timeout: float = 2.0) -> int:
+    """Count frames equal to want read from a TAP fd (others, e.g. IPv6 router solicitations, skipped)."""
+    n, end = 0, time.monotonic() + timeout
+    while time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if not r:
+            if n:
+                break
+            continue
+        if os.read(fd, 65535) == want:
+            n += 1
+    return n
+
+
+def test_live_frames_reach_a_tap_reader(datapath, maps, tap):
+    name, fd = tap
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(name))
+    want = f.eth(VIF.mac, PEER.mac, 0x0800, UDP)
+    for _ in range(10):
+        inj.send(f.ipoib(0x0800, UDP), PEER.peer_id, VIF.vif_id, 0xFFFF)
+    assert _read_frames(fd, want) == 10
+    t0, k = time.perf_counter(), 500
+    for _ in range(k):
+        inj.send(f.ipoib(0x0800, UDP), PEER.peer_id, VIF.vif_id, 0xFFFF)
+    rate = k / (time.perf_counter() - t0)
+    assert _read_frames(fd, want) > 0          # drain (the TAP queue holds 500 frames by default)
+    meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+    inj.send_batch([(f.ipoib(0x0800, UDP), meta)] * 16)
+    assert _read_frames(fd, want) == 16
+    print(f"\nTAP injection: {rate / 1e3:.0f} kpps one frame per call")
+
+
+def _udp_frame(i: int) -> bytes:
+    return f.ipv4(IP_B, IP_A, 17, f.udp(IP_B, IP_A, 1000, i, b"batched %d" % i))
+
+
+def test_batched_injection_delivers_distinct_frames_in_order(datapath, maps, veth_netns):
+    ns, inner, eth4 = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    n = 32
+    items = [(f.ipoib(0x0800, _udp_frame(i)), abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)) for i in range(n)]
+    items[5] = (items[5][0], abi.rx_meta(999, VIF.vif_id, 0xFFFF))         # unknown sender: dropped
+    cap = _capture(ns, eth4, n - 1)
+    try:
+        inj.send_batch(items)
+        got = [bytes.fromhex(line) for line in cap.stdout]
+    finally:
+        cap.kill()
+        cap.wait()
+    want = [f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(i)) for i in range(n) if i != 5]
+    assert got == want
+    st = maps.counters(abi.Direction.RX)
+    assert (st.packets, st.verdicts[abi.XdpAction.REDIRECT], st.drops[15]) == (n, n - 1, 1)
+
+
+def test_injection_rates(datapath, maps, veth_netns):
+    """Prints kpps of single and batched injection, with and without the anchor (never asserted)."""
+    _, inner, _ = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+    batch = [(f.ipoib(0x0800, _udp_frame(i)), meta) for i in range(256)]
+
+    def rate(fn, per_call: int, seconds: float = 0.5) -> float:
+        t0, calls = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            calls += 1
+        return calls * per_call / (time.perf_counter() - t0) / 1e3
+
+    one = rate(lambda: inj.send(batch[0][0], PEER.peer_id, VIF.vif_id, 0xFFFF), 1)
+    plain = rate(lambda: inj.send_batch(batch[:64]), 64)
+    anchor_dev = f"xoa{uuid.uuid4().hex[:6]}"
+    sh("ip", "link", "add", anchor_dev, "type", "veth", "peer", "name", anchor_dev + "p")
+    try:
+        attach_anchor(datapath, anchor_dev)
+        b64 = rate(lambda: inj.send_batch(batch[:64]), 64)
+        b256 = rate(lambda: inj.send_batch(batch), 256)
+    finally:
+        subprocess.run(["ip", "link", "del", anchor_dev], capture_output=True)
+    print(f"\nveth injection kpps: 1/call {one:.0f}; 64/call {plain:.0f} (no anchor), "
+          f"{b64:.0f} (anchor); 256/call {b256:.0f} (anchor)")
