@@ -388,3 +388,107 @@ def test_port_changes_become_events_and_a_new_lid_is_reachable():
         cb.attrs = replace(cb.attrs, state=PortState.ACTIVE)
         assert [e.kind for e in b.refresh()] == [PortEventKind.PORT_ACTIVE]
         assert b.refresh() == []
+
+
+# ---------------------------------------------------------------- benchmark (prints ratios, asserts none)
+
+def _static_backend(fabric, lid, guid):
+    from xdpoib.fabric.base import PortAttrs
+    from xdpoib.fabric.simud import SimUdBackend, StaticControl
+
+    gid = bytes.fromhex("fe80000000000000") + guid.to_bytes(8, "big")
+    return SimUdBackend(fabric, StaticControl(PortAttrs(
+        lid=lid, sm_lid=1, state=PortState.ACTIVE, active_mtu=2048, port_guid=guid, gids=(gid,),
+        pkeys=(0xFFFF,))), poll_interval=3600)
+
+
+def _run_pair(sender, receiver, seconds):
+    """Fork a receiver (counts what it gets) and run the sender here; packets received per second."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                # child: receive until the sender's stop mark
+        os.close(rfd)
+        code = 0
+        try:
+            n = receiver()
+            os.write(wfd, str(n).encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    start = time.perf_counter()
+    sender(seconds)
+    got = int(os.read(rfd, 64) or b"0")
+    elapsed = time.perf_counter() - start
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return got / elapsed
+
+
+@pytest.mark.bench
+def test_bench_sim_transport_against_raw_unix_datagrams():
+    """Sim UD (64-byte payloads, batches of 64, two processes) against raw unix datagram sockets
+    carrying the same bundles: the sim's cost of IB rules, headers and completions."""
+    import socket
+
+    batch_size, seconds, stop = 64, 2.0, b"\x00STOP"
+    fabric = f"bench{os.getpid()}"
+    a, b = _static_backend(fabric, 0x41, 0xC1), _static_backend(fabric, 0x42, 0xC2)
+    qa = a.create_qp(0xFFFF, QKEY, a.alloc_pool(4, GRH_LEN + 256))
+    qb = b.create_qp(0xFFFF, QKEY, b.alloc_pool(1024, GRH_LEN + 256))
+    qb.post_recv(range(1024))
+    ah = a.create_ah(Path(dlid=0x42))
+    frames = [SendRequest(ah, qb.qpn, QKEY, bytes(64)) for _ in range(batch_size)]
+
+    def sim_send(secs):
+        end = time.perf_counter() + secs
+        while time.perf_counter() < end:
+            qa.post_send(frames)
+            time.sleep(0) if a.counters()[FabricCounter.RX_OVERRUN] else None
+        qa.post_send([SendRequest(ah, qb.qpn, QKEY, stop)])
+
+    def sim_recv():
+        n = 0
+        while True:
+            qb.wait(1.0)
+            cs = qb.poll(256)
+            if any(c.byte_len == len(stop) for c in cs):
+                return n
+            n += len(cs)
+            qb.post_recv([c.index for c in cs])
+
+    sim = _run_pair(sim_send, sim_recv, seconds)
+    overrun = a.counters()[FabricCounter.RX_OVERRUN]
+    a.close()
+    b.close()
+
+    s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s1.setblocking(False)
+    bundle = b"".join(bytes(56) + bytes(64) for _ in range(batch_size))
+    drops = 0
+
+    def raw_send(secs):
+        nonlocal drops
+        end = time.perf_counter() + secs
+        while time.perf_counter() < end:
+            try:
+                s1.send(bundle)
+            except BlockingIOError:
+                drops += 1
+        s1.setblocking(True)
+        s1.send(stop)
+
+    def raw_recv():
+        n, buf = 0, bytearray(1 << 18)
+        out = bytearray(256 * 1024)
+        while True:
+            size = s2.recv_into(buf)
+            if buf[:size] == stop:
+                return n
+            for off in range(0, size, 120):         # copy each payload out, as a completion would
+                out[off:off + 64] = buf[off + 56:off + 120]
+            n += size // 120
+
+    raw = _run_pair(raw_send, raw_recv, seconds)
+    print(f"\nsim UD: {sim / 1e3:.0f} kpps received (sender overruns {overrun}); raw unix datagrams: "
+          f"{raw / 1e3:.0f} kpps (send drops {drops}); sim/raw = {sim / raw:.2f}")

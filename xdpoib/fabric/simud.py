@@ -221,6 +221,9 @@ class SimQp(UdQp):
         self._cq: deque[Completion] = deque()
         self._attached: dict[bytes, _Attachment] = {}
         self._rbuf = bytearray(RECV_BUFSIZE)
+        if not isinstance(pool, MemoryPool):
+            raise QpError("the sim backend receives into pools from its own alloc_pool()")
+        self._memory = pool.memory
         self._lock = threading.Lock()
         # readable while the socket has data or completions wait in the CQ
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -313,7 +316,9 @@ class SimQp(UdQp):
         count = b._counters.add
         view = memoryview(self._rbuf)
         verdicts: dict[bytes, tuple[FabricCounter | None, wire.Packet]] = {}
-        posted, cq, pool = self._posted, self._cq, self.pool
+        posted, cq = self._posted, self._cq
+        mem, stride = self._memory, self.pool.size
+        room = stride - wire.GRH_LEN
         while True:
             try:
                 n = self.sock.recv_into(self._rbuf)
@@ -337,16 +342,17 @@ class SimQp(UdQp):
                     count(FabricCounter.NO_RECV_BUFFER)
                     continue
                 index = posted.popleft()
-                buf = pool.view(index)
                 size = len(body)
-                if size > len(buf) - wire.GRH_LEN:
+                if size > room:
                     cq.append(Completion(CompletionStatus.LOC_LEN_ERR, 0, p.src_qpn, p.slid,
                                          p.sgid if p.grh else None, p.grh, self.pkey_index, index, b""))
                     self._to_error()
                     continue
+                start = index * stride
                 if p.grh:
-                    buf[:wire.GRH_LEN] = wire.grh(p, length=size)
-                payload = buf[wire.GRH_LEN:wire.GRH_LEN + size]
+                    mem[start:start + wire.GRH_LEN] = wire.grh(p, length=size)
+                start += wire.GRH_LEN
+                payload = mem[start:start + size]
                 payload[:] = body
                 cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid,
                                      p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload))
