@@ -34,7 +34,7 @@ _mgids = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def fab(sim_fabric):
-    """conftest's three-host fabric (h1, h2 in 0x8003; h3 not)."""
+    """conftest's fabric: three hosts, h1 and h2 in partition 0x8003, h3 not."""
     return sim_fabric
 
 
@@ -388,6 +388,32 @@ def test_port_changes_become_events_and_a_new_lid_is_reachable():
         cb.attrs = replace(cb.attrs, state=PortState.ACTIVE)
         assert [e.kind for e in b.refresh()] == [PortEventKind.PORT_ACTIVE]
         assert b.refresh() == []
+
+
+def test_overrun_and_malformed_datagrams_are_counted():
+    """A receiver that does not drain loses datagrams at its socket queue (counted by the sender);
+    bytes that are not sim packets are counted by the receiver."""
+    import socket
+
+    from xdpoib.fabric.simud import qp_address
+
+    fabric = f"ov{os.getpid()}"
+    with _static_backend(fabric, 0x51, 0xD1) as a, _static_backend(fabric, 0x52, 0xD2) as b:
+        qa = a.create_qp(0xFFFF, QKEY, a.alloc_pool(2, GRH_LEN + 256))
+        qb = b.create_qp(0xFFFF, QKEY, b.alloc_pool(64, GRH_LEN + 256))
+        qb.post_recv(range(64))
+        ah = a.create_ah(Path(dlid=0x52))
+        sent = 40
+        for i in range(sent):                   # one datagram each: more than the socket queue holds
+            qa.post_send([SendRequest(ah, qb.qpn, QKEY, b"%d" % i)])
+        overrun = a.counters()[FabricCounter.RX_OVERRUN]
+        got = qb.poll(64)
+        assert overrun > 0 and len(got) + overrun == sent
+        assert [bytes(c.payload) for c in got] == [b"%d" % i for i in range(len(got))]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"not a sim packet", qp_address(fabric, 0xD2, qb.qpn))
+        assert qb.wait(5) and qb.poll(4) == []
+        assert b.counters()[FabricCounter.BAD_DATAGRAM] == 1
 
 
 # ---------------------------------------------------------------- benchmark (prints ratios, asserts none)
