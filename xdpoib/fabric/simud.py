@@ -200,6 +200,8 @@ class SimQp(UdQp):
     """A UD QP of the sim backend (see the module doc for the rules it keeps)."""
 
     def __init__(self, backend: SimUdBackend, pkey: int, pkey_index: int, qkey: int, pool: BufferPool):
+        if not isinstance(pool, MemoryPool):
+            raise QpError("the sim backend receives into pools from its own alloc_pool()")
         self.backend = backend
         self.pkey, self.pkey_index, self.qkey, self.pool = pkey, pkey_index, qkey, pool
         self.qpn = 0
@@ -221,8 +223,6 @@ class SimQp(UdQp):
         self._cq: deque[Completion] = deque()
         self._attached: dict[bytes, _Attachment] = {}
         self._rbuf = bytearray(RECV_BUFSIZE)
-        if not isinstance(pool, MemoryPool):
-            raise QpError("the sim backend receives into pools from its own alloc_pool()")
         self._memory = pool.memory
         self._lock = threading.Lock()
         # readable while the socket has data or completions wait in the CQ
