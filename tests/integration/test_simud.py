@@ -330,6 +330,29 @@ def test_unlink_relink_reports_events_and_memberships_are_gone(fab, hosts):
     leave(hosts["h2"], mgid)
 
 
+def test_partition_change_by_opensm_is_a_pkey_change_event(fab, hosts):
+    """h3 joins 0x8003 when OpenSM reloads its partitions (SIGHUP), and leaves it when restored."""
+    h3 = hosts["h3"]
+    conf = fab.workdir / "partitions.conf"
+    original = conf.read_text()
+    everyone = ", ".join(f"{h.guid:#018x}=full" for h in fab.hosts)
+    opensm = fab.state["pids"]["opensm"][0]
+    h3.events.get()
+    try:
+        conf.write_text(f"Default=0x7fff, ipoib, mtu=4 : ALL=full;\nP8003=0x8003, ipoib, mtu=4 : {everyone};\n")
+        os.kill(opensm, signal.SIGHUP)
+        ev = _wait_event(h3, PortEventKind.PKEY_CHANGE)
+        assert P8003 in ev.attrs.pkeys
+        qp = Qp(h3, P8003)                     # now allowed
+        assert qp.qp.pkey_index == ev.attrs.pkeys.index(P8003)
+        qp.qp.close()
+    finally:
+        conf.write_text(original)
+        os.kill(opensm, signal.SIGHUP)
+    ev = _wait_event(h3, PortEventKind.PKEY_CHANGE)
+    assert P8003 not in ev.attrs.pkeys
+
+
 # ---------------------------------------------------------------- names are released
 
 def test_registry_names_disappear_with_their_process(fab):
