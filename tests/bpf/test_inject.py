@@ -35,8 +35,8 @@ while got < want:
     if not r:
         break
     data, addr = s.recvfrom(65535)
-    if addr[2] == socket.PACKET_OUTGOING:
-        continue
+    if addr[2] == socket.PACKET_OUTGOING or data[12:14] != b"\x08\x00":
+        continue    # only IPv4: the host also sends IPv6 autoconfiguration through the veth
     got += 1
     print(data.hex(), flush=True)
 """
@@ -56,6 +56,7 @@ def veth_netns():
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", inner, "type", "veth", "peer", "name", eth4)
         sh("ip", "link", "set", eth4, "netns", ns)
+        sh("sysctl", "-qw", f"net.ipv6.conf.{inner}.disable_ipv6=1")
         sh("ip", "link", "set", inner, "up")
         sh("ip", "-n", ns, "link", "set", eth4, "up")
         # DESIGN 6: a veth peer drops redirected frames unless it has XDP or GRO on
