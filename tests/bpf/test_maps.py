@@ -69,6 +69,8 @@ def test_vif_address_wins_over_a_peer_with_the_same_address(maps):
     maps.add_vifs([(vif.vif_id, vif.mac, vif.addr.pack())])
     maps.add_peers([(5, bytes.fromhex("060000000005"), vif.addr.pack())])
     assert bytes(maps.by_addr.get(abi.addr_key(vif.addr.pack())).mac) == vif.mac
+    maps.remove_peers([(5, bytes.fromhex("060000000005"), vif.addr.pack())])
+    assert bytes(maps.by_addr.get(abi.addr_key(vif.addr.pack())).mac) == vif.mac
 
 
 def test_pinned_maps_and_programs_outlive_their_loader(datapath, maps, tmp_path):

@@ -149,6 +149,28 @@ def map_update_batch(fd: int, keys, values, count: int) -> None:
         raise BpfSyscallError("map update batch (partial)", errno.EIO)
 
 
+def map_lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int) -> tuple[bytes, bytes, int]:
+    """Read a whole map with BPF_MAP_LOOKUP_BATCH; return (keys, values, count) as packed bytes."""
+    keys = ct.create_string_buffer(key_size * max_entries)
+    vals = ct.create_string_buffer(value_size * max_entries)
+    cursor_in, cursor_out = ct.c_uint64(), ct.c_uint64()
+    total, first = 0, True
+    while total < max_entries:
+        a = MapBatchAttr(in_batch=0 if first else ct.addressof(cursor_in), out_batch=ct.addressof(cursor_out),
+                         keys=ct.addressof(keys) + total * key_size, values=ct.addressof(vals) + total * value_size,
+                         count=max_entries - total, map_fd=fd)
+        try:
+            bpf(MAP_LOOKUP_BATCH, a, "map lookup batch")
+        except BpfSyscallError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            total += a.count
+            break
+        total += a.count
+        cursor_in.value, first = cursor_out.value, False
+    return keys.raw[: total * key_size], vals.raw[: total * value_size], total
+
+
 def map_delete_batch(fd: int, keys, count: int) -> int:
     """Delete count keys from a ctypes array in one call; return how many were deleted."""
     a = MapBatchAttr(keys=_addr(keys), count=count, map_fd=fd)

@@ -41,6 +41,7 @@ LAYOUT: dict[str, tuple[type, type, bool]] = {
     "xo_inject_idx": (ct.c_uint32, ct.c_uint32, True),
 }
 BATCH = 4096
+_ENTITY = struct.Struct("<I6sBx20s")   # struct xdpoib_vif / xdpoib_peer
 
 
 class MapError(XdpoibError):
@@ -128,6 +129,15 @@ class Map:
             bpfsys.map_update_batch(self.fd, karr, varr, c)
         return n
 
+    def delete_batch_raw(self, keys: bytes) -> int:
+        """Delete elements given as packed key bytes, BATCH per call; return how many were deleted."""
+        ks = ct.sizeof(self.key_type)
+        n, done = len(keys) // ks, 0
+        for i in range(0, n, BATCH):
+            c = min(BATCH, n - i)
+            done += bpfsys.map_delete_batch(self.fd, (self.key_type * c).from_buffer_copy(keys, i * ks), c)
+        return done
+
     def delete_batch(self, keys: Iterable) -> int:
         """Delete many keys, BATCH per call; return how many were deleted."""
         keys = [self._key(k) for k in keys]
@@ -187,30 +197,38 @@ class Maps:
 
     def _fill_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
         """Put entries (id, mac, packed value) into the direct-mapped caches (last one wins a slot)."""
-        mac_slots = {abi.mac_slot(m, nslots): v for _, m, v in entries}
-        id_slots = {abi.id_slot(i, nslots): v for i, _, v in entries}
+        mask = nslots - 1
+        mac_slots = {((x := int.from_bytes(m[2:6], "big") ^ int.from_bytes(m[0:2], "big")) ^ (x >> 16)) & mask: v
+                     for _, m, v in entries}
+        id_slots = {i & mask: v for i, _, v in entries}
         for cache, slots in ((by_mac, mac_slots), (by_id, id_slots)):
             if slots:
                 cache.update_batch_raw(struct.pack(f"<{len(slots)}I", *slots), b"".join(slots.values()))
 
     def _clear_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
-        """Empty the cache slots that hold any of these entries (checked by MAC or id)."""
-        empty = by_mac.value_type()
-        for i, m, _ in entries:
-            s = abi.mac_slot(m, nslots)
-            v = by_mac.get(s)
-            if v is not None and bytes(v.mac) == m:
-                by_mac.set(s, empty)
-            s = abi.id_slot(i, nslots)
-            v = by_id.get(s)
-            if v is not None and v.flags and (v.vif_id if hasattr(v, "vif_id") else v.peer_id) == i:
-                by_id.set(s, empty)
+        """Empty the cache slots that hold any of these entries (checked by MAC or id): both caches are
+        read whole (one batched lookup each) and only the changed slots written back."""
+        vs = ct.sizeof(by_mac.value_type)
+        for cache, slot_of, match in (
+                (by_mac, lambda e: abi.mac_slot(e[1], nslots), lambda e, v: v[4:10] == e[1]),
+                (by_id, lambda e: abi.id_slot(e[0], nslots), lambda e, v: int.from_bytes(v[0:4], "little") == e[0])):
+            _, vals, n = bpfsys.map_lookup_batch(cache.fd, 4, vs, nslots)
+            hit = set()
+            for e in entries:
+                s = slot_of(e)
+                if s in hit or s >= n:
+                    continue
+                v = vals[s * vs:(s + 1) * vs]
+                if v[10] & abi.F_VALID and match(e, v):
+                    hit.add(s)
+            if hit:
+                cache.update_batch_raw(struct.pack(f"<{len(hit)}I", *hit), bytes(vs * len(hit)))
 
     @staticmethod
     def _packed(entries) -> list[tuple[int, bytes, bytes]]:
         """(id, mac, addr20) -> (id, mac, the 32-byte Vif/Peer value with the valid flag)."""
-        return [(i, bytes(m), struct.pack("<I", i) + bytes(m) + bytes([abi.F_VALID, 0]) + bytes(a))
-                for i, m, a in entries]
+        pack = _ENTITY.pack
+        return [(i, m, pack(i, m, abi.F_VALID, a)) for i, m, a in entries]
 
     def add_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Install local VIFs given as (vif_id, mac, addr20); their addresses win over peers'."""
@@ -235,11 +253,16 @@ class Maps:
         self.peer_id.update_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)), vals)
         self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for _, _, v in peers), macs)
         self._fill_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
-        touched = {v[13:16] + b"\0" + v[16:32] for _, _, v in peers}
-        for key in list(self.vif_id.keys()):
-            v = self.vif_id.get(key)
-            if v is not None and bytes(abi.addr_key(bytes(v.addr))) in touched:
-                self.by_addr.set(abi.addr_key(bytes(v.addr)), abi.MacValue(mac=v.mac))
+        self._reassert_vif_addrs()
+
+    def _reassert_vif_addrs(self) -> None:
+        """Put every VIF's (QPN, GID) -> MAC back in by_addr (VIFs win over peers with the same address)."""
+        _, vals, n = bpfsys.map_lookup_batch(self.vif_id.fd, 4, ct.sizeof(abi.Vif), abi.MAX_VIFS)
+        vs = ct.sizeof(abi.Vif)
+        vifs = [vals[i * vs:(i + 1) * vs] for i in range(n)]
+        if vifs:
+            self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for v in vifs),
+                                          b"".join(v[4:10] + b"\0\0" for v in vifs))
 
     def load(self, tables) -> None:
         """Install an oracle `Tables` (xdpoib.wire.oracle): VIFs, peers, partitions, scope."""
@@ -251,11 +274,12 @@ class Maps:
 
     def remove_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Remove peers given as (peer_id, remac, addr20), batched."""
-        peers = list(peers)
-        self._clear_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, self._packed(peers))
-        self.peer_mac.delete_batch(abi.mac_key(m) for _, m, _ in peers)
-        self.peer_id.delete_batch(abi.U32Key(i) for i, _, _ in peers)
-        self.by_addr.delete_batch(abi.addr_key(a) for _, _, a in peers)
+        peers = [(i, bytes(m), bytes(a)) for i, m, a in peers]
+        self._clear_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
+        self.peer_mac.delete_batch_raw(b"".join(m + b"\0\0" for _, m, _ in peers))
+        self.peer_id.delete_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)))
+        self.by_addr.delete_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers))
+        self._reassert_vif_addrs()
 
     def set_group(self, mgid: bytes, group_id: int) -> None:
         """Map an MGID to a group id."""
