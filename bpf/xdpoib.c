@@ -31,7 +31,7 @@ int xdpoib_tx(struct xdp_md *ctx)
 #endif
 	rc = tx_frame(ctx, &s);
 #ifdef XDPOIB_RESTORE
-	restore_frame(ctx, &s, saved);
+	restore_frame(ctx, &s, saved, 1);
 #endif
 	return rc;
 }
@@ -56,7 +56,7 @@ int xdpoib_rx(struct xdp_md *ctx)
 #endif
 	rc = rx_frame(ctx, &s);
 #ifdef XDPOIB_RESTORE
-	restore_frame(ctx, &s, saved);
+	restore_frame(ctx, &s, saved, 0);
 #endif
 	return rc;
 }
@@ -128,7 +128,7 @@ int xdpoib_harness(struct xdp_md *ctx)
 	count_entry(ctx, &s, XDPOIB_DIR_SLOTS);     /* same lookup, no slot: counts nothing */
 	save_frame(ctx, &s, saved);
 	adjust_head(ctx, &s, XDPOIB_ETH_HLEN - XDPOIB_IPOIB_HLEN);
-	restore_frame(ctx, &s, saved);
+	restore_frame(ctx, &s, saved, 0);
 	return XDP_PASS;
 }
 #endif

@@ -211,13 +211,16 @@ static __always_inline void save_frame(struct xdp_md *ctx, struct xo_state *s, u
  * @v ctx       XDP context
  * @v s         state
  * @v saved     the saved bytes
+ * @v has_meta  the program may have added metadata (TX)
  */
-static __always_inline void restore_frame(struct xdp_md *ctx, struct xo_state *s, u8 *saved)
+static __always_inline void restore_frame(struct xdp_md *ctx, struct xo_state *s, u8 *saved, int has_meta)
 {
 	void *data, *data_end;
 
-	/* unconditional: branching on these would make the verifier track them precisely */
-	bpf_xdp_adjust_meta(ctx, s->meta);
+	/* unconditional on s->*: branching on them would make the verifier track them precisely
+	 * (has_meta is a constant per program) */
+	if (has_meta)
+		bpf_xdp_adjust_meta(ctx, s->meta);
 	bpf_xdp_adjust_head(ctx, -s->head);
 	set_len(ctx, s->saved_len);
 	data = (void *)(long)ctx->data;
