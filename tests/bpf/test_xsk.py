@@ -30,7 +30,7 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def production():
     """The production build (XSKMAP), loaded for this module's tests only."""
     need_root()
@@ -88,3 +88,28 @@ def test_tx_frames_reach_an_af_xdp_socket_with_metadata(production):
             xsk.close()
         subprocess.run(["ip", "link", "del", inner], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_ring_reader_gets_unresolved_reports_without_bcc(production):
+    """The mmap ring buffer reader (what an agent with pinned maps uses) sees the TX program's reports."""
+    from xdpoib.datapath import testrun
+    from xdpoib.datapath.events import RingReader
+    from xdpoib.datapath.maps import Maps
+
+    m = Maps.of(production)
+    m.clear()
+    m.load(gen.tables())
+    m.set_config(report_interval_ns=60 * 10**9)
+    reader = RingReader(production.map_fd("xo_events"))
+    try:
+        reader.read()
+        ip = f.ipv4(bytes([10, 0, 0, 1]), bytes([10, 0, 0, 3]), 17, f.udp(bytes(4), bytes(4), 1, 2, b"?"))
+        for mac in (bytes.fromhex("0a00000000a1"), bytes.fromhex("0a00000000a2"), bytes.fromhex("0a00000000a1")):
+            testrun.run(production.fd("xdpoib_tx"), f.eth(mac, gen.VIFS[1].mac, 0x0800, ip, vid=10))
+        events = reader.unresolved()
+        assert [(bytes(e.dest[:6]).hex(), e.kind, e.pkey, e.vif_id) for e in events] == [
+            ("0a00000000a1", Kind.UNRESOLVED, 0x8001, gen.VIFS[1].vif_id),
+            ("0a00000000a2", Kind.UNRESOLVED, 0x8001, gen.VIFS[1].vif_id)]
+        assert reader.read() == []
+    finally:
+        reader.close()
