@@ -49,6 +49,7 @@ BATCH = 256
 VETH_XDP_MAX_MTU = 3498
 MEMBERSHIP_CHECK_S = 5.0
 MCAST_SYNC_S = 1.0
+SAVE_S = 2.0                # persist newly learned peers at most this often (a SIGKILL loses less)
 PATH_RETRY_S = 1.0
 JOIN_FULL = 1
 
@@ -79,6 +80,8 @@ class Agent:
         self._sends: list = []
         self._inject: list[bytes] = []
         self._last_mcast_sync = 0.0
+        self._last_save = 0.0
+        self._saved_peers = 0
         self._last_member_check = time.monotonic()
         self.started = time.time()
 
@@ -123,7 +126,12 @@ class Agent:
         if s.mode == "veth":
             self.eth_mtu = min(self.eth_mtu, VETH_XDP_MAX_MTU)
             s.internal = internal_name(s)
-            link.create_veth(s.ifname, s.internal, s.netns)
+            if link.link_exists(s.internal) and link.link_exists(s.ifname, s.netns):
+                # a previous agent of this attachment died: adopt its links (eth4 keeps its addresses)
+                log.info("adopting the existing %s / %s of a previous agent", s.internal, s.where)
+                self.stats["adopted_links"] += 1
+            else:
+                link.create_veth(s.ifname, s.internal, s.netns)
             self.stack.callback(link.delete_link, s.internal)
             link.set_link(s.ifname, s.netns, mac=mac_str(self.mac), mtu=self.eth_mtu, up=True)
             # the internal end takes the largest frame XDP allows, so a frame above eth4's path MTU
@@ -168,6 +176,7 @@ class Agent:
         state.write_spec(s)
         self.stack.callback(state.remove_files, s.id, True)
         self.state = "running"
+        self.announce()
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
 
@@ -216,6 +225,45 @@ class Agent:
                     f"net.ipv6.conf.{self.spec.ifname}.ndisc_notify=1"):
             subprocess.run([*base, "sysctl", "-qw", key], capture_output=True, check=False)
 
+    def _eth_addresses(self) -> tuple[list[bytes], list[bytes]]:
+        """eth4's IPv4 and IPv6 addresses (read in its namespace)."""
+        from ipaddress import ip_address
+
+        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
+        out = subprocess.run([*base, "ip", "-o", "addr", "show", "dev", self.spec.ifname], capture_output=True,
+                             text=True, timeout=5).stdout
+        v4, v6 = [], []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[2] in ("inet", "inet6") and "tentative" not in line:
+                a = ip_address(parts[3].split("/")[0]).packed
+                (v4 if len(a) == 4 else v6).append(a)
+        return v4, v6
+
+    def announce(self) -> None:
+        """Gratuitous ARP and unsolicited NA for eth4's addresses, sent on the fabric (after attach, and
+        after our QPN changed), so peers' caches point at our current address (DESIGN 2)."""
+        if self.spec.mode != "veth":
+            return                  # a guest announces itself (and we learn its MAC on its first frame)
+        try:
+            v4, v6 = self._eth_addresses()
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("reading eth4's addresses: %s", e)
+            return
+        all_nodes = bytes.fromhex("ff020000000000000000000000000001")
+        frames = [f.eth(b"\xff" * 6, self.mac, f.ETH_P_ARP, f.arp(f.ARPOP_REQUEST, self.mac, a, b"\0" * 6, a))
+                  for a in v4]
+        frames += [f.eth(b"\x33\x33\x00\x00\x00\x01", self.mac, f.ETH_P_IPV6,
+                         f.nd_na(a, all_nodes, a, tlla=self.mac, solicited=False)) for a in v6]
+        for frame in frames:
+            try:
+                r = eth_to_ipoib(frame, self.peers)
+            except FrameError:
+                continue
+            self._send_to_group(r.mgid, r.frame)
+        self._flush_sends()
+        self.stats["announcements"] += len(frames)
+
     # ================================================================================ groups
 
     def _group(self, mgid: bytes, why: str) -> GroupEntry:
@@ -234,7 +282,10 @@ class Agent:
         g.ah = self.backend.create_ah(Path(dlid=rec.mlid, sl=rec.sl, mtu=rec.mtu_bytes or self.ib_mtu,
                                            dgid=g.mgid, grh=True, hop_limit=rec.hop_limit or 1,
                                            traffic_class=rec.tclass, flow_label=rec.flow_label))
-        if join_state & JOIN_FULL and not g.attached:
+        if join_state & JOIN_FULL:
+            if g.attached:          # a rejoin: attach again, so the backend sees the fresh membership
+                with contextlib.suppress(XdpoibError):
+                    self.qp.detach_mcast(g.mgid, g.mlid)
             self.qp.attach_mcast(g.mgid, rec.mlid)
             g.attached = True
 
@@ -532,6 +583,9 @@ class Agent:
             if now - self._last_mcast_sync >= MCAST_SYNC_S:
                 self._last_mcast_sync = now
                 self.sync_multicast()
+            if len(self.peers.entries) != self._saved_peers and now - self._last_save >= SAVE_S:
+                self._last_save = now
+                self.save_state()
             if now - self._last_member_check >= MEMBERSHIP_CHECK_S:
                 self._last_member_check = now
                 self.check_memberships()
@@ -602,7 +656,10 @@ class Agent:
         with contextlib.suppress(OSError, AttributeError):
             state.ensure_dirs()
             p = state.persist_path(self.spec.id)
-            p.write_text(json.dumps({"peers": self.peers.to_json()}))
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"peers": self.peers.to_json()}))
+            os.replace(tmp, p)
+            self._saved_peers = len(self.peers.entries)
 
     def close(self) -> None:
         """Release everything in reverse order (idempotent)."""

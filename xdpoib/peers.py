@@ -153,7 +153,9 @@ class PeerTable(Tables):
 
     def to_json(self) -> dict:
         return {"next_id": self._next_id, "remacs": self.remacs.to_json(),
-                "ids": [{"gid": gid_str(g), "qpn": q, "id": i} for (q, g), i in self._ids.items()]}
+                "ids": [{"gid": gid_str(g), "qpn": q, "id": i} for (q, g), i in self._ids.items()],
+                "peers": [{"gid": gid_str(e.addr.gid), "qpn": e.addr.qpn, "flags": e.addr.flags, "lid": e.lid}
+                          for e in self.entries.values()]}
 
     def restore(self, data: dict) -> None:
         """Take REMACs and ids from a state file written by `to_json` (before any peer is learned)."""
@@ -161,4 +163,6 @@ class PeerTable(Tables):
         for it in data.get("ids", []):
             self._ids[(int(it["qpn"]), parse_gid(it["gid"]))] = int(it["id"])
         self._next_id = max([self._next_id, int(data.get("next_id", 1)), *[i + 1 for i in self._ids.values()]])
+        for it in data.get("peers", []):      # known peers come back at once (paths resolve on use)
+            self.learn(IPoIBAddr(int(it.get("flags", 0)), int(it["qpn"]), parse_gid(it["gid"])), lid=it.get("lid"))
 

@@ -80,12 +80,13 @@ def check_not_attached(spec: state.AttachSpec, force: bool) -> None:
         from xdpoib.commands.detach import detach
 
         detach(old)
-    elif old is not None:                               # a dead agent's leftovers (links, files)
-        from xdpoib.commands.detach import detach
-
-        detach(old, keep_state=True)
+    elif old is not None:        # a dead agent: its links stay, for the new agent to adopt
+        state.remove_files(spec.id, keep_state=True)
     if spec.mode == "veth" and link.link_exists(spec.ifname, spec.netns):
-        raise UsageError(f"{spec.where} already exists; pick another name or delete it")
+        from xdpoib.agent import internal_name
+
+        if not link.link_exists(internal_name(spec)):
+            raise UsageError(f"{spec.where} already exists; pick another name or delete it")
 
 
 def start_agent(spec: state.AttachSpec) -> int:
