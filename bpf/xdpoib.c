@@ -54,7 +54,7 @@ int xdpoib_rx(struct xdp_md *ctx)
 #ifdef XDPOIB_RESTORE
 	save_frame(ctx, &s, saved);
 #endif
-	rc = rx_frame(ctx, &s);
+	rc = rx_frame(ctx, &s, 0);
 #ifdef XDPOIB_RESTORE
 	restore_frame(ctx, &s, saved, 0);
 #endif
@@ -98,7 +98,41 @@ int xdpoib_rx_batch(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	__builtin_memcpy(m, &slot->meta, sizeof(*m));
 	count_entry(ctx, &s, XDPOIB_DIR_RX);
-	return rx_frame(ctx, &s);
+	return rx_frame(ctx, &s, 0);
+}
+
+/**
+ * Injection prototype (b): on eth4 itself, frames the agent sent by AF_XDP TX on the internal end,
+ * each behind an Ethernet header addressed to eth4 with EtherType XDPOIB_ETH_P_INBAND and a
+ * struct xdpoib_rx_meta. Strips both, translates like xdpoib_rx and passes the result to eth4's stack.
+ * Frames without that header pass untouched (uncounted). veth only: a TAP has no such hook.
+ *
+ * @v ctx       XDP context on eth4
+ * @ret XDP action
+ */
+int xdpoib_rx_inband(struct xdp_md *ctx)
+{
+	struct xo_state s = {};
+	struct xdpoib_rx_meta *m;
+	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end, *meta;
+	u8 *p = data;
+	u8 hdr[sizeof(struct xdpoib_rx_meta)];
+
+	if ((void *)(p + XDPOIB_ETH_HLEN + sizeof(hdr)) > data_end ||
+	    p[12] != (XDPOIB_ETH_P_INBAND >> 8) || p[13] != (XDPOIB_ETH_P_INBAND & 0xff))
+		return XDP_PASS;
+	__builtin_memcpy(hdr, p + XDPOIB_ETH_HLEN, sizeof(hdr));
+	if (bpf_xdp_adjust_head(ctx, XDPOIB_ETH_HLEN + sizeof(hdr)) ||
+	    bpf_xdp_adjust_meta(ctx, -(int)sizeof(hdr)))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	meta = (void *)(long)ctx->data_meta;
+	m = meta;
+	if ((void *)(m + 1) > data)
+		return XDP_DROP;
+	__builtin_memcpy(m, hdr, sizeof(hdr));
+	count_entry(ctx, &s, XDPOIB_DIR_RX);
+	return rx_frame(ctx, &s, 1);
 }
 
 /**

@@ -69,14 +69,19 @@ static __always_inline int rx_is_dhcp(struct xdp_md *ctx, u32 keep)
 }
 
 /**
- * Hand a frame to the device facing eth4.
+ * Hand a frame to the device facing eth4 (or to eth4's stack when running on eth4 itself).
  *
  * @v st        counters
  * @v kind      kind to count
+ * @v pass      XDP_PASS instead of the devmap redirect (the in-band program on eth4)
  * @ret XDP action (recorded)
  */
-static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind)
+static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind, int pass)
 {
+	if (pass) {
+		count_kind(st, kind);
+		return record_action(st, XDP_PASS);
+	}
 	if (xo_egress.redirect_map(0, 0) != XDP_REDIRECT)
 		return XO_DROP(st, REDIRECT_FAILED);
 	count_kind(st, kind);
@@ -88,9 +93,10 @@ static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind)
  *
  * @v ctx       XDP context
  * @v s         state (counted on entry)
+ * @v pass      deliver with XDP_PASS (a constant: 1 for the in-band program on eth4)
  * @ret XDP action (recorded)
  */
-static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
+static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s, int pass)
 {
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 	void *meta = (void *)(long)ctx->data_meta;
@@ -108,7 +114,7 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 	flags = m->flags;
 	pkey = m->pkey;
 	if (flags & XDPOIB_RX_F_ETHERNET)
-		return rx_redirect(s->st, XDPOIB_KIND_CONTROL);
+		return rx_redirect(s->st, XDPOIB_KIND_CONTROL, pass);
 	peer = peer_by_id(m->peer_id);
 	if (!peer)
 		return XO_DROP(s->st, UNKNOWN_PEER);
@@ -172,7 +178,7 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 		p[12] = etype >> 8;
 		p[13] = etype & 0xff;
 	}
-	return rx_redirect(s->st, 0);
+	return rx_redirect(s->st, 0, pass);
 }
 
 #endif /* XDPOIB_RX_H */

@@ -1,5 +1,6 @@
-"""A minimal AF_XDP receive socket in pure Python (ctypes + mmap), enough to prove the TX program's
-XSKMAP redirect and metadata end to end in tests. Copy mode, one queue, receive only."""
+"""A minimal AF_XDP socket in pure Python (ctypes + mmap), enough to prove the TX program's XSKMAP
+redirect and metadata end to end, and to measure AF_XDP TX injection. Copy mode, one queue; UMEM frames
+0..RING-1 feed the RX ring, RING..2*RING-1 carry transmits."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import struct
 
 AF_XDP = 44
 SOL_XDP = 283
-XDP_MMAP_OFFSETS, XDP_RX_RING, XDP_UMEM_REG, XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING = 1, 2, 4, 5, 6
-XDP_PGOFF_RX_RING, XDP_UMEM_PGOFF_FILL_RING = 0, 0x100000000
+XDP_MMAP_OFFSETS, XDP_RX_RING, XDP_TX_RING, XDP_UMEM_REG = 1, 2, 3, 4
+XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING = 5, 6
+XDP_PGOFF_RX_RING, XDP_PGOFF_TX_RING = 0, 0x80000000
+XDP_UMEM_PGOFF_FILL_RING, XDP_UMEM_PGOFF_COMPLETION_RING = 0x100000000, 0x180000000
 XDP_COPY = 1 << 1
-FRAME, NFRAMES, RING = 4096, 64, 64
+FRAME, RING = 4096, 64
+NFRAMES = 2 * RING
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -39,11 +43,15 @@ class XskSocket:
         base = ct.addressof(ct.c_char.from_buffer(self.umem))
         reg = struct.pack("QQIIII", base, FRAME * NFRAMES, FRAME, 0, 0, 0)
         self.sock.setsockopt(SOL_XDP, XDP_UMEM_REG, reg)
-        for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING):
+        for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
             self.sock.setsockopt(SOL_XDP, opt, RING)
         off = _MmapOffsets.from_buffer_copy(self.sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, ct.sizeof(_MmapOffsets)))
         self.rx = mmap.mmap(fd, off.rx.desc + RING * 16, offset=XDP_PGOFF_RX_RING)
         self.fr = mmap.mmap(fd, off.fr.desc + RING * 8, offset=XDP_UMEM_PGOFF_FILL_RING)
+        self.tx = mmap.mmap(fd, off.tx.desc + RING * 16, offset=XDP_PGOFF_TX_RING)
+        self.cr = mmap.mmap(fd, off.cr.desc + RING * 8, offset=XDP_UMEM_PGOFF_COMPLETION_RING)
+        self._tx_free = [(RING + i) * FRAME for i in range(RING)]
+        self._tx_prod = self._cr_cons = 0
         self.off = off
         for i in range(RING):                       # hand every frame to the kernel
             struct.pack_into("Q", self.fr, off.fr.desc + i * 8, i * FRAME)
@@ -76,9 +84,46 @@ class XskSocket:
         struct.pack_into("I", self.fr, self.off.fr.producer, fprod + 1)
         return data, meta
 
+    def _reap(self) -> None:
+        """Take completed transmit frames back from the completion ring."""
+        prod = struct.unpack_from("I", self.cr, self.off.cr.producer)[0]
+        while self._cr_cons != prod:
+            self._tx_free.append(struct.unpack_from("Q", self.cr, self.off.cr.desc + (self._cr_cons % RING) * 8)[0])
+            self._cr_cons += 1
+        struct.pack_into("I", self.cr, self.off.cr.consumer, self._cr_cons)
+
+    def send(self, frames: list[bytes]) -> None:
+        """Transmit frames (at most RING in flight), kicking and reaping until all are queued."""
+        i = 0
+        while i < len(frames):
+            self._reap()
+            n = 0
+            while i < len(frames) and self._tx_free:
+                addr = self._tx_free.pop()
+                fr = frames[i]
+                self.umem[addr:addr + len(fr)] = fr
+                struct.pack_into("QII", self.tx, self.off.tx.desc + (self._tx_prod % RING) * 16, addr, len(fr), 0)
+                self._tx_prod += 1
+                i += 1
+                n += 1
+            if n:
+                struct.pack_into("I", self.tx, self.off.tx.producer, self._tx_prod)
+            try:
+                self.sock.send(b"", socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+        for _ in range(1000):           # let the kernel finish this batch
+            self._reap()
+            if len(self._tx_free) == RING:
+                break
+            try:
+                self.sock.send(b"", socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+
     def close(self) -> None:
         """Release the socket and its mappings (idempotent)."""
-        for m in ("rx", "fr"):
+        for m in ("rx", "fr", "tx", "cr"):
             if getattr(self, m, None) is not None:
                 getattr(self, m).close()
                 setattr(self, m, None)
