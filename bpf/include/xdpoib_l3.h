@@ -162,17 +162,20 @@ static __always_inline int arp_hw_to_eth(const u8 *raw, u8 *out)
 static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u32 in_l2, u32 out_l2,
 				       int to_ib)
 {
-	u8 in[XDPOIB_ARP_IB_BODY], out[XDPOIB_ARP_IB_BODY];
-	u32 in_len = to_ib ? XDPOIB_ARP_ETH_BODY : XDPOIB_ARP_IB_BODY;
+	u8 *in, out[XDPOIB_ARP_IB_BODY];
 	u32 out_len = to_ib ? XDPOIB_ARP_IB_BODY : XDPOIB_ARP_ETH_BODY;
 	int err;
 
+	u8 *p = pkt_at(ctx, in_l2, 2);
+
 	/* l3_keep accepted either form; the wrong one for this direction is BAD_ARP */
-	if (bpf_xdp_load_bytes(ctx, in_l2, in, 2))
+	if (!p)
 		return XDPOIB_DROP_TRUNCATED;
-	if (in[0] != 0 || in[1] != (to_ib ? XDPOIB_ARPHRD_ETHER : XDPOIB_ARPHRD_INFINIBAND))
+	if (p[0] != 0 || p[1] != (to_ib ? XDPOIB_ARPHRD_ETHER : XDPOIB_ARPHRD_INFINIBAND))
 		return XDPOIB_DROP_BAD_ARP;
-	if (bpf_xdp_load_bytes(ctx, in_l2, in, in_len))
+	/* read the body in place: the packet is not touched until out is complete */
+	in = pkt_at(ctx, in_l2, to_ib ? XDPOIB_ARP_ETH_BODY : XDPOIB_ARP_IB_BODY);
+	if (!in)
 		return XDPOIB_DROP_TRUNCATED;
 	out[0] = 0;
 	out[1] = to_ib ? XDPOIB_ARPHRD_INFINIBAND : XDPOIB_ARPHRD_ETHER;
@@ -202,14 +205,22 @@ static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u
 			return err;
 		__builtin_memcpy(out + 24, in + 52, 4);
 	}
-	if (set_len(ctx, in_l2 + in_len))
-		return XDPOIB_DROP_NO_ROOM;
+	/* one head move and one tail change (padding cut and body resize together) */
 	if (adjust_head(ctx, s, (int)in_l2 - (int)out_l2))
 		return XDPOIB_DROP_NO_ROOM;
 	if (set_len(ctx, out_l2 + out_len))
 		return XDPOIB_DROP_NO_ROOM;
-	if (bpf_xdp_store_bytes(ctx, out_l2, out, out_len))
-		return XDPOIB_DROP_NO_ROOM;
+	if (to_ib) {
+		p = pkt_at(ctx, out_l2, XDPOIB_ARP_IB_BODY);
+		if (!p)
+			return XDPOIB_DROP_NO_ROOM;
+		__builtin_memcpy(p, out, XDPOIB_ARP_IB_BODY);
+	} else {
+		p = pkt_at(ctx, out_l2, XDPOIB_ARP_ETH_BODY);
+		if (!p)
+			return XDPOIB_DROP_NO_ROOM;
+		__builtin_memcpy(p, out, XDPOIB_ARP_ETH_BODY);
+	}
 	return 0;
 }
 
