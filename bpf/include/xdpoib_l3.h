@@ -162,11 +162,9 @@ static __always_inline int arp_hw_to_eth(const u8 *raw, u8 *out)
 static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u32 in_l2, u32 out_l2,
 				       int to_ib)
 {
-	u8 *in, out[XDPOIB_ARP_IB_BODY];
+	u8 *in, *p = pkt_at(ctx, in_l2, 2), out[XDPOIB_ARP_IB_BODY];
 	u32 out_len = to_ib ? XDPOIB_ARP_IB_BODY : XDPOIB_ARP_ETH_BODY;
 	int err;
-
-	u8 *p = pkt_at(ctx, in_l2, 2);
 
 	/* l3_keep accepted either form; the wrong one for this direction is BAD_ARP */
 	if (!p)
