@@ -16,7 +16,7 @@
 #ifndef XDPOIB_RESTORE
 #define ND_MAX_OPTS     64      /* options walked per ND message (more: NO_ROOM) */
 #else
-#define ND_MAX_OPTS     16      /* the restore (benchmark) build: keeps verification under its limit */
+#define ND_MAX_OPTS     8       /* the restore (benchmark) build: keeps verification well under its limit */
 #endif
 #define ND_MAX_LLA      8       /* link-layer options translated per message (more: NO_ROOM) */
 #define ND_SLOTS        XDPOIB_MAX_FRAME        /* scratch offset of the translated options */
