@@ -81,6 +81,8 @@ class Agent:
         self._inject: list[bytes] = []
         self._last_mcast_sync = 0.0
         self._last_save = 0.0
+        self._announced: set[bytes] = set()
+        self._announce_due = False
         self._saved_peers = 0
         self._last_member_check = time.monotonic()
         self.started = time.time()
@@ -240,9 +242,10 @@ class Agent:
                 (v4 if len(a) == 4 else v6).append(a)
         return v4, v6
 
-    def announce(self) -> None:
-        """Gratuitous ARP and unsolicited NA for eth4's addresses, sent on the fabric (after attach, and
-        after our QPN changed), so peers' caches point at our current address (DESIGN 2)."""
+    def announce(self, only_new: bool = False) -> None:
+        """Gratuitous ARP and unsolicited NA for eth4's addresses, sent on the fabric: after attach (our
+        QPN, hence our REMAC at the peers, may have changed), when the port comes back, and for each
+        address added later, so peers' caches point at our current address (DESIGN 2)."""
         if self.spec.mode != "veth":
             return                  # a guest announces itself (and we learn its MAC on its first frame)
         try:
@@ -250,6 +253,9 @@ class Agent:
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("reading eth4's addresses: %s", e)
             return
+        known, self._announced = self._announced, set(v4) | set(v6)
+        if only_new:
+            v4, v6 = [a for a in v4 if a not in known], [a for a in v6 if a not in known]
         all_nodes = bytes.fromhex("ff020000000000000000000000000001")
         frames = [f.eth(b"\xff" * 6, self.mac, f.ETH_P_ARP, f.arp(f.ARPOP_REQUEST, self.mac, a, b"\0" * 6, a))
                   for a in v4]
@@ -396,6 +402,7 @@ class Agent:
                 continue
             self.peers.forget_paths()
             self._last_member_check = 0.0       # check memberships (and rejoin) right away
+            self._announce_due = True           # then tell the peers we are back
 
     # ================================================================================ pump
 
@@ -580,15 +587,17 @@ class Agent:
         rlist = [self.xsk.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
         while not self.stopping:
             now = time.monotonic()
-            if now - self._last_mcast_sync >= MCAST_SYNC_S:
-                self._last_mcast_sync = now
-                self.sync_multicast()
             if len(self.peers.entries) != self._saved_peers and now - self._last_save >= SAVE_S:
                 self._last_save = now
                 self.save_state()
             if now - self._last_member_check >= MEMBERSHIP_CHECK_S:
                 self._last_member_check = now
                 self.check_memberships()
+            if now - self._last_mcast_sync >= MCAST_SYNC_S:
+                self._last_mcast_sync = now
+                self.sync_multicast()
+                self.announce(only_new=not self._announce_due)
+                self._announce_due = False
             try:
                 ready, _, _ = select.select(rlist, [], [], 0.2)
             except InterruptedError:

@@ -575,6 +575,7 @@ class SAClient:
         self._lock = threading.RLock()
         self._tid = (os.getpid() & 0xFFFF) << 16
         self._port: LocalPort | None = None
+        self._snap = None
         self._cpi: ClassPortInfo | None = None
         self.stats: Counter = Counter()      # (type, ok|error|timeout), and "timeouts", "lost", "busy"
         self.latency = LatencyHistogram()
@@ -738,9 +739,14 @@ class SAClient:
 
     def port(self) -> LocalPort:
         """Re-read our port: LID, SM LID, GID prefix, GUID, state, MTU, P_Key table (fresh SMPs)."""
-        snap = self.umad.snapshot() if self.umad is not None else None
-        if snap is None:
+        if self.umad is None:
             raise SAError("SA client is closed")
+        # the snapshot gives only the port's identity (CA name, port number), which never changes: read
+        # it once. umad_get_port reads sysfs, which umad2sim emulates in a way that is not thread-safe
+        # (seen: ENODEV while another thread opened files), and everything else comes from SMPs below.
+        if self._snap is None:
+            self._snap = self.umad.snapshot()
+        snap = self._snap
         node = self._smp(SMP_ATTR_NODE_INFO)
         port_guid = struct.unpack_from(">Q", node, 20)[0]
         (pcap,) = struct.unpack_from(">H", node, 28)
