@@ -39,7 +39,7 @@ from xdpoib.reasons import Kind
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str, remac
 from xdpoib.wire.mgid import broadcast_mgid, full_pkey, ipv4_mgid, ipv6_mgid
-from xdpoib.wire.oracle import Vif, eth_to_ipoib, ipoib_to_eth, too_big_reply
+from xdpoib.wire.oracle import Vif, eth_to_ipoib, too_big_reply
 
 log = logging.getLogger("xdpoib.agent")
 
@@ -152,21 +152,26 @@ class Agent:
             attach_to = s.ifname
         self.ifindex = link.link_info(attach_to).index
 
-        # datapath: frames from eth4 reach us on an AF_XDP socket
-        from xdpoib.afxdp import XskSocket
-        from xdpoib.datapath.redirect import RedirectDatapath
-
-        self.datapath = RedirectDatapath(attach_to)
-        self.stack.callback(self.datapath.close)
-        self.xsk = XskSocket(self.ifindex, 0, frames=4096, ring_size=2048)
-        self.stack.callback(self.xsk.close)
-        self.datapath.add_socket(0, self.xsk.fileno())
-
         our = IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid)
         self.vif = Vif(0, self.mac, our)
         self.peers = PeerTable([self.vif], {0: self.pkey})
         self.loopback.qpns = {self.qp.qpn}
         self._restore_state()
+
+        # datapath: frames from eth4 reach us on an AF_XDP socket (DESIGN 1); the translating programs
+        # unless asked otherwise; a TAP starts with the plain path (the guest's MAC is not known yet)
+        from xdpoib.pump import BpfPump, PlainPump
+
+        want = os.environ.get("XDPOIB_DATAPATH", "bpf")
+        if want == "bpf" and s.mode == "veth":
+            link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
+            self.pump = BpfPump(self, attach_to, self.ifindex, s.id)
+        else:
+            self.pump = PlainPump(self, attach_to, self.ifindex)
+        self.stack.callback(self.pump.close)
+        self.peers.on_new = lambda e: self.pump.add_peers([e])
+        for g in self.groups.values():
+            self.pump.set_group(g.mgid, g.group_id)
 
         # control socket, then carrier: only now does eth4 pass traffic
         state.ensure_dirs()
@@ -284,6 +289,9 @@ class Agent:
         from xdpoib.fabric.base import Path
 
         g.join_state, g.mlid, g.qkey, g.mtu = g.join_state | join_state, rec.mlid, rec.qkey, rec.mtu_bytes
+        pump = getattr(self, "pump", None)
+        if pump is not None:
+            pump.set_group(g.mgid, g.group_id)
         g.joined_at = time.monotonic()
         g.ah = self.backend.create_ah(Path(dlid=rec.mlid, sl=rec.sl, mtu=rec.mtu_bytes or self.ib_mtu,
                                            dgid=g.mgid, grh=True, hop_limit=rec.hop_limit or 1,
@@ -421,6 +429,8 @@ class Agent:
     def _too_big(self, eth_frame: bytes, ib_mtu: int, from_mac: bytes) -> None:
         """Drop an oversize frame and tell its sender the MTU (ICMP frag-needed / Packet Too Big)."""
         self.drops["oversize"] += 1
+        if callable(eth_frame):
+            eth_frame = eth_frame()
         reply = too_big_reply(eth_frame, ib_mtu - 4, from_mac) if eth_frame else None
         if reply is not None:
             self._inject.append(reply)
@@ -490,30 +500,28 @@ class Agent:
             log.info("guest MAC %s learned on %s", mac_str(src), self.spec.ifname)
 
     def pump_eth(self) -> int:
-        """eth4 -> fabric: one batch from the AF_XDP socket."""
-        got = self.xsk.recv(BATCH)
-        for _, frame in got:
+        """eth4 -> fabric: one batch from the AF_XDP socket, decided by the datapath."""
+        got = self.pump.receive()
+        for o in got:
             self.stats["eth_rx_frames"] += 1
-            if not self.vif_learned:
-                self.learn_vif(frame)
-            try:
-                r = eth_to_ipoib(frame, self.peers)
-            except FrameError as e:
-                self.drops[e.reason.name.lower()] += 1
-                continue
-            if r.kind == Kind.CONTROL:
-                self.stats["control_frames"] += 1
-            if r.mgid is not None:
-                self._send_to_group(r.mgid, r.frame, frame)
-            elif r.peer is not None:
-                self._send_to_peer(self.peers.by_id(r.peer.peer_id), r.frame, frame)
+            eth = o.eth or (lambda o=o: self._as_ethernet(o))
+            if o.mgid is not None:
+                self._send_to_group(o.mgid, o.frame, eth)
+            elif o.kind == Kind.PEER and (e := self.peers.by_id(o.peer_id)) is not None:
+                self._send_to_peer(e, o.frame, eth)
             else:
                 self.drops["unknown_destination"] += 1
         self._flush_sends()
         if self._inject:
             out, self._inject = self._inject, []
-            self.stats["eth_tx_frames"] += self.xsk.send(out)
+            self.pump.deliver([], out)
         return len(got)
+
+    def _as_ethernet(self, o) -> bytes:
+        """An IPoIB frame from eth4 in its Ethernet form again (only to quote it in an ICMP error)."""
+        e = self.peers.by_id(o.peer_id)
+        dst = e.remac if e is not None else b"\xff" * 6
+        return f.eth(dst, self.mac, int.from_bytes(o.frame[:2], "big"), o.frame[4:], vid=o.vid or None)
 
     def _learn_from_payload(self, data: bytes, src_qpn: int, slid: int):
         """A sender's own address, from the ARP it sent (sender hardware address) if it matches."""
@@ -541,12 +549,14 @@ class Agent:
                     self.peers.learn(addr)
 
     def pump_fabric(self) -> int:
-        """fabric -> eth4: one batch of receive completions."""
+        """fabric -> eth4: one batch of receive completions, senders learned, handed to the datapath."""
+        from xdpoib.pump import Incoming
+
         comps = self.qp.poll(BATCH)
         if not comps:
             return 0
         repost = [c.index for c in comps]
-        out = []
+        items = []
         pool = self.qp.pool
         for c in self.loopback.filter(comps):
             if c.status != 0:
@@ -565,26 +575,17 @@ class Agent:
                 continue
             peer.last_seen = time.monotonic()
             self._learn_nd(data, c.slid)
-            try:
-                r = ipoib_to_eth(data, self.peers, src=peer.as_peer(), vif=self.vif, pkey=self.pkey,
-                                 multicast=multicast)
-            except FrameError as e:
-                self.drops[e.reason.name.lower()] += 1
-                continue
-            out.append(r.frame)
+            items.append(Incoming(data, peer, multicast))
         self.qp.post_recv(repost)
-        if out:
-            sent = self.xsk.send(out)
-            self.stats["eth_tx_frames"] += sent
-            if sent < len(out):
-                self.drops["inject_ring_full"] += len(out) - sent
+        if items:
+            self.pump.deliver(items, [])
         return len(comps)
 
     # ================================================================================ loop
 
     def run(self) -> None:
         """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""
-        rlist = [self.xsk.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
+        rlist = [self.pump.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
         while not self.stopping:
             now = time.monotonic()
             if len(self.peers.entries) != self._saved_peers and now - self._last_save >= SAVE_S:
@@ -609,8 +610,8 @@ class Agent:
                 self.on_port_events()
             if self.control.fileno() in ready:
                 self.control.handle()
-            if self.xsk.pending_tx():
-                self.xsk.kick()
+            if self.pump.pending_tx():
+                self.pump.kick()
         self.state = "stopping"
 
     # ================================================================================ control
@@ -634,7 +635,7 @@ class Agent:
             "counters": dict(self.stats),
             "drops": dict(self.drops),
             "fabric_drops": {k: v for k, v in self.backend.counters().items() if v},
-            "datapath": self.datapath.counters(),
+            "datapath": {"kind": self.pump.name, **self.pump.counters()},
         }
 
     def handle_request(self, req: dict) -> dict:

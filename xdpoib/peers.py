@@ -81,6 +81,7 @@ class PeerTable(Tables):
         self._vif_by_key = {v.addr.key: v for v in vifs}
         self._next_id = next_id
         self._ids: dict[tuple[int, bytes], int] = {}
+        self.on_new = None          # called with each new PeerEntry (the datapath installs it)
 
     def set_vifs(self, vifs: list[Vif]) -> None:
         """Replace the local VIFs (TAP mode learns the guest's MAC after start)."""
@@ -104,6 +105,8 @@ class PeerTable(Tables):
             self.entries[key] = e
             self._by_mac[e.remac] = e
             self._by_id[pid] = e
+            if self.on_new is not None:
+                self.on_new(e)
         elif addr.flags != e.addr.flags:
             e.addr = addr
         if lid and lid != e.lid:

@@ -203,10 +203,9 @@ static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u
 			return err;
 		__builtin_memcpy(out + 24, in + 52, 4);
 	}
-	/* one head move and one tail change (padding cut and body resize together) */
-	if (adjust_head(ctx, s, (int)in_l2 - (int)out_l2))
-		return XDPOIB_DROP_NO_ROOM;
-	if (set_len(ctx, out_l2 + out_len))
+	/* one head move does it all (padding cut, header and body resize): frames that veth or a TAP
+	 * hand to XDP may have no tailroom at all, but they always have XDP_PACKET_HEADROOM */
+	if (adjust_head(ctx, s, frame_len(ctx) - (int)(out_l2 + out_len)))
 		return XDPOIB_DROP_NO_ROOM;
 	if (to_ib) {
 		p = pkt_at(ctx, out_l2, XDPOIB_ARP_IB_BODY);
@@ -378,11 +377,11 @@ static __always_inline int nd_rewrite(struct xdp_md *ctx, struct xo_state *s, u3
 	csum = ~csum_fold16(sum);
 
 	/* write: fixed part, then the options (translated ones from their slots) */
+	/* padding cut at the tail (always fits), the size change at the head (tailroom may be nil, see
+	 * arp_rewrite): the frame is then exactly out_l2 + newl3 bytes */
 	if (set_len(ctx, in_l2 + l3len))
 		return XDPOIB_DROP_NO_ROOM;
-	if (adjust_head(ctx, s, (int)in_l2 - (int)out_l2))
-		return XDPOIB_DROP_NO_ROOM;
-	if (newl3 > l3len && set_len(ctx, out_l2 + newl3))
+	if (adjust_head(ctx, s, (int)(in_l2 + l3len) - (int)(out_l2 + newl3)))
 		return XDPOIB_DROP_NO_ROOM;
 	if (bpf_xdp_store_bytes(ctx, out_l2, b, xo_size(44 + fixed, 127)))
 		return XDPOIB_DROP_NO_ROOM;
@@ -413,8 +412,6 @@ static __always_inline int nd_rewrite(struct xdp_md *ctx, struct xo_state *s, u3
 	}
 	be = bpf_htons(newl3 - 40);
 	if (bpf_xdp_store_bytes(ctx, out_l2 + 4, &be, 2) || bpf_xdp_store_bytes(ctx, out_l2 + 42, &csum, 2))
-		return XDPOIB_DROP_NO_ROOM;
-	if (newl3 < l3len && set_len(ctx, out_l2 + newl3))
 		return XDPOIB_DROP_NO_ROOM;
 	return 0;
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -78,6 +79,17 @@ def test_arp_and_ipv4_ping_between_all_hosts(lab):
     peers = xdpoib("peers", "eth4", "--netns", ns[0], "-j").stdout
     assert mac in peers and '"path": "resolved"' in peers
     assert int(mac.split(":")[0], 16) & 0x03 == 0x02          # locally administered unicast REMAC
+
+
+def test_frames_cross_the_translating_bpf_datapath(lab):
+    """The default datapath is the XDP programs: every frame eth4 sent was redirected to the agent
+    (none dropped), and every frame the fabric delivered was injected through the RX program."""
+    _, ns = lab
+    assert nsexec(ns[0], "ping", "-c", "3", "-i", "0.2", "-W", "3", "10.77.0.3", check=False).returncode == 0
+    dp = json.loads(xdpoib("status", "eth4", "--netns", ns[0], "-j").stdout)["datapath"]
+    assert dp["kind"] == "bpf"
+    assert dp["tx"]["redirect"] >= 3 and dp["tx"]["drop"] == 0 and dp["tx"]["packets"] == dp["tx"]["redirect"]
+    assert dp["rx"]["redirect"] >= 3 and dp["rx"]["drop"] == 0
 
 
 def test_ipv6_ping_with_nd_translated(lab):

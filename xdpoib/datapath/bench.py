@@ -35,9 +35,10 @@ def _frames() -> dict[str, tuple[str, bytes, bytes]]:
     from xdpoib.wire import frames as f
 
     a, b = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
-    ip = f.ipv4(a, b, 17, f.udp(a, b, 1000, 2000, bytes(22)))          # 14 + 50 = 64 bytes
+    # every frame is at least the restore build's 64 saved bytes, so each repeat gets its input back
+    ip = f.ipv4(a, b, 17, f.udp(a, b, 1000, 2000, bytes(32)))          # 14 + 60 = 74 bytes (IPoIB: 64)
     eth = f.eth(PEER_MAC, VIF_MAC, 0x0800, ip)
-    arp = f.eth(b"\xff" * 6, VIF_MAC, 0x0806, f.arp(1, VIF_MAC, a, bytes(6), b)) + bytes(18)
+    arp = f.eth(b"\xff" * 6, VIF_MAC, 0x0806, f.arp(1, VIF_MAC, a, bytes(6), b)) + bytes(22)
     rx_meta = abi.rx_meta(7, 1, 0xFFFF)
     return {
         "noop": ("xdpoib_noop", eth, b""),

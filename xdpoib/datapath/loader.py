@@ -30,7 +30,7 @@ class Build:
     test_fill: bool = False     # fill prepended bytes with 0xFF (tests)
     tx_devmap: bool = False     # TX redirects through a devmap instead of the XSKMAP (tests, bench)
     restore: bool = False       # put the input frame back before returning (bench, repeat > 1)
-    restore_bytes: int = 48
+    restore_bytes: int = 64
 
     def cflags(self) -> list[str]:
         """Return the compiler flags of this build."""
@@ -128,6 +128,25 @@ class Datapath:
         for name, fn in self._progs.items():
             bpfsys.obj_pin(fn.fd, str(pin_dir / name))
         Maps.of(self).pin(pin_dir)
+
+    def attach(self, prog: str, ifname: str) -> None:
+        """Attach one of the programs to a device's XDP hook (native where the driver has it)."""
+        from bcc import BPF
+
+        try:
+            BPF.attach_xdp(ifname.encode(), self._progs[prog], 0)
+        except Exception as e:
+            raise BpfLoadError(f"cannot attach {prog} to {ifname}: {str(e).splitlines()[0]}") from e
+
+    @staticmethod
+    def detach(ifname: str) -> None:
+        """Remove whatever XDP program a device has (quietly: the device may be gone already)."""
+        from bcc import BPF
+
+        try:
+            BPF.remove_xdp(ifname.encode(), 0)
+        except Exception:
+            pass
 
     def close(self) -> None:
         """Unload the programs and drop the maps (pinned ones survive)."""
