@@ -44,7 +44,8 @@ def veth_pair():
 
 def test_af_xdp_tx_with_inband_header_reaches_eth4(datapath, maps, veth_pair):
     from bcc import BPF
-    from xsk import XskSocket
+
+    from xdpoib.afxdp import XskSocket
 
     inner, eth4 = veth_pair
     maps.load(gen.tables())
@@ -60,7 +61,7 @@ def test_af_xdp_tx_with_inband_header_reaches_eth4(datapath, maps, veth_pair):
 
     cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
     cap.bind((eth4, 0))
-    xsk = XskSocket(inner)
+    xsk = XskSocket(socket.if_nametoindex(inner), 0, frames=512, ring_size=256, meta_len=32)
     try:
         pairs = [inband(i) for i in range(8)]
         xsk.send([p for p, _ in pairs])
