@@ -166,6 +166,9 @@ class Agent:
         if want == "bpf" and s.mode == "veth":
             link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
             self.pump = BpfPump(self, attach_to, self.ifindex, s.id)
+            if self.pump.adopted:
+                self.stats["adopted_datapath"] += 1
+                log.info("adopted the datapath pinned under %s", self.pump.pin_dir)
         else:
             self.pump = PlainPump(self, attach_to, self.ifindex)
         self.stack.callback(self.pump.close)

@@ -8,6 +8,7 @@ ethtool and restored on detach (DESIGN 6).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -192,3 +193,25 @@ def set_offloads(ifname: str, netns: str | None = None, **wanted: bool) -> dict[
     if args:
         _ethtool(["-K", ifname, *args], netns)
     return {k: before[k] for k in wanted if k in before}
+
+
+# --- XDP by netlink (for programs opened from bpffs, without bcc) ---------------------------------
+
+def attach_xdp(ifname: str, prog_fd: int, netns: str | None = None) -> None:
+    """Attach an XDP program (by fd) to a device, replacing what it had."""
+    with _ipr(netns) as ipr:
+        try:
+            ipr.link("set", index=_index(ipr, ifname, netns), xdp_fd=prog_fd)
+        except LinkError:
+            raise
+        except Exception as e:
+            raise LinkError(f"cannot attach XDP to {ifname}: {e}") from None
+
+
+def detach_xdp(ifname: str, netns: str | None = None) -> None:
+    """Remove a device's XDP program (quietly if the device is gone)."""
+    with _ipr(netns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            with contextlib.suppress(Exception):
+                ipr.link("set", index=idx[0], xdp_fd=-1)

@@ -152,11 +152,19 @@ class BpfPump(_Base):
     name = "bpf"
 
     def __init__(self, agent, ifname: str, ifindex: int, aid: str):
-        from xdpoib.datapath.inject import Injector, attach_anchor
-        from xdpoib.datapath.loader import Build, Datapath
+        from xdpoib.datapath.inject import Injector
+        from xdpoib.datapath.loader import Build, Datapath, PinnedDatapath, pinned
         from xdpoib.datapath.maps import Maps
 
-        self.dp = Datapath(Build())
+        # a previous agent of this attachment that died left its programs and maps pinned: adopt them
+        # (no compile, counters and peers kept); else compile and pin for the next one
+        self.pin_dir = pin_dir(aid)
+        self.adopted = pinned(self.pin_dir)
+        if self.adopted:
+            self.dp = PinnedDatapath(self.pin_dir)
+        else:
+            self.dp = Datapath(Build())
+            self.dp.pin(self.pin_dir)
         self._links: list[str] = []
         try:
             self.maps = Maps.of(self.dp)
@@ -173,7 +181,7 @@ class BpfPump(_Base):
                 link.delete_link(self.anchor)
             link.create_veth(peer, self.anchor, None)
             self._links.append(self.anchor)
-            attach_anchor(self.dp, self.anchor)
+            self.dp.attach("xdpoib_rx_batch", self.anchor)
             self.injector = Injector(self.dp, self.maps, ifindex)
         except BaseException:
             self.close()
@@ -247,12 +255,21 @@ class BpfPump(_Base):
         return out
 
     def close(self) -> None:
-        from xdpoib.datapath.loader import Datapath
+        """A clean stop: detach, delete the anchor, close, unpin (only a crash leaves pins behind)."""
+        from xdpoib.datapath.loader import unpin
 
-        Datapath.detach(self.ifname)
+        link.detach_xdp(self.ifname)
         xsk = getattr(self, "xsk", None)
         if xsk is not None:
             xsk.close()
         for name in self._links:
             link.delete_link(name)
         self.dp.close()
+        unpin(self.pin_dir)
+
+
+def pin_dir(aid: str):
+    """Where an attachment's programs and maps are pinned (bpffs)."""
+    from xdpoib.datapath.maps import PIN_ROOT
+
+    return PIN_ROOT / aid.replace("/", "_")

@@ -237,5 +237,8 @@ def test_detach_leaves_nothing_behind(lab):
     assert not [p for p in run.glob(f"{ns}@eth4.*")]         # spec, socket, log
     assert not Path(f"/var/lib/xdpoib/{ns}@eth4.json").exists()
     assert gid not in members(fab, BCAST)                    # the SA forgot the membership
+    assert not Path(f"/sys/fs/bpf/xdpoib/{ns}@eth4").exists()  # no pinned programs or maps
+    assert not [p for p in Path("/sys/fs/bpf/xdpoib").glob("*")
+                if p.name.startswith(ns)]
     r = xdpoib("detach", "eth4", "--netns", ns, check=False)
     assert r.returncode != 0 and "not attached" in r.stderr

@@ -104,6 +104,9 @@ def test_agent_crash_then_reattach_adopts_links_and_announces(pair):
     x("attach", "eth4", "--netns", ns1, "--sim", f"{fab.name}:h1")
     new = json.loads(x("status", "eth4", "--netns", ns1, "-j").stdout)
     assert new["qpn"] != old["qpn"] and new["counters"].get("adopted_links") == 1
+    # the pinned programs and maps were adopted (no compile): the datapath counters carried on
+    assert new["counters"].get("adopted_datapath") == 1
+    assert new["datapath"]["tx"]["packets"] >= old["datapath"]["tx"]["packets"] > 0
     assert new["counters"].get("announcements", 0) >= 1
 
     def moved():

@@ -33,6 +33,11 @@ def detach(spec: state.AttachSpec, keep_state: bool = False) -> None:
     # an agent that died without cleaning up leaves its links behind: remove them here
     if spec.mode == "veth" and spec.internal and link.link_exists(spec.internal):
         link.delete_link(spec.internal)
+    if not keep_state:                       # a dead agent's pinned datapath goes too
+        from xdpoib.datapath.loader import unpin
+        from xdpoib.pump import pin_dir
+
+        unpin(pin_dir(spec.id))
     state.remove_files(spec.id, keep_state=keep_state, keep_log=False)
 
 
