@@ -153,18 +153,17 @@ class BpfPump(_Base):
 
     def __init__(self, agent, ifname: str, ifindex: int, aid: str):
         from xdpoib.datapath.inject import Injector
-        from xdpoib.datapath.loader import Build, Datapath, PinnedDatapath, pinned
+        from xdpoib.datapath.loader import PinnedDatapath, compile_and_pin, pinned
         from xdpoib.datapath.maps import Maps
 
         # a previous agent of this attachment that died left its programs and maps pinned: adopt them
-        # (no compile, counters and peers kept); else compile and pin for the next one
+        # (no compile, counters and peers kept); else a child process compiles and pins them, and we
+        # adopt those: the agent itself never imports bcc (DESIGN 6, 8: memory)
         self.pin_dir = pin_dir(aid)
         self.adopted = pinned(self.pin_dir)
-        if self.adopted:
-            self.dp = PinnedDatapath(self.pin_dir)
-        else:
-            self.dp = Datapath(Build())
-            self.dp.pin(self.pin_dir)
+        if not self.adopted:
+            compile_and_pin(self.pin_dir)
+        self.dp = PinnedDatapath(self.pin_dir)
         self._links: list[str] = []
         try:
             self.maps = Maps.of(self.dp)

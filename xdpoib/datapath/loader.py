@@ -220,3 +220,42 @@ def pinned(pin_dir: Path) -> bool:
     from xdpoib.datapath.maps import LAYOUT
 
     return all((Path(pin_dir) / n).exists() for n in (*PROGRAMS, *LAYOUT))
+
+
+def compile_and_pin(pin_dir: Path, timeout: float = 120.0) -> None:
+    """Compile the production build in a child process and pin it under pin_dir, so the caller never
+    imports bcc (~170 MiB while compiling, ~72 MiB for the import alone) and adopts the pins instead."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "xdpoib.datapath.loader", "pin", str(pin_dir)],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BpfLoadError(f"compiling the datapath failed: {last}")
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m xdpoib.datapath.loader pin DIR`: compile the production build and pin it."""
+    if len(argv) != 2 or argv[0] != "pin":
+        import sys
+
+        print("usage: python -m xdpoib.datapath.loader pin DIR", file=sys.stderr)
+        return 2
+    pin_dir = Path(argv[1])
+    try:
+        with Datapath(Build()) as dp:
+            unpin(pin_dir)
+            dp.pin(pin_dir)
+    except XdpoibError as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
