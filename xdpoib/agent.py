@@ -43,7 +43,7 @@ from xdpoib.wire.oracle import Vif, eth_to_ipoib, too_big_reply
 
 log = logging.getLogger("xdpoib.agent")
 
-RECV_BUFFERS = 512
+RECV_BUFFERS = 4096        # a burst the pump has not drained yet must find buffers (sim counts NO_RECV_BUFFER)
 BATCH = 256
 #: veth refuses XDP when the peer MTU is above ~3.5 KB unless the program is frags-aware (DESIGN 6).
 VETH_XDP_MAX_MTU = 3498
