@@ -4,11 +4,12 @@
 (also on SIGTERM) releases them in exact reverse order: groups left, QP closed, XDP removed, links
 deleted or restored, runtime files removed. `Agent.run()` is a single-threaded select() loop:
 
-- eth4 -> fabric: frames the datapath hands over on the AF_XDP socket are translated (the oracle, in
-  the plain datapath), classified, and sent in batches to a peer (path resolved first, at most 3 frames
-  queued meanwhile) or a multicast group (send-only join on first use);
+- eth4 -> fabric: the datapath (`xdpoib.pump`: the XDP programs, or the plain path) hands over IPoIB
+  frames and where they go; they are sent in batches to a peer (path resolved first, at most 3 frames
+  queued meanwhile) or a multicast group (send-only join on first use); oversize ones get an ICMP error;
 - fabric -> eth4: receive completions are filtered for loopback, their senders learned (from the GRH,
-  or SLID + source QPN, or the ARP/ND addresses they carry), translated and injected on eth4;
+  or SLID + source QPN, or the ARP/ND addresses they carry) and the frames handed to the datapath,
+  which translates and injects them on eth4;
 - timers: eth4's multicast list is mirrored into SA joins; memberships are re-checked and rejoined;
   port events force a rejoin and fresh paths; the control socket answers status/peers/groups/stop.
 
