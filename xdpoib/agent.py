@@ -35,6 +35,7 @@ from contextlib import ExitStack
 from xdpoib import link, state
 from xdpoib.control import ControlServer
 from xdpoib.errors import FrameError, XdpoibError
+from xdpoib.fabric.base import GRH_LEN
 from xdpoib.peers import GroupEntry, PeerEntry, PeerTable
 from xdpoib.reasons import Kind
 from xdpoib.wire import frames as f
@@ -112,7 +113,9 @@ class Agent:
         self.bcast = self._join_with_retry(self.bcast_mgid, 20.0)
         self.qkey = self.bcast.qkey
         self.ib_mtu = min(self.bcast.mtu_bytes or 2048, self.port_attrs.active_mtu)
-        pool = self.backend.alloc_pool(RECV_BUFFERS, 40 + self.ib_mtu)
+        # buffers for the largest datagram the port can receive (not the group MTU): a longer one would
+        # complete in error and leave the QP in the error state (base.py)
+        pool = self.backend.alloc_pool(RECV_BUFFERS, GRH_LEN + max(self.ib_mtu, self.port_attrs.active_mtu))
         self.qp = self.backend.create_qp(self.pkey, self.qkey, pool)
         self.stack.callback(self.qp.close)
         self.qp.post_recv(range(RECV_BUFFERS))
