@@ -18,7 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${#missing[@]} apt packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/xdpoib-apt.log 2>&1 \
+    apt-get install -y -q "${missing[@]}" >/tmp/xdpoib-apt.log 2>&1 \
         || { tail -20 /tmp/xdpoib-apt.log >&2; die "apt-get install failed (log: /tmp/xdpoib-apt.log)"; }
 else
     say "apt packages: all present"
