@@ -386,6 +386,27 @@ class Agent:
                 if not g.why:
                     self.leave(g)
 
+    def snoop(self, eth: bytes) -> None:
+        """IGMP/MLD reports from behind eth4 (a VM, a bridge) join and leave their groups in the SA;
+        the host stack's own groups also come from eth4's list (`sync_multicast`)."""
+        try:
+            h = f.parse_eth(eth)
+        except FrameError:
+            return
+        joins, leaves = f.group_report(h.ethertype, eth[h.hlen:])
+        mgid_of = ipv4_mgid if h.ethertype == f.ETH_P_IP else ipv6_mgid
+        for grp in joins:
+            with contextlib.suppress(XdpoibError):
+                if self.join(mgid_of(grp, self.pkey), "snooped") is not None:
+                    self.stats["snooped_joins"] += 1
+        for grp in leaves:
+            with contextlib.suppress(XdpoibError):
+                g = self.groups.get(mgid_of(grp, self.pkey))
+                if g is not None and "snooped" in g.why:
+                    g.why.discard("snooped")
+                    if not g.why:
+                        self.leave(g)
+
     def check_memberships(self) -> None:
         """Ask the SA whether our full memberships still exist; rejoin the ones it forgot."""
         from xdpoib.fabric.sa import SAError
@@ -511,6 +532,8 @@ class Agent:
         got = self.pump.receive()
         for o in got:
             self.stats["eth_rx_frames"] += 1
+            if o.control:
+                self.snoop(o.eth)
             eth = o.eth or (lambda o=o: self._as_ethernet(o))
             if o.mgid is not None:
                 self._send_to_group(o.mgid, o.frame, eth)

@@ -37,6 +37,7 @@ class Outgoing:
     mgid: bytes | None = None   # GROUP
     eth: bytes = b""            # the Ethernet frame, when known (for ICMP errors); else rebuilt on demand
     vid: int = 0
+    control: bool = False       # a control frame (DHCP, IGMP/MLD): the agent looks inside
 
 
 @dataclass(slots=True)
@@ -75,9 +76,11 @@ class _Base:
         except FrameError as e:
             a.drops[e.reason.name.lower()] += 1
             return None
-        return Outgoing(r.kind if r.kind != Kind.CONTROL else (Kind.GROUP if r.mgid else Kind.PEER
-                                                                if r.peer else Kind.UNRESOLVED),
-                        r.frame, r.peer.peer_id if r.peer else 0, r.mgid, frame, r.vid)
+        kind = r.kind
+        if kind == Kind.CONTROL:
+            kind = Kind.GROUP if r.mgid else Kind.PEER if r.peer else Kind.UNRESOLVED
+        return Outgoing(kind, r.frame, r.peer.peer_id if r.peer else 0, r.mgid, frame, r.vid,
+                        r.kind == Kind.CONTROL)
 
     def pending_tx(self) -> bool:
         return bool(self.xsk.pending_tx())

@@ -16,7 +16,8 @@ import uuid
 import pytest
 
 from xdpoib.wire import frames as f
-from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC
+from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC, gid_str
+from xdpoib.wire.mgid import ipv6_mgid
 
 SIM_HOSTS = 2
 TUNSETIFF = 0x400454CA
@@ -90,6 +91,26 @@ def test_vm_behind_a_tap_pings_a_host_across_the_fabric(sim_fabric, vm_tap):
         st = json.loads(x("status", tap, "-j").stdout)
         assert st["eth"]["mac"] == "52:54:00:12:34:56"
         assert st["drops"].get("spoofed_source", 0) >= 1
+
+        # the guest's MLD report (its solicited-node group) is snooped: the port joins that group
+        snm = bytes.fromhex("ff0200000000000000000001ff123456")
+        ll = bytes.fromhex("fe800000000000005054" + "00fffe123456")
+        dst = bytes.fromhex("ff020000000000000000000000000016")
+        hbh = bytes([f.IPPROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0])
+        mld = f.icmpv6(ll, dst, 143, 0, struct.pack("!HH", 0, 1) + bytes([4, 0, 0, 0]) + snm)
+        os.write(fd, f.eth(bytes.fromhex("333300000016"), GUEST_MAC, f.ETH_P_IPV6,
+                           f.ipv6(ll, dst, f.IPPROTO_HOPOPTS, hbh + mld, hop_limit=1)))
+        want = gid_str(ipv6_mgid(snm))
+
+        def joined():
+            groups = json.loads(x("groups", tap, "-j").stdout)
+            return any(g["mgid"] == want and "snooped" in g["why"] and g["join_state"] & 1 for g in groups)
+
+        deadline = time.monotonic() + 5
+        while not joined() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert joined(), x("groups", tap).stdout
+        assert "JoinState" in sim_fabric.saquery("h2", "--smkey", "1", "MCMR", "--mgid", want).stdout
 
         x("detach", tap)                    # the TAP stays (the VM holds it), as it was before
         shown = subprocess.run(["ip", "link", "show", tap], capture_output=True, text=True).stdout

@@ -447,3 +447,29 @@ def test_no_icmp_error_about_icmp_errors_or_arp():
     assert too_big_reply(err, 1000, B_REMAC) is None
     arp = f.eth(B_REMAC, A_MAC, f.ETH_P_ARP, f.arp(1, A_MAC, A_IP4, ZERO_MAC, B_IP4))
     assert too_big_reply(arp, 1000, B_REMAC) is None
+
+
+# --- IGMP / MLD reports the agent snoops --------------------------------------------------------------
+
+def _mldv2(records: bytes, n: int) -> bytes:
+    dst = bytes.fromhex("ff020000000000000000000000000016")
+    hbh = bytes([f.IPPROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0])
+    return f.ipv6(A_IP6, dst, f.IPPROTO_HOPOPTS, hbh + f.icmpv6(A_IP6, dst, 143, 0, struct.pack("!HH", 0, n) + records),
+                  hop_limit=1)
+
+
+def test_group_reports_igmp_and_mld():
+    g1, g2 = bytes([239, 1, 2, 3]), bytes([224, 0, 0, 251])
+    v2 = f.ipv4(A_IP4, g1, f.IPPROTO_IGMP, bytes([0x16, 0, 0, 0]) + g1, ttl=1)
+    assert f.group_report(f.ETH_P_IP, v2) == ([g1], [])
+    leave = f.ipv4(A_IP4, bytes([224, 0, 0, 2]), f.IPPROTO_IGMP, bytes([0x17, 0, 0, 0]) + g1, ttl=1)
+    assert f.group_report(f.ETH_P_IP, leave) == ([], [g1])
+    recs = bytes([4, 0, 0, 0]) + g2 + bytes([3, 0, 0, 0]) + g1 + bytes([1, 0, 0, 1]) + g1 + A_IP4
+    v3 = f.ipv4(A_IP4, bytes([224, 0, 0, 22]), f.IPPROTO_IGMP, bytes([0x22, 0, 0, 0, 0, 0, 0, 3]) + recs, ttl=1)
+    assert f.group_report(f.ETH_P_IP, v3) == ([g2, g1], [g1])
+    snm = bytes.fromhex("ff0200000000000000000001ff123456")
+    assert f.group_report(f.ETH_P_IPV6, _mldv2(bytes([4, 0, 0, 0]) + snm, 1)) == ([snm], [])
+    assert f.group_report(f.ETH_P_IPV6, _mldv2(bytes([3, 0, 0, 0]) + snm, 1)) == ([], [snm])
+    # not a report, or broken: nothing
+    assert f.group_report(f.ETH_P_IP, f.ipv4(A_IP4, B_IP4, 17, b"x" * 8)) == ([], [])
+    assert f.group_report(f.ETH_P_IPV6, _mldv2(bytes([4, 0, 0, 0]) + snm[:8], 1)) == ([], [])

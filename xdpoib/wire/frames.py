@@ -437,3 +437,73 @@ def parse_dhcp(data: bytes) -> Dhcp:
     if msg.hlen > 16:
         raise FrameError(DropReason.BAD_DHCP, f"hlen {msg.hlen}")
     return msg
+
+
+# ===================================================================================================
+# IGMP / MLD reports (what the agent snoops to join groups for guests behind eth4)
+# ===================================================================================================
+
+IGMP_V1_REPORT, IGMP_V2_REPORT, IGMP_V2_LEAVE, IGMP_V3_REPORT = 0x12, 0x16, 0x17, 0x22
+MLD_V1_REPORT, MLD_V1_DONE, MLD_V2_REPORT = 131, 132, 143
+#: Group record types meaning "I want traffic" (RFC 3376/3810: MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE,
+#: ALLOW_NEW_SOURCES) versus "I leave" (CHANGE_TO_INCLUDE with no sources).
+_WANT_RECORDS = {2, 4, 5}
+_IS_INCLUDE, _TO_INCLUDE = 1, 3
+
+
+def group_report(ethertype: int, l3: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The multicast groups an IGMP (v1/v2/v3) or MLD (v1/v2) message joins and leaves.
+
+    @v ethertype  ETH_P_IP or ETH_P_IPV6
+    @v l3         the IP packet
+    @ret          (joined groups, left groups) as 4- or 16-byte addresses; ([], []) for anything else
+    """
+    joins: list[bytes] = []
+    leaves: list[bytes] = []
+    try:
+        if ethertype == ETH_P_IP:
+            ip = parse_ipv4(l3)
+            if ip.proto != IPPROTO_IGMP:
+                return joins, leaves
+            msg = l3[ip.hlen:ip.total_length]
+            _need(msg, 8, "IGMP")
+            t = msg[0]
+            if t in (IGMP_V1_REPORT, IGMP_V2_REPORT):
+                joins.append(bytes(msg[4:8]))
+            elif t == IGMP_V2_LEAVE:
+                leaves.append(bytes(msg[4:8]))
+            elif t == IGMP_V3_REPORT:
+                _records(msg, 8, 4, struct.unpack_from("!H", msg, 6)[0], joins, leaves)
+        elif ethertype == ETH_P_IPV6:
+            ip = parse_ipv6(l3)
+            nh, o, end = ip.next_header, IPV6_HLEN, IPV6_HLEN + ip.payload_length
+            if nh == IPPROTO_HOPOPTS:
+                _need(l3, o + 8, "hop-by-hop header")
+                nh, o = l3[o], o + (l3[o + 1] + 1) * 8
+            if nh != IPPROTO_ICMPV6:
+                return joins, leaves
+            msg = l3[o:end]
+            _need(msg, 4, "MLD")
+            t = msg[0]
+            if t in (MLD_V1_REPORT, MLD_V1_DONE):
+                _need(msg, 24, "MLDv1")
+                (joins if t == MLD_V1_REPORT else leaves).append(bytes(msg[8:24]))
+            elif t == MLD_V2_REPORT:
+                _need(msg, 8, "MLDv2")
+                _records(msg, 8, 16, struct.unpack_from("!H", msg, 6)[0], joins, leaves)
+    except (FrameError, struct.error):
+        return [], []
+    return joins, leaves
+
+
+def _records(msg: bytes, o: int, alen: int, count: int, joins: list, leaves: list) -> None:
+    """Walk IGMPv3/MLDv2 group records: type, aux length, source count, group, sources, aux data."""
+    for _ in range(count):
+        _need(msg, o + 4 + alen, "group record")
+        rtype, aux, nsrc = msg[o], msg[o + 1], struct.unpack_from("!H", msg, o + 2)[0]
+        group = bytes(msg[o + 4:o + 4 + alen])
+        if rtype in _WANT_RECORDS or (rtype == _IS_INCLUDE and nsrc):
+            joins.append(group)
+        elif rtype == _TO_INCLUDE and nsrc == 0:
+            leaves.append(group)
+        o += 4 + alen + nsrc * alen + aux * 4
