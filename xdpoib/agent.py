@@ -164,21 +164,17 @@ class Agent:
 
         # datapath: frames from eth4 reach us on an AF_XDP socket (DESIGN 1); the translating programs
         # unless asked otherwise; a TAP starts with the plain path (the guest's MAC is not known yet)
-        from xdpoib.pump import BpfPump, PlainPump
+        from xdpoib.pump import PlainPump
 
-        want = os.environ.get("XDPOIB_DATAPATH", "bpf")
-        if want == "bpf" and s.mode == "veth":
+        self.attach_to = attach_to
+        self.want_bpf = os.environ.get("XDPOIB_DATAPATH", "bpf") == "bpf"
+        if self.want_bpf and s.mode == "veth":
             link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
-            self.pump = BpfPump(self, attach_to, self.ifindex, s.id)
-            if self.pump.adopted:
-                self.stats["adopted_datapath"] += 1
-                log.info("adopted the datapath pinned under %s", self.pump.pin_dir)
+            self._start_bpf()
         else:
             self.pump = PlainPump(self, attach_to, self.ifindex)
-        self.stack.callback(self.pump.close)
+        self.stack.callback(lambda: self.pump.close())
         self.peers.on_new = lambda e: self.pump.add_peers([e])
-        for g in self.groups.values():
-            self.pump.set_group(g.mgid, g.group_id)
 
         # control socket, then carrier: only now does eth4 pass traffic
         state.ensure_dirs()
@@ -517,6 +513,31 @@ class Agent:
         while e.pending:
             self._send_to_peer(e, *e.pending.popleft())
 
+    def _start_bpf(self) -> None:
+        from xdpoib.pump import BpfPump
+
+        self.pump = BpfPump(self, self.attach_to, self.ifindex, self.spec.id)
+        if self.pump.adopted:
+            self.stats["adopted_datapath"] += 1
+            log.info("adopted the datapath pinned under %s", self.pump.pin_dir)
+        for g in self.groups.values():
+            self.pump.set_group(g.mgid, g.group_id)
+
+    def _upgrade_pump(self) -> None:
+        """TAP mode, guest MAC learned: move from the plain path to the translating programs (the few
+        frames in flight meanwhile are lost, as on a link flap)."""
+        old = self.pump
+        old.close()
+        try:
+            self._start_bpf()
+            self.stats["datapath_upgrades"] += 1
+        except XdpoibError as e:
+            from xdpoib.pump import PlainPump
+
+            log.warning("staying on the plain datapath: %s", e)
+            self.want_bpf = False
+            self.pump = PlainPump(self, self.attach_to, self.ifindex)
+
     def learn_vif(self, frame: bytes) -> None:
         """TAP mode: the guest's MAC (the source of its first unicast-sourced frame) becomes the VIF."""
         src = bytes(frame[6:12])
@@ -545,6 +566,8 @@ class Agent:
         if self._inject:
             out, self._inject = self._inject, []
             self.pump.deliver([], out)
+        if self.vif_learned and self.want_bpf and self.pump.name == "plain":
+            self._upgrade_pump()
         return len(got)
 
     def _as_ethernet(self, o) -> bytes:
@@ -615,8 +638,8 @@ class Agent:
 
     def run(self) -> None:
         """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""
-        rlist = [self.pump.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
         while not self.stopping:
+            rlist = [self.pump.fileno(), self.qp.fileno(), self.backend.events.fileno(), self.control.fileno()]
             now = time.monotonic()
             if len(self.peers.entries) != self._saved_peers and now - self._last_save >= SAVE_S:
                 self._last_save = now
