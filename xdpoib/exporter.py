@@ -181,7 +181,10 @@ class _Families:
         sa = st.get("sa", {})
         for k, n in sa.get("queries", {}).items():
             typ, _, result = k.partition(" ")
-            self.sa.add_metric([*lab, typ, result or "total"], n)
+            if result:
+                self.sa.add_metric([*lab, typ, result], n)
+            else:                       # lost, busy, timeouts, sm_moved: events of the SA client
+                self.events.add_metric([*lab, f"sa_{typ}"], n)
         for typ, h in sa.get("latency", {}).items():
             buckets = [(le, n) for le, n in h["buckets"].items()] + [("+Inf", h["count"])]
             self.sa_time.add_metric([*lab, typ], buckets, h["sum"])
