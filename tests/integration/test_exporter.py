@@ -1,0 +1,219 @@
+"""The exporter against real software: two attachments on a sim fabric (real OpenSM), the exporter's
+/metrics after a ping, a real Prometheus scraping it every second (its HTTP API answers every
+dashboard query), then an agent killed with SIGKILL: the scrape goes on with `xdpoib_up 0`, and after
+re-attaching the BPF packet counter carries on from the pinned maps (Prometheus sees no reset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from prereq import need_cmd
+
+from xdpoib.exporter import series_names
+
+SIM_HOSTS = 2
+XDPOIB = [sys.executable, "-m", "xdpoib"]
+DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "xdpoib.json"
+
+
+def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
+    assert not check or r.returncode == 0, f"xdpoib {' '.join(args)}: {r.stderr.strip()}"
+    return r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def until(pred, timeout: float, step: float = 0.2):
+    """Poll pred() until it returns something truthy (returned) or timeout (None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return None
+
+
+def get(url: str, timeout: float = 3.0) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
+    """The exporter's /metrics, as {series name: [(labels, value)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(get(f"http://127.0.0.1:{port}/metrics") or ""):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float | None:
+    for lab, v in samples.get(name, []):
+        if all(lab.get(k) == w for k, w in labels.items()):
+            return v
+    return None
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pair(sim_fabric):
+    """Two namespaces with eth4 attached to h1 and h2, IPv4 10.79.0.1 and .2."""
+    need_cmd("ip", "ping")
+    names = [f"xe{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
+    try:
+        for i, ns in enumerate(names, 1):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.79.0.{i}/24", "dev", "eth4"], check=True)
+        yield sim_fabric, names
+    finally:
+        for ns in names:
+            x("detach", "eth4", "--netns", ns, check=False)
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.fixture(scope="module")
+def exporter_port(pair):
+    port = free_port()
+    proc = subprocess.Popen([*XDPOIB, "exporter", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert until(lambda: get(f"http://127.0.0.1:{port}/metrics"), 15), "exporter does not serve"
+        yield port
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prometheus(exporter_port, tmp_path_factory):
+    """A real Prometheus scraping the exporter every second; yields a query function."""
+    need_cmd("prometheus")
+    d = tmp_path_factory.mktemp("prom")
+    port = free_port()
+    (d / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: xdpoib\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{exporter_port}']\n")
+    with open(d / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={d / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=d)
+
+    def query(expr: str) -> list[dict]:
+        body = get(f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert body is not None, f"prometheus does not answer: {(d / 'prometheus.log').read_text()[-800:]}"
+        answer = json.loads(body)
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    try:
+        assert until(lambda: get(f"http://127.0.0.1:{port}/-/ready"), 30), "prometheus did not get ready"
+        yield query
+    finally:
+        stop(proc)
+
+
+def ping(ns: str, dst: str, count: int = 3) -> bool:
+    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "3", dst],
+                          capture_output=True).returncode == 0
+
+
+def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
+    _, (ns1, ns2) = pair
+    assert ping(ns1, "10.79.0.2")
+    m = scrape(exporter_port)
+    for ns in (ns1, ns2):
+        assert value(m, "xdpoib_up", netns=ns, ifname="eth4") == 1
+        assert value(m, "xdpoib_packets_total", netns=ns, direction="tx") >= 3
+        assert value(m, "xdpoib_packets_total", netns=ns, direction="rx") >= 3
+        assert value(m, "xdpoib_bytes_total", netns=ns, direction="tx") > 3 * 84
+        assert value(m, "xdpoib_peers", netns=ns) >= 1
+        assert value(m, "xdpoib_mcast_groups", netns=ns, state="full") >= 1
+        assert value(m, "xdpoib_port_info", netns=ns, state="active") == 1
+        assert value(m, "xdpoib_agent_uptime_seconds", netns=ns) > 0
+        assert value(m, "xdpoib_sa_queries_total", netns=ns, type="join", result="ok") >= 1
+        assert value(m, "xdpoib_sa_query_duration_seconds_count", netns=ns, type="join") >= 1
+    # the same numbers the agent reports itself
+    st = json.loads(x("status", "eth4", "--netns", ns2, "-j").stdout)
+    assert value(m, "xdpoib_peers", netns=ns2) == st["peers"]
+    assert value(m, "xdpoib_port_info", netns=ns2, gid=st["port"]["gid"], lid=str(st["port"]["lid"])) == 1
+    # every series is one the exporter declares (the list the dashboard test checks against)
+    assert set(m) <= series_names(), set(m) - series_names()
+
+
+def test_prometheus_scrapes_every_attachment_and_answers_the_dashboard(pair, prometheus):
+    _, names = pair
+    got = until(lambda: {r["metric"].get("netns") for r in prometheus('xdpoib_packets_total{direction="tx"}')
+                         if float(r["value"][1]) > 0} >= set(names), 30)
+    assert got, "prometheus has no xdpoib_packets_total sample for each attachment"
+    # rates need two samples in their window
+    assert until(lambda: len(prometheus("count_over_time(xdpoib_up[10s]) >= 3")) == len(names), 15)
+    # every dashboard query runs on real Prometheus (variables at "All", a 10 s rate window)
+    dash = json.loads(DASHBOARD.read_text())
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            expr = re.sub(r'(\w+)=~"\$\w+"', r'\1=~".*"', t["expr"]).replace("$__rate_interval", "10s")
+            result = prometheus(expr)
+            if "drops" not in expr:                 # drops appear only when something was dropped
+                assert result, f"{p['title']!r}: no data for {expr}"
+    for v in dash["templating"]["list"][1:]:
+        metric = re.search(r"label_values\((.*), (\w+)\)", v["query"])
+        selector = re.sub(r'=~"\$\w+"', '=~".*"', metric.group(1))
+        assert prometheus(f"count by ({metric.group(2)}) ({selector})"), v["name"]
+
+
+def test_agent_killed_then_reattached_counters_carry_on(pair, exporter_port, prometheus):
+    fab, (ns1, ns2) = pair
+    assert ping(ns2, "10.79.0.1", count=2)
+    pid = json.loads(x("status", "eth4", "--netns", ns1, "-j").stdout)["attachment"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # the scrape goes on: the dead agent is down, its BPF counters are still read from the pins
+    m = until(lambda: (s := scrape(exporter_port)) and value(s, "xdpoib_up", netns=ns1) == 0 and s, 10)
+    assert m, "the exporter still reports the killed agent up"
+    before = value(m, "xdpoib_packets_total", netns=ns1, direction="tx")
+    assert before and before >= 2
+    assert value(m, "xdpoib_up", netns=ns2) == 1
+    assert until(lambda: prometheus(f'xdpoib_up{{netns="{ns1}"}} == 0'), 10), "prometheus never saw it down"
+    x("attach", "eth4", "--netns", ns1, "--sim", f"{fab.name}:h1")
+    assert ping(ns1, "10.79.0.2", count=2)
+    m = scrape(exporter_port)
+    assert value(m, "xdpoib_up", netns=ns1) == 1
+    assert value(m, "xdpoib_agent_events_total", netns=ns1, event="adopted_datapath") == 1
+    after = value(m, "xdpoib_packets_total", netns=ns1, direction="tx")
+    assert after >= before + 2, (before, after)
+    # Prometheus saw the counter carry on through the restart: no reset in the window
+    assert until(lambda: prometheus(f'xdpoib_packets_total{{netns="{ns1}",direction="tx"}} >= {after}'), 10)
+    resets = prometheus(f'resets(xdpoib_packets_total{{netns="{ns1}",direction="tx"}}[5m])')
+    assert resets and float(resets[0]["value"][1]) == 0, resets
