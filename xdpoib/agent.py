@@ -104,6 +104,9 @@ class Agent:
         self.sa = self._open_sa()
         self.stack.callback(self.sa.close)
         self.port = self._wait_active(30.0)
+        if self.port.pkey_index(self.pkey) is None:
+            table = ", ".join(f"{k:#06x}" for k in self.port.pkeys if k & 0x7FFF) or "empty"
+            raise AgentError(f"the port is not a member of partition {self.pkey:#06x} (its P_Key table: {table})")
         self.backend = self._open_backend()
         self.stack.callback(self.backend.close)
         self.port_attrs = self.backend.port()
@@ -223,7 +226,7 @@ class Agent:
             try:
                 return self.sa.join(mgid, JOIN_FULL)
             except SAError as e:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or getattr(e, "status", 0) == 0x0200:   # refused: final
                     raise AgentError(f"cannot join the broadcast group {gid_str(mgid)}: {e}") from None
                 time.sleep(0.5)
 

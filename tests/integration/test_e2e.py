@@ -194,6 +194,7 @@ def test_attach_twice_fails_and_changes_nothing(lab):
     (["attach", "eth9", "--sim", "{fab}:h9"], "no host"),
     (["attach", "eth9", "--sim", "nofabric:h1"], "nofabric"),
     (["attach", "eth9", "--sim", "justaname"], "FABRIC:HOST"),
+    (["attach", "eth9", "--sim", "{fab}:h3", "--pkey", "0x8003"], "not a member of partition 0x8003"),
 ])
 def test_bad_cli_input_is_one_clear_line_and_changes_nothing(lab, args, message):
     fab, _ = lab

@@ -111,7 +111,9 @@ def start_agent(spec: state.AttachSpec) -> int:
     sock = state.socket_path(spec.id)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise XdpoibError(f"the agent for {spec.where} failed: {last_error(spec.id)}")
+            why = last_error(spec.id)
+            state.remove_files(spec.id, keep_state=True, keep_log=False)   # a refused attach leaves nothing
+            raise XdpoibError(f"the agent for {spec.where} failed: {why}")
         if sock.exists():
             try:
                 st = control.request(sock, "status", timeout=2.0)
