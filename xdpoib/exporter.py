@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prometheus_client.core import (
@@ -201,9 +202,12 @@ class XdpoibCollector(Collector):
         build.add_metric([], {"version": __version__})
         yield build
         fam = _Families()
-        for spec in state.attachments():
+        specs = state.attachments()
+        # ask every agent at once: a hung one costs STATUS_TIMEOUT once per scrape, not once per agent
+        with ThreadPoolExecutor(max_workers=min(8, len(specs) or 1)) as pool:
+            answers = list(pool.map(agent_status, specs))
+        for spec, st in zip(specs, answers, strict=True):
             lab = [spec.netns or "", spec.ifname]
-            st = agent_status(spec)
             fam.up.add_metric(lab, 1 if st is not None else 0)
             bpf = read_bpf_counters(pin_dir(spec.id))
             if bpf is not None:
@@ -211,7 +215,10 @@ class XdpoibCollector(Collector):
             elif st is not None:
                 fam.add_plain(lab, st.get("datapath", {}))
             if st is not None:
-                fam.add_agent(lab, st)
+                try:
+                    fam.add_agent(lab, st)
+                except (KeyError, TypeError, ValueError, AttributeError) as e:   # an agent of another version
+                    log.warning("%s: unexpected status answer: %s", spec.where, e)
         yield from fam.all()
 
 

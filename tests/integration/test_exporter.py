@@ -173,6 +173,13 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
     assert set(m) <= series_names(), set(m) - series_names()
 
 
+def test_a_second_exporter_on_the_same_port_fails_with_one_line(exporter_port):
+    r = x("exporter", "--listen", f"127.0.0.1:{exporter_port}", check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"xdpoib: error: cannot listen on 127.0.0.1:{exporter_port}: "
+                                             "Address already in use"]
+
+
 def test_prometheus_scrapes_every_attachment_and_answers_the_dashboard(pair, prometheus):
     _, names = pair
     got = until(lambda: {r["metric"].get("netns") for r in prometheus('xdpoib_packets_total{direction="tx"}')

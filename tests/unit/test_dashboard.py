@@ -99,3 +99,23 @@ def test_exporter_scrape_with_a_dead_agent_reports_it_down(tmp_path, monkeypatch
     for f in fams.values():
         for s in f.samples:
             assert s.name in series_names(), s.name
+
+
+@pytest.mark.parametrize("listen", ["foo", "127.0.0.1", "127.0.0.1:99999", ":9645", "[::1]"])
+def test_exporter_bad_listen_address_is_one_clear_line(listen):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "xdpoib", "exporter", "--listen", listen], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"xdpoib: error: --listen wants ADDR:PORT (e.g. 127.0.0.1:9645), "
+                                             f"not {listen!r}"]
+
+
+def test_exporter_listen_addresses_parse():
+    from xdpoib.exporter import parse_listen
+
+    assert parse_listen("127.0.0.1:9645") == ("127.0.0.1", 9645)
+    assert parse_listen("[::1]:9100") == ("::1", 9100)
+    assert parse_listen("0.0.0.0:1") == ("0.0.0.0", 1)

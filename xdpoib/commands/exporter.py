@@ -24,6 +24,7 @@ def configure(p):
 def run(args) -> int:
     from xdpoib import exporter
 
+    exporter.parse_listen(args.listen)
     if os.geteuid() != 0:
         raise PrerequisiteError("xdpoib exporter must run as root (control sockets and pinned maps are root-only)")
     if args.once:
