@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -119,3 +120,25 @@ def test_exporter_listen_addresses_parse():
     assert parse_listen("127.0.0.1:9645") == ("127.0.0.1", 9645)
     assert parse_listen("[::1]:9100") == ("::1", 9100)
     assert parse_listen("0.0.0.0:1") == ("0.0.0.0", 1)
+
+
+def test_exporter_scrape_survives_an_agent_that_never_answers(tmp_path, monkeypatch):
+    """A live process whose control socket accepts but never answers: that attachment is down, the
+    scrape still completes with every other attachment in it."""
+    import socket
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from xdpoib import exporter, state
+
+    monkeypatch.setenv("XDPOIB_RUN_DIR", str(tmp_path))
+    monkeypatch.setattr(exporter, "STATUS_TIMEOUT", 0.5)
+    hung = state.AttachSpec(ifname="eth4", netns="hung", fabric="f", host="h1", pid=os.getpid())
+    state.write_spec(hung)
+    state.write_spec(state.AttachSpec(ifname="eth5", netns=None, fabric="f", host="h2", pid=None))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(state.socket_path(hung.id)))
+        srv.listen(4)
+        fams = {f.name: f for f in text_string_to_metric_families(exporter.exposition())}
+    ups = {(s.labels["netns"], s.labels["ifname"]): s.value for s in fams["xdpoib_up"].samples}
+    assert ups == {("hung", "eth4"): 0.0, ("", "eth5"): 0.0}
