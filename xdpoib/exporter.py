@@ -167,7 +167,8 @@ class _Families:
             "mode": str(a.get("mode", "")), "pkey": str(a.get("pkey", "")), "backend": str(a.get("backend", "")),
             "datapath": str(st.get("datapath", {}).get("kind", "")), "mac": str(st.get("eth", {}).get("mac", "")),
         })
-        self.port.add_metric(lab, {"gid": str(p.get("gid", "")), "lid": str(p.get("lid", "")),
+        device = a.get("device") or (f"{a.get('fabric')}:{a.get('host')}" if a.get("backend") == "sim" else "")
+        self.port.add_metric(lab, {"device": str(device), "gid": str(p.get("gid", "")), "lid": str(p.get("lid", "")),
                                    "state": str(p.get("state", ""))})
         self.uptime.add_metric(lab, float(a.get("uptime_seconds", 0)))
         self.peers.add_metric(lab, st.get("peers", 0))

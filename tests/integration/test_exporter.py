@@ -151,7 +151,7 @@ def ping(ns: str, dst: str, count: int = 3) -> bool:
 
 
 def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
-    _, (ns1, ns2) = pair
+    fab, (ns1, ns2) = pair
     assert ping(ns1, "10.79.0.2")
     m = scrape(exporter_port)
     for ns in (ns1, ns2):
@@ -161,7 +161,8 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
         assert value(m, "xdpoib_bytes_total", netns=ns, direction="tx") > 3 * 84
         assert value(m, "xdpoib_peers", netns=ns) >= 1
         assert value(m, "xdpoib_mcast_groups", netns=ns, state="full") >= 1
-        assert value(m, "xdpoib_port_info", netns=ns, state="active") == 1
+        host = "h1" if ns == ns1 else "h2"
+        assert value(m, "xdpoib_port_info", netns=ns, state="active", device=f"{fab.name}:{host}") == 1
         assert value(m, "xdpoib_agent_uptime_seconds", netns=ns) > 0
         assert value(m, "xdpoib_sa_queries_total", netns=ns, type="join", result="ok") >= 1
         assert value(m, "xdpoib_sa_query_duration_seconds_count", netns=ns, type="join") >= 1

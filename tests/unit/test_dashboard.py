@@ -1,5 +1,6 @@
 """The Grafana dashboard: valid JSON with a stable uid, variables chained datasource -> job -> instance
--> netns -> ifname, a unit and a description on every panel, and only metrics the exporter defines."""
+-> netns -> ifname, a unit and a description on every panel, and only metrics the exporter defines.
+Also the exporter without root: metric name conventions, scrapes with dead and hung agents, bad input."""
 
 from __future__ import annotations
 
