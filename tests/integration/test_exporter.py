@@ -172,6 +172,11 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
     assert value(m, "xdpoib_port_info", netns=ns2, gid=st["port"]["gid"], lid=str(st["port"]["lid"])) == 1
     # every series is one the exporter declares (the list the dashboard test checks against)
     assert set(m) <= series_names(), set(m) - series_names()
+    # --once prints the same exposition
+    once = x("exporter", "--once").stdout
+    for ns in (ns1, ns2):
+        assert f'xdpoib_up{{ifname="eth4",netns="{ns}"}} 1.0' in once
+        assert re.search(rf'xdpoib_packets_total{{direction="tx",ifname="eth4",netns="{ns}"}} [1-9]', once)
 
 
 def test_a_second_exporter_on_the_same_port_fails_with_one_line(exporter_port):
