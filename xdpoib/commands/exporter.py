@@ -16,12 +16,14 @@ EPILOG = """examples:
 
 
 def configure(p):
+    """Add the exporter's options."""
     p.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:9645",
                    help="where to serve /metrics (default 127.0.0.1:9645; [::1]:9645 for IPv6)")
     p.add_argument("--once", action="store_true", help="print the exposition text once and exit")
 
 
 def run(args) -> int:
+    """Print one scrape (--once), or serve /metrics until stopped."""
     from xdpoib import exporter
 
     exporter.parse_listen(args.listen)
