@@ -676,7 +676,6 @@ class Agent:
         """The attachment's state and counters (what `xdpoib status -j` shows and the exporter reads)."""
         p = self.port_attrs
         s = self.spec
-        join_names = {0: "not_joined", 1: "full", 4: "send_only", 8: "send_only"}
         return {
             "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{self.pkey:#06x}",
                            "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
@@ -694,7 +693,8 @@ class Agent:
             "drops": dict(self.drops),
             "fabric_drops": {k: v for k, v in self.backend.counters().items() if v},
             "datapath": {"kind": self.pump.name, **self.pump.counters()},
-            "groups_by_state": dict(Counter(join_names.get(g.join_state, "other") for g in self.groups.values())),
+            "groups_by_state": dict(Counter("full" if g.join_state & JOIN_FULL else "send_only" if g.join_state
+                                            else "not_joined" for g in self.groups.values())),
             "sa": {"queries": {" ".join(map(str, k)) if isinstance(k, tuple) else k: v
                                for k, v in self.sa.stats.items()},
                    "latency": self.sa.latency.snapshot()},
