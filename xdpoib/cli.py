@@ -16,9 +16,14 @@ from xdpoib import __version__
 from xdpoib.errors import XdpoibError
 
 EXAMPLES = """examples:
-  xdpoib demo                     three hosts on a simulated fabric: ARP, ping, status
-  xdpoib sim up lab --hosts 3     start ibsim + OpenSM with three hosts
-  xdpoib bench datapath --json    BPF cost per packet, as ratios to a no-op program
+  xdpoib attach eth4 --device mlx5_0              eth4 on HCA port mlx5_0/1, default partition
+  xdpoib attach eth4 --netns blue --sim lab:h1    eth4 in netns blue, on host h1 of sim fabric lab
+  xdpoib status eth4 --netns blue                 port, broadcast group, counters, drops by reason
+  xdpoib detach eth4 --netns blue
+  xdpoib demo                                     three hosts on a simulated fabric: ARP, ping, status
+  xdpoib sim up lab --hosts 3                     start ibsim + OpenSM with three hosts
+  xdpoib exporter                                 Prometheus metrics of every attachment
+  xdpoib bench datapath --json                    BPF cost per packet, as ratios to a no-op program
 """
 
 
