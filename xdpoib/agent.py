@@ -84,6 +84,7 @@ class Agent:
         self._last_mcast_sync = 0.0
         self._last_save = 0.0
         self._announced: set[bytes] = set()
+        self._who_is_asked: dict[int, float] = {}
         self._announce_due = False
         self._saved_peers = 0
         self._last_member_check = time.monotonic()
@@ -587,6 +588,23 @@ class Agent:
                 return self.peers.learn(sha, lid=slid)
         return None
 
+    def _who_is(self, slid: int, qpn: int) -> PeerEntry | None:
+        """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA
+        which GID is behind that LID (at most once a second per LID), and learn the peer."""
+        from xdpoib.fabric.sa import SAError
+
+        now = time.monotonic()
+        if now - self._who_is_asked.get(slid, -1e9) < 1.0:
+            return None
+        self._who_is_asked[slid] = now
+        try:
+            rec = self.sa.path_to_lid(slid, self.pkey)
+        except (SAError, XdpoibError) as e:
+            log.warning("who is LID %d: %s", slid, e)
+            return None
+        self.stats["sources_resolved_by_lid"] += 1
+        return self.peers.learn(IPoIBAddr(0, qpn, rec.dgid), lid=slid)
+
     def _learn_nd(self, data: bytes, slid: int) -> None:
         """Learn the IPoIB addresses that ND link-layer options carry (so their translation succeeds)."""
         if len(data) < 4 + 40 + 4 or data[:2] != b"\x86\xdd" or data[4 + 6] != f.IPPROTO_ICMPV6:
@@ -625,7 +643,7 @@ class Agent:
                 if c.has_grh and c.sgid is not None:
                     peer = self.peers.learn(IPoIBAddr(0, c.src_qp, bytes(c.sgid)), lid=c.slid)
                 else:
-                    peer = self.peers.by_lid(c.slid, c.src_qp)
+                    peer = self.peers.by_lid(c.slid, c.src_qp) or self._who_is(c.slid, c.src_qp)
             if peer is None:
                 self.drops["unknown_source"] += 1
                 continue

@@ -118,3 +118,25 @@ def test_agent_crash_then_reattach_adopts_links_and_announces(pair):
                              + x("status", "eth4", "--netns", ns2).stdout
                              + subprocess.run(["ip", "-n", ns2, "neigh"], capture_output=True, text=True).stdout)
     assert ping(ns2, "10.66.0.1", count=2)
+
+
+def test_unicast_from_an_unknown_sender_is_resolved_by_lid(pair):
+    """An agent restarted with its state lost knows no peer; a unicast datagram (no GRH: only SLID and
+    source QPN) from a host that knows us is still delivered: the agent asks the SA who has that LID."""
+    import os
+    import signal
+
+    fab, (ns1, ns2) = pair
+    assert ping(ns2, "10.66.0.1", count=1)
+    old = json.loads(x("status", "eth4", "--netns", ns1, "-j").stdout)
+    os.kill(old["attachment"]["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    for p in (f"/var/lib/xdpoib/{ns1}@eth4.json",):          # the state is lost too
+        if os.path.exists(p):
+            os.unlink(p)
+    x("attach", "eth4", "--netns", ns1, "--sim", f"{fab.name}:h1")
+    assert json.loads(x("peers", "eth4", "--netns", ns1, "-j").stdout) == []
+    # ns2 learns ns1's new QPN from the announcement, then its ping arrives without a GRH
+    assert until(lambda: ping(ns2, "10.66.0.1"), 10)
+    st = json.loads(x("status", "eth4", "--netns", ns1, "-j").stdout)
+    assert st["counters"].get("sources_resolved_by_lid", 0) >= 1

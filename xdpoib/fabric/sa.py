@@ -51,7 +51,7 @@ ATTR_CLASS_PORT_INFO, ATTR_NODE_RECORD, ATTR_PATH_RECORD, ATTR_MCMEMBER_RECORD =
 SMP_ATTR_NODE_INFO, SMP_ATTR_PORT_INFO, SMP_ATTR_PKEY_TABLE = 0x11, 0x15, 0x16
 
 # PathRecord component mask bits
-PR_DGID, PR_SGID, PR_PKEY = 1 << 2, 1 << 3, 1 << 13
+PR_DGID, PR_SGID, PR_DLID, PR_PKEY = 1 << 2, 1 << 3, 1 << 4, 1 << 13
 # MCMemberRecord component mask bits
 MC_MGID, MC_PORT_GID, MC_QKEY, MC_MTU_SEL, MC_MTU, MC_TCLASS, MC_PKEY = 1, 2, 4, 0x10, 0x20, 0x40, 0x80
 MC_RATE_SEL, MC_RATE, MC_SL, MC_FLOW, MC_HOP, MC_JOIN_STATE = 0x100, 0x200, 0x1000, 0x2000, 0x4000, 0x10000
@@ -792,6 +792,16 @@ class SAClient:
         q = PathRecord(dgid=dgid, sgid=sgid, pkey=pkey)
         resp = self._sa(METHOD_GET, ATTR_PATH_RECORD, PR_DGID | PR_SGID | PR_PKEY, q.pack(),
                         f"PathRecord to {gid_str(dgid)} (P_Key {pkey:#06x})", "path")
+        rec = PathRecord.parse(resp.data)
+        self.path_cache.put(rec, pkey)
+        return rec
+
+    def path_to_lid(self, dlid: int, pkey: int = 0xFFFF) -> PathRecord:
+        """PathRecord Get by DLID (with our SGID and the P_Key): who is behind a LID. A datagram that
+        came without a GRH names its sender only by SLID and source QPN; this gives its GID."""
+        q = PathRecord(dgid=bytes(16), sgid=self.gid, dlid=dlid, pkey=pkey)
+        resp = self._sa(METHOD_GET, ATTR_PATH_RECORD, PR_SGID | PR_DLID | PR_PKEY, q.pack(),
+                        f"PathRecord to LID {dlid} (P_Key {pkey:#06x})", "path")
         rec = PathRecord.parse(resp.data)
         self.path_cache.put(rec, pkey)
         return rec
