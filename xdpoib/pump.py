@@ -15,6 +15,7 @@ Both yield `Outgoing` decisions for the agent to send and take `Incoming` frames
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 from xdpoib import link
@@ -25,6 +26,7 @@ from xdpoib.wire.oracle import eth_to_ipoib, ipoib_to_eth
 
 BATCH = 256
 META_LEN = 32           # struct xdpoib_tx_meta
+_TX_META = struct.Struct("<BBHHHII16s")
 
 
 @dataclass(slots=True)
@@ -194,20 +196,23 @@ class BpfPump(_Base):
 
         out = []
         a = self.agent
+        unpack = _TX_META.unpack_from           # struct xdpoib_tx_meta, cheaper than a ctypes copy
         for meta, frame in self.xsk.recv(BATCH):
-            m = abi.TxMeta.from_bytes(meta)
-            if m.version != abi.META_VERSION:
+            if len(meta) < META_LEN:
                 a.drops["bad_metadata"] += 1
                 continue
-            kind = m.kind
-            if kind == Kind.CONTROL:
-                o = self.control(frame)
-            elif kind == Kind.PEER:
-                o = Outgoing(Kind.PEER, frame, m.dest_id, vid=m.vid)
+            version, kind, _pkey, vid, _, _vif, dest_id, dest = unpack(meta)
+            if version != abi.META_VERSION:
+                a.drops["bad_metadata"] += 1
+                continue
+            if kind == Kind.PEER:
+                o = Outgoing(Kind.PEER, frame, dest_id, vid=vid)
             elif kind == Kind.GROUP:
-                o = Outgoing(Kind.GROUP, frame, mgid=bytes(m.dest), vid=m.vid)
+                o = Outgoing(Kind.GROUP, frame, mgid=dest, vid=vid)
+            elif kind == Kind.CONTROL:
+                o = self.control(frame)
             else:
-                o = Outgoing(Kind.UNRESOLVED, frame, vid=m.vid)
+                o = Outgoing(Kind.UNRESOLVED, frame, vid=vid)
             if o is not None:
                 out.append(o)
         return out
