@@ -234,18 +234,24 @@ class Agent:
     def _sysctls(self) -> None:
         """Let the host stack announce itself through us: gratuitous ARP and unsolicited NA on link
         up and address changes (DESIGN 2)."""
-        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
         for key in (f"net.ipv4.conf.{self.spec.ifname}.arp_notify=1",
                     f"net.ipv6.conf.{self.spec.ifname}.ndisc_notify=1"):
-            subprocess.run([*base, "sysctl", "-qw", key], capture_output=True, check=False)
+            subprocess.run(link.in_netns(self.spec.netns, ["sysctl", "-qw", key]), capture_output=True, check=False)
 
-    def _eth_addresses(self) -> tuple[list[bytes], list[bytes]]:
-        """eth4's IPv4 and IPv6 addresses (read in its namespace)."""
+    def _read_eth4(self) -> tuple[str, str]:
+        """eth4's multicast lists (/proc/net/igmp6, /proc/net/igmp) and its addresses (`ip -o addr`),
+        read in its namespace with one command (the timer needs both every second)."""
+        script = 'cat /proc/net/igmp6 /proc/net/igmp; echo "@@addresses@@"; ip -o addr show dev "$1"'
+        out = subprocess.run(link.in_netns(self.spec.netns, ["sh", "-c", script, "sh", self.spec.ifname]),
+                             capture_output=True, text=True, timeout=5).stdout
+        groups, _, addresses = out.partition("@@addresses@@")
+        return groups, addresses
+
+    @staticmethod
+    def _parse_addresses(out: str) -> tuple[list[bytes], list[bytes]]:
+        """IPv4 and IPv6 addresses from `ip -o addr` output (tentative ones left out)."""
         from ipaddress import ip_address
 
-        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
-        out = subprocess.run([*base, "ip", "-o", "addr", "show", "dev", self.spec.ifname], capture_output=True,
-                             text=True, timeout=5).stdout
         v4, v6 = [], []
         for line in out.splitlines():
             parts = line.split()
@@ -254,17 +260,23 @@ class Agent:
                 (v4 if len(a) == 4 else v6).append(a)
         return v4, v6
 
-    def announce(self, only_new: bool = False) -> None:
+    def announce(self, addresses: str | None = None, only_new: bool = False) -> None:
         """Gratuitous ARP and unsolicited NA for eth4's addresses, sent on the fabric: after attach (our
         QPN, hence our REMAC at the peers, may have changed), when the port comes back, and for each
-        address added later, so peers' caches point at our current address (DESIGN 2)."""
+        address added later, so peers' caches point at our current address (DESIGN 2).
+
+        @v addresses  `ip -o addr` output already read by the caller (None: read it now)
+        @v only_new   announce only addresses not announced before
+        """
         if self.spec.mode != "veth":
             return                  # a guest announces itself (and we learn its MAC on its first frame)
-        try:
-            v4, v6 = self._eth_addresses()
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("reading eth4's addresses: %s", e)
-            return
+        if addresses is None:
+            try:
+                addresses = self._read_eth4()[1]
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("reading eth4's addresses: %s", e)
+                return
+        v4, v6 = self._parse_addresses(addresses)
         known, self._announced = self._announced, set(v4) | set(v6)
         if only_new:
             v4, v6 = [a for a in v4 if a not in known], [a for a in v6 if a not in known]
@@ -351,13 +363,10 @@ class Agent:
         for g in list(self.groups.values()):
             self.leave(g)
 
-    def _eth_groups(self) -> set[bytes]:
-        """MGIDs of the IPv4/IPv6 groups on eth4's own multicast list (read in its namespace)."""
-        base = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
-        out = subprocess.run([*base, "cat", "/proc/net/igmp6", "/proc/net/igmp"], capture_output=True,
-                             text=True, timeout=5)
+    def _parse_groups(self, out: str) -> set[bytes]:
+        """MGIDs of the IPv4/IPv6 groups on eth4's own multicast list (/proc/net/igmp6 and igmp text)."""
         mgids, dev = set(), None
-        for line in out.stdout.splitlines():
+        for line in out.splitlines():
             parts = line.split()
             if len(parts) >= 3 and len(parts[2]) == 32 and parts[1] == self.spec.ifname:
                 mgids.add(ipv6_mgid(bytes.fromhex(parts[2]), self.pkey))
@@ -369,11 +378,12 @@ class Agent:
                     mgids.add(ipv4_mgid(grp, self.pkey))
         return mgids
 
-    def sync_multicast(self) -> None:
-        """Mirror eth4's multicast list into full joins (so IPv6 ND and mDNS work), leave what went."""
+    def sync_multicast(self, groups: str) -> None:
+        """Mirror eth4's multicast list (the /proc text `_read_eth4` read) into full joins, so IPv6 ND
+        and mDNS work; leave what went."""
         try:
-            want = self._eth_groups()
-        except (OSError, subprocess.SubprocessError, XdpoibError) as e:
+            want = self._parse_groups(groups)
+        except (ValueError, XdpoibError) as e:
             log.warning("reading eth4's multicast list: %s", e)
             return
         for mgid in want:
@@ -670,9 +680,14 @@ class Agent:
                 self.check_memberships()
             if now - self._last_mcast_sync >= MCAST_SYNC_S:
                 self._last_mcast_sync = now
-                self.sync_multicast()
-                self.announce(only_new=not self._announce_due)
-                self._announce_due = False
+                try:
+                    groups, addresses = self._read_eth4()
+                except (OSError, subprocess.SubprocessError) as e:
+                    log.warning("reading eth4's multicast list and addresses: %s", e)
+                else:
+                    self.sync_multicast(groups)
+                    self.announce(addresses, only_new=not self._announce_due)
+                    self._announce_due = False
             try:
                 ready, _, _ = select.select(rlist, [], [], 0.2)
             except InterruptedError:

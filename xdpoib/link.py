@@ -153,18 +153,18 @@ def set_link(ifname: str, netns: str | None = None, *, mac: str | None = None, m
             raise LinkError(f"cannot set {kw} on {ifname}: {e}") from None
 
 
-def set_carrier(ifname: str, on: bool, netns: str | None = None) -> None:
-    """Set the carrier of a veth end by bringing its peer (the internal end) up or down."""
-    set_link(ifname, netns, up=on)
-
-
 # --- offloads (ethtool) ----------------------------------------------------------------------------
 
 _OFFLOADS = {"tx": "tx-checksumming", "tso": "tcp-segmentation-offload", "gro": "generic-receive-offload"}
 
 
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """The command line that runs argv in a named network namespace (as it is for the root one)."""
+    return (["ip", "netns", "exec", netns] if netns else []) + list(argv)
+
+
 def _ethtool(args: list[str], netns: str | None) -> str:
-    cmd = (["ip", "netns", "exec", netns] if netns else []) + ["ethtool", *args]
+    cmd = in_netns(netns, ["ethtool", *args])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     if out.returncode != 0:
         raise LinkError(f"`{' '.join(cmd)}` failed: {out.stderr.strip() or out.stdout.strip()}")

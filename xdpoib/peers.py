@@ -121,9 +121,6 @@ class PeerTable(Tables):
         """The peer sending from (SLID, source QPN): how a datagram without GRH is identified."""
         return self._by_lid.get((lid, qpn))
 
-    def by_remac(self, mac: bytes) -> PeerEntry | None:
-        return self._by_mac.get(bytes(mac))
-
     def by_id(self, pid: int) -> PeerEntry | None:
         return self._by_id.get(pid)
 

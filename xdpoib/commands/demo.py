@@ -34,7 +34,9 @@ def step(text: str) -> None:
 
 def show(cmd: list[str], ns: str | None = None) -> subprocess.CompletedProcess:
     """Run a command (in a namespace), echoing it and its output like a terminal session."""
-    full = (["ip", "netns", "exec", ns] if ns else []) + cmd
+    from xdpoib.link import in_netns
+
+    full = in_netns(ns, cmd)
     where = f"[{ns}] " if ns else ""
     print(f"{where}$ {' '.join(cmd)}", flush=True)
     r = subprocess.run(full, capture_output=True, text=True, timeout=120)
