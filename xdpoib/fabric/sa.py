@@ -38,6 +38,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, fields, replace
 
 from xdpoib.errors import AddressError, UsageError, XdpoibError
+from xdpoib.fabric.base import gid_str
 
 # ---------------------------------------------------------------- constants
 
@@ -171,10 +172,6 @@ def to_gid(gid) -> bytes:
     except ValueError as e:
         raise AddressError(f"bad GID {gid!r}: {e}") from None
 
-
-def gid_str(gid: bytes) -> str:
-    """A 16-byte GID as compressed IPv6 text."""
-    return str(ipaddress.IPv6Address(bytes(gid)))
 
 
 # ---------------------------------------------------------------- records
