@@ -20,7 +20,6 @@ umad client (on the sim fabric: started with `SimFabric.client_env(host)`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -62,7 +61,7 @@ class AgentError(XdpoibError):
 
 def internal_name(spec: state.AttachSpec) -> str:
     """The internal veth end's name: `xo` + 8 hex digits of the attachment id (fits IFNAMSIZ)."""
-    return "xo" + hashlib.sha1(spec.id.encode()).hexdigest()[:8]
+    return "xo" + state.link_tag(spec.id)
 
 
 class Agent:

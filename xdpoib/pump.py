@@ -14,11 +14,10 @@ Both yield `Outgoing` decisions for the agent to send and take `Incoming` frames
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
-from xdpoib import link
+from xdpoib import link, state
 from xdpoib.errors import FrameError
 from xdpoib.reasons import DropReason, Kind
 from xdpoib.wire import frames as f
@@ -179,7 +178,7 @@ class BpfPump(_Base):
             self.dp.attach("xdpoib_tx", ifname)
             # the anchor: a spare veth end holding the RX batch program, so each batched live-frames
             # call costs microseconds instead of ~24 ms (docs/datapath.md)
-            h = hashlib.sha1(aid.encode()).hexdigest()[:8]
+            h = state.link_tag(aid)
             self.anchor, peer = "xa" + h, "xb" + h
             if link.link_exists(self.anchor):
                 link.delete_link(self.anchor)

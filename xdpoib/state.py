@@ -12,6 +12,7 @@ An attachment is identified by (netns, ifname). Its files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -39,6 +40,12 @@ def config_path() -> Path:
 def attachment_id(ifname: str, netns: str | None) -> str:
     """A file-name-safe id for (netns, ifname): `NS@IFNAME`, or `@IFNAME` in the root namespace."""
     return f"{netns or ''}@{ifname}"
+
+
+def link_tag(aid: str) -> str:
+    """8 hex digits naming an attachment's own links (xo… internal end, xa…/xb… anchor), so they fit
+    IFNAMSIZ and never collide between attachments."""
+    return hashlib.sha1(aid.encode()).hexdigest()[:8]
 
 
 @dataclass
