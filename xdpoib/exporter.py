@@ -1,6 +1,6 @@
 """The per-host Prometheus exporter: every attachment's BPF counters and agent state, on each scrape.
 
-One exporter serves all attachments of the host (DESIGN 7). `collect()` builds fresh metric families
+One exporter serves all attachments of the host (docs/design.md §7). `collect()` builds fresh metric families
 on every scrape: BPF counters come from the maps pinned under /sys/fs/bpf/xdpoib/<id>/ (so they survive
 agent restarts and are read even while an agent is down), agent state from its control socket (an
 agent that does not answer gives `xdpoib_up 0` and nothing else of its own; the scrape goes on).
@@ -10,6 +10,7 @@ Labels: `netns` ("" for the root namespace) and `ifname`; never a per-peer label
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ from xdpoib.errors import XdpoibError
 
 DEFAULT_LISTEN = "127.0.0.1:9645"
 STATUS_TIMEOUT = 2.0
+JOIN_FULL = 1           # the FullMember bit of an MCMemberRecord's JoinState
 log = logging.getLogger("xdpoib.exporter")
 
 # Every metric this exporter can expose (names as they appear in the exposition text; counters with
@@ -39,6 +41,8 @@ METRICS: dict[str, str] = {
     "xdpoib_port_info": "gauge",
     "xdpoib_agent_uptime_seconds": "gauge",
     "xdpoib_peers": "gauge",
+    "xdpoib_peers_max": "gauge",
+    "xdpoib_broadcast_joined": "gauge",
     "xdpoib_mcast_groups": "gauge",
     "xdpoib_packets_total": "counter",
     "xdpoib_bytes_total": "counter",
@@ -93,17 +97,53 @@ def read_bpf_counters(pin_dir: Path) -> dict | None:
         maps.close()
 
 
+def map_capacity(path: Path) -> int | None:
+    """The `max_entries` of a pinned map (the kernel reports it in the fd's fdinfo), or None."""
+    from xdpoib.datapath import bpfsys
+
+    if not path.exists():
+        return None
+    try:
+        fd = bpfsys.obj_get(str(path))
+    except XdpoibError as e:
+        log.warning("cannot open %s: %s", path, e)
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key == "max_entries":
+                    return int(val)
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+    return None
+
+
 def agent_status(spec: state.AttachSpec) -> dict | None:
-    """The agent's status answer, or None if it is not running or does not answer."""
+    """The agent's status answer, or None if it is not running or does not answer.
+
+    The answer gains `broadcast_joined` (from a second request, `groups`): whether the agent holds a full
+    membership of its partition's broadcast group; missing if the agent did not answer that request.
+    """
     from xdpoib import control
 
     if not state.pid_alive(spec.pid):
         return None
+    sock = state.socket_path(spec.id)
     try:
-        return control.request(state.socket_path(spec.id), "status", timeout=STATUS_TIMEOUT)
+        st = control.request(sock, "status", timeout=STATUS_TIMEOUT)
     except control.ControlError as e:
         log.warning("%s: %s", spec.where, e)
         return None
+    try:
+        groups = control.request(sock, "groups", timeout=STATUS_TIMEOUT).get("groups", [])
+        st["broadcast_joined"] = any("broadcast" in g.get("why", ()) and int(g.get("join_state", 0)) & JOIN_FULL
+                                     for g in groups)
+    except (control.ControlError, AttributeError, TypeError, ValueError) as e:
+        log.warning("%s: groups: %s", spec.where, e)
+    return st
 
 
 class _Families:
@@ -118,6 +158,10 @@ class _Families:
         self.port = InfoMetricFamily("xdpoib_port", "The fabric port's identity and state", labels=lab)
         self.uptime = g("xdpoib_agent_uptime_seconds", "Seconds since the agent started", labels=lab)
         self.peers = g("xdpoib_peers", "Remote hosts the attachment knows (resolved or not)", labels=lab)
+        self.peers_max = g("xdpoib_peers_max", "Peers the datapath's peer table can hold (its pinned map's size)",
+                           labels=lab)
+        self.bcast = g("xdpoib_broadcast_joined",
+                       "1 if the agent is a full member of its partition's broadcast group", labels=lab)
         self.groups = g("xdpoib_mcast_groups", "Multicast groups of the attachment, by join state",
                         labels=[*lab, "state"])
         self.packets = c("xdpoib_packets", "Frames seen by the XDP programs (tx: from eth4, rx: injected)",
@@ -137,8 +181,9 @@ class _Families:
 
     def all(self) -> list:
         """Every family, in exposition order."""
-        return [self.up, self.attachment, self.port, self.uptime, self.peers, self.groups, self.packets,
-                self.bytes, self.actions, self.kinds, self.drops, self.events, self.sa, self.sa_time]
+        return [self.up, self.attachment, self.port, self.uptime, self.peers, self.peers_max, self.bcast,
+                self.groups, self.packets, self.bytes, self.actions, self.kinds, self.drops, self.events, self.sa,
+                self.sa_time]
 
     def add_bpf(self, lab: list[str], bpf: dict) -> None:
         """BPF counters of one attachment (from its pinned maps)."""
@@ -172,6 +217,8 @@ class _Families:
                                    "state": str(p.get("state", ""))})
         self.uptime.add_metric(lab, float(a.get("uptime_seconds", 0)))
         self.peers.add_metric(lab, st.get("peers", 0))
+        if "broadcast_joined" in st:
+            self.bcast.add_metric(lab, 1 if st["broadcast_joined"] else 0)
         by_state = st.get("groups_by_state") or {"unknown": st.get("groups", 0)}
         for s, n in by_state.items():
             self.groups.add_metric([*lab, s], n)
@@ -213,6 +260,9 @@ class XdpoibCollector(Collector):
             bpf = read_bpf_counters(pin_dir(spec.id))
             if bpf is not None:
                 fam.add_bpf(lab, bpf)
+                cap = map_capacity(pin_dir(spec.id) / "xo_peer_mac")
+                if cap is not None:
+                    fam.peers_max.add_metric(lab, cap)
             elif st is not None:
                 fam.add_plain(lab, st.get("datapath", {}))
             if st is not None:

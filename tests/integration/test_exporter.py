@@ -1,7 +1,9 @@
 """The exporter against real software: two attachments on a sim fabric (real OpenSM), the exporter's
-/metrics after a ping, a real Prometheus scraping it every second (its HTTP API answers every
-dashboard query), then an agent killed with SIGKILL: the scrape goes on with `xdpoib_up 0`, and after
-re-attaching the BPF packet counter carries on from the pinned maps (Prometheus sees no reset)."""
+/metrics after a ping, a real Prometheus scraping it every second with the example configuration and the
+alert rules of contrib/prometheus/ (its HTTP API answers every dashboard query and evaluates every alert:
+quiet on healthy attachments, the drop alert after a burst of LLDP frames), then an agent killed with
+SIGKILL: the scrape goes on with `xdpoib_up 0`, the agent-down alert goes pending, and after re-attaching
+the BPF packet counter carries on from the pinned maps (Prometheus sees no reset)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prereq import need_cmd
+from prereq import need_cmd, need_module
 
+from xdpoib.abi import MAX_PEERS
 from xdpoib.exporter import series_names
 
 SIM_HOSTS = 2
 XDPOIB = [sys.executable, "-m", "xdpoib"]
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "xdpoib.json"
+PROMETHEUS = Path(__file__).resolve().parents[2] / "contrib" / "prometheus"
 
 
 def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -118,14 +122,21 @@ def exporter_port(pair):
 
 @pytest.fixture(scope="module")
 def prometheus(exporter_port, tmp_path_factory):
-    """A real Prometheus scraping the exporter every second; yields a query function."""
+    """A real Prometheus scraping the exporter every second, configured from contrib/prometheus/ (the example
+    config with this exporter as its target, the alert rules evaluated every second); yields a query
+    function whose `api(path)` returns another endpoint's data (rules, alerts)."""
     need_cmd("prometheus")
+    need_module("yaml")
+    import yaml
+
     d = tmp_path_factory.mktemp("prom")
     port = free_port()
-    (d / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: xdpoib\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{exporter_port}']\n")
+    conf = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    conf["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    conf["rule_files"] = [str(PROMETHEUS / f) for f in conf["rule_files"]]
+    (job,) = conf["scrape_configs"]
+    job.update(scrape_timeout="1s", static_configs=[{"targets": [f"127.0.0.1:{exporter_port}"]}])
+    (d / "prometheus.yml").write_text(yaml.safe_dump(conf))
     with open(d / "prometheus.log", "w") as log:
         proc = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={d / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -138,6 +149,12 @@ def prometheus(exporter_port, tmp_path_factory):
         assert answer["status"] == "success", (expr, answer)
         return answer["data"]["result"]
 
+    def api(path: str):
+        body = get(f"http://127.0.0.1:{port}/api/v1/{path}")
+        assert body is not None, f"prometheus does not answer: {(d / 'prometheus.log').read_text()[-800:]}"
+        return json.loads(body)["data"]
+
+    query.api = api
     try:
         assert until(lambda: get(f"http://127.0.0.1:{port}/-/ready"), 30), "prometheus did not get ready"
         yield query
@@ -160,6 +177,8 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
         assert value(m, "xdpoib_packets_total", netns=ns, direction="rx") >= 3
         assert value(m, "xdpoib_bytes_total", netns=ns, direction="tx") > 3 * 84
         assert value(m, "xdpoib_peers", netns=ns) >= 1
+        assert value(m, "xdpoib_peers_max", netns=ns) == MAX_PEERS        # the pinned peer map's size
+        assert value(m, "xdpoib_broadcast_joined", netns=ns) == 1
         assert value(m, "xdpoib_mcast_groups", netns=ns, state="full") >= 1
         host = "h1" if ns == ns1 else "h2"
         assert value(m, "xdpoib_port_info", netns=ns, state="active", device=f"{fab.name}:{host}") == 1
@@ -207,6 +226,71 @@ def test_prometheus_scrapes_every_attachment_and_answers_the_dashboard(pair, pro
         assert prometheus(f"count by ({metric.group(2)}) ({selector})"), v["name"]
 
 
+# What each alert of contrib/prometheus/xdpoib.rules.yml watches: on healthy attachments every one of these
+# has a series per attachment (so the alert's metrics and label matching are real) while the alert is quiet.
+# XdpoibDrops watches drops, which exist only once something was dropped: the test makes some.
+SIGNALS = {
+    "XdpoibExporterDown": 'up{job="xdpoib"}',
+    "XdpoibAgentDown": "xdpoib_up",
+    "XdpoibBroadcastGroupNotJoined": "xdpoib_broadcast_joined",
+    "XdpoibPortNotActive": 'xdpoib_port_info{state="active"}',
+    "XdpoibSAFailureRatio": "sum by (instance, netns, ifname) (rate(xdpoib_sa_queries_total[10m]))",
+    "XdpoibPeersNearCap": "xdpoib_peers / on (instance, netns, ifname) xdpoib_peers_max",
+}
+
+
+def alerting_rules(prometheus) -> dict[str, dict]:
+    return {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"] if r["type"] == "alerting"}
+
+
+def alerts(prometheus, name: str, netns: str) -> list[dict]:
+    return [a for a in prometheus.api("alerts")["alerts"]
+            if a["labels"].get("alertname") == name and a["labels"].get("netns") == netns]
+
+
+def lldp_burst(ns: str, count: int) -> None:
+    """Send `count` LLDP frames from eth4's own MAC in `ns` (the TX program drops them: unsupported EtherType)."""
+    code = ("import socket\n"
+            "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+            "s.bind(('eth4', 0))\n"
+            "frame = bytes.fromhex('0180c200000e') + s.getsockname()[4] + bytes.fromhex('88cc') + bytes(46)\n"
+            f"for _ in range({count}):\n"
+            "    s.send(frame)\n")
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_alert_rules_are_quiet_on_healthy_attachments_and_the_drop_alert_fires(pair, prometheus):
+    _, names = pair
+    (ns1, _) = names
+    want = (PROMETHEUS / "xdpoib.rules.yml").read_text().count("- alert:")
+    rules = until(lambda: (r := alerting_rules(prometheus)) and len(r) == want
+                  and all(not x["lastEvaluation"].startswith("0001") for x in r.values()) and r, 15)
+    assert rules, f"prometheus did not load and evaluate the {want} alert rules"
+    assert set(rules) == {*SIGNALS, "XdpoibDrops"}
+    for name, r in rules.items():
+        assert r["health"] == "ok", (name, r.get("lastError"))
+        fired = {x["metric"].get("netns") for x in prometheus(r["query"])}
+        assert not fired & set(names), f"{name} fires on a healthy attachment: {r['query']}"
+        assert not alerts(prometheus, name, ns1), name
+    for name, watched in SIGNALS.items():
+        got = prometheus(watched)
+        if name == "XdpoibExporterDown":
+            assert [float(x["value"][1]) for x in got] == [1.0]
+        else:
+            assert {x["metric"].get("netns") for x in got} >= set(names), f"{name}: {watched} -> {got}"
+    # drops: the counter must exist in Prometheus before the burst, or its first sample is the whole burst
+    lldp_burst(ns1, 5)
+    sel = f'xdpoib_drops_total{{netns="{ns1}",direction="tx",reason="unsupported_ethertype"}}'
+    assert until(lambda: prometheus(f"count_over_time({sel}[1m]) >= 2"), 15), "the first drops are not scraped"
+    lldp_burst(ns1, 2000)
+    drops = rules["XdpoibDrops"]["query"]
+    fired = until(lambda: [x["metric"] for x in prometheus(drops) if x["metric"].get("netns") == ns1], 15)
+    assert fired == [{"instance": fired[0]["instance"], "netns": ns1, "ifname": "eth4", "direction": "tx",
+                      "reason": "unsupported_ethertype"}], fired
+    pending = until(lambda: alerts(prometheus, "XdpoibDrops", ns1), 10)
+    assert pending and pending[0]["state"] == "pending", pending          # `for: 10m` has not passed
+
+
 def test_agent_killed_then_reattached_counters_carry_on(pair, exporter_port, prometheus):
     fab, (ns1, ns2) = pair
     assert ping(ns2, "10.79.0.1", count=2)
@@ -219,6 +303,8 @@ def test_agent_killed_then_reattached_counters_carry_on(pair, exporter_port, pro
     assert before and before >= 2
     assert value(m, "xdpoib_up", netns=ns2) == 1
     assert until(lambda: prometheus(f'xdpoib_up{{netns="{ns1}"}} == 0'), 10), "prometheus never saw it down"
+    down = until(lambda: alerts(prometheus, "XdpoibAgentDown", ns1), 10)
+    assert down and down[0]["state"] == "pending" and down[0]["labels"]["severity"] == "critical", down
     x("attach", "eth4", "--netns", ns1, "--sim", f"{fab.name}:h1")
     assert ping(ns1, "10.79.0.2", count=2)
     m = scrape(exporter_port)
@@ -230,3 +316,4 @@ def test_agent_killed_then_reattached_counters_carry_on(pair, exporter_port, pro
     assert until(lambda: prometheus(f'xdpoib_packets_total{{netns="{ns1}",direction="tx"}} >= {after}'), 10)
     resets = prometheus(f'resets(xdpoib_packets_total{{netns="{ns1}",direction="tx"}}[5m])')
     assert resets and float(resets[0]["value"][1]) == 0, resets
+    assert until(lambda: not alerts(prometheus, "XdpoibAgentDown", ns1), 10), "the agent-down alert stays"
