@@ -123,7 +123,8 @@ static __always_inline int arp_hw_to_ib(const u8 *mac, u8 *out)
 }
 
 /**
- * Translate an IPoIB hardware address for an Ethernet ARP body.
+ * Translate an IPoIB hardware address for an Ethernet ARP body. No address (20 zero bytes, Linux) and
+ * a multicast one (QPN 0xffffff, the broadcast template Solaris puts in a request) become zero.
  *
  * @v raw       20 bytes
  * @v out       6 bytes out
@@ -138,7 +139,7 @@ static __always_inline int arp_hw_to_eth(const u8 *raw, u8 *out)
 #pragma unroll
 	for (i = 0; i < 20; i++)
 		any |= raw[i];
-	if (!any) {
+	if (!any || (raw[1] & raw[2] & raw[3]) == 0xff) {
 		__builtin_memset(out, 0, 6);
 		return 0;
 	}

@@ -310,7 +310,9 @@ def _rx_lla(raw: bytes, t: Tables) -> bytes:
 
 
 def _arp_hw_to_eth(raw: bytes, t: Tables) -> bytes:
-    if raw == ZERO_IPOIB:
+    """An IB ARP hardware address on Ethernet. No address (Linux's 20 zero bytes) and a multicast one
+    (QPN 0xffffff: Solaris puts a broadcast template in the target of its requests) are the zero MAC."""
+    if raw == ZERO_IPOIB or raw[1:4] == b"\xff\xff\xff":
         return ZERO_MAC
     mac = t.mac_by_addr(IPoIBAddr.unpack(raw))
     if mac is None:
