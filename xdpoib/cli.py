@@ -16,6 +16,7 @@ from xdpoib import __version__
 from xdpoib.errors import XdpoibError
 
 EXAMPLES = """examples:
+  xdpoib doctor --device mlx5_0                   is this host ready? one line per prerequisite
   xdpoib attach eth4 --device mlx5_0              eth4 on HCA port mlx5_0/1, default partition
   xdpoib attach eth4 --netns blue --sim lab:h1    eth4 in netns blue, on host h1 of sim fabric lab
   xdpoib status eth4 --netns blue                 port, broadcast group, counters, drops by reason
