@@ -1,40 +1,53 @@
 """`xdpoib bench datapath|e2e`: the BPF programs' cost per packet as ratios to a no-op program, and
-end-to-end throughput of two attached hosts per datapath, measured in the same run."""
+xdpoib end to end against its plumbing ceiling, a naive Python translator, veth and VXLAN, measured in
+the same run (`xdpoib.bench_e2e`)."""
 
 from __future__ import annotations
 
 import json
 
 NAME = "bench"
-HELP = "measure the BPF datapath (ns/packet vs a no-op) or two hosts end to end (per datapath)"
+HELP = "measure the BPF datapath (ns/packet vs a no-op) or xdpoib end to end against its baselines"
 EPILOG = """examples:
   xdpoib bench datapath                 table of ns/packet and ratios (repeat 1e6, 5 rounds)
   xdpoib bench datapath --json          one JSON object: noop_ns_per_packet, tx, rx, arp
   xdpoib bench datapath --repeat 100000 --rounds 3    quicker, noisier
-  xdpoib bench e2e --json               UDP flood between two hosts on a sim fabric: bpf vs plain
-  xdpoib bench e2e --seconds 2 --rounds 1               quicker, noisier
+  xdpoib bench e2e                      xdpoib, ceiling, naive, veth, vxlan: table and ratios (~6 min)
+  xdpoib bench e2e --json --plot e2e.png    one JSON object; offered vs received pps as a PNG
+  xdpoib bench e2e --sizes 64 --rates 20k,0 --seconds 1 --tcp-seconds 1    quick, noisy
+  xdpoib bench e2e --systems xdpoib,veth --sizes MTU
 """
 
 
 def configure(p):
+    from xdpoib.bench_e2e import DEFAULT_RATES, DEFAULT_SECONDS, DEFAULT_SIZES, DEFAULT_TCP_SECONDS, SYSTEMS
+
     p.add_argument("what", choices=["datapath", "e2e"], help="what to measure")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
-    p.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions per sample")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds, the median is reported (datapath: 5, e2e: 3)")
-    p.add_argument("--seconds", type=float, default=5.0, help="e2e: seconds of traffic per measurement")
-    p.add_argument("--samples", type=int, default=20_000, help="single-shot calls per program")
+    p.add_argument("--repeat", type=int, default=1_000_000, help="datapath: test_run repetitions per sample")
+    p.add_argument("--rounds", type=int, default=5, help="datapath: interleaved rounds, the median is reported")
+    p.add_argument("--samples", type=int, default=20_000, help="datapath: single-shot calls per program")
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), metavar="LIST",
+                   help="e2e: Ethernet frame sizes in bytes without FCS, MTU = eth4's MTU + 14 (default %(default)s)")
+    p.add_argument("--rates", default=",".join(f"{r // 1000}k" if r else "0" for r in DEFAULT_RATES),
+                   metavar="LIST", help="e2e: offered packets per second, 0 = unlimited (default %(default)s)")
+    p.add_argument("--seconds", type=int, default=DEFAULT_SECONDS, help="e2e: seconds per UDP sample (default %(default)s)")
+    p.add_argument("--tcp-seconds", type=int, default=DEFAULT_TCP_SECONDS, help="e2e: seconds of the TCP run (default %(default)s)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
+                   help="e2e: which systems to measure (default %(default)s)")
+    p.add_argument("--plot", metavar="FILE", help="e2e: write offered vs received pps as a PNG")
 
 
 def run(args) -> int:
-    from xdpoib.datapath.bench import run_bench
     from xdpoib.errors import UsageError
 
-    if args.repeat < 1 or (args.rounds is not None and args.rounds < 1) or args.samples < 1 or args.seconds <= 0:
-        raise UsageError("--repeat, --rounds, --samples and --seconds must be positive")
     if args.what == "e2e":
         return run_e2e_cli(args)
-    res = run_bench(repeat=args.repeat, rounds=args.rounds or 5, samples=args.samples)
+    if args.repeat < 1 or args.rounds < 1 or args.samples < 1:
+        raise UsageError("--repeat, --rounds and --samples must be positive")
+    from xdpoib.datapath.bench import run_bench
+
+    res = run_bench(repeat=args.repeat, rounds=args.rounds, samples=args.samples)
     if args.json:
         print(json.dumps(res.as_json()))
         return 0
@@ -47,20 +60,23 @@ def run(args) -> int:
 
 
 def run_e2e_cli(args) -> int:
+    import importlib.util
     import os
+    import sys
 
-    from xdpoib.bench_e2e import run_e2e
-    from xdpoib.errors import PrerequisiteError
+    from xdpoib import bench_e2e as e2e
+    from xdpoib.errors import PrerequisiteError, UsageError
 
+    sizes, rates, systems = e2e.parse_sizes(args.sizes), e2e.parse_rates(args.rates), e2e.parse_systems(args.systems)
+    if args.seconds < 1 or args.tcp_seconds < 1:
+        raise UsageError("--seconds and --tcp-seconds must be at least 1")
     if os.geteuid() != 0:
         raise PrerequisiteError("xdpoib bench e2e must run as root (namespaces, fabric, XDP)")
-    res = run_e2e(seconds=args.seconds, rounds=args.rounds or 3).as_json()
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"UDP flood, {res['payload_bytes']}-byte payloads, {res['seconds']} s x {res['rounds']} rounds, "
-          "received datagrams per second (median):")
-    for k in ("plain", "bpf"):
-        print(f"  {k:>6}: {res[k]['pps']:>9,} pps   samples {res[k]['samples']}")
-    print(f"  bpf / plain: {res['ratio_bpf_to_plain']}x")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise PrerequisiteError("--plot needs matplotlib (Debian: python3-matplotlib)")
+    res = e2e.run_e2e(sizes, rates, args.seconds, args.tcp_seconds, systems,
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.plot:
+        e2e.write_plot(res, args.plot)
+    print(json.dumps(res) if args.json else e2e.format_table(res))
     return 0
