@@ -3,17 +3,25 @@
 Each module in `xdpoib.commands` defines `NAME`, `HELP`, `EPILOG` (examples), `configure(parser)` and
 `run(args) -> int`; they are discovered here, so adding a subcommand touches no other file. Modules
 keep heavy imports (bcc, pyverbs, pyroute2) inside `run`, so `xdpoib --help` stays fast.
+
+Every command must run as root unless its module says otherwise: `ROOT` is the reason shown to a user
+who is not (default `DEFAULT_ROOT_REASON`), or False for a command anyone may run. The check happens here,
+once, before the command does anything: files, sockets and pins are root-only, so a command run by
+another user would otherwise see nothing and report an empty state.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 from xdpoib import __version__
-from xdpoib.errors import XdpoibError
+from xdpoib.errors import PrerequisiteError, XdpoibError
+
+DEFAULT_ROOT_REASON = "xdpoib's state, sockets and pinned maps are root-only"
 
 EXAMPLES = """examples:
   xdpoib doctor --device mlx5_0                   is this host ready? one line per prerequisite
@@ -56,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.configure(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=mod.run, root=getattr(mod, "ROOT", DEFAULT_ROOT_REASON))
     return parser
 
 
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.root is not False and os.geteuid() != 0:
+            raise PrerequisiteError(f"xdpoib {args.command} must run as root ({args.root})")
         return int(args.func(args) or 0)
     except XdpoibError as e:
         if args.verbose:

@@ -1,6 +1,7 @@
 """Where attachments live on disk, and the spec that describes one.
 
-An attachment is identified by (netns, ifname). Its files:
+An attachment is identified by (netns, ifname). Its files (root only: the directories are 0700, the
+files 0600, the agent runs with umask 077):
 - `/run/xdpoib/<id>.json`  the spec and the agent's PID (present while attached),
 - `/run/xdpoib/<id>.sock`  the agent's root-only control socket,
 - `/run/xdpoib/<id>.log`   the agent's log,
@@ -104,13 +105,25 @@ def ensure_dirs() -> None:
         os.chmod(d, 0o700)
 
 
+def open_private(path: Path):
+    """Open `path` for writing (truncated), readable and writable by root only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)                # a file that existed keeps its mode otherwise
+    return os.fdopen(fd, "wb")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, mode 0600."""
+    tmp = path.with_suffix(".tmp")
+    with open_private(tmp) as f:
+        f.write(text.encode())
+    os.replace(tmp, path)
+
+
 def write_spec(spec: AttachSpec) -> None:
-    """Record a running attachment (atomically)."""
+    """Record a running attachment (atomically, root only)."""
     ensure_dirs()
-    p = spec_path(spec.id)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(spec.to_json())
-    os.replace(tmp, p)
+    write_private(spec_path(spec.id), spec.to_json())
 
 
 def read_spec(aid: str) -> AttachSpec | None:

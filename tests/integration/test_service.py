@@ -108,3 +108,18 @@ def test_run_in_foreground_stops_cleanly_and_keeps_remacs_across_restarts(sim_fa
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
+
+
+def test_up_honours_force_on_a_line_of_the_attachments_file(sim_fabric, env, two_ns):
+    from xdpoib.state import pid_alive
+
+    ns = two_ns[0]
+    Path(env["XDPOIB_CONFIG"]).write_text(f"eth4 --netns {ns} --sim {sim_fabric.name}:h1 --force\n")
+    assert x(env, "up").stdout.strip() == f"eth4 in netns {ns}: attached"
+    first = status(env, ns)["attachment"]["pid"]
+    out = x(env, "up").stdout.strip()                           # running, and the line says --force
+    st = status(env, ns)["attachment"]
+    assert st["pid"] != first and st["state"] == "running"
+    assert out == f"eth4 in netns {ns}: replaced (agent pid {first} -> {st['pid']})"
+    assert not pid_alive(first)
+    assert x(env, "down").stdout.count("detached") == 1

@@ -8,7 +8,7 @@ import sys
 import time
 
 from xdpoib import state
-from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.errors import UsageError, XdpoibError
 
 NAME = "attach"
 HELP = "attach an Ethernet interface to the InfiniBand fabric (starts its agent)"
@@ -18,7 +18,9 @@ EPILOG = """examples:
   xdpoib attach eth4 --device mlx5_0 --port 1 --pkey 0x8003
   xdpoib attach tap0 --mode tap --device mlx5_0   a VM's existing TAP
 """
+ROOT = "it creates links, loads XDP programs and opens the fabric's umad port"
 READY_TIMEOUT = 60.0
+AGENT_UMASK = 0o077         # what the agent writes (state file, log) is root-only
 
 
 def configure(p):
@@ -27,7 +29,7 @@ def configure(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--device", metavar="DEV", help="HCA device (e.g. mlx5_0), verbs backend")
     src.add_argument("--sim", metavar="FABRIC:HOST", help="a host of a simulated fabric (`xdpoib sim up`)")
-    p.add_argument("--port", type=int, default=1, metavar="N", help="HCA port (default 1)")
+    p.add_argument("--port", type=int, metavar="N", help="HCA port, with --device (default 1)")
     p.add_argument("--pkey", default="0xffff", metavar="PKEY", help="partition (default 0xffff)")
     p.add_argument("--mode", choices=("veth", "tap"), default="veth",
                    help="veth: create IFNAME as a veth end (default); tap: use an existing TAP")
@@ -40,6 +42,8 @@ def build_spec(args) -> state.AttachSpec:
     from xdpoib import link
     from xdpoib.wire.mgid import parse_pkey
 
+    if args.sim and args.port is not None:
+        raise UsageError("--port applies to --device: a sim host has one port (drop --port)")
     link.check_ifname(args.ifname)
     if args.mode == "tap" and args.netns:
         raise UsageError("tap mode uses a TAP in the agent's (root) namespace, where the VM's TAP lives; "
@@ -49,7 +53,7 @@ def build_spec(args) -> state.AttachSpec:
     except XdpoibError as e:
         raise UsageError(f"bad --pkey: {e}") from None
     link.check_netns(args.netns)
-    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port)
+    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1)
     if args.sim:
         fabric, sep, host = args.sim.partition(":")
         if not sep or not fabric or not host:
@@ -94,17 +98,18 @@ def start_agent(spec: state.AttachSpec) -> int:
     from xdpoib import control
 
     state.ensure_dirs()
-    logf = open(state.log_path(spec.id), "wb")  # noqa: SIM115 - handed to the child
+    logf = state.open_private(state.log_path(spec.id))
     argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json()]
     try:
         if spec.backend == "sim":
             from xdpoib.fabric.simfabric import SimFabric
 
             proc = SimFabric.attach(spec.fabric).spawn(spec.host, argv, stdout=logf, stderr=logf,
-                                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                                       umask=AGENT_UMASK)
         else:
             proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, umask=AGENT_UMASK)
     finally:
         logf.close()
     deadline = time.monotonic() + READY_TIMEOUT
@@ -140,8 +145,6 @@ def last_error(aid: str) -> str:
 
 
 def run(args) -> int:
-    if os.geteuid() != 0:
-        raise PrerequisiteError("xdpoib attach must run as root (links, XDP, the fabric)")
     spec = build_spec(args)
     check_not_attached(spec, args.force)
     start_agent(spec)

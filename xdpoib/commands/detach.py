@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from xdpoib import state
-from xdpoib.errors import PrerequisiteError
 
 NAME = "detach"
 HELP = "detach an interface: stop its agent and remove everything attach created"
+ROOT = "it stops the agent and removes links, XDP programs and pins"
 EPILOG = """examples:
   xdpoib detach eth4
   xdpoib detach eth4 --netns blue
@@ -42,8 +40,6 @@ def detach(spec: state.AttachSpec, keep_state: bool = False) -> None:
 
 
 def run(args) -> int:
-    if os.geteuid() != 0:
-        raise PrerequisiteError("xdpoib detach must run as root")
     spec = state.find(args.ifname, args.netns)
     detach(spec)
     print(f"{spec.where}: detached")

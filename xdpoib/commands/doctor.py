@@ -30,6 +30,7 @@ EPILOG = """examples:
   xdpoib doctor -j                    JSON: [{"status", "what", "detail", "fix"}, ...]
 """
 
+ROOT = False            # anyone may ask; being root is one of the checks
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 WHAT_WIDTH = 14
 XDP_PASS_PROGRAM = bytes.fromhex("b700000002000000" "9500000000000000")    # r0 = XDP_PASS; exit

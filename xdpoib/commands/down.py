@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from xdpoib import state
-from xdpoib.errors import PrerequisiteError
 
 NAME = "down"
 HELP = "detach every interface listed in the attachments file"
+ROOT = "it stops agents and removes links, XDP programs and pins"
 EPILOG = """examples:
   xdpoib down
 """
@@ -19,8 +17,6 @@ def configure(p):
 
 
 def run(args) -> int:
-    if os.geteuid() != 0:
-        raise PrerequisiteError("xdpoib down must run as root")
     from xdpoib.commands.detach import detach
     from xdpoib.commands.up import config_specs
 

@@ -6,6 +6,7 @@ from xdpoib.commands._show import add_target, ask, dump, table
 
 NAME = "groups"
 HELP = "list the multicast groups an attachment joined (MGID, join state, why)"
+ROOT = "the agents' control sockets are root-only"
 EPILOG = """examples:
   xdpoib groups eth4 --netns blue
 """

@@ -6,6 +6,7 @@ from xdpoib.commands._show import add_target, ask, dump, table
 
 NAME = "peers"
 HELP = "list the peers an attachment has learned"
+ROOT = "the agents' control sockets are root-only"
 EPILOG = """examples:
   xdpoib peers eth4 --netns blue
   xdpoib peers eth4 -j

@@ -6,10 +6,11 @@ import os
 import sys
 
 from xdpoib import state
-from xdpoib.errors import PrerequisiteError, UsageError
+from xdpoib.errors import UsageError
 
 NAME = "run"
 HELP = "run the agent of one attachment from the attachments file in the foreground (for systemd)"
+ROOT = "the agent creates links, loads XDP programs and opens the fabric's umad port"
 EPILOG = """NAME is IFNAME, or NETNS:IFNAME for an interface in a namespace. The unit template
 contrib/systemd/xdpoib@.service runs `xdpoib run %i`:
 
@@ -23,8 +24,6 @@ def configure(p):
 
 
 def run(args) -> int:
-    if os.geteuid() != 0:
-        raise PrerequisiteError("xdpoib run must run as root")
     from xdpoib.commands import attach
     from xdpoib.commands.up import config_specs
 
@@ -45,5 +44,6 @@ def run(args) -> int:
         env.update(fab.client_env(spec.host))
         os.chdir(fab.client_cwd(spec.host))
     sys.stdout.flush()
+    os.umask(attach.AGENT_UMASK)
     os.execve(sys.executable, argv, env)
     return 1    # not reached

@@ -7,6 +7,7 @@ from xdpoib.commands._show import add_target, ask, dump
 
 NAME = "status"
 HELP = "show the state of one attachment, or list all of them"
+ROOT = "the agents' control sockets are root-only"
 EPILOG = """examples:
   xdpoib status                   every attachment, one line each
   xdpoib status eth4 --netns blue

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from xdpoib import state
-from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.errors import UsageError, XdpoibError
 
 NAME = "up"
 HELP = "attach every interface listed in the attachments file"
+ROOT = "attach creates links, loads XDP programs and opens the fabric's umad port"
 EPILOG = """The attachments file (/etc/xdpoib/attachments.conf, or $XDPOIB_CONFIG) holds one attachment
 per line, written as the arguments of `xdpoib attach`; '#' starts a comment:
 
   eth4 --device mlx5_0 --port 1
   eth5 --netns blue --device mlx5_0 --pkey 0x8003
+
+A line with --force replaces its attachment when it is already running (as `xdpoib attach --force`
+does); without it, a running attachment is left alone.
 
 examples:
   xdpoib up          attach what is listed and not attached yet
@@ -43,8 +46,6 @@ def config_specs() -> list[argparse.Namespace]:
 
 
 def run(args) -> int:
-    if os.geteuid() != 0:
-        raise PrerequisiteError("xdpoib up must run as root")
     from xdpoib.commands import attach
 
     entries = config_specs()
@@ -57,12 +58,13 @@ def run(args) -> int:
         try:
             spec = attach.build_spec(a)
             old = state.read_spec(spec.id)
-            if old is not None and state.pid_alive(old.pid):
+            running = old is not None and state.pid_alive(old.pid)
+            if running and not a.force:
                 print(f"{where}: already attached")
                 continue
-            attach.check_not_attached(spec, force=False)
-            attach.start_agent(spec)
-            print(f"{spec.where}: attached")
+            attach.check_not_attached(spec, force=a.force)      # --force on the line: replace it
+            pid = attach.start_agent(spec)
+            print(f"{spec.where}: replaced (agent pid {old.pid} -> {pid})" if running else f"{spec.where}: attached")
         except XdpoibError as e:
             failed += 1
             print(f"{where}: error: {e}")
