@@ -739,7 +739,7 @@ def write_plot(res: dict, path: str) -> None:
         ax.plot([1e3, top], [1e3, top], ls=":", color="grey", label="received = offered")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{res['frames'][sz]['frame_bytes']}-byte frames")
+        ax.set_title(f"{res['frames'][sz]['frame_bytes']}-byte frames{' (MTU)' if sz == 'MTU' else ''}")
         ax.set_xlabel("offered pps")
         ax.set_ylabel("received pps")
         ax.grid(True, which="both", alpha=0.3)

@@ -31,8 +31,10 @@ def configure(p):
                    help="e2e: Ethernet frame sizes in bytes without FCS, MTU = eth4's MTU + 14 (default %(default)s)")
     p.add_argument("--rates", default=",".join(f"{r // 1000}k" if r else "0" for r in DEFAULT_RATES),
                    metavar="LIST", help="e2e: offered packets per second, 0 = unlimited (default %(default)s)")
-    p.add_argument("--seconds", type=int, default=DEFAULT_SECONDS, help="e2e: seconds per UDP sample (default %(default)s)")
-    p.add_argument("--tcp-seconds", type=int, default=DEFAULT_TCP_SECONDS, help="e2e: seconds of the TCP run (default %(default)s)")
+    p.add_argument("--seconds", type=int, default=DEFAULT_SECONDS,
+                   help="e2e: seconds per UDP sample (default %(default)s)")
+    p.add_argument("--tcp-seconds", type=int, default=DEFAULT_TCP_SECONDS,
+                   help="e2e: seconds of the TCP run (default %(default)s)")
     p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
                    help="e2e: which systems to measure (default %(default)s)")
     p.add_argument("--plot", metavar="FILE", help="e2e: write offered vs received pps as a PNG")
