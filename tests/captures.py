@@ -1,8 +1,8 @@
 """Real IPoIB captures from systems we did not write, read for replay tests (unit and bpf tiers).
 
-The files are not in the repository: they are looked up in `$XDPOIB_VECTORS/ipoib/`, else in
-`<repo>/../shared/vectors/ipoib/`; `need_vectors()` skips on a developer box without them and fails in
-CI. Two formats are read:
+The files are not in the repository: they are looked up in `$XDPOIB_VECTORS/ipoib/`, else in the
+`shared/vectors/ipoib/` directory next to the repository's own; `need_vectors()` skips on a developer
+box without them and fails in CI. Two formats are read:
 
 - pcap LINKTYPE_ERF (197) with Endace ERF records of type 21 (InfiniBand): each record is a whole IB
   packet as it crossed the wire. The reader strips the LRH (8 bytes), the GRH (40, when LNH says so),
@@ -49,7 +49,7 @@ SOLARIS_FILE = "tcpdump_ipoib.pcap"
 
 
 def vectors_dir() -> Path:
-    """Where the IPoIB vectors live: `$XDPOIB_VECTORS/ipoib`, else `<repo>/../shared/vectors/ipoib`."""
+    """Where the IPoIB vectors live: `$XDPOIB_VECTORS/ipoib`, else `shared/vectors/ipoib` beside the repository."""
     base = os.environ.get("XDPOIB_VECTORS")
     if base:
         return Path(base) / "ipoib"
