@@ -5,6 +5,8 @@
  *   xdpoib_tx    Ethernet -> IPoIB, on the internal side of the attached interface
  *   xdpoib_rx    IPoIB -> Ethernet, on frames the agent injects (BPF_PROG_TEST_RUN, live frames)
  *   xdpoib_noop  counts and passes: the baseline of `xdpoib bench datapath`
+ *   xdpoib_tx_raw  counts and redirects every frame to the agent untranslated: the plumbing ceiling
+ *                of `xdpoib bench e2e` (XDPOIB_DATAPATH=ceiling)
  *
  * Compiled by bcc through xdpoib/datapath/loader.py, which inlines the local headers.
  */
@@ -144,6 +146,20 @@ int xdpoib_rx_inband(struct xdp_md *ctx)
 int xdpoib_noop(struct xdp_md *ctx)
 {
 	return XDP_PASS;
+}
+
+/**
+ * The plumbing ceiling: every frame to the agent's AF_XDP socket as it is (no parsing, no lookups).
+ *
+ * @v ctx       XDP context
+ * @ret XDP action
+ */
+int xdpoib_tx_raw(struct xdp_md *ctx)
+{
+	struct xo_state s = {};
+
+	count_entry(ctx, &s, XDPOIB_DIR_TX);
+	return record_action(s.st, xo_xsks.redirect_map(ctx->rx_queue_index, 0));
 }
 
 #ifdef XDPOIB_RESTORE

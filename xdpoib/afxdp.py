@@ -136,12 +136,17 @@ class XskSocket:
     # --- RX ---------------------------------------------------------------------------------------
 
     def _fill_frames(self, addrs: list[int]) -> None:
+        """Give frames back to the fill ring, packed in at most two contiguous runs."""
         r = self.fill
         prod = r.producer
-        for a in addrs:
-            _ADDR.pack_into(r.mv, r.slot(prod), a)
-            prod += 1
-        r.producer = prod
+        n = len(addrs)
+        start = prod & r.mask
+        first = min(n, r.size - start)
+        if first:
+            struct.pack_into(f"={first}Q", r.mv, r.desc + start * 8, *addrs[:first])
+        if n > first:
+            struct.pack_into(f"={n - first}Q", r.mv, r.desc, *addrs[first:])
+        r.producer = prod + n
         if r.needs_wakeup:
             self._wake_rx()
 
@@ -151,26 +156,47 @@ class XskSocket:
         except (BlockingIOError, OSError):
             pass
 
-    def recv(self, max_frames: int = 256, timeout: float | None = 0.0) -> list[tuple[bytes, bytes]]:
-        """Return up to max_frames (metadata, frame) pairs; wait up to timeout seconds for the first."""
+    def rx_descs(self, max_frames: int = 256) -> list[tuple[int, int, int]]:
+        """Descriptors (addr, len, options) of up to max_frames received frames, without copying them.
+        Read the frames from `umem_view` (metadata at addr - meta_len), then call `rx_release`."""
         r = self.rx
-        cons, prod = r.consumer, r.producer
-        if cons == prod and timeout != 0.0:
+        cons = r.consumer
+        n = min((r.producer - cons) & 0xFFFFFFFF, max_frames)
+        if not n:
+            return []
+        start = cons & r.mask
+        first = min(n, r.size - start)
+        mv, d = r.mv, r.desc
+        descs = list(_DESC.iter_unpack(mv[d + start * 16:d + (start + first) * 16]))
+        if n > first:
+            descs += _DESC.iter_unpack(mv[d:d + (n - first) * 16])
+        return descs
+
+    def rx_release(self, descs: list[tuple[int, int, int]]) -> None:
+        """Consume the descriptors `rx_descs` returned and give their frames back to the fill ring."""
+        n = len(descs)
+        if n:
+            self.rx.consumer = self.rx.consumer + n
+            fs = self.frame_size
+            self._fill_frames([a - a % fs for a, _l, _o in descs])
+            self.stats["rx_frames"] += n
+
+    @property
+    def umem_view(self) -> memoryview:
+        """The UMEM (read received frames from it between `rx_descs` and `rx_release`)."""
+        return self._umem_mv
+
+    def recv(self, max_frames: int = 256, timeout: float | None = 0.0) -> list[tuple[bytes, bytes]]:
+        """Return up to max_frames (metadata, frame) pairs, copied; wait up to timeout seconds for the first."""
+        r = self.rx
+        if r.consumer == r.producer and timeout != 0.0:
             p = select.poll()
             p.register(self.fileno(), select.POLLIN)
             p.poll(None if timeout is None else int(timeout * 1000))
-            prod = r.producer
-        n = min((prod - cons) & 0xFFFFFFFF, max_frames)
-        out, back = [], []
+        descs = self.rx_descs(max_frames)
         um, ml = self._umem_mv, self.meta_len
-        for i in range(n):
-            addr, length, _ = _DESC.unpack_from(r.mv, r.slot(cons + i))
-            out.append((bytes(um[addr - ml:addr]) if ml else b"", bytes(um[addr:addr + length])))
-            back.append(addr - addr % self.frame_size)
-        if n:
-            r.consumer = cons + n
-            self._fill_frames(back)
-            self.stats["rx_frames"] += n
+        out = [(bytes(um[a - ml:a]) if ml else b"", bytes(um[a:a + n])) for a, n, _o in descs]
+        self.rx_release(descs)
         return out
 
     # --- TX ---------------------------------------------------------------------------------------

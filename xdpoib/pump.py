@@ -1,21 +1,36 @@
-"""The two datapaths between eth4 and the agent, behind one interface.
+"""The datapaths between eth4 and the agent, behind one interface (`Pump`).
 
+The `Pump` interface (what `xdpoib.agent.forward.Forwarder` calls, and all it calls):
+
+    name                            "bpf" | "plain" | "ceiling"
+    fileno()                        the AF_XDP socket: readable when frames from eth4 wait
+    receive(budget, batch) -> int   take up to `budget` frames from eth4 into a `TxBatch`; the count taken
+    rx_frame(payload, peer, mcast)  queue one IPoIB frame from the fabric for eth4 (payload is copied
+                                    before the call returns, so its receive buffer can be reposted)
+    rx_ethernet(frame)              queue a frame already in Ethernet form (ICMP errors, DHCP replies)
+    rx_flush() -> int               deliver what was queued (one live-frames call for the BPF pump)
+    add_peers(entries), set_group(mgid, id)   keep the maps in step with the agent's tables
+    counters() -> dict              the datapath's own counters (status / exporter)
+    pending_tx(), kick(), close()
+
+Implementations:
 - `BpfPump` (the default): the translating XDP programs of `bpf/`. TX frames arrive on the AF_XDP
-  socket already in IPoIB form with a `TxMeta` record in front (kind, peer or group, P_Key); only
-  CONTROL frames (DHCP, IGMP/MLD) come as Ethernet and are rewritten here with the oracle. RX frames
-  are handed to the RX program with an `RxMeta` record, in batches, by live-frames BPF_PROG_TEST_RUN
-  (docs/datapath.md), which redirects them to the device facing eth4.
+  socket already in IPoIB form with a `TxMeta` record in front (kind, peer or group, P_Key) and are
+  grouped by destination without being parsed; only CONTROL frames (DHCP, IGMP/MLD) come as Ethernet
+  and are rewritten with the oracle. RX frames are written straight into the mmapped inject map with
+  their `RxMeta` and handed to the RX program with one live-frames call per batch (docs/datapath.md).
 - `PlainPump`: a redirect-everything XDP program and the oracle in Python for every frame. Slower,
-  correct by construction; the fallback for a TAP until the guest's MAC is known, and the baseline that
-  benchmarks compare with (`XDPOIB_DATAPATH=plain`).
-
-Both yield `Outgoing` decisions for the agent to send and take `Incoming` frames to deliver.
+  correct by construction; the fallback for a TAP until the guest's MAC is known
+  (`XDPOIB_DATAPATH=plain`).
+- `CeilingPump`: the plumbing ceiling for `xdpoib bench e2e` (`XDPOIB_DATAPATH=ceiling`): the same
+  AF_XDP socket, sim transport and batched injection, with translation and map lookups bypassed
+  (raw Ethernet frames cross the fabric). Not IPoIB: for measurement only.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xdpoib import link, state
 from xdpoib.errors import FrameError
@@ -26,11 +41,12 @@ from xdpoib.wire.oracle import eth_to_ipoib, ipoib_to_eth
 BATCH = 256
 META_LEN = 32           # struct xdpoib_tx_meta
 _TX_META = struct.Struct("<BBHHHII16s")
+_KIND_PEER, _KIND_GROUP, _KIND_CONTROL = int(Kind.PEER), int(Kind.GROUP), int(Kind.CONTROL)
 
 
 @dataclass(slots=True)
 class Outgoing:
-    """One frame from eth4 for the fabric: an IPoIB frame and where it goes."""
+    """One frame from eth4 that needs the agent's attention (control, unresolved, or plain path)."""
 
     kind: Kind
     frame: bytes                # IPoIB frame (4-byte header + payload)
@@ -42,23 +58,32 @@ class Outgoing:
 
 
 @dataclass(slots=True)
-class Incoming:
-    """One IPoIB frame from the fabric for eth4."""
+class TxBatch:
+    """One turn's frames from eth4, grouped by destination (no per-frame objects on the fast path)."""
 
-    frame: bytes
-    peer: object                # PeerEntry
-    multicast: bool
+    peers: dict[int, list[bytes]] = field(default_factory=dict)     # peer id -> IPoIB frames
+    groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # MGID -> IPoIB frames
+    other: list[Outgoing] = field(default_factory=list)             # control, unresolved
+    raw: list[bytes] = field(default_factory=list)                  # ceiling: Ethernet frames as they came
+
+    def clear(self) -> None:
+        self.peers.clear()
+        self.groups.clear()
+        self.other.clear()
+        self.raw.clear()
 
 
-def _is_dhcp_reply(data: bytes) -> bool:
+def _is_dhcp_reply(data) -> bool:
     """IPv4/UDP 67 -> 68 in an IPoIB frame (a few byte compares)."""
-    if len(data) < 4 + 28 or data[:2] != b"\x08\x00" or data[4 + 9] != f.IPPROTO_UDP:
+    if len(data) < 4 + 28 or data[0] != 0x08 or data[1] != 0x00 or data[4 + 9] != f.IPPROTO_UDP:
         return False
     o = 4 + (data[4] & 0x0F) * 4
-    return len(data) >= o + 4 and data[o:o + 4] == b"\x00\x43\x00\x44"
+    return len(data) >= o + 4 and bytes(data[o:o + 4]) == b"\x00\x43\x00\x44"
 
 
 class _Base:
+    meta_len = 0
+
     def __init__(self, agent, ifname: str, ifindex: int):
         from xdpoib.afxdp import XskSocket
 
@@ -89,17 +114,26 @@ class _Base:
     def kick(self) -> None:
         self.xsk.kick()
 
+    def ring_counters(self) -> dict:
+        """The AF_XDP socket's kernel counters: frames shed because our ring was full."""
+        try:
+            k = self.xsk.kernel_stats()
+        except OSError:
+            return {}
+        return {"xsk_rx_dropped": k["rx_dropped"], "xsk_rx_ring_full": k["rx_ring_full"],
+                "xsk_fill_ring_empty": k["rx_fill_ring_empty_descs"]}
+
 
 class PlainPump(_Base):
     """Redirect everything to AF_XDP; translate both ways with the oracle in Python."""
 
-    meta_len = 0
     name = "plain"
 
     def __init__(self, agent, ifname: str, ifindex: int):
         from xdpoib.datapath.redirect import RedirectDatapath
 
         self.datapath = RedirectDatapath(ifname)
+        self._out: list[bytes] = []
         try:
             super().__init__(agent, ifname, ifindex)
             self.datapath.add_socket(0, self.xsk.fileno())
@@ -107,33 +141,46 @@ class PlainPump(_Base):
             self.datapath.close()
             raise
 
-    def receive(self) -> list[Outgoing]:
-        out = []
+    def receive(self, budget: int, batch: TxBatch) -> int:
         a = self.agent
-        for _, frame in self.xsk.recv(BATCH):
+        got = self.xsk.recv(budget)
+        for _, frame in got:
             if not a.vif_learned:
                 a.learn_vif(frame)
             o = self.control(frame)
-            if o is not None:
-                out.append(o)
-        return out
-
-    def deliver(self, items: list[Incoming], ethernet: list[bytes]) -> None:
-        a = self.agent
-        frames = list(ethernet)
-        for it in items:
-            try:
-                r = ipoib_to_eth(it.frame, a.peers, src=it.peer.as_peer(), vif=a.vif, pkey=a.pkey,
-                                 multicast=it.multicast)
-            except FrameError as e:
-                a.drops[e.reason.name.lower()] += 1
+            if o is None:
                 continue
-            frames.append(r.frame)
-        if frames:
-            sent = self.xsk.send(frames)
-            a.stats["eth_tx_frames"] += sent
-            if sent < len(frames):
-                a.drops["inject_ring_full"] += len(frames) - sent
+            if o.control or not (o.kind == Kind.PEER or o.mgid is not None):
+                batch.other.append(o)
+            elif o.mgid is not None:
+                batch.groups.setdefault(o.mgid, []).append(o.frame)
+            else:
+                batch.peers.setdefault(o.peer_id, []).append(o.frame)
+        return len(got)
+
+    def rx_frame(self, payload, peer, multicast: bool) -> None:
+        a = self.agent
+        try:
+            r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=a.vif, pkey=a.pkey,
+                             multicast=multicast)
+        except FrameError as e:
+            a.drops[e.reason.name.lower()] += 1
+            return
+        self._out.append(r.frame)
+
+    def rx_ethernet(self, frame: bytes) -> None:
+        self._out.append(bytes(frame))
+
+    def rx_flush(self) -> int:
+        frames, self._out = self._out, []
+        if not frames:
+            return 0
+        a = self.agent
+        sent = self.xsk.send(frames)
+        a.stats["eth_tx_frames"] += sent
+        if sent < len(frames):
+            a.drops["inject_ring_full"] += len(frames) - sent
+        return sent
 
     def add_peers(self, entries) -> None:
         pass
@@ -142,7 +189,7 @@ class PlainPump(_Base):
         pass
 
     def counters(self) -> dict:
-        return self.datapath.counters()
+        return {**self.datapath.counters(), **self.ring_counters()}
 
     def close(self) -> None:
         self.xsk.close()
@@ -154,6 +201,7 @@ class BpfPump(_Base):
 
     meta_len = META_LEN
     name = "bpf"
+    tx_program = "xdpoib_tx"
 
     def __init__(self, agent, ifname: str, ifindex: int, aid: str):
         from xdpoib.datapath.inject import Injector
@@ -162,20 +210,21 @@ class BpfPump(_Base):
 
         # a previous agent of this attachment that died left its programs and maps pinned: adopt them
         # (no compile, counters and peers kept); else a child process compiles and pins them, and we
-        # adopt those: the agent itself never imports bcc (DESIGN 6, 8: memory)
+        # adopt those: the agent itself never imports bcc (docs/design.md §6, §8: memory)
         self.pin_dir = pin_dir(aid)
         self.adopted = pinned(self.pin_dir)
         if not self.adopted:
             compile_and_pin(self.pin_dir)
         self.dp = PinnedDatapath(self.pin_dir)
         self._links: list[str] = []
+        self._meta: dict[tuple[int, bool], bytes] = {}
         try:
             self.maps = Maps.of(self.dp)
             self.maps.load(agent.peers)
             self.add_peers(agent.peers.entries.values())
             super().__init__(agent, ifname, ifindex)
             self.maps.xsks.set(0, self.xsk.fileno())
-            self.dp.attach("xdpoib_tx", ifname)
+            self.dp.attach(self.tx_program, ifname)
             # the anchor: a spare veth end holding the RX batch program, so each batched live-frames
             # call costs microseconds instead of ~24 ms (docs/datapath.md)
             h = state.link_tag(aid)
@@ -190,54 +239,92 @@ class BpfPump(_Base):
             self.close()
             raise
 
-    def receive(self) -> list[Outgoing]:
-        from xdpoib import abi
-
-        out = []
-        a = self.agent
-        unpack = _TX_META.unpack_from           # struct xdpoib_tx_meta, cheaper than a ctypes copy
-        for meta, frame in self.xsk.recv(BATCH):
-            if len(meta) < META_LEN:
-                a.drops["bad_metadata"] += 1
-                continue
-            version, kind, _pkey, vid, _, _vif, dest_id, dest = unpack(meta)
-            if version != abi.META_VERSION:
-                a.drops["bad_metadata"] += 1
-                continue
-            if kind == Kind.PEER:
-                o = Outgoing(Kind.PEER, frame, dest_id, vid=vid)
-            elif kind == Kind.GROUP:
-                o = Outgoing(Kind.GROUP, frame, mgid=dest, vid=vid)
-            elif kind == Kind.CONTROL:
-                o = self.control(frame)
-            else:
-                o = Outgoing(Kind.UNRESOLVED, frame, vid=vid)
-            if o is not None:
-                out.append(o)
-        return out
-
-    def deliver(self, items: list[Incoming], ethernet: list[bytes]) -> None:
+    def receive(self, budget: int, batch: TxBatch) -> int:
+        """Frames from eth4, grouped by their metadata's destination; the frame bytes are the only copy."""
         from xdpoib import abi
 
         a = self.agent
-        batch = [(fr, abi.rx_meta(0, a.vif.vif_id, a.pkey, ethernet=True)) for fr in ethernet]
-        for it in items:
-            data = it.frame
-            if len(data) < 14:              # XDP cannot carry it (docs/datapath.md, known limits)
-                a.drops["runt"] += 1
-            elif _is_dhcp_reply(data):      # RX control: the agent rewrites DHCP (RFC 4390)
-                try:
-                    r = ipoib_to_eth(data, a.peers, src=it.peer.as_peer(), vif=a.vif, pkey=a.pkey,
-                                     multicast=it.multicast)
-                    batch.append((r.frame, abi.rx_meta(it.peer.peer_id, a.vif.vif_id, a.pkey, ethernet=True)))
-                except FrameError as e:
-                    a.drops[e.reason.name.lower()] += 1
+        xsk = self.xsk
+        descs = xsk.rx_descs(budget)
+        if not descs:
+            return 0
+        um = xsk.umem_view
+        peers, groups = batch.peers, batch.groups
+        version = abi.META_VERSION
+        for addr, length, _o in descs:
+            m = addr - META_LEN
+            if m < 0 or um[m] != version:
+                a.drops["bad_metadata"] += 1
+                continue
+            kind = um[m + 1]
+            if kind == _KIND_PEER:
+                pid = int.from_bytes(um[m + 12:m + 16], "little")
+                q = peers.get(pid)
+                if q is None:
+                    q = peers[pid] = []
+                q.append(bytes(um[addr:addr + length]))
+            elif kind == _KIND_GROUP:
+                mgid = bytes(um[m + 16:m + 32])
+                q = groups.get(mgid)
+                if q is None:
+                    q = groups[mgid] = []
+                q.append(bytes(um[addr:addr + length]))
+            elif kind == _KIND_CONTROL:
+                o = self.control(bytes(um[addr:addr + length]))
+                if o is not None:
+                    batch.other.append(o)
             else:
-                batch.append((data, abi.rx_meta(it.peer.peer_id, a.vif.vif_id, a.pkey, multicast=it.multicast)))
-        for i in range(0, len(batch), BATCH):
-            chunk = batch[i:i + BATCH]
-            self.injector.send_batch(chunk)
-            a.stats["injected_frames"] += len(chunk)
+                vid = int.from_bytes(um[m + 4:m + 6], "little")
+                batch.other.append(Outgoing(Kind.UNRESOLVED, bytes(um[addr:addr + length]), vid=vid))
+        xsk.rx_release(descs)
+        return len(descs)
+
+    def _meta_for(self, peer_id: int, multicast: bool) -> bytes:
+        from xdpoib import abi
+
+        key = (peer_id, multicast)
+        m = self._meta.get(key)
+        if m is None:
+            a = self.agent
+            if len(self._meta) > 65536:
+                self._meta.clear()
+            m = self._meta[key] = abi.rx_meta(peer_id, a.vif.vif_id, a.pkey, multicast=multicast)
+        return m
+
+    def _add(self, frame, meta: bytes) -> None:
+        inj = self.injector
+        if not inj.add(frame, meta):
+            self.rx_flush()
+            if not inj.add(frame, meta):
+                self.agent.drops["inject_too_big"] += 1
+
+    def rx_frame(self, payload, peer, multicast: bool) -> None:
+        a = self.agent
+        if len(payload) < 14:               # XDP cannot carry it (docs/datapath.md, known limits)
+            a.drops["runt"] += 1
+        elif payload[0] == 0x08 and payload[1] == 0x00 and _is_dhcp_reply(payload):
+            # RX control: the agent rewrites DHCP (RFC 4390)
+            try:
+                r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=a.vif, pkey=a.pkey,
+                                 multicast=multicast)
+            except FrameError as e:
+                a.drops[e.reason.name.lower()] += 1
+                return
+            self.rx_ethernet(r.frame)
+        else:
+            self._add(payload, self._meta_for(peer.peer_id, multicast))
+
+    def rx_ethernet(self, frame: bytes) -> None:
+        from xdpoib import abi
+
+        a = self.agent
+        self._add(frame, abi.rx_meta(0, a.vif.vif_id, a.pkey, ethernet=True))
+
+    def rx_flush(self) -> int:
+        n = self.injector.flush()
+        if n:
+            self.agent.stats["injected_frames"] += n
+        return n
 
     def add_peers(self, entries) -> None:
         items = [(e.peer_id, e.remac, e.addr.pack()) for e in entries]
@@ -256,8 +343,11 @@ class BpfPump(_Base):
             drops = {DropReason(i).name.lower(): int(n) for i, n in enumerate(c.drops)
                      if n and i in DropReason._value2member_map_}
             out[d.name.lower()] = {"packets": int(c.packets), "bytes": int(c.bytes),
-                                   "pass": int(c.verdicts[2]), "drop": int(c.verdicts[1]),
-                                   "redirect": int(c.verdicts[4]), "drops": drops}
+                                   "pass": int(c.verdicts[abi.XdpAction.PASS]),
+                                   "drop": int(c.verdicts[abi.XdpAction.DROP]),
+                                   "redirect": int(c.verdicts[abi.XdpAction.REDIRECT]), "drops": drops}
+        out["inject_mmap"] = getattr(self, "injector", None) is not None and self.injector.mmapped
+        out.update(self.ring_counters())
         return out
 
     def close(self) -> None:
@@ -265,6 +355,9 @@ class BpfPump(_Base):
         from xdpoib.datapath.loader import unpin
 
         link.detach_xdp(self.ifname)
+        inj = getattr(self, "injector", None)
+        if inj is not None:
+            inj.close()
         xsk = getattr(self, "xsk", None)
         if xsk is not None:
             xsk.close()
@@ -272,6 +365,30 @@ class BpfPump(_Base):
             link.delete_link(name)
         self.dp.close()
         unpin(self.pin_dir)
+
+
+class CeilingPump(BpfPump):
+    """The plumbing ceiling: raw Ethernet frames in both directions, no translation, no lookups."""
+
+    meta_len = 0
+    name = "ceiling"
+    tx_program = "xdpoib_tx_raw"
+
+    def receive(self, budget: int, batch: TxBatch) -> int:
+        xsk = self.xsk
+        descs = xsk.rx_descs(budget)
+        if descs:
+            um = xsk.umem_view
+            batch.raw.extend([bytes(um[a:a + n]) for a, n, _o in descs])
+            xsk.rx_release(descs)
+        return len(descs)
+
+    def rx_frame(self, payload, peer, multicast: bool) -> None:
+        from xdpoib import abi
+
+        if not hasattr(self, "_eth_meta"):
+            self._eth_meta = abi.rx_meta(0, self.agent.vif.vif_id, self.agent.pkey, ethernet=True)
+        self._add(payload, self._eth_meta)
 
 
 def pin_dir(aid: str):

@@ -51,8 +51,12 @@ BPF_XSKMAP(xo_xsks, XDPOIB_MAX_XSKS);
 /* Where RX frames go: slot 0 is the device facing eth4 (internal veth end or the VM's TAP). */
 BPF_DEVMAP(xo_egress, 1);
 
-/* Batched injection: frames and metadata for one live-frames call, and the per-CPU run index. */
-BPF_ARRAY(xo_inject, struct xdpoib_inject_slot, XDPOIB_INJECT_SLOTS);
+/* Batched injection: frames and metadata for one live-frames call, and the per-CPU run index.
+ * Mmapable, so the agent writes frames straight into the slots (no map update syscall). */
+#ifndef BPF_F_MMAPABLE
+#define BPF_F_MMAPABLE (1U << 10)
+#endif
+BPF_F_TABLE("array", int, struct xdpoib_inject_slot, xo_inject, XDPOIB_INJECT_SLOTS, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(xo_inject_idx, u32, 1);
 
 /* Destinations not in the maps: reported on xo_events, once per destination per interval. */

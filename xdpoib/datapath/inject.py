@@ -4,11 +4,12 @@ facing eth4: the internal veth end (the frame arrives on eth4) or the TAP a VM h
 
 Measured choice (docs/datapath.md): this path works for veth and TAP alike; AF_XDP TX with an in-band
 header works for veth only, since a TAP has no XDP hook on its transmit side. Batch with `send_batch`
-and keep the batch program attached to an anchor device (`attach_anchor`).
+and keep the batch program attached to an anchor device (the pump's spare veth pair).
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from xdpoib import abi
@@ -18,22 +19,42 @@ MAX_BATCH = 256     # the kernel's limit for live-frames batch_size
 _DUMMY = bytes(64)  # what each live frame holds before xdpoib_rx_batch swaps its frame in
 
 
+SLOT_SIZE = 24 + 4096   # struct xdpoib_inject_slot: len, reserved, 16-byte RX metadata, frame
+_SLOT_HEAD = struct.Struct("<II16s")
+
+
 class Injector:
-    """Hands IPoIB frames (with their RX metadata) to the RX program for delivery to eth4."""
+    """Hands IPoIB frames (with their RX metadata) to the RX program for delivery to eth4.
+
+    The batched path writes frames straight into the mmap of `xo_inject` (a BPF_F_MMAPABLE array),
+    then makes one live-frames call: no map-update syscall, no per-frame buffer building. A datapath
+    pinned by an older build without the mmapable flag falls back to one batched map update.
+    """
 
     def __init__(self, datapath, maps, egress_ifindex: int):
         self._fd = datapath.fd("xdpoib_rx")
         self._batch_fd = datapath.fd("xdpoib_rx_batch")
         self._maps = maps
         maps.egress.set(0, egress_ifindex)
+        self._mmap = None
+        self._mv = None
+        try:
+            self._mmap = mmap.mmap(maps._fds["xo_inject"], MAX_BATCH * SLOT_SIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mv = memoryview(self._mmap)
+        except (OSError, ValueError, KeyError):
+            self._mmap = None
+        self._live = testrun.LiveRun(self._batch_fd, _DUMMY)
+        self._pending = 0       # slots filled for the next flush
+
+    @property
+    def mmapped(self) -> bool:
+        """Whether frames are written into the map's memory directly."""
+        return self._mv is not None
 
     def send(self, frame: bytes, peer_id: int, vif_id: int, pkey: int, multicast: bool = False) -> None:
         """Inject one IPoIB frame received from the fabric."""
         testrun.run_live(self._fd, frame, abi.rx_meta(peer_id, vif_id, pkey, multicast=multicast))
-
-    def send_ethernet(self, frame: bytes, peer_id: int, vif_id: int, pkey: int) -> None:
-        """Inject a frame the agent already built as Ethernet (a rewritten control frame)."""
-        testrun.run_live(self._fd, frame, abi.rx_meta(peer_id, vif_id, pkey, ethernet=True))
 
     def send_repeated(self, frame: bytes, meta: bytes, count: int) -> None:
         """Inject the same frame `count` (<= 256) times in one call (benchmarks). repeat never exceeds
@@ -43,30 +64,56 @@ class Injector:
             raise ValueError(f"count must be 1..{MAX_BATCH}")
         testrun.run_live(self._fd, frame, meta, repeat=count, batch_size=count)
 
-    def send_batch(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Inject up to 256 (IPoIB frame, RX metadata) pairs with one live-frames call: the frames go
-        into xo_inject with one batched map update and xdpoib_rx_batch swaps each in."""
-        n = len(items)
-        if not 1 <= n <= MAX_BATCH:
-            raise ValueError(f"a batch holds 1..{MAX_BATCH} frames")
-        slots = b"".join(struct.pack("<II", len(fr), 0) + meta.ljust(16, b"\0")[:16] + fr.ljust(4096, b"\0")
-                         for fr, meta in items)
-        self._maps.inject.update_batch_raw(struct.pack(f"<{n}I", *range(n)), slots)
+    # ---- the batched path: add() frames (up to 256), then flush()
+
+    def add(self, frame, meta: bytes) -> bool:
+        """Queue one frame (bytes or a memoryview; copied now) with its 16-byte RX metadata; False when
+        the batch is full (flush first) or the frame cannot be injected."""
+        n = self._pending
+        size = len(frame)
+        if n >= MAX_BATCH or size > abi.INJECT_MAX:
+            return False
+        mv = self._mv
+        if mv is not None:
+            off = n * SLOT_SIZE
+            _SLOT_HEAD.pack_into(mv, off, size, 0, meta)
+            mv[off + 24:off + 24 + size] = frame
+        else:
+            if n == 0:
+                self._fallback = []
+            self._fallback.append((bytes(frame), meta))
+        self._pending = n + 1
+        return True
+
+    def flush(self) -> int:
+        """Inject every queued frame with one live-frames call; returns how many went."""
+        n = self._pending
+        if not n:
+            return 0
+        self._pending = 0
+        if self._mv is None:
+            slots = b"".join(struct.pack("<II", len(fr), 0) + meta.ljust(16, b"\0")[:16] + fr.ljust(4096, b"\0")
+                             for fr, meta in self._fallback)
+            self._maps.inject.update_batch_raw(struct.pack(f"<{n}I", *range(n)), slots)
+            self._fallback = []
         self._maps.inject_idx.set(0, 0)
-        testrun.run_live(self._batch_fd, _DUMMY, b"", repeat=n, batch_size=n)
+        self._live.run(n)
+        return n
 
+    def send_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Inject up to 256 (IPoIB frame, RX metadata) pairs with one live-frames call."""
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1..{MAX_BATCH} frames")
+        for fr, meta in items:
+            if not self.add(fr, meta):
+                raise ValueError(f"frame of {len(fr)} bytes cannot be injected")
+        self.flush()
 
-def attach_anchor(datapath, ifname: str) -> None:
-    """Attach xdpoib_rx_batch natively to a spare veth end (the anchor). A live-frames call on a program
-    that is not attached anywhere pays ~24 ms for the XDP dispatcher update (measured: batches of 64
-    reach 2 kpps without an anchor, ~370-520 kpps with one). The anchor carries no traffic."""
-    from bcc import BPF
-
-    BPF.attach_xdp(ifname.encode(), datapath._progs["xdpoib_rx_batch"], 0)
-
-
-def detach_anchor(ifname: str) -> None:
-    """Remove the anchor program (deleting the veth pair does it too)."""
-    from bcc import BPF
-
-    BPF.remove_xdp(ifname.encode(), 0)
+    def close(self) -> None:
+        """Unmap the slots (idempotent)."""
+        if self._mv is not None:
+            self._mv.release()
+            self._mv = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None

@@ -16,7 +16,7 @@ from xdpoib.errors import PrerequisiteError, XdpoibError
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 MAIN = BPF_DIR / "xdpoib.c"
-PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_rx_inband", "xdpoib_noop")
+PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_rx_inband", "xdpoib_noop", "xdpoib_tx_raw")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 

@@ -59,3 +59,21 @@ def run_live(prog_fd: int, frame: bytes, meta: bytes = b"", repeat: int = 1, bat
                            repeat=repeat, ctx_size_in=ct.sizeof(cin), ctx_in=ct.addressof(cin),
                            flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=batch_size)
     bpfsys.bpf(bpfsys.PROG_TEST_RUN, a, "prog test run (live frames)")
+
+
+class LiveRun:
+    """A live-frames run prepared once (input buffer and context kept), for the injection hot path."""
+
+    def __init__(self, prog_fd: int, frame: bytes, meta: bytes = b"", ifindex: int = 0):
+        data = bytes(meta) + bytes(frame)
+        self._din = ct.create_string_buffer(data, len(data))
+        self._cin = XdpMd(data=len(meta), data_end=len(data), ingress_ifindex=ifindex)
+        self._attr = bpfsys.TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_in=ct.addressof(self._din),
+                                        repeat=1, ctx_size_in=ct.sizeof(self._cin), ctx_in=ct.addressof(self._cin),
+                                        flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=1)
+
+    def run(self, count: int) -> None:
+        """Run `count` frames (repeat = batch_size = count)."""
+        a = self._attr
+        a.repeat = a.batch_size = count
+        bpfsys.bpf(bpfsys.PROG_TEST_RUN, a, "prog test run (live frames)")

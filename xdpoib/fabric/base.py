@@ -437,6 +437,16 @@ class UdQp(ABC):
         the sender must (hardware would lose them silently): they count as accepted.
         """
 
+    def post_send_to(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, payloads: Sequence) -> int:
+        """Send many payloads to one destination (the agent's hot path: frames come grouped by peer);
+        same rules and return value as `post_send`. Backends override it to work out the route once."""
+        return self.post_send([SendRequest(ah, remote_qpn, remote_qkey, p) for p in payloads])
+
+    def busy(self) -> bool:
+        """True while sends would only be lost for lack of room (a full send queue, a destination that
+        cannot take more): the caller keeps frames where dropping them costs least. Default False."""
+        return False
+
     @abstractmethod
     def post_recv(self, indices: Iterable[int]) -> int:
         """Hand receive buffers (indices into `pool`) to the receive queue; returns how many were posted."""

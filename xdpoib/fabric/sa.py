@@ -688,10 +688,15 @@ class SAClient:
         return _Request(mgmt_class=mgmt_class, mad=mad, what=what, deadline=dl, dlid=dlid)
 
     def _sa(self, method: int, attr: int, mask: int, data: bytes, what: str, kind: str,
-            deadline: float | None = None) -> SAMad:
-        """One SA query: returns the response, or raises the error its status maps to."""
+            deadline: float | None = None, wait: bool = True) -> SAMad:
+        """One SA query: returns the response, or raises the error its status maps to. With
+        wait=False the query is not made at all (SABusyError at once) while another thread's query
+        holds the client: a caller on a data path must not queue behind a slow SA."""
         mad = pack_sa_mad(method, attr, 0, mask, data, sm_key=self.sm_key)
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            self.stats["skipped_busy"] += 1
+            raise SABusyError(f"{what}: the SA client is busy with another query")
+        try:
             r = self._request(0x03, mad, what, deadline)
             t0 = time.monotonic()
             self._run([r])
@@ -707,6 +712,8 @@ class SAClient:
                     r = self._request(0x03, mad, what, deadline)
                     self._run([r])
             self.latency.observe(kind, time.monotonic() - t0)
+        finally:
+            self._lock.release()
         return self._answer(r, kind)
 
     def _answer(self, r: _Request, kind: str) -> SAMad:
@@ -857,14 +864,15 @@ class SAClient:
                         f"leave {gid_str(mgid)} (JoinState {join_state})", "leave")
         return MCMemberRecord.parse(resp.data)
 
-    def member(self, mgid, port_gid=None) -> MCMemberRecord | None:
-        """Get one membership (MGID + PortGID; ours by default); None when the port is not a member."""
+    def member(self, mgid, port_gid=None, deadline: float | None = None, wait: bool = True) -> MCMemberRecord | None:
+        """Get one membership (MGID + PortGID; ours by default); None when the port is not a member.
+        `deadline` and `wait` as in `_sa` (a data path asks with a short deadline and wait=False)."""
         mgid = to_gid(mgid)
         pg = to_gid(port_gid) if port_gid is not None else self.gid
         rec = MCMemberRecord(mgid=mgid, port_gid=pg)
         try:
             resp = self._sa(METHOD_GET, ATTR_MCMEMBER_RECORD, MC_MGID | MC_PORT_GID, rec.pack(),
-                            f"membership of {gid_str(pg)} in {gid_str(mgid)}", "member")
+                            f"membership of {gid_str(pg)} in {gid_str(mgid)}", "member", deadline, wait)
         except SANoRecordsError:
             return None
         got = MCMemberRecord.parse(resp.data)

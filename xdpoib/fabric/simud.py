@@ -66,6 +66,8 @@ PREFIX = "xdpoib-sim"
 JOIN_RECEIVES = 0x3            # JoinState bits that receive: FullMember, NonMember
 RECV_BUFSIZE = 1 << 18         # largest datagram we read (a bundle plus one 4 KiB packet fits)
 SEND_SOCKBUF = 1 << 22
+BLOCKED_S = 0.0005            # how long a QP reports busy() after a full receiver queue
+CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading its socket
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 
 
@@ -75,8 +77,9 @@ class PortControl(Protocol):
     def port(self) -> PortAttrs:
         """The port as it is now (raise an XdpoibError if it cannot be read)."""
 
-    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
-        """JoinState of port_gid in group mgid (0 if the SA hides it), or None if it is not a member."""
+    def member(self, mgid: bytes, port_gid: bytes, quick: bool = False) -> int | None:
+        """JoinState of port_gid in group mgid (0 if the SA hides it), or None if it is not a member
+        (quick: the caller is a data path, answer without waiting for a slow SA)."""
 
     def close(self) -> None:
         """Release what the control holds."""
@@ -107,9 +110,10 @@ class SAControl:
         return PortAttrs(lid=lp.lid, sm_lid=lp.sm_lid, state=state, active_mtu=mtu, port_guid=lp.port_guid,
                          gids=(lp.gid,), pkeys=tuple(lp.pkeys), link_layer=LinkLayer.INFINIBAND)
 
-    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
-        """One MCMemberRecord Get (MGID + PortGID)."""
-        rec = self.sa.member(mgid, port_gid)
+    def member(self, mgid: bytes, port_gid: bytes, quick: bool = False) -> int | None:
+        """One MCMemberRecord Get (MGID + PortGID); quick: short deadline, and no waiting behind
+        another thread's query (an XdpoibError instead)."""
+        rec = self.sa.member(mgid, port_gid, deadline=0.25, wait=False) if quick else self.sa.member(mgid, port_gid)
         return None if rec is None else rec.join_state
 
     def close(self) -> None:
@@ -129,7 +133,7 @@ class StaticControl:
         """The port as last set."""
         return self.attrs
 
-    def member(self, mgid: bytes, port_gid: bytes) -> int | None:
+    def member(self, mgid: bytes, port_gid: bytes, quick: bool = False) -> int | None:
         """JoinState from the table (only for our own GID)."""
         return self.memberships.get(bytes(mgid)) if bytes(port_gid) == self.attrs.gid else None
 
@@ -229,6 +233,7 @@ class SimQp(UdQp):
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._signalled = False
         self.error = False              # the QP is in the error state (after a length error)
+        self.blocked_until = 0.0
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._ready, select.EPOLLIN)
@@ -288,6 +293,62 @@ class SimQp(UdQp):
                     count(FabricCounter.RX_OVERRUN, n)
         return len(batch)
 
+    def post_send_to(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, payloads: Sequence) -> int:
+        """Send many payloads to one destination: the flow is worked out once, the bundle built in one go."""
+        self._check_open()
+        b = self.backend
+        port = b.attrs
+        count = b._counters.add
+        n = len(payloads)
+        if self.error:
+            count(FabricCounter.QP_ERROR, n)
+            return n
+        if port.state is not PortState.ACTIVE:
+            count(FabricCounter.PORT_DOWN, n)
+            return n
+        groups = b.registry(fresh=True)[1] if ah.path.multicast else None
+        flow = self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), port, groups)
+        if flow.drop is not None:
+            count(flow.drop, n)
+            return n
+        limit, head = flow.limit, flow.prefix
+        # one join per datagram: [prefix, length, payload] * k, cut at BUNDLE_MAX bytes
+        datagrams: list[tuple[bytes, int]] = []
+        parts: list = []
+        size = k = oversize = 0
+        step = wire.HEADER.size
+        for p in payloads:
+            plen = len(p)
+            if plen > limit:
+                oversize += 1
+                continue
+            if k and size + step + plen > wire.BUNDLE_MAX:
+                datagrams.append((b"".join(parts), k))
+                parts, size, k = [], 0, 0
+            parts += (head, plen.to_bytes(2, "big"), p)
+            size += step + plen
+            k += 1
+        if k:
+            datagrams.append((b"".join(parts), k))
+        if oversize:
+            count(FabricCounter.OVERSIZE, oversize)
+        sendto = self.sock.sendto
+        for dest in flow.dests:
+            for datagram, k in datagrams:
+                try:
+                    sendto(datagram, dest)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    count(FabricCounter.NO_DESTINATION, k)
+                except BlockingIOError:
+                    count(FabricCounter.RX_OVERRUN, k)
+                    self.blocked_until = time.monotonic() + BLOCKED_S
+        return n
+
+    def busy(self) -> bool:
+        """True for a moment after a destination's receive queue was found full: the caller should
+        leave frames where they are (the AF_XDP ring, whose overflow the kernel sheds for free)."""
+        return self.blocked_until > 0 and time.monotonic() < self.blocked_until
+
     def _flow(self, req: SendRequest, port: PortAttrs, groups) -> _Flow:
         """Where the packets of one (AH, QPN, Q_Key) go, and their shared header."""
         b = self.backend
@@ -319,7 +380,10 @@ class SimQp(UdQp):
         posted, cq = self._posted, self._cq
         mem, stride = self._memory, self.pool.size
         room = stride - wire.GRH_LEN
-        while True:
+        # Read only while buffers are posted and the CQ is not backed up: what we do not read stays in
+        # the socket queue, and a full queue makes the sender's sendto fail (counted there as
+        # RX_OVERRUN), so overload is shed before any work is spent on it (no receive livelock).
+        while (posted or self.error) and len(cq) < CQ_HIGH_WATER:
             try:
                 n = self.sock.recv_into(self._rbuf)
             except (BlockingIOError, InterruptedError):
@@ -481,6 +545,8 @@ class SimUdBackend(Backend):
         self._qps: dict[int, SimQp] = {}
         self._lock = threading.RLock()
         self._members: dict[bytes, tuple[int | None, float]] = {}
+        self._stale: set[bytes] = set()
+        self._wake = threading.Event()
         self._lids: dict[int, int] = {}
         self._lids_at = 0.0
         self._closed = False
@@ -542,23 +608,44 @@ class SimUdBackend(Backend):
     # ---- memberships
 
     def is_member(self, mgid: bytes, sending: bool) -> bool:
-        """Whether the SA lists our port in `mgid` (any JoinState to send; Full/NonMember to receive)."""
+        """Whether the SA lists our port in `mgid` (any JoinState to send; Full/NonMember to receive).
+
+        Called on the data path, so it never waits for the SA once a group is known: an expired entry
+        is answered from the cache and re-read by the monitor thread. Only a group never seen (or just
+        joined: the cache is dropped then) is asked at once, with a short deadline."""
         now = time.monotonic()
         with self._lock:
             hit = self._members.get(mgid)
-        if hit is None or hit[1] < now:
-            try:
-                hit = (self.control.member(mgid, self.attrs.gid), now + self.member_ttl)
-            except XdpoibError:             # the SA did not answer: not a member for now, ask again soon
-                hit = (None, now + min(self.member_ttl, 0.1))
-            if hit[0] is None:              # a join may be under way: ask again sooner
-                hit = (None, min(hit[1], now + self.member_ttl / 4))
-            with self._lock:
-                self._members[mgid] = hit
+            if hit is not None and hit[1] < now:
+                self._stale.add(mgid)
+                self._wake.set()
+        if hit is None:
+            hit = self._ask_member(mgid, quick=True)
         state = hit[0]
         if state is None:
             return False
         return sending or state == 0 or bool(state & JOIN_RECEIVES)
+
+    def _ask_member(self, mgid: bytes, quick: bool = False) -> tuple[int | None, float]:
+        now = time.monotonic()
+        try:
+            hit = (self.control.member(mgid, self.attrs.gid, quick), now + self.member_ttl)
+        except XdpoibError:             # the SA did not answer: not a member for now, ask again soon
+            hit = (None, now + min(self.member_ttl, 0.1))
+        if hit[0] is None:              # a join may be under way: ask again sooner
+            hit = (None, min(hit[1], now + self.member_ttl / 4))
+        with self._lock:
+            self._members[mgid] = hit
+        return hit
+
+    def _revalidate(self) -> None:
+        """Monitor thread: re-read the memberships the data path found expired."""
+        with self._lock:
+            stale, self._stale = self._stale, set()
+        for mgid in stale:
+            if self._stop.is_set():
+                return
+            self._ask_member(mgid)
 
     def forget_memberships(self, mgid: bytes | None = None) -> None:
         """Drop the membership cache of one group, or all (port events, attach/detach and multicast AHs
@@ -583,8 +670,16 @@ class SimUdBackend(Backend):
         return attrs
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_interval):
-            self.refresh()
+        next_read = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_read - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._revalidate()
+            if time.monotonic() >= next_read:
+                self.refresh()
+                next_read = time.monotonic() + self.poll_interval
 
     def refresh(self) -> list[PortEvent]:
         """Re-read the port now and queue the events its changes mean (the monitor does this periodically)."""
@@ -667,6 +762,7 @@ class SimUdBackend(Backend):
                 return
             self._closed = True
         self._stop.set()
+        self._wake.set()
         if self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5)
         for qp in self.qps():

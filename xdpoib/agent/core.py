@@ -1,0 +1,373 @@
+"""The agent: one process per attachment, composing the parts that each own one job.
+
+    Agent            bring-up in order (each undo pushed on an ExitStack), the event loop, teardown
+    loop.EventLoop   epoll + budgeted data pollers + timers, on the main thread
+    loop.Worker      "sa": every SA query after bring-up; "host": subprocesses reading eth4
+    forward.Forwarder  the data plane, both directions, in batches of at most `budget` frames
+    resolver.Resolver  paths to peers (asynchronous, with backoff) and sender learning
+    groups.Membership  multicast joins/leaves/checks (asynchronous, with backoff), snooping
+    links            eth4 and its internal end; reading eth4; announcements
+    service          the control socket's answers (status, peers, groups, stop) and the state file
+    pump             the datapath behind eth4 (BPF, plain, or the bench's ceiling)
+
+Bring-up (before the loop runs; `xdpoib attach` waits for it): open the SA client, wait for the port
+to be ACTIVE with a LID, open the backend, join the broadcast group (its parameters are the template
+of every other group), create the UD QP and post its receive buffers, set up the links, restore the
+persisted peers, start the datapath, open the control socket, raise the carrier, announce.
+From then on the loop's thread never calls the SA: it submits to the SA worker and handles answers as
+events, so the data plane never waits for the SM, and the budgets keep the control plane served
+however hard the data plane is pushed.
+
+Run as `python -m xdpoib.agent SPEC_JSON` (what `xdpoib attach` starts); the process must be the port's
+umad client (on the sim fabric: started with `SimFabric.client_env(host)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+from xdpoib import link, state
+from xdpoib.agent import links, service
+from xdpoib.agent.forward import Forwarder
+from xdpoib.agent.groups import JOIN_FULL, MEMBERSHIP_CHECK_S, Membership
+from xdpoib.agent.loop import EventLoop, Worker
+from xdpoib.agent.resolver import Resolver
+from xdpoib.errors import XdpoibError
+from xdpoib.fabric.base import GRH_LEN
+from xdpoib.peers import PeerTable
+from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str
+from xdpoib.wire.mgid import broadcast_mgid, full_pkey
+from xdpoib.wire.oracle import Vif
+
+log = logging.getLogger("xdpoib.agent")
+
+RECV_BUFFERS = 4096        # a burst the pump has not drained yet must find buffers
+MCAST_SYNC_S = 1.0
+SAVE_S = 2.0               # persist newly learned peers at most this often (a SIGKILL loses less)
+DATAPATHS = ("bpf", "plain", "ceiling")
+
+
+class AgentError(XdpoibError):
+    """The agent could not bring the attachment up."""
+
+
+class Agent:
+    """One attachment's agent."""
+
+    def __init__(self, spec: state.AttachSpec):
+        self.spec = spec
+        self.pkey = full_pkey(spec.pkey)
+        self.stack = ExitStack()
+        self.vif_learned = True         # veth: eth4's MAC is ours; tap: learned from the guest
+        self.state = "starting"
+        self.drops: Counter = Counter()          # by DropReason name or agent reason
+        self.stats: Counter = Counter()
+        self.started = time.time()
+        self.datapath = os.environ.get("XDPOIB_DATAPATH", "bpf")
+        if self.datapath not in DATAPATHS:
+            raise AgentError(f"XDPOIB_DATAPATH must be one of {', '.join(DATAPATHS)}, not {self.datapath!r}")
+        self.want_bpf = self.datapath == "bpf"
+        self.loop = EventLoop()
+        self.membership = Membership(self)
+        self.resolver = Resolver(self)
+        self.forwarder = Forwarder(self)
+        self.announcer = links.Announcer(self)
+        self._saved_peers = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self.loop.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.loop.stopping = value
+
+    @property
+    def groups(self):
+        return self.membership.groups
+
+    # ================================================================================ bring-up
+
+    def start(self) -> None:
+        """Bring everything up; on failure, undo what was done and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        s = self.spec
+        self.stack.callback(self.loop.close)
+        self.sa = self._open_sa()
+        self.stack.callback(self.sa.close)
+        self.port = self._wait_active(30.0)
+        if self.port.pkey_index(self.pkey) is None:
+            table = ", ".join(f"{k:#06x}" for k in self.port.pkeys if k & 0x7FFF) or "empty"
+            raise AgentError(f"the port is not a member of partition {self.pkey:#06x} (its P_Key table: {table})")
+        self.backend = self._open_backend()
+        self.stack.callback(self.backend.close)
+        self.port_attrs = self.backend.port()
+        # SA calls from now on run on the SA worker (closed before the SA client: pushed after it)
+        self.sa_worker = Worker("sa", self.loop)
+        self.stack.callback(self.sa_worker.close)
+        self.host_worker = Worker("host", self.loop)
+        self.stack.callback(self.host_worker.close)
+
+        # the broadcast group: its parameters are the template of every other group (docs/design.md §3.5)
+        self.bcast_mgid = broadcast_mgid(self.pkey)
+        self.bcast = self._join_broadcast(20.0)
+        self.qkey = self.bcast.qkey
+        self.ib_mtu = min(self.bcast.mtu_bytes or 2048, self.port_attrs.active_mtu)
+        self._create_qp()
+        self.stack.callback(lambda: self.qp.close())
+        g = self.membership.group(self.bcast_mgid, "broadcast")
+        self.membership.record_join(g, self.bcast, JOIN_FULL)
+        self.stack.callback(self.membership.leave_all)
+
+        # links
+        self.mac = lemac(self.port_attrs.port_guid.to_bytes(8, "big"))
+        self.eth_mtu = self.ib_mtu - 4
+        self.attach_to = links.set_up(self)
+        self.ifindex = link.link_info(self.attach_to).index
+
+        self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
+        self.peers = PeerTable([self.vif], {0: self.pkey})
+        service.restore_state(self)
+
+        # datapath: frames from eth4 reach us on an AF_XDP socket; the translating programs unless
+        # asked otherwise; a TAP starts with the plain path (the guest's MAC is not known yet)
+        from xdpoib.pump import PlainPump
+
+        if self.datapath == "ceiling" and s.mode == "veth":
+            link.set_offloads(s.ifname, s.netns, gro=True)
+            self._start_bpf(ceiling=True)
+        elif self.want_bpf and s.mode == "veth":
+            link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
+            self._start_bpf()
+        else:
+            self.pump = PlainPump(self, self.attach_to, self.ifindex)
+        self.stack.callback(lambda: self.pump.close())
+        self.peers.on_new = lambda e: self.pump.add_peers([e])
+
+        # control socket, then carrier: only now does eth4 pass traffic
+        state.ensure_dirs()
+        from xdpoib.control import ControlServer
+
+        self.control = ControlServer(state.socket_path(s.id), lambda req: service.handle_request(self, req))
+        self.stack.callback(self.control.close)
+        if s.mode == "veth":
+            link.set_link(s.internal, None, up=True)
+        s.pid = os.getpid()
+        state.write_spec(s)
+        self.stack.callback(state.remove_files, s.id, True)
+        self._wire_loop()
+        self.state = "running"
+        # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
+        try:
+            self.announcer.addresses(links.read_eth4(s)[1])
+        except (OSError, ValueError) as e:
+            log.warning("reading eth4's addresses: %s", e)
+        except Exception as e:
+            log.warning("reading eth4's addresses: %s", e)
+        log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
+                 self.qp.qpn, self.port.lid)
+
+    def _open_sa(self):
+        from xdpoib.fabric.sa import RetryPolicy, SAClient
+
+        # shorter than the client's default: a query the SM does not answer gives up after ~2.5 s and
+        # the agent's own backoff (1 s doubling to 16 s) spaces the next tries
+        policy = RetryPolicy(timeout=0.1, max_timeout=1.0, retries=4, deadline=4.0)
+        return SAClient.open(self.spec.device, self.spec.port if self.spec.device else None,
+                             sm_key=1 if self.spec.backend == "sim" else 0, policy=policy)
+
+    def _open_backend(self):
+        if self.spec.backend == "sim":
+            from xdpoib.fabric.simud import SimUdBackend
+
+            return SimUdBackend.open(self.spec.fabric, sa=self.sa)
+        from xdpoib.fabric.verbs import VerbsBackend
+
+        return VerbsBackend.open(self.spec.device, self.spec.port)
+
+    def _wait_active(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.sa.port()
+            if p.active and p.lid:
+                return p
+            if time.monotonic() > deadline:
+                raise AgentError(f"port is {p.state_name} (LID {p.lid}) after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _join_broadcast(self, timeout: float):
+        from xdpoib.fabric.sa import SAError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.sa.join(self.bcast_mgid, JOIN_FULL)
+            except SAError as e:
+                if time.monotonic() > deadline or getattr(e, "status", 0) == 0x0200:   # refused: final
+                    raise AgentError(f"cannot join the broadcast group {gid_str(self.bcast_mgid)}: {e}") from None
+                time.sleep(0.5)
+
+    def _create_qp(self) -> None:
+        from xdpoib.fabric.base import LoopbackFilter
+
+        # buffers for the largest datagram the port can receive (not the group MTU): a longer one would
+        # complete in error and leave the QP in the error state (fabric/base.py)
+        pool = self.backend.alloc_pool(RECV_BUFFERS, GRH_LEN + max(self.ib_mtu, self.port_attrs.active_mtu))
+        self.qp = self.backend.create_qp(self.pkey, self.qkey, pool)
+        self.qp.post_recv(range(RECV_BUFFERS))
+        if not hasattr(self, "loopback"):
+            self.loopback = LoopbackFilter(self.port_attrs, [self.qp.qpn])
+        self.loopback.qpns = {self.qp.qpn}
+
+    def _start_bpf(self, ceiling: bool = False) -> None:
+        from xdpoib.pump import BpfPump, CeilingPump
+
+        cls = CeilingPump if ceiling else BpfPump
+        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id)
+        if self.pump.adopted:
+            self.stats["adopted_datapath"] += 1
+            log.info("adopted the datapath pinned under %s", self.pump.pin_dir)
+        for g in self.groups.values():
+            self.pump.set_group(g.mgid, g.group_id)
+
+    def upgrade_pump(self) -> None:
+        """TAP mode, guest MAC learned: move from the plain path to the translating programs (the few
+        frames in flight meanwhile are lost, as on a link flap)."""
+        old = self.pump
+        self.loop.remove_reader(old.fileno())
+        old.close()
+        try:
+            self._start_bpf()
+            self.stats["datapath_upgrades"] += 1
+        except XdpoibError as e:
+            from xdpoib.pump import PlainPump
+
+            log.warning("staying on the plain datapath: %s", e)
+            self.want_bpf = False
+            self.pump = PlainPump(self, self.attach_to, self.ifindex)
+        self.loop.add_reader(self.pump.fileno(), lambda: None)
+
+    def learn_vif(self, frame: bytes) -> None:
+        """TAP mode: the guest's MAC (the source of its first unicast-sourced frame) becomes the VIF."""
+        src = bytes(frame[6:12])
+        if len(frame) >= 14 and not src[0] & 1 and any(src):
+            self.mac = src
+            self.vif = Vif(0, src, self.vif.addr)
+            self.peers.set_vifs([self.vif])
+            self.vif_learned = True
+            log.info("guest MAC %s learned on %s", mac_str(src), self.spec.ifname)
+
+    # ================================================================================ the loop
+
+    def _wire_loop(self) -> None:
+        lp = self.loop
+        lp.add_reader(self.pump.fileno(), lambda: None)        # wakes the loop; the poller does the work
+        lp.add_poller(self.qp.fileno(), self.forwarder.from_fabric)
+        lp.add_poller(None, self.forwarder.from_eth)
+        lp.add_poller(None, self._kick)
+        lp.add_reader(self.backend.events.fileno(), self.on_port_events)
+        lp.add_reader(self.control.fileno(), self.control.handle)
+        lp.every(MCAST_SYNC_S, self._sync_eth4)
+        lp.every(MEMBERSHIP_CHECK_S, self.membership.check)
+        lp.every(SAVE_S, self._maybe_save)
+
+    def _kick(self, budget: int) -> int:
+        if self.pump.pending_tx():
+            self.pump.kick()
+        return 0
+
+    def _sync_eth4(self) -> None:
+        """Every second: read eth4's multicast list and addresses on the host worker; act on the answer."""
+        spec = self.spec
+
+        def done(ok, res):
+            if not ok:
+                log.warning("reading eth4's multicast list and addresses: %s", res)
+                return
+            groups, addresses = res
+            self.membership.sync(groups)
+            self.announcer.addresses(addresses)
+        self.host_worker.submit(("eth4",), lambda: links.read_eth4(spec), done)
+
+    def _maybe_save(self) -> None:
+        if len(self.peers.entries) != self._saved_peers:
+            service.save_state(self)
+
+    def on_port_events(self) -> None:
+        """Port events: drop paths, check memberships (and rejoin) right away, then announce again."""
+        from xdpoib.fabric.base import PortEventKind
+
+        for ev in self.backend.events.get():
+            self.stats[f"port_event_{ev.kind.value}"] += 1
+            log.info("port event %s", ev.kind.value)
+            if ev.attrs is not None:
+                self.port_attrs = ev.attrs
+                self.loopback.port = ev.attrs
+            if ev.kind is PortEventKind.PORT_ERR:
+                continue
+            self.peers.forget_paths()
+            self.membership.check()
+            self.announcer.due = True
+
+    def on_completion_errors(self, n: int) -> bool:
+        """Error completions: True when the QP is in the error state (the caller must not repost)."""
+        if getattr(self.qp, "error", False):
+            if not self.stats.get("qp_error_logged"):
+                log.error("QP %#x is in the error state: receives stop", self.qp.qpn)
+            self.stats["qp_error_logged"] = 1
+            return True
+        return False
+
+    def run(self) -> None:
+        """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""
+        self.loop.run()
+        self.state = "stopping"
+
+    # ================================================================================ teardown
+
+    def close(self) -> None:
+        """Release everything in reverse order (idempotent)."""
+        if hasattr(self, "peers"):
+            service.save_state(self)
+        self.stack.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xdpoib.agent SPEC_JSON`: run one attachment's agent in the foreground."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    spec = state.AttachSpec.from_json(argv[0])
+    try:
+        agent = Agent(spec)
+    except XdpoibError as e:
+        print(f"xdpoib agent: error: {e}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        agent.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        agent.start()
+    except XdpoibError as e:
+        print(f"xdpoib agent: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        agent.run()
+    finally:
+        agent.close()
+        log.info("detached %s", spec.where)
+    return 0

@@ -1,0 +1,235 @@
+"""The data plane: frames between the pump (eth4) and the UD QP (the fabric), in budgeted batches.
+
+Two pollers on the event loop, each moving at most `budget` frames per call:
+- `from_eth`: the pump hands over one batch already grouped by destination (peer id or MGID, from
+  the BPF metadata); each group is one `post_send_to` call. Peers without a path and groups not yet
+  joined queue at most 3 frames while the SA worker resolves them; oversize frames are answered with
+  ICMP frag-needed / Packet Too Big; control frames (DHCP, IGMP/MLD) are looked into.
+- `from_fabric`: one `poll` of receive completions; loopback dropped, the sender looked up (cheap
+  dictionary hits for known senders), learning from ARP/ND only for those EtherTypes, each payload
+  queued on the pump (copied straight into the inject map), one flush, then every buffer reposted
+  at once.
+Overload is shed where it is cheapest and counted there: the kernel drops frames from eth4 when our
+AF_XDP ring is full (`xsk_rx_ring_full`), the sim receiver leaves datagrams in its socket when its
+buffers run out so that the sender's send fails (`rx_overrun` at the sender).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from xdpoib.fabric.base import MCAST_QPN, FabricCounter, Path
+from xdpoib.reasons import Kind
+from xdpoib.wire import frames as f
+from xdpoib.wire.addr import IPoIBAddr, remac
+from xdpoib.wire.oracle import too_big_reply
+
+log = logging.getLogger("xdpoib.agent")
+
+
+class Forwarder:
+    """Moves frames both ways (see the module doc)."""
+
+    def __init__(self, agent) -> None:
+        from xdpoib.pump import TxBatch
+
+        self.a = agent
+        self.batch = TxBatch()
+        self.ceiling_peer: tuple[int, bytes, int] | None = None     # (qpn, gid, lid) of the last sender
+        self._ceiling_ahs: dict = {}
+
+    # ================================================================ eth4 -> fabric
+
+    def from_eth(self, budget: int) -> int:
+        a = self.a
+        if a.qp.busy():
+            # the fabric cannot take more right now: leave the frames in the AF_XDP ring, where the
+            # kernel drops what overflows before copying it (counted as xsk_rx_dropped)
+            a.stats["tx_backpressure_turns"] += 1
+            return 0
+        pump = a.pump
+        b = self.batch
+        n = pump.receive(budget, b)
+        if not n:
+            return 0
+        a.stats["eth_rx_frames"] += n
+        if b.raw:
+            self._ceiling_send(b.raw)
+        for pid, frames in b.peers.items():
+            e = a.peers.by_id(pid)
+            if e is None:
+                a.drops["unknown_destination"] += len(frames)
+            else:
+                self.send_peer(e, frames)
+        for mgid, frames in b.groups.items():
+            self.send_group(mgid, frames)
+        for o in b.other:
+            self._other(o)
+        b.clear()
+        if a.vif_learned and a.want_bpf and pump.name == "plain":
+            a.upgrade_pump()
+        return n
+
+    def _other(self, o) -> None:
+        a = self.a
+        if o.control:
+            a.membership.snoop(o.eth)
+        eth = o.eth or (lambda o=o: self._as_ethernet(o))
+        if o.mgid is not None:
+            self.send_group(o.mgid, [o.frame], eth)
+        elif o.kind == Kind.PEER and (e := a.peers.by_id(o.peer_id)) is not None:
+            self.send_peer(e, [o.frame], eth)
+        else:
+            a.drops["unknown_destination"] += 1
+
+    def send_peer(self, e, frames: list[bytes], eth=b"") -> None:
+        """Frames to one peer: sent if its path is resolved, else queued while it resolves."""
+        a = self.a
+        if e.path_state != "resolved":
+            a.resolver.queue(e, frames)
+            return
+        mtu = e.path_mtu
+        if any(len(fr) > mtu for fr in frames):
+            keep = []
+            for fr in frames:
+                if len(fr) > mtu:
+                    self._too_big(eth, fr, mtu, e.remac, e)
+                else:
+                    keep.append(fr)
+            frames = keep
+            if not frames:
+                return
+        a.qp.post_send_to(e.ah, e.addr.qpn, a.qkey, frames)
+        a.stats["tx_frames"] += len(frames)
+
+    def send_group(self, mgid: bytes, frames: list[bytes], eth=b"") -> None:
+        """Frames to one group: sent once it is joined (send-only join on first use)."""
+        a = self.a
+        g = a.membership.groups.get(mgid)
+        if g is None or g.ah is None:
+            a.membership.join(mgid, "send", full=False)
+            a.membership.hold(mgid, frames)
+            return
+        mtu = g.mtu or a.ib_mtu
+        if any(len(fr) > mtu for fr in frames):
+            keep = []
+            for fr in frames:
+                if len(fr) > mtu:
+                    self._too_big(eth, fr, mtu, remac(a.port_attrs.gid, MCAST_QPN), None)
+                else:
+                    keep.append(fr)
+            frames = keep
+            if not frames:
+                return
+        a.qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
+        a.stats["tx_frames"] += len(frames)
+
+    def _too_big(self, eth, ipoib: bytes, ib_mtu: int, from_mac: bytes, peer) -> None:
+        """Drop an oversize frame and tell its sender the MTU (ICMP frag-needed / Packet Too Big).
+        `eth` is the frame's Ethernet form (or a function making it, or empty: rebuilt from `ipoib`)."""
+        a = self.a
+        a.drops["oversize"] += 1
+        if callable(eth):
+            eth = eth()
+        elif not eth:
+            eth = self._ipoib_as_ethernet(ipoib, peer)
+        reply = too_big_reply(eth, ib_mtu - 4, from_mac) if eth else None
+        if reply is not None:
+            a.pump.rx_ethernet(reply)
+            a.pump.rx_flush()
+            a.stats["icmp_too_big"] += 1
+
+    def _ipoib_as_ethernet(self, frame: bytes, peer) -> bytes:
+        a = self.a
+        dst = peer.remac if peer is not None else b"\xff" * 6
+        return f.eth(dst, a.mac, int.from_bytes(frame[:2], "big"), frame[4:])
+
+    def _as_ethernet(self, o) -> bytes:
+        """An IPoIB frame from eth4 in its Ethernet form again (only to quote it in an ICMP error)."""
+        a = self.a
+        e = a.peers.by_id(o.peer_id)
+        dst = e.remac if e is not None else b"\xff" * 6
+        return f.eth(dst, a.mac, int.from_bytes(o.frame[:2], "big"), o.frame[4:], vid=o.vid or None)
+
+    # ---- the plumbing ceiling (bench only): raw Ethernet frames to the last sender, else broadcast
+
+    def _ceiling_send(self, frames: list[bytes]) -> None:
+        a = self.a
+        cp = self.ceiling_peer
+        if cp is None:
+            self.send_group(a.bcast_mgid, frames)
+            return
+        ah = self._ceiling_ahs.get(cp)
+        if ah is None:
+            ah = self._ceiling_ahs[cp] = a.backend.create_ah(
+                Path(dlid=cp[2], sl=0, mtu=a.port_attrs.active_mtu, dgid=cp[1], grh=True))
+        a.qp.post_send_to(ah, cp[0], a.qkey, frames)
+        a.stats["tx_frames"] += len(frames)
+
+    # ================================================================ fabric -> eth4
+
+    def from_fabric(self, budget: int) -> int:
+        a = self.a
+        qp = a.qp
+        comps = qp.poll(budget)
+        if not comps:
+            return 0
+        pump = a.pump
+        peers = a.peers
+        entries, by_lid = peers.entries, peers.by_lid
+        own = a.loopback.qpns
+        lb = a.loopback
+        view = qp.pool.view
+        resolver = a.resolver
+        ceiling = pump.name == "ceiling"
+        now = time.monotonic()
+        errors = unknown = delivered = 0
+        last_key = last_peer = None
+        for c in comps:
+            if c.status:
+                errors += 1
+                continue
+            if c.src_qp in own and lb.is_own(c):
+                lb.counters.add(FabricCounter.LOOPBACK)
+                continue
+            p = c.payload
+            grh = c.has_grh
+            if grh:
+                key = (c.src_qp, bytes(c.sgid))
+                if key == last_key:
+                    peer = last_peer
+                else:
+                    peer = entries.get(key)
+                    if peer is None:
+                        peer = peers.learn(IPoIBAddr(0, c.src_qp, key[1]), lid=c.slid)
+                    last_key, last_peer = key, peer
+            else:
+                peer = by_lid(c.slid, c.src_qp)
+            e0 = p[0] if len(p) > 4 else 0
+            if (e0 == 0x08 and p[1] == 0x06) or (e0 == 0x80 and p[1] == 0x35):
+                learned = resolver.from_arp(p, c.src_qp, c.slid)
+                peer = learned or peer
+            elif e0 == 0x86 and p[1] == 0xDD:
+                resolver.from_nd(p)
+            if peer is None:
+                resolver.who_is(c.slid, c.src_qp)
+                unknown += 1
+                continue
+            peer.last_seen = now
+            if ceiling:
+                self.ceiling_peer = (c.src_qp, peer.addr.gid, c.slid)
+                pump.rx_frame(p, peer, False)
+            else:
+                pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF)
+            delivered += 1
+        pump.rx_flush()
+        if errors:
+            a.drops["completion_error"] += errors
+        if errors and a.on_completion_errors(errors):
+            return len(comps)               # the QP is in the error state: being replaced, no repost
+        qp.post_recv([c.index for c in comps])
+        if unknown:
+            a.drops["unknown_source"] += unknown
+        a.stats["rx_frames"] += delivered
+        return len(comps)

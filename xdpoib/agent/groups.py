@@ -1,0 +1,268 @@
+"""Multicast membership: the groups an attachment sends to and receives from, kept in the SA.
+
+Every SA call runs on the SA worker (`loop.Worker`); results come back as events on the loop, so a
+join, a leave or a membership check never holds up frames. A group is
+
+    not joined -> joining (an SA Set in flight) -> joined (AH made; full members also attached)
+               \\-> failed: retried with backoff (1 s doubling to 16 s); frames for it meanwhile are
+                   dropped and counted as `no_group` (at most 3 wait while the first join is in flight)
+
+Full joins come from the broadcast group (at bring-up), eth4's own multicast list (mirrored every
+second by `sync`) and IGMP/MLD reports snooped from behind eth4; send-only joins from the first frame
+sent to a group. Every 5 s one worker call asks the SA whether each full membership still exists
+(OpenSM forgets a port's memberships when its link bounces) and the missing ones are rejoined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+
+from xdpoib.agent.loop import Backoff
+from xdpoib.errors import XdpoibError
+from xdpoib.peers import MAX_PENDING, GroupEntry
+from xdpoib.wire.addr import gid_str
+from xdpoib.wire.mgid import ipv4_mgid, ipv6_mgid
+
+log = logging.getLogger("xdpoib.agent")
+
+JOIN_FULL = 1
+MEMBERSHIP_CHECK_S = 5.0
+
+
+class Membership:
+    """The attachment's groups (see the module doc)."""
+
+    def __init__(self, agent) -> None:
+        self.a = agent
+        self.groups: dict[bytes, GroupEntry] = {}
+        self._next_group_id = 1
+        self.backoff = Backoff()
+        self._pending: dict[bytes, deque] = {}
+
+    # ---- table
+
+    def group(self, mgid: bytes, why: str) -> GroupEntry:
+        g = self.groups.get(mgid)
+        if g is None:
+            g = self.groups[mgid] = GroupEntry(mgid, self._next_group_id)
+            self._next_group_id += 1
+        g.why.add(why)
+        return g
+
+    def record_join(self, g: GroupEntry, rec, join_state: int) -> None:
+        """A join succeeded: keep its parameters, make the AH, attach (full members), tell the maps."""
+        from xdpoib.fabric.base import Path
+
+        a = self.a
+        g.join_state, g.mlid, g.qkey, g.mtu = g.join_state | join_state, rec.mlid, rec.qkey, rec.mtu_bytes
+        pump = getattr(a, "pump", None)
+        if pump is not None:
+            pump.set_group(g.mgid, g.group_id)
+        g.joined_at = time.monotonic()
+        g.ah = a.backend.create_ah(Path(dlid=rec.mlid, sl=rec.sl, mtu=rec.mtu_bytes or a.ib_mtu,
+                                        dgid=g.mgid, grh=True, hop_limit=rec.hop_limit or 1,
+                                        traffic_class=rec.tclass, flow_label=rec.flow_label))
+        if join_state & JOIN_FULL:
+            if g.attached:          # a rejoin: attach again, so the backend sees the fresh membership
+                with contextlib.suppress(XdpoibError):
+                    a.qp.detach_mcast(g.mgid, g.mlid)
+            a.qp.attach_mcast(g.mgid, rec.mlid)
+            g.attached = True
+
+    def by_state(self) -> dict:
+        return dict(Counter("full" if g.join_state & JOIN_FULL else "send_only" if g.join_state
+                            else "not_joined" for g in self.groups.values()))
+
+    # ---- joins and leaves (asynchronous)
+
+    def join(self, mgid: bytes, why: str, full: bool = True) -> GroupEntry:
+        """Ask for a join unless one is in place or in flight (or backing off after a failure)."""
+        a = self.a
+        g = self.group(mgid, why)
+        if g.join_state & JOIN_FULL or (g.join_state and not full):
+            return g
+        key = ("join", mgid, full)
+        if not self.backoff.ready(key) or a.sa_worker.pending(key):
+            return g
+        sa, bcast = a.sa, a.bcast
+        create = None if mgid == a.bcast_mgid else bcast
+        if full:
+            def call():
+                return sa.join(mgid, JOIN_FULL, create=create), JOIN_FULL
+        else:
+            def call():
+                return sa.join_send_only(mgid, create=create), sa.send_only_join_state()
+
+        def done(ok, res):
+            if not ok:
+                a.drops["join_failed"] += 1
+                delay = self.backoff.failed(key)
+                log.warning("join %s failed (retry in %.0f s): %s", gid_str(mgid), delay, res)
+                q = self._pending.pop(mgid, None)
+                if q:
+                    a.drops["no_group"] += len(q)
+                if full and mgid in self.groups and self._wanted(self.groups[mgid]):
+                    a.loop.call_later(delay, lambda: self._retry(mgid, why))
+                return
+            self.backoff.succeeded(key)
+            g2 = self.groups.get(mgid)
+            if g2 is None:
+                return
+            rec, state = res
+            try:
+                self.record_join(g2, rec, state)
+            except XdpoibError as e:
+                log.warning("attaching to %s: %s", gid_str(mgid), e)
+                return
+            a.stats["joins"] += 1
+            q = self._pending.pop(mgid, None)
+            if q:
+                a.forwarder.send_group(mgid, list(q))
+        a.sa_worker.submit(key, call, done)
+        return g
+
+    def _wanted(self, g: GroupEntry) -> bool:
+        return bool(g.why - {"send"})
+
+    def _retry(self, mgid: bytes, why: str) -> None:
+        g = self.groups.get(mgid)
+        if g is not None and self._wanted(g) and not g.join_state & JOIN_FULL:
+            self.join(mgid, why)
+
+    def hold(self, mgid: bytes, frames: list[bytes]) -> None:
+        """Frames for a group whose send-only join is in flight: keep the last 3, drop the rest."""
+        q = self._pending.get(mgid)
+        if q is None:
+            if len(self._pending) > 1024:
+                self.a.drops["no_group"] += len(frames)
+                return
+            q = self._pending[mgid] = deque(maxlen=MAX_PENDING)
+        over = len(q) + len(frames) - MAX_PENDING
+        if over > 0:
+            self.a.drops["unresolved_queue_full"] += over
+        q.extend(frames)
+
+    def leave(self, g: GroupEntry, wait: bool = False) -> None:
+        """Detach at once; the SA Delete goes to the worker (errors logged: the SA forgets us anyway)."""
+        a = self.a
+        if g.attached:
+            with contextlib.suppress(XdpoibError):
+                a.qp.detach_mcast(g.mgid, g.mlid)
+            g.attached = False
+        state, g.join_state = g.join_state, 0
+        self.groups.pop(g.mgid, None)
+        self._pending.pop(g.mgid, None)
+        if not state:
+            return
+        mgid, sa = g.mgid, a.sa
+
+        def done(ok, res):
+            if not ok:
+                log.warning("leave %s: %s", gid_str(mgid), res)
+        if wait:
+            with contextlib.suppress(XdpoibError, TimeoutError):
+                a.sa_worker.call(lambda: sa.leave(mgid, state), timeout=10)
+        else:
+            a.sa_worker.submit(("leave", mgid), lambda: sa.leave(mgid, state), done)
+
+    def leave_all(self) -> None:
+        """Teardown: leave every group, waiting for the SA (bounded)."""
+        for g in list(self.groups.values()):
+            self.leave(g, wait=True)
+
+    # ---- eth4's list, snooping, checks
+
+    def parse_proc(self, out: str) -> set[bytes]:
+        """MGIDs of the IPv4/IPv6 groups on eth4's own multicast list (/proc/net/igmp6 and igmp text)."""
+        ifname, pkey = self.a.spec.ifname, self.a.pkey
+        mgids, dev = set(), None
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and len(parts[2]) == 32 and parts[1] == ifname:
+                mgids.add(ipv6_mgid(bytes.fromhex(parts[2]), pkey))
+            elif len(parts) >= 2 and parts[0].rstrip(":").isdigit() and ":" in line.split()[1:3]:
+                dev = parts[1]
+            elif len(parts) >= 2 and line.startswith("\t") and dev == ifname and len(parts[0]) == 8:
+                grp = bytes.fromhex(parts[0])[::-1]
+                if grp[0] & 0xF0 == 0xE0:
+                    mgids.add(ipv4_mgid(grp, pkey))
+        return mgids
+
+    def sync(self, proc_text: str) -> None:
+        """Mirror eth4's multicast list into full joins (IPv6 ND, mDNS); leave what went."""
+        try:
+            want = self.parse_proc(proc_text)
+        except (ValueError, XdpoibError) as e:
+            log.warning("reading eth4's multicast list: %s", e)
+            return
+        for mgid in want:
+            g = self.groups.get(mgid)
+            if g is None or not g.join_state & JOIN_FULL:
+                self.join(mgid, "eth4")
+        for g in list(self.groups.values()):
+            if "eth4" in g.why and g.mgid not in want:
+                g.why.discard("eth4")
+                if not g.why:
+                    self.leave(g)
+
+    def snoop(self, eth: bytes) -> None:
+        """IGMP/MLD reports from behind eth4 (a VM, a bridge) join and leave their groups in the SA."""
+        from xdpoib.errors import FrameError
+        from xdpoib.wire import frames as f
+
+        a = self.a
+        try:
+            h = f.parse_eth(eth)
+        except FrameError:
+            return
+        joins, leaves = f.group_report(h.ethertype, eth[h.hlen:])
+        mgid_of = ipv4_mgid if h.ethertype == f.ETH_P_IP else ipv6_mgid
+        for grp in joins:
+            with contextlib.suppress(XdpoibError):
+                self.join(mgid_of(grp, a.pkey), "snooped")
+                a.stats["snooped_joins"] += 1
+        for grp in leaves:
+            with contextlib.suppress(XdpoibError):
+                g = self.groups.get(mgid_of(grp, a.pkey))
+                if g is not None and "snooped" in g.why:
+                    g.why.discard("snooped")
+                    if not g.why:
+                        self.leave(g)
+
+    def check(self) -> None:
+        """Ask the SA (one worker call) whether our full memberships still exist; rejoin the missing."""
+        a = self.a
+        full = [g.mgid for g in self.groups.values() if g.join_state & JOIN_FULL]
+        if not full:
+            return
+        sa = a.sa
+
+        def call():
+            missing, errors = [], 0
+            for mgid in full:
+                try:
+                    if sa.member(mgid) is None:
+                        missing.append(mgid)
+                except XdpoibError:
+                    errors += 1
+            return missing, errors
+
+        def done(ok, res):
+            if not ok:
+                log.warning("membership check: %s", res)
+                return
+            missing, errors = res
+            if errors:
+                a.stats["membership_check_errors"] += errors
+            for mgid in missing:
+                g = self.groups.get(mgid)
+                if g is None or not g.join_state & JOIN_FULL:
+                    continue
+                log.warning("membership of %s is gone: rejoining", gid_str(mgid))
+                a.stats["rejoins"] += 1
+                g.join_state &= ~JOIN_FULL
+                self.join(mgid, next(iter(g.why), "eth4"))
+        a.sa_worker.submit(("check",), call, done)

@@ -1,0 +1,120 @@
+"""eth4 and its internal end: creating or adopting the links, reading eth4's state, announcing it.
+
+veth mode: eth4 (in the user's namespace) and the internal end `xo<id>` (root namespace, where XDP
+runs) are a veth pair made here, or adopted from an agent of the same attachment that died. tap mode:
+the VM's TAP is used as it is (its MTU set, restored at the end). eth4's multicast list and addresses
+are read with one subprocess in its namespace, on the host worker thread (never on the loop), every
+second: the lists feed the SA joins, new addresses are announced with gratuitous ARP / unsolicited NA.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from ipaddress import ip_address
+
+from xdpoib import link, state
+from xdpoib.errors import FrameError
+from xdpoib.wire import frames as f
+from xdpoib.wire.oracle import eth_to_ipoib
+
+log = logging.getLogger("xdpoib.agent")
+
+#: veth refuses XDP when the peer MTU is above ~3.5 KB unless the program is frags-aware (docs/design.md §6).
+VETH_XDP_MAX_MTU = 3498
+ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+
+
+def internal_name(spec: state.AttachSpec) -> str:
+    """The internal veth end's name: `xo` + 8 hex digits of the attachment id (fits IFNAMSIZ)."""
+    return "xo" + state.link_tag(spec.id)
+
+
+def set_up(agent) -> str:
+    """Create or adopt the links; returns the device XDP attaches to. Undo is pushed on agent.stack."""
+    s = agent.spec
+    if s.mode == "veth":
+        agent.eth_mtu = min(agent.eth_mtu, VETH_XDP_MAX_MTU)
+        s.internal = internal_name(s)
+        if link.link_exists(s.internal) and link.link_exists(s.ifname, s.netns):
+            log.info("adopting the existing %s / %s of a previous agent", s.internal, s.where)
+            agent.stats["adopted_links"] += 1
+        else:
+            link.create_veth(s.ifname, s.internal, s.netns)
+        agent.stack.callback(link.delete_link, s.internal)
+        link.set_link(s.ifname, s.netns, mac=_mac_str(agent.mac), mtu=agent.eth_mtu, up=True)
+        # the internal end takes the largest frame XDP allows, so a frame above eth4's path MTU
+        # (eth4's MTU raised by hand) reaches us and is answered with ICMP instead of vanishing
+        link.set_link(s.internal, None, mtu=VETH_XDP_MAX_MTU, up=False)
+        for key in (f"net.ipv4.conf.{s.ifname}.arp_notify=1", f"net.ipv6.conf.{s.ifname}.ndisc_notify=1"):
+            subprocess.run(link.in_netns(s.netns, ["sysctl", "-qw", key]), capture_output=True, check=False)
+        # frames the local stack sends carry unfinished checksums that XDP would pass on as they are
+        link.set_offloads(s.ifname, s.netns, tx=False, tso=False)
+        return s.internal
+    # a VM's TAP: frames the VM writes are RX on the TAP (XDP sees them), frames sent on it with
+    # AF_XDP reach the VM. The VIF MAC is the guest's, learned from its first frame.
+    before = link.link_info(s.ifname)
+    agent.stack.callback(link.set_link, s.ifname, None, mtu=before.mtu)
+    link.set_link(s.ifname, None, mtu=agent.eth_mtu, up=True)
+    agent.vif_learned = False
+    return s.ifname
+
+
+def _mac_str(mac: bytes) -> str:
+    from xdpoib.wire.addr import mac_str
+
+    return mac_str(mac)
+
+
+def read_eth4(spec: state.AttachSpec) -> tuple[str, str]:
+    """eth4's multicast lists (/proc/net/igmp6, /proc/net/igmp) and its addresses (`ip -o addr`),
+    read in its namespace with one command (blocking: run it on a worker)."""
+    script = 'cat /proc/net/igmp6 /proc/net/igmp; echo "@@addresses@@"; ip -o addr show dev "$1"'
+    out = subprocess.run(link.in_netns(spec.netns, ["sh", "-c", script, "sh", spec.ifname]),
+                         capture_output=True, text=True, timeout=5).stdout
+    groups, _, addresses = out.partition("@@addresses@@")
+    return groups, addresses
+
+
+def parse_addresses(out: str) -> tuple[list[bytes], list[bytes]]:
+    """IPv4 and IPv6 addresses from `ip -o addr` output (tentative ones left out)."""
+    v4, v6 = [], []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[2] in ("inet", "inet6") and "tentative" not in line:
+            a = ip_address(parts[3].split("/")[0]).packed
+            (v4 if len(a) == 4 else v6).append(a)
+    return v4, v6
+
+
+class Announcer:
+    """Gratuitous ARP and unsolicited NA for eth4's addresses, sent on the fabric: after attach (our
+    QPN, hence our REMAC at the peers, may have changed), when the port comes back, and for each
+    address added later, so peers' caches point at our current address."""
+
+    def __init__(self, agent) -> None:
+        self.a = agent
+        self.announced: set[bytes] = set()
+        self.due = True
+
+    def addresses(self, text: str) -> None:
+        """eth4's `ip -o addr` text, as the host worker read it: announce what is new (or all, when due)."""
+        a = self.a
+        if a.spec.mode != "veth":
+            return                  # a guest announces itself (and we learn its MAC on its first frame)
+        v4, v6 = parse_addresses(text)
+        known, self.announced = self.announced, set(v4) | set(v6)
+        if not self.due:
+            v4, v6 = [x for x in v4 if x not in known], [x for x in v6 if x not in known]
+        self.due = False
+        frames = [f.eth(b"\xff" * 6, a.mac, f.ETH_P_ARP, f.arp(f.ARPOP_REQUEST, a.mac, x, b"\0" * 6, x))
+                  for x in v4]
+        frames += [f.eth(b"\x33\x33\x00\x00\x00\x01", a.mac, f.ETH_P_IPV6,
+                         f.nd_na(x, ALL_NODES, x, tlla=a.mac, solicited=False)) for x in v6]
+        for frame in frames:
+            try:
+                r = eth_to_ipoib(frame, a.peers)
+            except FrameError:
+                continue
+            a.forwarder.send_group(r.mgid, [r.frame])
+        a.stats["announcements"] += len(frames)

@@ -1,0 +1,258 @@
+"""The agent's event loop, and the worker threads that keep blocking calls out of it.
+
+`EventLoop` is NAPI-shaped: each turn
+1. waits in epoll (not at all while data is still flowing: then it only peeks),
+2. runs the handlers of the descriptors that are ready (control socket, port events, worker results),
+3. gives every data poller one call with a budget (at most `budget` frames each), and
+4. runs the timers that are due.
+A poller that used its whole budget reports "more work", and the next turn's wait is a zero-timeout
+peek, so timers, port events and the control socket are served between every two batches however
+hard the data plane is pushed, and an idle agent sleeps in epoll.
+
+`Worker` runs blocking calls (SA queries: paths, joins, leaves, membership checks, who-is; reading
+eth4's multicast list with a subprocess) on its own thread. The loop submits `(key, fn, done)`; the
+worker runs `fn()` and hands `(done, ok, value)` back through a deque and an eventfd that the loop
+polls, so `done` always runs on the loop's thread and the agent's state needs no locks. A key that is
+already queued or running is not queued again (a flood of frames to an unresolved peer asks the SA
+once). `Backoff` spaces retries of a failing key: 1 s doubling to 16 s, as Linux ipoib does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger("xdpoib.agent")
+
+BUDGET = 256                # frames per direction per turn (the inject batch's size)
+
+
+class EventLoop:
+    """epoll descriptors, budgeted pollers and timers on one thread."""
+
+    def __init__(self, budget: int = BUDGET) -> None:
+        self.budget = budget
+        self._ep = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._pollers: list[Callable[[int], int]] = []
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.stopping = False
+        self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0}
+
+    def add_reader(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call handler() on the loop whenever fd is readable."""
+        self._handlers[fd] = handler
+        self._ep.register(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def add_poller(self, fd: int | None, poll: Callable[[int], int]) -> None:
+        """A data source: poll(budget) moves at most budget frames and returns how many it moved.
+        fd (if any) wakes the loop when it has work; the poller runs every turn regardless."""
+        self._pollers.append(poll)
+        if fd is not None:
+            self._ep.register(fd, select.EPOLLIN)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+
+    def every(self, interval: float, fn: Callable[[], None], first: float | None = None) -> None:
+        """Run fn every `interval` seconds (first after `first`, default one interval)."""
+        def tick():
+            try:
+                fn()
+            finally:
+                self.call_later(interval, tick)
+        self.call_later(interval if first is None else first, tick)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        t = self._timers
+        while t and t[0][0] <= now:
+            _, _, fn = heapq.heappop(t)
+            try:
+                fn()
+            except Exception:           # a failing timer must not take the data plane down
+                log.exception("timer failed")
+
+    def run(self) -> None:
+        """Serve until `stopping` is set."""
+        busy = False
+        handlers, pollers, budget, stats = self._handlers, self._pollers, self.budget, self.stats
+        while not self.stopping:
+            if busy:
+                timeout = 0.0
+            elif self._timers:
+                timeout = min(0.5, max(0.0, self._timers[0][0] - time.monotonic()))
+            else:
+                timeout = 0.5
+            try:
+                ready = self._ep.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, _ev in ready:
+                h = handlers.get(fd)
+                if h is not None:
+                    try:
+                        h()
+                    except Exception:
+                        log.exception("handler of fd %d failed", fd)
+            busy = False
+            for p in pollers:
+                n = p(budget)
+                if n:
+                    busy = True
+                    if n >= budget:
+                        stats["budget_exhausted"] += 1
+            stats["turns"] += 1
+            if busy:
+                stats["busy_turns"] += 1
+            if self._timers and self._timers[0][0] <= time.monotonic():
+                self._run_timers()
+
+    def close(self) -> None:
+        self._ep.close()
+
+
+class Worker:
+    """One thread that runs blocking calls for the loop and hands the results back (see module doc)."""
+
+    def __init__(self, name: str, loop: EventLoop) -> None:
+        self.name = name
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: deque = deque()
+        self._keys: set = set()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "coalesced": 0}
+        self.busy_since: float | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"xdpoib-{name}", daemon=True)
+        self._thread.start()
+        loop.add_reader(self._efd, self.deliver)
+
+    def submit(self, key, fn: Callable[[], object], done: Callable[[bool, object], None]) -> bool:
+        """Queue fn (unless `key` is already queued or running); done(ok, result_or_exception) runs
+        later on the loop. Returns False when coalesced with a pending call of the same key."""
+        if key is not None:
+            if key in self._keys:
+                self.stats["coalesced"] += 1
+                return False
+            self._keys.add(key)
+        self.stats["submitted"] += 1
+        self._q.put((key, fn, done))
+        return True
+
+    def pending(self, key) -> bool:
+        return key in self._keys
+
+    @property
+    def queued(self) -> int:
+        return len(self._keys)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            key, fn, done = item
+            self.busy_since = time.monotonic()
+            try:
+                res, ok = fn(), True
+            except BaseException as e:      # handed back: the loop decides
+                res, ok = e, False
+            self.busy_since = None
+            self._done.append((key, done, ok, res))
+            try:
+                os.eventfd_write(self._efd, 1)
+            except OSError:
+                return                      # closed under us at shutdown
+
+    def deliver(self) -> None:
+        """Loop side: run the callbacks of finished calls."""
+        try:
+            os.eventfd_read(self._efd)
+        except (BlockingIOError, OSError):
+            pass
+        while self._done:
+            key, done, ok, res = self._done.popleft()
+            self._keys.discard(key)
+            self.stats["completed" if ok else "failed"] += 1
+            try:
+                done(ok, res)
+            except Exception:
+                log.exception("%s: completion handler failed", self.name)
+
+    def drain(self, timeout: float) -> None:
+        """Wait (up to timeout) for queued calls to finish and run their callbacks (shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._keys and time.monotonic() < deadline:
+            r, _, _ = select.select([self._efd], [], [], max(0.0, deadline - time.monotonic()))
+            if r:
+                self.deliver()
+
+    def call(self, fn: Callable[[], object], timeout: float = 30.0):
+        """Run fn on the worker and wait for it (bring-up and teardown only, never from the loop)."""
+        box: list = []
+        ev = threading.Event()
+
+        def run():
+            try:
+                box.append((True, fn()))
+            except BaseException as e:
+                box.append((False, e))
+            ev.set()
+        self._q.put((None, run, lambda ok, res: None))
+        if not ev.wait(timeout):
+            raise TimeoutError(f"{self.name}: call did not finish in {timeout:.0f} s")
+        self.deliver()
+        ok, res = box[0]
+        if not ok:
+            raise res
+        return res
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+        os.close(self._efd)
+
+
+class Backoff:
+    """When a failing key may be tried again: 1 s, doubling to 16 s; reset on success."""
+
+    def __init__(self, first: float = 1.0, cap: float = 16.0, limit: int = 4096) -> None:
+        self.first, self.cap, self.limit = first, cap, limit
+        self._next: dict = {}
+
+    def ready(self, key, now: float | None = None) -> bool:
+        hit = self._next.get(key)
+        return hit is None or (now or time.monotonic()) >= hit[0]
+
+    def failed(self, key, now: float | None = None) -> float:
+        """Record a failure; returns the delay before the next try."""
+        now = now or time.monotonic()
+        hit = self._next.get(key)
+        delay = self.first if hit is None else min(self.cap, hit[1] * 2)
+        if len(self._next) >= self.limit and key not in self._next:
+            self._next.pop(next(iter(self._next)))
+        self._next[key] = (now + delay, delay)
+        return delay
+
+    def succeeded(self, key) -> None:
+        self._next.pop(key, None)
+
+    def delay(self, key) -> float | None:
+        hit = self._next.get(key)
+        return None if hit is None else hit[1]

@@ -1,0 +1,103 @@
+"""The agent's service side: control requests (status, peers, groups, stop) and the state file.
+
+Requests are answered on the loop's thread between two data batches, so `xdpoib status` answers
+within one turn (a batch of at most `budget` frames each way) however hard the agent is flooded.
+Counters the worker threads update are copied with a retry: they may change while being read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+from xdpoib import state
+from xdpoib.errors import XdpoibError
+from xdpoib.wire.addr import gid_str, mac_str
+
+
+def _copy(d) -> dict:
+    """A dict another thread may be changing, copied (retried if it changed size mid-copy)."""
+    for _ in range(10):
+        with contextlib.suppress(RuntimeError):
+            return dict(d)
+    return {}
+
+
+def status(a) -> dict:
+    """The attachment's state and counters (what `xdpoib status -j` shows and the exporter reads)."""
+    p = a.port_attrs
+    s = a.spec
+    drops = dict(a.drops)
+    loopback = a.loopback.counters.snapshot().get("loopback", 0)
+    if loopback:
+        drops["loopback"] = loopback
+    return {
+        "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{a.pkey:#06x}",
+                       "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
+                       "internal": s.internal, "pid": os.getpid(), "state": a.state,
+                       "uptime_seconds": round(time.time() - a.started, 1)},
+        "port": {"gid": gid_str(p.gid), "lid": p.lid, "sm_lid": p.sm_lid, "state": p.state.name.lower(),
+                 "active_mtu": p.active_mtu, "guid": f"{p.port_guid:#018x}"},
+        "broadcast": {"mgid": gid_str(a.bcast_mgid), "qkey": f"{a.qkey:#x}", "mtu": a.bcast.mtu_bytes,
+                      "mlid": a.bcast.mlid},
+        "eth": {"ifname": s.ifname, "mac": mac_str(a.mac), "mtu": a.eth_mtu},
+        "qpn": a.qp.qpn,
+        "peers": len(a.peers.entries),
+        "groups": len(a.groups),
+        "counters": dict(a.stats),
+        "drops": drops,
+        "fabric_drops": {k: v for k, v in a.backend.counters().items() if v},
+        "datapath": {"kind": a.pump.name, **a.pump.counters()},
+        "groups_by_state": a.membership.by_state(),
+        "loop": {**a.loop.stats, "budget": a.loop.budget,
+                 "sa_worker": {**a.sa_worker.stats, "queued": a.sa_worker.queued,
+                               "busy_seconds": round(time.monotonic() - a.sa_worker.busy_since, 3)
+                               if a.sa_worker.busy_since else 0.0}},
+        "sa": {"queries": {" ".join(map(str, k)) if isinstance(k, tuple) else k: v
+                           for k, v in _copy(a.sa.stats).items()},
+               "latency": _latency(a.sa)},
+    }
+
+
+def _latency(sa) -> dict:
+    for _ in range(10):
+        with contextlib.suppress(RuntimeError):
+            return sa.latency.snapshot()
+    return {}
+
+
+def handle_request(a, req: dict) -> dict:
+    """Answer one control request."""
+    cmd = req.get("cmd")
+    if cmd == "status":
+        return status(a)
+    if cmd == "peers":
+        return {"peers": [e.to_dict() for e in a.peers.entries.values()]}
+    if cmd == "groups":
+        return {"groups": [g.to_dict() for g in a.groups.values()]}
+    if cmd == "stop":
+        a.stopping = True
+        return {"stopping": True}
+    raise XdpoibError(f"unknown request {cmd!r}")
+
+
+def restore_state(a) -> None:
+    """Peers, REMACs and ids from the state file of a previous agent of this attachment."""
+    try:
+        data = json.loads(state.persist_path(a.spec.id).read_text())
+        a.peers.restore(data.get("peers", {}))
+    except (OSError, ValueError, KeyError, XdpoibError):
+        pass
+
+
+def save_state(a) -> None:
+    """Persist REMACs and ids (so a restarted agent keeps the same REMACs)."""
+    with contextlib.suppress(OSError, AttributeError):
+        state.ensure_dirs()
+        p = state.persist_path(a.spec.id)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"peers": a.peers.to_json()}))
+        os.replace(tmp, p)
+        a._saved_peers = len(a.peers.entries)
