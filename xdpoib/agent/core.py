@@ -79,6 +79,7 @@ class Agent:
         self.forwarder = Forwarder(self)
         self.announcer = links.Announcer(self)
         self._saved_peers = 0
+        self.capture = None             # an xdpoib capture in progress (xdpoib/capture.py), else None
 
     @property
     def stopping(self) -> bool:

@@ -100,6 +100,8 @@ class Forwarder:
             frames = keep
             if not frames:
                 return
+        if a.capture is not None:
+            a.capture.sent(e.ah, e.addr.qpn, frames)
         a.qp.post_send_to(e.ah, e.addr.qpn, a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
@@ -122,6 +124,8 @@ class Forwarder:
             frames = keep
             if not frames:
                 return
+        if a.capture is not None:
+            a.capture.sent(g.ah, MCAST_QPN, frames)
         a.qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
@@ -164,6 +168,8 @@ class Forwarder:
         if ah is None:
             ah = self._ceiling_ahs[cp] = a.backend.create_ah(
                 Path(dlid=cp[2], sl=0, mtu=a.port_attrs.active_mtu, dgid=cp[1], grh=True))
+        if a.capture is not None:
+            a.capture.sent(ah, cp[0], frames)
         a.qp.post_send_to(ah, cp[0], a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
@@ -175,6 +181,8 @@ class Forwarder:
         comps = qp.poll(budget)
         if not comps:
             return 0
+        if a.capture is not None:
+            a.capture.received(comps, qp.pool)
         pump = a.pump
         peers = a.peers
         entries, by_lid = peers.entries, peers.by_lid
