@@ -46,6 +46,8 @@ RX_F_MULTICAST = 0x01
 RX_F_ETHERNET = 0x02
 
 MAX_VIFS = 1024
+CFG_LEARN_VIFS = 0x1            # xdpoib_config.flags: unknown source MACs go to the agent (VIF learning)
+VIF_UNKNOWN = 0xFFFFFFFF        # tx metadata vif_id of such a frame
 MAX_PEERS = 1 << 20
 MAX_ADDRS = (1 << 20) + 1024
 MAX_GROUPS = 65536
@@ -259,6 +261,8 @@ CONSTANTS: dict[str, int] = {
     "XDPOIB_KIND_SLOTS": KIND_SLOTS,
     "XDPOIB_RX_F_MULTICAST": RX_F_MULTICAST,
     "XDPOIB_RX_F_ETHERNET": RX_F_ETHERNET,
+    "XDPOIB_CFG_LEARN_VIFS": CFG_LEARN_VIFS,
+    "XDPOIB_VIF_UNKNOWN": VIF_UNKNOWN,
     "XDPOIB_MAX_VIFS": MAX_VIFS,
     "XDPOIB_MAX_PEERS": MAX_PEERS,
     "XDPOIB_MAX_ADDRS": MAX_ADDRS,

@@ -216,9 +216,14 @@ struct xdpoib_pkey {
 };
 
 /* Value of xdpoib_config[0]. */
+/* xdpoib_config.flags: hand frames from unknown (unicast) source MACs to the agent as CONTROL with
+ * vif_id XDPOIB_VIF_UNKNOWN, so it can learn the guest behind eth4 (else: SPOOFED_SOURCE). */
+#define XDPOIB_CFG_LEARN_VIFS   0x1
+#define XDPOIB_VIF_UNKNOWN      0xffffffffu
+
 struct xdpoib_config {
 	xo_u64 report_interval_ns;      /* unresolved reports: at most one per destination per interval */
-	xo_u32 flags;                   /* reserved, zero */
+	xo_u32 flags;                   /* XDPOIB_CFG_* */
 	xo_u8  scope;                   /* MGID scope nibble of the broadcast group (0 = link-local, 2) */
 	xo_u8  reserved[3];
 };

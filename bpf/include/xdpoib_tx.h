@@ -211,8 +211,16 @@ static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 	d.pkey = vl->pkey | XDPOIB_PKEY_FULL_MEMBER;
 	d.vid = vid;
 	vif = vif_by_mac(eth + 6);
-	if (!vif)
-		return XO_DROP(s->st, SPOOFED_SOURCE);
+	if (!vif) {
+		cfg = xo_config.lookup(&zero);
+		if (!cfg || !(cfg->flags & XDPOIB_CFG_LEARN_VIFS) || (eth[6] & 1))
+			return XO_DROP(s->st, SPOOFED_SOURCE);
+		/* learning: the agent decides (a new VIF, or a drop it counts) */
+		d.kind = XDPOIB_KIND_CONTROL;
+		d.vif_id = XDPOIB_VIF_UNKNOWN;
+		__builtin_memcpy(d.dest, eth, 6);
+		goto hand_on;
+	}
 	d.vif_id = vif->vif_id;
 	if (etype != XDPOIB_ETH_P_IP && etype != XDPOIB_ETH_P_IPV6 && etype != XDPOIB_ETH_P_ARP &&
 	    etype != XDPOIB_ETH_P_RARP && etype != XDPOIB_ETH_P_TIPC)
@@ -261,6 +269,7 @@ static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 		((u8 *)data)[2] = 0;
 		((u8 *)data)[3] = 0;
 	}
+hand_on:
 	err = tx_write_meta(ctx, s, &d);
 	if (err)
 		return drop_frame(s->st, err);

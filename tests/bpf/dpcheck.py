@@ -67,7 +67,8 @@ def tx_expected(frame: bytes, t: oracle.Tables, groups: dict[bytes, int]) -> Out
     else:
         dest, dest_id = r.dest_mac + bytes(10), r.peer.peer_id if r.peer else 0
     return Outcome(XdpAction.REDIRECT, 0, r.frame,
-                   (abi.META_VERSION, int(r.kind), r.pkey, r.vid, 0, r.vif.vif_id, dest_id, dest))
+                   (abi.META_VERSION, int(r.kind), r.pkey, r.vid, 0,
+                    r.vif.vif_id if r.vif else abi.VIF_UNKNOWN, dest_id, dest))
 
 
 def tx_actual(dp, frame: bytes) -> Outcome:

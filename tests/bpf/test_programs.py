@@ -16,6 +16,7 @@ from xdpoib.abi import Direction, XdpAction
 from xdpoib.datapath import testrun
 from xdpoib.reasons import DropReason, Kind
 from xdpoib.wire import frames as f
+from xdpoib.wire import oracle
 from xdpoib.wire.mgid import broadcast_mgid, ipv4_mgid, ipv6_mgid
 
 VIF, VIF2 = gen.VIFS
@@ -53,6 +54,8 @@ class TxCase:
     dest: bytes = b""
     dest_id: int = 0
     vlans: dict[int, int] = field(default_factory=lambda: dict(gen.VLAN_PKEYS))
+    learn: bool = False             # VIF learning on (xdpoib_config.flags)
+    vif_id: int = VIF.vif_id
 
 
 def tx_cases() -> list[TxCase]:
@@ -118,6 +121,13 @@ def tx_cases() -> list[TxCase]:
                vid=10), XdpAction.DROP, DropReason.STACKED_VLAN),
         TxCase("source MAC is not a VIF", f.eth(PEER.mac, gen.UNKNOWN_MAC, 0x0800, UDP_AB), XdpAction.DROP,
                DropReason.SPOOFED_SOURCE),
+        TxCase("learning: an unknown source MAC goes to the agent untouched, VIF unknown",
+               f.eth(PEER.mac, gen.UNKNOWN_MAC, 0x0800, UDP_AB), XdpAction.REDIRECT,
+               out=f.eth(PEER.mac, gen.UNKNOWN_MAC, 0x0800, UDP_AB), kind=Kind.CONTROL, dest=mac_dest(PEER.mac),
+               learn=True, vif_id=abi.VIF_UNKNOWN),
+        TxCase("learning: a multicast source MAC is still spoofed",
+               f.eth(PEER.mac, b"\x03" + gen.UNKNOWN_MAC[1:], 0x0800, UDP_AB), XdpAction.DROP,
+               DropReason.SPOOFED_SOURCE, learn=True),
         TxCase("LLDP", f.eth(b"\x01\x80\xc2\x00\x00\x0e", VIF.mac, 0x88CC, bytes(40)), XdpAction.DROP,
                DropReason.UNSUPPORTED_ETHERTYPE),
         TxCase("TIPC passes untranslated", f.eth(PEER.mac, VIF.mac, 0x88CA, bytes(range(40))), XdpAction.REDIRECT,
@@ -227,6 +237,7 @@ def test_tx(datapath, maps, case: TxCase):
     maps.load(gen.tables())
     maps.clear_partitions()
     maps.set_partitions(case.vlans)
+    maps.set_config(flags=abi.CFG_LEARN_VIFS if case.learn else 0)
     for mgid, gid in gen.GROUPS.items():
         maps.set_group(mgid, gid)
     res = testrun.run(datapath.fd("xdpoib_tx"), case.frame)
@@ -240,7 +251,12 @@ def test_tx(datapath, maps, case: TxCase):
     assert len(res.meta) == 32
     m = abi.TxMeta.from_bytes(res.meta)
     got = (m.version, Kind(m.kind), m.pkey, m.vid, m.reserved, m.vif_id, m.dest_id, bytes(m.dest))
-    assert got == (abi.META_VERSION, case.kind, case.pkey, case.vid, 0, VIF.vif_id, case.dest_id, case.dest)
+    assert got == (abi.META_VERSION, case.kind, case.pkey, case.vid, 0, case.vif_id, case.dest_id, case.dest)
+    if case.learn:                  # and the oracle agrees
+        t = gen.tables()
+        t.learn_vifs = True
+        r = oracle.eth_to_ipoib(case.frame, t, rewrite_control=False)
+        assert (r.kind, r.vif, r.frame) == (case.kind, None, case.out)
     assert st.kinds[case.kind] == 1
 
 

@@ -270,7 +270,7 @@ class Maps:
         self.add_peers((p.peer_id, p.mac, p.addr.pack()) for p in tables.peers)
         self.clear_partitions()
         self.set_partitions(tables.vlan_pkeys)
-        self.set_config(scope=tables.scope)
+        self.set_config(scope=tables.scope, flags=abi.CFG_LEARN_VIFS if tables.learn_vifs else 0)
 
     def remove_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Remove peers given as (peer_id, remac, addr20), batched."""
@@ -280,6 +280,16 @@ class Maps:
         self.peer_id.delete_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)))
         self.by_addr.delete_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers))
         self._reassert_vif_addrs()
+
+    def remove_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """Remove VIFs given as (vif_id, mac, addr20), batched."""
+        vifs = [(i, bytes(m), bytes(a)) for i, m, a in vifs]
+        if not vifs:
+            return
+        self._clear_slots(self.vifmac_slot, self.vifid_slot, abi.VIF_SLOTS, vifs)
+        self.vif_mac.delete_batch_raw(b"".join(m + b"\0\0" for _, m, _ in vifs))
+        self.vif_id.delete_batch_raw(struct.pack(f"<{len(vifs)}I", *(i for i, _, _ in vifs)))
+        self.by_addr.delete_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in vifs))
 
     def set_group(self, mgid: bytes, group_id: int) -> None:
         """Map an MGID to a group id."""
@@ -300,9 +310,10 @@ class Maps:
         self.vlan.update_batch((i, abi.Vlan()) for i in range(abi.MAX_VLANS))
         self.pkey.update_batch((i, abi.Pkey()) for i in range(abi.MAX_PKEYS))
 
-    def set_config(self, report_interval_ns: int = 0, scope: int = 2) -> None:
-        """Set the datapath configuration."""
-        self.config.set(0, abi.Config(report_interval_ns=report_interval_ns, scope=scope))
+    def set_config(self, report_interval_ns: int = 0, scope: int = 2, flags: int = 0) -> None:
+        """Set the datapath configuration (flags: abi.CFG_LEARN_VIFS hands frames from unknown
+        source MACs to the agent instead of dropping them)."""
+        self.config.set(0, abi.Config(report_interval_ns=report_interval_ns, scope=scope, flags=flags))
 
     def clear(self) -> None:
         """Empty every table (entities, groups, partitions, rate limiter untouched)."""

@@ -64,6 +64,7 @@ class Tables:
     peers: list[Peer] = field(default_factory=list)
     vlan_pkeys: dict[int, int] = field(default_factory=lambda: {0: 0xFFFF})
     scope: int = SCOPE_LINK
+    learn_vifs: bool = False    # frames from unknown unicast source MACs become CONTROL (VIF learning)
 
     def vif_by_mac(self, mac: bytes) -> Vif | None:
         """Return the VIF with this MAC."""
@@ -148,6 +149,9 @@ def eth_to_ipoib(frame: bytes, t: Tables, *, rewrite_control: bool = True) -> Tx
     pkey = full_pkey(t.vlan_pkeys[vid])
     vif = t.vif_by_mac(h.src)
     if vif is None:
+        if t.learn_vifs and not h.src[0] & 1:
+            # VIF learning: the agent sees the frame as it came and decides (docs/datapath.md)
+            return TxResult(Kind.CONTROL, bytes(frame), None, pkey, vid, None, None, h.dst)
         raise FrameError(DropReason.SPOOFED_SOURCE, f"source {h.src.hex(':')} is not a local VIF")
     if h.ethertype not in f.IPOIB_ETHERTYPES:
         raise FrameError(DropReason.UNSUPPORTED_ETHERTYPE, f"EtherType {h.ethertype:#06x}")
