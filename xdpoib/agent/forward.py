@@ -43,10 +43,13 @@ class Forwarder:
 
     def from_eth(self, budget: int) -> int:
         a = self.a
-        if a.qp.busy():
+        hold = a.qp.busy()
+        if hold:
             # the fabric cannot take more right now: leave the frames in the AF_XDP ring, where the
-            # kernel drops what overflows before copying it (counted as xsk_rx_dropped)
+            # kernel drops what overflows before copying it (counted as xsk_rx_dropped), and let the
+            # loop give the CPU away until the hold ends
             a.stats["tx_backpressure_turns"] += 1
+            a.loop.pause_until = time.monotonic() + hold
             return 0
         pump = a.pump
         b = self.batch

@@ -46,7 +46,8 @@ class EventLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.stopping = False
-        self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0}
+        self.pause_until = 0.0      # set by a poller that must wait (see run)
+        self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0, "paused": 0}
 
     def add_reader(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() on the loop whenever fd is readable."""
@@ -121,6 +122,14 @@ class EventLoop:
             stats["turns"] += 1
             if busy:
                 stats["busy_turns"] += 1
+            elif self.pause_until:
+                # a poller is held back (the fabric cannot take more): its descriptor stays readable,
+                # so epoll would return at once; give the CPU away until the hold ends instead
+                rest = self.pause_until - time.monotonic()
+                self.pause_until = 0.0
+                if rest > 0:
+                    stats["paused"] += 1
+                    time.sleep(rest)
             if self._timers and self._timers[0][0] <= time.monotonic():
                 self._run_timers()
 

@@ -442,10 +442,11 @@ class UdQp(ABC):
         same rules and return value as `post_send`. Backends override it to work out the route once."""
         return self.post_send([SendRequest(ah, remote_qpn, remote_qkey, p) for p in payloads])
 
-    def busy(self) -> bool:
-        """True while sends would only be lost for lack of room (a full send queue, a destination that
-        cannot take more): the caller keeps frames where dropping them costs least. Default False."""
-        return False
+    def busy(self) -> float:
+        """Seconds for which sends would only be lost for lack of room (a full send queue, a destination
+        that cannot take more); 0.0 when sending is worth it. The caller keeps frames where dropping them
+        costs least meanwhile. Default 0.0."""
+        return 0.0
 
     @abstractmethod
     def post_recv(self, indices: Iterable[int]) -> int:

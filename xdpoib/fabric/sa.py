@@ -688,12 +688,12 @@ class SAClient:
         return _Request(mgmt_class=mgmt_class, mad=mad, what=what, deadline=dl, dlid=dlid)
 
     def _sa(self, method: int, attr: int, mask: int, data: bytes, what: str, kind: str,
-            deadline: float | None = None, wait: bool = True) -> SAMad:
-        """One SA query: returns the response, or raises the error its status maps to. With
-        wait=False the query is not made at all (SABusyError at once) while another thread's query
-        holds the client: a caller on a data path must not queue behind a slow SA."""
+            deadline: float | None = None, wait: float | None = None) -> SAMad:
+        """One SA query: returns the response, or raises the error its status maps to. With `wait`
+        (seconds), the query is not made at all (SABusyError) if another thread's query still holds
+        the client after that long: a caller on a data path must not queue behind a slow SA."""
         mad = pack_sa_mad(method, attr, 0, mask, data, sm_key=self.sm_key)
-        if not self._lock.acquire(blocking=wait):
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
             self.stats["skipped_busy"] += 1
             raise SABusyError(f"{what}: the SA client is busy with another query")
         try:
@@ -864,9 +864,10 @@ class SAClient:
                         f"leave {gid_str(mgid)} (JoinState {join_state})", "leave")
         return MCMemberRecord.parse(resp.data)
 
-    def member(self, mgid, port_gid=None, deadline: float | None = None, wait: bool = True) -> MCMemberRecord | None:
+    def member(self, mgid, port_gid=None, deadline: float | None = None,
+               wait: float | None = None) -> MCMemberRecord | None:
         """Get one membership (MGID + PortGID; ours by default); None when the port is not a member.
-        `deadline` and `wait` as in `_sa` (a data path asks with a short deadline and wait=False)."""
+        `deadline` and `wait` as in `_sa` (a data path asks with a short deadline and a short wait)."""
         mgid = to_gid(mgid)
         pg = to_gid(port_gid) if port_gid is not None else self.gid
         rec = MCMemberRecord(mgid=mgid, port_gid=pg)

@@ -66,7 +66,11 @@ PREFIX = "xdpoib-sim"
 JOIN_RECEIVES = 0x3            # JoinState bits that receive: FullMember, NonMember
 RECV_BUFSIZE = 1 << 18         # largest datagram we read (a bundle plus one 4 KiB packet fits)
 SEND_SOCKBUF = 1 << 22
-BLOCKED_S = 0.0005            # how long a QP reports busy() after a full receiver queue
+BLOCKED_S = 0.0002            # the hold busy() asks for while a destination's queue is still full
+QUICK_DEADLINE_S = 0.25       # a membership asked from the data path: the SA's answer deadline,
+QUICK_WAIT_S = 0.05           # and how long to wait for another thread's query to finish first
+WATCH_S = 1.0                 # how long a destination found full is watched by busy()
+MAX_CONNS = 1024              # connected sockets kept per QP (one per destination QP)
 CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading its socket
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 
@@ -111,9 +115,12 @@ class SAControl:
                          gids=(lp.gid,), pkeys=tuple(lp.pkeys), link_layer=LinkLayer.INFINIBAND)
 
     def member(self, mgid: bytes, port_gid: bytes, quick: bool = False) -> int | None:
-        """One MCMemberRecord Get (MGID + PortGID); quick: short deadline, and no waiting behind
-        another thread's query (an XdpoibError instead)."""
-        rec = self.sa.member(mgid, port_gid, deadline=0.25, wait=False) if quick else self.sa.member(mgid, port_gid)
+        """One MCMemberRecord Get (MGID + PortGID); quick: a short deadline, and at most a short wait
+        behind another thread's query (an XdpoibError instead)."""
+        if quick:
+            rec = self.sa.member(mgid, port_gid, deadline=QUICK_DEADLINE_S, wait=QUICK_WAIT_S)
+        else:
+            rec = self.sa.member(mgid, port_gid)
         return None if rec is None else rec.join_state
 
     def close(self) -> None:
@@ -233,7 +240,8 @@ class SimQp(UdQp):
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._signalled = False
         self.error = False              # the QP is in the error state (after a length error)
-        self.blocked_until = 0.0
+        self._conns: dict[bytes, socket.socket] = {}      # destination -> connected socket
+        self._blocked: dict[bytes, tuple[socket.socket, float]] = {}   # found full: (socket, when)
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._ready, select.EPOLLIN)
@@ -332,22 +340,63 @@ class SimQp(UdQp):
             datagrams.append((b"".join(parts), k))
         if oversize:
             count(FabricCounter.OVERSIZE, oversize)
-        sendto = self.sock.sendto
         for dest in flow.dests:
+            conn = self._conn(dest)
             for datagram, k in datagrams:
                 try:
-                    sendto(datagram, dest)
+                    if conn is None:
+                        self.sock.sendto(datagram, dest)
+                    else:
+                        conn.send(datagram)
                 except (ConnectionRefusedError, FileNotFoundError):
                     count(FabricCounter.NO_DESTINATION, k)
+                    self._conns.pop(dest, None)
                 except BlockingIOError:
                     count(FabricCounter.RX_OVERRUN, k)
-                    self.blocked_until = time.monotonic() + BLOCKED_S
+                    if conn is not None:
+                        self._blocked[dest] = (conn, time.monotonic())
         return n
 
-    def busy(self) -> bool:
-        """True for a moment after a destination's receive queue was found full: the caller should
-        leave frames where they are (the AF_XDP ring, whose overflow the kernel sheds for free)."""
-        return self.blocked_until > 0 and time.monotonic() < self.blocked_until
+    def busy(self) -> float:
+        """While a destination that was found full is still congested, a short hold: the caller should
+        leave frames where they are (the AF_XDP ring, whose overflow the kernel sheds before any copy)
+        rather than build datagrams the receiver cannot take. A destination found full is watched for
+        a second after its last refusal: its connected socket is writable only while the receiver is
+        keeping up (the kernel reports writable below a quarter of the send buffer), so a sender
+        faster than its receiver settles at the receiver's pace instead of losing every other batch."""
+        if not self._blocked:
+            return 0.0
+        now = time.monotonic()
+        for dest, (_c, t) in list(self._blocked.items()):
+            if now - t > WATCH_S:
+                del self._blocked[dest]
+        socks = [c for c, _t in self._blocked.values()]
+        if not socks:
+            return 0.0
+        try:
+            _, writable, _ = select.select([], socks, [], 0)
+        except (OSError, ValueError):
+            self._blocked.clear()
+            return 0.0
+        return 0.0 if len(writable) == len(socks) else BLOCKED_S
+
+    def _conn(self, dest: bytes) -> socket.socket | None:
+        """A socket connected to one destination QP: writable exactly while that QP's receive queue
+        has room, which `busy` asks. None (send from the QP's own socket) if it cannot connect."""
+        conn = self._conns.get(dest)
+        if conn is None:
+            if len(self._conns) >= MAX_CONNS:
+                self._conns.pop(next(iter(self._conns))).close()
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_SOCKBUF)
+                conn.setblocking(False)
+                conn.connect(dest)
+            except OSError:
+                conn.close()
+                return None
+            self._conns[dest] = conn
+        return conn
 
     def _flow(self, req: SendRequest, port: PortAttrs, groups) -> _Flow:
         """Where the packets of one (AH, QPN, Q_Key) go, and their shared header."""
@@ -522,6 +571,10 @@ class SimQp(UdQp):
             self._epoll.close()
             os.close(self._ready)
             self.sock.close()
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+            self._blocked.clear()
             self._posted.clear()
             self._cq.clear()
         self.backend._forget(self)
