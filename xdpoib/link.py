@@ -208,6 +208,31 @@ def attach_xdp(ifname: str, prog_fd: int, netns: str | None = None) -> None:
             raise LinkError(f"cannot attach XDP to {ifname}: {e}") from None
 
 
+XDP_FLAGS_REPLACE = 1 << 4       # linux/if_link.h: replace only the program given as expected
+
+
+def xdp_prog_id(ifname: str, netns: str | None = None) -> int:
+    """The id of the XDP program a device has (0: none)."""
+    with _ipr(netns) as ipr:
+        msg = ipr.get_links(_index(ipr, ifname, netns))[0]
+        xdp = msg.get_attr("IFLA_XDP")
+        return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
+
+
+def replace_xdp(ifname: str, prog_fd: int, expected_fd: int, netns: str | None = None) -> None:
+    """Swap a device's XDP program for another in one step (XDP_FLAGS_REPLACE): the kernel refuses
+    (EEXIST) unless the program attached now is `expected_fd`'s, so a frame meets either the old
+    program or the new one, never none, and nobody else's program is replaced by mistake."""
+    attrs = [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_EXPECTED_FD", expected_fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_REPLACE)]
+    with _ipr(netns) as ipr:
+        try:
+            ipr.link("set", index=_index(ipr, ifname, netns), xdp={"attrs": attrs})
+        except LinkError:
+            raise
+        except Exception as e:
+            raise LinkError(f"cannot replace the XDP program of {ifname}: {e}") from None
+
+
 def detach_xdp(ifname: str, netns: str | None = None) -> None:
     """Remove a device's XDP program (quietly if the device is gone)."""
     with _ipr(netns) as ipr:

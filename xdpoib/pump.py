@@ -204,17 +204,30 @@ class BpfPump(_Base):
     tx_program = "xdpoib_tx"
 
     def __init__(self, agent, ifname: str, ifindex: int, aid: str):
+        import logging
+
         from xdpoib.datapath.inject import Injector
-        from xdpoib.datapath.loader import PinnedDatapath, compile_and_pin, pinned
+        from xdpoib.datapath.loader import PinnedDatapath, prepare
         from xdpoib.datapath.maps import Maps
 
-        # a previous agent of this attachment that died left its programs and maps pinned: adopt them
-        # (no compile, counters and peers kept); else a child process compiles and pins them, and we
-        # adopt those: the agent itself never imports bcc (docs/design.md §6, §8: memory)
+        # What a previous agent of this attachment left pinned decides (xdpoib/datapath/loader.py):
+        # the same build is adopted as it is (no compile, counters and peers kept); programs of another
+        # build with the same ABI are compiled in a child and loaded against the pinned maps; another
+        # ABI gets fresh maps, filled below from our tables (restored from the state file). Either way
+        # the program attached to the device is swapped atomically by `attach`, and the agent itself
+        # never imports bcc (docs/design.md §6, §8: memory).
         self.pin_dir = pin_dir(aid)
-        self.adopted = pinned(self.pin_dir)
-        if not self.adopted:
-            compile_and_pin(self.pin_dir)
+        self.adoption = prepare(self.pin_dir)
+        self.adopted = self.adoption.kept_maps
+        agent.stats[f"datapath_{self.adoption.action}"] += 1
+        log = logging.getLogger("xdpoib.agent")
+        if self.adoption.action == "replace":
+            log.info("upgrading the datapath: %s: new programs loaded against the pinned maps, "
+                     "swapped in with XDP_FLAGS_REPLACE", self.adoption.why)
+        elif self.adoption.action == "rebuild":
+            log.warning("rebuilding the datapath: %s: fresh maps filled from the state file (%d peers, "
+                        "%d groups), programs swapped in with XDP_FLAGS_REPLACE; the BPF counters start "
+                        "again from 0", self.adoption.why, len(agent.peers.entries), len(agent.groups))
         self.dp = PinnedDatapath(self.pin_dir)
         self._links: list[str] = []
         self._meta: dict[tuple[int, bool], bytes] = {}

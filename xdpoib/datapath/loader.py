@@ -3,13 +3,33 @@
 bcc rewrites map accesses only in the main source file, so `source()` inlines the local headers of
 `bpf/include/` into one text before compiling. Compiling takes ~2 s and ~170 MiB: do it once (a
 pytest session fixture, or a child process in the agent) and pin what outlives it.
+
+Upgrades. Every pin directory carries a build record (the one-entry array map `xo_build`): the ABI
+version (`xdpoib.abi.ABI_VERSION`, mirrored from `bpf/include/xdpoib_abi.h`) and a digest of the
+build (SHA-256 of the inlined source and the compiler flags). An agent that finds pins decides with
+`plan()`:
+- same ABI, same digest: adopt them as they are (no compile, counters and peers kept);
+- same ABI, another digest: the programs differ but the maps are the same: a child compiles the new
+  build, loads its programs again against the pinned maps (every map reference in the instructions is
+  an ld_imm64 of a map fd, rewritten to the pinned map of the same name after checking that type,
+  key and value sizes, size and flags are equal) and pins them in place of the old ones; the agent
+  then swaps the attached program with XDP_FLAGS_REPLACE (`PinnedDatapath.attach`), so traffic meets
+  the old program or the new one, never none, and keeps every map;
+- another ABI, no record (pins of an older xdpoib), or a map whose layout changed: everything is
+  compiled anew with fresh maps, which the agent fills from its own tables (restored from the state
+  file: VIFs, peers and their REMACs, partitions, groups) before swapping the programs the same way.
+`XDPOIB_BPF_BUILD` (comma-separated `Build` switches; only `test_fill` makes sense on a live host)
+selects another production build: the upgrade tests use it as "the next version".
 """
 
 from __future__ import annotations
 
+import ctypes as ct
+import hashlib
 import os
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from xdpoib.errors import PrerequisiteError, XdpoibError
@@ -17,11 +37,42 @@ from xdpoib.errors import PrerequisiteError, XdpoibError
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 MAIN = BPF_DIR / "xdpoib.c"
 PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_rx_inband", "xdpoib_noop", "xdpoib_tx_raw")
+#: Maps the programs use besides the agent's (`maps.LAYOUT`): pinned too, so new programs can reuse them.
+INTERNAL_MAPS = ("xo_reported", "xo_events", "xo_scratch")
+BUILD_MAP = "xo_build"
+_BUILD_RECORD = struct.Struct("<II32s")         # ABI version, reserved, digest
+_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD = 1
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
 class BpfLoadError(XdpoibError):
     """bcc could not compile or the kernel refused a program."""
+
+
+class LayoutChanged(BpfLoadError):
+    """Pinned maps do not fit a new build's programs (the ABI changed): everything must be rebuilt."""
+
+
+def relocate(insns: bytes, fds: dict[int, int], what: str = "program") -> bytes:
+    """A program's instructions with every map fd (an ld_imm64 with src_reg BPF_PSEUDO_MAP_FD, as bcc
+    emits them) replaced by fds[old]; a map fd not in `fds` raises LayoutChanged."""
+    out = bytearray(insns)
+    i, n = 0, len(out) // 8
+    while i < n:
+        code, regs = out[i * 8], out[i * 8 + 1]
+        if code == _LD_IMM64:
+            if regs >> 4 == _PSEUDO_MAP_FD:
+                old = int.from_bytes(out[i * 8 + 4:i * 8 + 8], "little", signed=True)
+                if old not in fds:
+                    raise LayoutChanged(f"{what} uses a map (fd {old}) that is not pinned")
+                out[i * 8 + 4:i * 8 + 8] = fds[old].to_bytes(4, "little", signed=True)
+            elif regs >> 4:
+                raise LayoutChanged(f"{what}: ld_imm64 of kind {regs >> 4} cannot be relocated")
+            i += 2                                  # ld_imm64 takes two instruction slots
+        else:
+            i += 1
+    return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -55,6 +106,86 @@ def unpin(pin_dir: Path) -> None:
 
 TEST_BUILD = Build(test_fill=True, tx_devmap=True)
 BENCH_BUILD = Build(tx_devmap=True, restore=True)
+BUILD_ENV = "XDPOIB_BPF_BUILD"
+
+
+def production_build() -> Build:
+    """The build an agent runs: the default, or the switches named in XDPOIB_BPF_BUILD."""
+    text = os.environ.get(BUILD_ENV, "").strip()
+    if not text:
+        return Build()
+    switches = {f.name for f in fields(Build) if f.type in (bool, "bool")}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in switches]
+    if bad:
+        raise BpfLoadError(f"{BUILD_ENV}: unknown switch {bad[0]!r} (known: {', '.join(sorted(switches))})")
+    return Build(**{n: True for n in names})
+
+
+# ---------------------------------------------------------------- build records (upgrades)
+
+@dataclass(frozen=True)
+class BuildId:
+    """What a pin directory was built from: the ABI version and a digest of source and flags."""
+
+    abi: int
+    digest: bytes
+
+    def __str__(self) -> str:
+        return f"ABI {self.abi} build {self.digest.hex()[:12]}"
+
+
+def build_id(build: Build = Build()) -> BuildId:
+    """The identity of a build: ABI version and SHA-256 of the inlined source and its flags."""
+    from xdpoib import abi
+
+    h = hashlib.sha256(source().encode())
+    h.update(b"\0" + " ".join(build.cflags()).encode())
+    return BuildId(abi.ABI_VERSION, h.digest())
+
+
+def write_build_id(pin_dir: Path, bid: BuildId) -> None:
+    """Pin (or replace) the build record of pin_dir."""
+    from xdpoib.datapath import bpfsys
+
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, _BUILD_RECORD.size, 1, BUILD_MAP)
+    try:
+        key = ct.c_uint32(0)
+        val = (ct.c_uint8 * _BUILD_RECORD.size).from_buffer_copy(_BUILD_RECORD.pack(bid.abi, 0, bid.digest))
+        bpfsys.map_update(fd, key, val)
+        path = Path(pin_dir) / BUILD_MAP
+        tmp = Path(pin_dir) / (BUILD_MAP + "_new")
+        if tmp.exists():
+            tmp.unlink()
+        bpfsys.obj_pin(fd, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+
+
+def read_build_id(pin_dir: Path) -> BuildId | None:
+    """The build record pinned under pin_dir, or None (none pinned, or unreadable)."""
+    from xdpoib.datapath import bpfsys
+
+    path = Path(pin_dir) / BUILD_MAP
+    if not path.exists():
+        return None
+    try:
+        fd = bpfsys.obj_get(str(path))
+    except bpfsys.BpfSyscallError:
+        return None
+    try:
+        if bpfsys.map_info(fd).value_size != _BUILD_RECORD.size:
+            return None
+        val = (ct.c_uint8 * _BUILD_RECORD.size)()
+        if not bpfsys.map_lookup(fd, ct.c_uint32(0), val):
+            return None
+        version, _r, digest = _BUILD_RECORD.unpack(bytes(val))
+        return BuildId(version, digest)
+    finally:
+        os.close(fd)
+
+
 
 
 def source(main: Path = MAIN) -> str:
@@ -129,6 +260,42 @@ class Datapath:
         for name, fn in self._progs.items():
             bpfsys.obj_pin(fn.fd, str(pin_dir / name))
         Maps.of(self).pin(pin_dir)
+        for name in INTERNAL_MAPS:
+            bpfsys.obj_pin(self.map_fd(name), str(pin_dir / name))
+        write_build_id(pin_dir, build_id(self.build))
+
+    def repin_programs(self, pin_dir: Path) -> None:
+        """Load this build's programs again against the maps pinned under pin_dir and pin them there
+        in place of the old programs (the maps, and what they hold, stay). Raises LayoutChanged when a
+        pinned map differs from this build's (type, key or value size, size, flags): the ABI changed."""
+        from xdpoib.datapath import bpfsys
+        from xdpoib.datapath.maps import LAYOUT
+
+        pinned_fds: dict[str, int] = {}
+        loaded: dict[str, int] = {}
+        try:
+            for name in (*LAYOUT, *INTERNAL_MAPS):
+                try:
+                    pinned_fds[name] = bpfsys.obj_get(str(pin_dir / name))
+                except bpfsys.BpfSyscallError:
+                    raise LayoutChanged(f"map {name} is not pinned") from None
+                old, new = bpfsys.map_info(pinned_fds[name]).layout(), bpfsys.map_info(self.map_fd(name)).layout()
+                if old != new:
+                    raise LayoutChanged(f"map {name} changed (type, key, value, entries, flags {old} -> {new})")
+            to_pinned = {self.map_fd(n): fd for n, fd in pinned_fds.items()}
+            for name in self._progs:
+                insns = relocate(self._bpf.dump_func(name.encode()), to_pinned, name)
+                loaded[name] = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, insns, name)
+            for name, fd in loaded.items():         # a new pin next to the old, then renamed over it
+                tmp = pin_dir / (name + "_new")
+                if tmp.exists():
+                    tmp.unlink()
+                bpfsys.obj_pin(fd, str(tmp))
+                os.replace(tmp, pin_dir / name)
+            write_build_id(pin_dir, build_id(self.build))
+        finally:
+            for fd in (*pinned_fds.values(), *loaded.values()):
+                os.close(fd)
 
     def attach(self, prog: str, ifname: str) -> None:
         """Attach one of the programs to a device's XDP hook (native where the driver has it)."""
@@ -197,10 +364,25 @@ class PinnedDatapath:
         return self._maps[name]
 
     def attach(self, prog: str, ifname: str) -> None:
-        """Attach a pinned program to a device's XDP hook (through netlink, no bcc)."""
+        """Attach a pinned program to a device's XDP hook (through netlink, no bcc). A program already
+        there (an earlier agent's, maybe an older build) is swapped with XDP_FLAGS_REPLACE, naming it
+        as the one expected, so the device is never without a program while traffic runs."""
         from xdpoib import link
+        from xdpoib.datapath import bpfsys
 
-        link.attach_xdp(ifname, self.fd(prog))
+        current = link.xdp_prog_id(ifname)
+        if not current:
+            link.attach_xdp(ifname, self.fd(prog))
+            return
+        try:
+            old = bpfsys.prog_fd_by_id(current)
+        except bpfsys.BpfSyscallError:          # gone in between: nothing left to replace
+            link.attach_xdp(ifname, self.fd(prog))
+            return
+        try:
+            link.replace_xdp(ifname, self.fd(prog), old)
+        finally:
+            os.close(old)
 
     @staticmethod
     def detach(ifname: str) -> None:
@@ -222,34 +404,93 @@ def pinned(pin_dir: Path) -> bool:
     return all((Path(pin_dir) / n).exists() for n in (*PROGRAMS, *LAYOUT))
 
 
-def compile_and_pin(pin_dir: Path, timeout: float = 120.0) -> None:
+def compile_and_pin(pin_dir: Path, keep_maps: bool = False, timeout: float = 120.0) -> str:
     """Compile the production build in a child process and pin it under pin_dir, so the caller never
-    imports bcc (~170 MiB while compiling, ~72 MiB for the import alone) and adopts the pins instead."""
+    imports bcc (~170 MiB while compiling, ~72 MiB for the import alone) and adopts the pins instead.
+    keep_maps: replace only the programs, keeping the pinned maps (see the module doc). Returns what
+    the child did: "pinned", "replaced", or "rebuilt: WHY" (keep_maps refused by a changed map)."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "xdpoib.datapath.loader", "pin", str(pin_dir)],
-                       capture_output=True, text=True, timeout=timeout)
+    argv = [sys.executable, "-m", "xdpoib.datapath.loader", "pin", str(pin_dir)]
+    argv += ["--keep-maps"] if keep_maps else []
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BpfLoadError(f"compiling the datapath took more than {timeout:.0f} s") from None
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise BpfLoadError(f"compiling the datapath failed: {last}")
+    return (r.stdout.strip().splitlines() or ["pinned"])[-1]
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What an agent did with the pins it found: adopt, replace (new programs, maps kept), rebuild
+    (new programs and maps) or fresh (nothing was pinned); `why` says what decided it."""
+
+    action: str
+    why: str
+    old: BuildId | None = None
+    new: BuildId | None = None
+
+    @property
+    def kept_maps(self) -> bool:
+        return self.action in ("adopt", "replace")
+
+
+def plan(pin_dir: Path, build: Build | None = None) -> Adoption:
+    """Decide what to do with what is pinned under pin_dir (see the module doc); changes nothing."""
+    want = build_id(build or production_build())
+    if not pinned(pin_dir):
+        return Adoption("fresh", "nothing pinned", None, want)
+    have = read_build_id(pin_dir)
+    if have is None:
+        return Adoption("rebuild", "the pins carry no build record (an older xdpoib)", None, want)
+    if have == want:
+        return Adoption("adopt", f"{have} pinned, as this build", have, want)
+    if have.abi != want.abi:
+        return Adoption("rebuild", f"ABI {have.abi} pinned, this build is ABI {want.abi}", have, want)
+    return Adoption("replace", f"programs of {have} pinned, this is {want}", have, want)
+
+
+def prepare(pin_dir: Path) -> Adoption:
+    """Make pin_dir hold this build (compiling in a child when needed) and say what was done: the
+    caller opens the pins with `PinnedDatapath`, fills fresh maps from its tables unless
+    `kept_maps`, and attaches (a program already attached is replaced atomically)."""
+    p = plan(pin_dir)
+    if p.action == "adopt":
+        return p
+    done = compile_and_pin(pin_dir, keep_maps=p.action == "replace")
+    if done.startswith("rebuilt"):
+        return Adoption("rebuild", f"{p.why}; {done.partition(': ')[2] or 'maps changed'}", p.old, p.new)
+    return p
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m xdpoib.datapath.loader pin DIR`: compile the production build and pin it."""
-    if len(argv) != 2 or argv[0] != "pin":
-        import sys
+    """`python -m xdpoib.datapath.loader pin DIR [--keep-maps]`: compile the production build and pin
+    it (with --keep-maps: only its programs, against the maps pinned there, unless their layout
+    changed); prints "pinned", "replaced" or "rebuilt: WHY"."""
+    import sys
 
-        print("usage: python -m xdpoib.datapath.loader pin DIR", file=sys.stderr)
+    if len(argv) not in (2, 3) or argv[0] != "pin" or argv[2:] not in ([], ["--keep-maps"]):
+        print("usage: python -m xdpoib.datapath.loader pin DIR [--keep-maps]", file=sys.stderr)
         return 2
     pin_dir = Path(argv[1])
     try:
-        with Datapath(Build()) as dp:
+        with Datapath(production_build()) as dp:
+            if argv[2:]:
+                try:
+                    dp.repin_programs(pin_dir)
+                    print("replaced")
+                    return 0
+                except LayoutChanged as e:
+                    print(f"rebuilt: {e}")
             unpin(pin_dir)
             dp.pin(pin_dir)
+            if not argv[2:]:
+                print("pinned")
     except XdpoibError as e:
-        import sys
-
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
