@@ -5,11 +5,14 @@ The `Pump` interface (what `xdpoib.agent.forward.Forwarder` calls, and all it ca
     name                            "bpf" | "plain" | "ceiling"
     fileno()                        the AF_XDP socket: readable when frames from eth4 wait
     receive(budget, batch) -> int   take up to `budget` frames from eth4 into a `TxBatch`; the count taken
-    rx_frame(payload, peer, mcast)  queue one IPoIB frame from the fabric for eth4 (payload is copied
-                                    before the call returns, so its receive buffer can be reposted)
+    control(frame) -> Outgoing      an Ethernet frame translated by the oracle (control, learning)
+    rx_frame(payload, peer, mcast, vif)  queue one IPoIB frame from the fabric for eth4, received by
+                                    the QP of `vif` (an oracle Vif); payload is copied before the call
+                                    returns, so its receive buffer can be reposted
     rx_ethernet(frame)              queue a frame already in Ethernet form (ICMP errors, DHCP replies)
     rx_flush() -> int               deliver what was queued (one live-frames call for the BPF pump)
-    add_peers(entries), set_group(mgid, id)   keep the maps in step with the agent's tables
+    add_peers(entries), set_group(mgid, id), add_vifs(vifs), remove_vifs(vifs)
+                                    keep the maps in step with the agent's tables
     counters() -> dict              the datapath's own counters (status / exporter)
     pending_tx(), kick(), close()
 
@@ -42,6 +45,7 @@ BATCH = 256
 META_LEN = 32           # struct xdpoib_tx_meta
 _TX_META = struct.Struct("<BBHHHII16s")
 _KIND_PEER, _KIND_GROUP, _KIND_CONTROL = int(Kind.PEER), int(Kind.GROUP), int(Kind.CONTROL)
+_VIF_UNKNOWN = b"\xff\xff\xff\xff"
 
 
 @dataclass(slots=True)
@@ -55,14 +59,15 @@ class Outgoing:
     eth: bytes = b""            # the Ethernet frame, when known (for ICMP errors); else rebuilt on demand
     vid: int = 0
     control: bool = False       # a control frame (DHCP, IGMP/MLD): the agent looks inside
+    vif_id: int = 0             # the sending VIF (abi.VIF_UNKNOWN: a source MAC to learn)
 
 
 @dataclass(slots=True)
 class TxBatch:
     """One turn's frames from eth4, grouped by destination (no per-frame objects on the fast path)."""
 
-    peers: dict[int, list[bytes]] = field(default_factory=dict)     # peer id -> IPoIB frames
-    groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # MGID -> IPoIB frames
+    peers: dict[int, list[bytes]] = field(default_factory=dict)     # VIF id | peer id << 32 -> frames
+    groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # VIF id, group id, MGID -> frames
     other: list[Outgoing] = field(default_factory=list)             # control, unresolved
     raw: list[bytes] = field(default_factory=list)                  # ceiling: Ethernet frames as they came
 
@@ -105,8 +110,13 @@ class _Base:
         kind = r.kind
         if kind == Kind.CONTROL:
             kind = Kind.GROUP if r.mgid else Kind.PEER if r.peer else Kind.UNRESOLVED
+        if r.vif is None:               # learning mode, unknown source MAC: the agent decides
+            from xdpoib.abi import VIF_UNKNOWN
+
+            return Outgoing(Kind.CONTROL, bytes(frame), eth=bytes(frame), vid=r.vid, control=True,
+                            vif_id=VIF_UNKNOWN)
         return Outgoing(kind, r.frame, r.peer.peer_id if r.peer else 0, r.mgid, frame, r.vid,
-                        r.kind == Kind.CONTROL)
+                        r.kind == Kind.CONTROL, r.vif.vif_id)
 
     def pending_tx(self) -> bool:
         return bool(self.xsk.pending_tx())
@@ -153,15 +163,16 @@ class PlainPump(_Base):
             if o.control or not (o.kind == Kind.PEER or o.mgid is not None):
                 batch.other.append(o)
             elif o.mgid is not None:
-                batch.groups.setdefault(o.mgid, []).append(o.frame)
+                key = o.vif_id.to_bytes(4, "little") + bytes(4) + o.mgid
+                batch.groups.setdefault(key, []).append(o.frame)
             else:
-                batch.peers.setdefault(o.peer_id, []).append(o.frame)
+                batch.peers.setdefault(o.vif_id | o.peer_id << 32, []).append(o.frame)
         return len(got)
 
-    def rx_frame(self, payload, peer, multicast: bool) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
         a = self.agent
         try:
-            r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=a.vif, pkey=a.pkey,
+            r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=a.pkey,
                              multicast=multicast)
         except FrameError as e:
             a.drops[e.reason.name.lower()] += 1
@@ -183,6 +194,12 @@ class PlainPump(_Base):
         return sent
 
     def add_peers(self, entries) -> None:
+        pass
+
+    def add_vifs(self, vifs) -> None:
+        pass
+
+    def remove_vifs(self, vifs) -> None:
         pass
 
     def set_group(self, mgid: bytes, group_id: int) -> None:
@@ -271,38 +288,51 @@ class BpfPump(_Base):
                 continue
             kind = um[m + 1]
             if kind == _KIND_PEER:
-                pid = int.from_bytes(um[m + 12:m + 16], "little")
-                q = peers.get(pid)
+                key = int.from_bytes(um[m + 8:m + 16], "little")       # vif_id | dest_id << 32
+                q = peers.get(key)
                 if q is None:
-                    q = peers[pid] = []
+                    q = peers[key] = []
                 q.append(bytes(um[addr:addr + length]))
             elif kind == _KIND_GROUP:
-                mgid = bytes(um[m + 16:m + 32])
-                q = groups.get(mgid)
+                key = bytes(um[m + 8:m + 32])                           # vif_id, dest_id, MGID
+                q = groups.get(key)
                 if q is None:
-                    q = groups[mgid] = []
+                    q = groups[key] = []
                 q.append(bytes(um[addr:addr + length]))
             elif kind == _KIND_CONTROL:
-                o = self.control(bytes(um[addr:addr + length]))
-                if o is not None:
-                    batch.other.append(o)
+                frame = bytes(um[addr:addr + length])
+                if um[m + 8:m + 12] == _VIF_UNKNOWN:
+                    batch.other.append(Outgoing(Kind.CONTROL, frame, eth=frame, control=True,
+                                                vif_id=abi.VIF_UNKNOWN))
+                else:
+                    o = self.control(frame)
+                    if o is not None:
+                        batch.other.append(o)
             else:
                 vid = int.from_bytes(um[m + 4:m + 6], "little")
-                batch.other.append(Outgoing(Kind.UNRESOLVED, bytes(um[addr:addr + length]), vid=vid))
+                batch.other.append(Outgoing(Kind.UNRESOLVED, bytes(um[addr:addr + length]), vid=vid,
+                                            vif_id=int.from_bytes(um[m + 8:m + 12], "little")))
         xsk.rx_release(descs)
         return len(descs)
 
-    def _meta_for(self, peer_id: int, multicast: bool) -> bytes:
+    def _meta_for(self, peer_id: int, multicast: bool, vif_id: int) -> bytes:
+        """The RX metadata of frames from one peer to one VIF (cached: built once per pair)."""
         from xdpoib import abi
 
-        key = (peer_id, multicast)
+        key = (peer_id, multicast, vif_id)
         m = self._meta.get(key)
         if m is None:
             a = self.agent
             if len(self._meta) > 65536:
                 self._meta.clear()
-            m = self._meta[key] = abi.rx_meta(peer_id, a.vif.vif_id, a.pkey, multicast=multicast)
+            v = a.vifs.by_id.get(vif_id)
+            pkey = v.qp.pkey if v is not None else a.pkey      # the receiving QP's partition (its VLAN)
+            m = self._meta[key] = abi.rx_meta(peer_id, vif_id, pkey | 0x8000, multicast=multicast)
         return m
+
+    def forget_meta(self) -> None:
+        """Drop cached metadata (a VIF went or changed)."""
+        self._meta.clear()
 
     def _add(self, frame, meta: bytes) -> None:
         inj = self.injector
@@ -311,21 +341,21 @@ class BpfPump(_Base):
             if not inj.add(frame, meta):
                 self.agent.drops["inject_too_big"] += 1
 
-    def rx_frame(self, payload, peer, multicast: bool) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
         a = self.agent
         if len(payload) < 14:               # XDP cannot carry it (docs/datapath.md, known limits)
             a.drops["runt"] += 1
         elif payload[0] == 0x08 and payload[1] == 0x00 and _is_dhcp_reply(payload):
             # RX control: the agent rewrites DHCP (RFC 4390)
             try:
-                r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=a.vif, pkey=a.pkey,
+                r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=a.pkey,
                                  multicast=multicast)
             except FrameError as e:
                 a.drops[e.reason.name.lower()] += 1
                 return
             self.rx_ethernet(r.frame)
         else:
-            self._add(payload, self._meta_for(peer.peer_id, multicast))
+            self._add(payload, self._meta_for(peer.peer_id, multicast, vif.vif_id))
 
     def rx_ethernet(self, frame: bytes) -> None:
         from xdpoib import abi
@@ -343,6 +373,14 @@ class BpfPump(_Base):
         items = [(e.peer_id, e.remac, e.addr.pack()) for e in entries]
         if items:
             self.maps.add_peers(items)
+
+    def add_vifs(self, vifs) -> None:
+        self.maps.add_vifs([(v.vif_id, v.mac, v.addr.pack()) for v in vifs])
+        self._meta.clear()
+
+    def remove_vifs(self, vifs) -> None:
+        self.maps.remove_vifs([(v.vif_id, v.mac, v.addr.pack()) for v in vifs])
+        self._meta.clear()
 
     def set_group(self, mgid: bytes, group_id: int) -> None:
         self.maps.set_group(mgid, group_id)
@@ -396,7 +434,7 @@ class CeilingPump(BpfPump):
             xsk.rx_release(descs)
         return len(descs)
 
-    def rx_frame(self, payload, peer, multicast: bool) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
         from xdpoib import abi
 
         if not hasattr(self, "_eth_meta"):

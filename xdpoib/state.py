@@ -64,6 +64,8 @@ class AttachSpec:
     port: int = 1
     internal: str | None = None         # the internal veth end (veth mode)
     pid: int | None = None
+    learn_vifs: int = 0                 # learn up to this many guest MACs behind eth4 as VIFs
+    vif_idle: float = 300.0             # release a learned VIF idle this long (seconds; 0: never)
 
     @property
     def id(self) -> str:

@@ -38,6 +38,7 @@ from xdpoib.agent.forward import Forwarder
 from xdpoib.agent.groups import JOIN_FULL, MEMBERSHIP_CHECK_S, Membership
 from xdpoib.agent.loop import EventLoop, Worker
 from xdpoib.agent.resolver import Resolver
+from xdpoib.agent.vifs import IDLE_CHECK_S, Vifs
 from xdpoib.errors import XdpoibError
 from xdpoib.fabric.base import GRH_LEN
 from xdpoib.peers import PeerTable
@@ -78,6 +79,8 @@ class Agent:
         self.resolver = Resolver(self)
         self.forwarder = Forwarder(self)
         self.announcer = links.Announcer(self)
+        self.vifs = Vifs(self, getattr(spec, "learn_vifs", 0), getattr(spec, "vif_idle", 300.0))
+        self._saved_vifs: list = []
         self._saved_peers = 0
         self.capture = None             # an xdpoib capture in progress (xdpoib/capture.py), else None
 
@@ -140,6 +143,9 @@ class Agent:
 
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
         self.peers = PeerTable([self.vif], {0: self.pkey})
+        self.peers.learn_vifs = self.vifs.learn_max > 0     # unknown source MACs reach us (vifs.py)
+        self.vifs.primary(self.qp, self.mac)
+        self.stack.callback(self.vifs.close)
         service.restore_state(self)
 
         # datapath: frames from eth4 reach us on an AF_XDP socket; the translating programs unless
@@ -169,6 +175,7 @@ class Agent:
         state.write_spec(s)
         self.stack.callback(state.remove_files, s.id, True)
         self._wire_loop()
+        self.vifs.restore(self._saved_vifs)
         self.state = "running"
         # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
         try:
@@ -265,8 +272,7 @@ class Agent:
         src = bytes(frame[6:12])
         if len(frame) >= 14 and not src[0] & 1 and any(src):
             self.mac = src
-            self.vif = Vif(0, src, self.vif.addr)
-            self.peers.set_vifs([self.vif])
+            self.vifs.set_primary_mac(src)
             self.vif_learned = True
             log.info("guest MAC %s learned on %s", mac_str(src), self.spec.ifname)
 
@@ -283,6 +289,14 @@ class Agent:
         lp.every(MCAST_SYNC_S, self._sync_eth4)
         lp.every(MEMBERSHIP_CHECK_S, self.membership.check)
         lp.every(SAVE_S, self._maybe_save)
+        lp.every(IDLE_CHECK_S, self.vifs.expire)
+
+    def wire_qp(self, qp) -> None:
+        """A VIF's QP joins the loop (its completions are polled with the others by the forwarder)."""
+        self.loop.add_reader(qp.fileno(), lambda: None)
+
+    def unwire_qp(self, qp) -> None:
+        self.loop.remove_reader(qp.fileno())
 
     def _kick(self, budget: int) -> int:
         if self.pump.pending_tx():

@@ -59,14 +59,25 @@ class Forwarder:
         a.stats["eth_rx_frames"] += n
         if b.raw:
             self._ceiling_send(b.raw)
-        for pid, frames in b.peers.items():
-            e = a.peers.by_id(pid)
-            if e is None:
-                a.drops["unknown_destination"] += len(frames)
-            else:
-                self.send_peer(e, frames)
-        for mgid, frames in b.groups.items():
-            self.send_group(mgid, frames)
+        vifs = a.vifs.by_id
+        now = time.monotonic()
+        for key, frames in b.peers.items():            # key: VIF id | peer id << 32
+            v = vifs.get(key & 0xFFFFFFFF)
+            e = a.peers.by_id(key >> 32)
+            if v is None or e is None:
+                a.drops["unknown_vif" if v is None else "unknown_destination"] += len(frames)
+                continue
+            v.last_seen = now
+            self.send_peer(e, frames, qp=v.qp)
+        for key, frames in b.groups.items():           # key: VIF id (4) | group id (4) | MGID (16)
+            v = vifs.get(int.from_bytes(key[:4], "little"))
+            if v is None:
+                a.drops["unknown_vif"] += len(frames)
+                continue
+            v.last_seen = now
+            if v.vif_id and frames[0][:2] == b"\x08\x06":
+                a.vifs.note(v, frames[0])               # a guest's ARP: its address, to announce
+            self.send_group(key[8:], frames, qp=v.qp)
         for o in b.other:
             self._other(o)
         b.clear()
@@ -75,22 +86,37 @@ class Forwarder:
         return n
 
     def _other(self, o) -> None:
+        from xdpoib.abi import VIF_UNKNOWN
+
         a = self.a
+        if o.vif_id == VIF_UNKNOWN:
+            # VIF learning: a new source MAC behind eth4 (dropped and counted unless it may be learned)
+            if a.vifs.learn(o.eth) is None:
+                return
+            o = a.pump.control(o.eth)
+            if o is None:
+                return
+        v = a.vifs.by_id.get(o.vif_id)
+        if v is None:
+            a.drops["unknown_vif"] += 1
+            return
         if o.control:
             a.membership.snoop(o.eth)
         eth = o.eth or (lambda o=o: self._as_ethernet(o))
         if o.mgid is not None:
-            self.send_group(o.mgid, [o.frame], eth)
+            self.send_group(o.mgid, [o.frame], eth, qp=v.qp)
         elif o.kind == Kind.PEER and (e := a.peers.by_id(o.peer_id)) is not None:
-            self.send_peer(e, [o.frame], eth)
+            self.send_peer(e, [o.frame], eth, qp=v.qp)
         else:
             a.drops["unknown_destination"] += 1
 
-    def send_peer(self, e, frames: list[bytes], eth=b"") -> None:
-        """Frames to one peer: sent if its path is resolved, else queued while it resolves."""
+    def send_peer(self, e, frames: list[bytes], eth=b"", qp=None) -> None:
+        """Frames to one peer from one of our QPs (a VIF's; default VIF 0's): sent if the peer's path
+        is resolved, else queued while it resolves."""
         a = self.a
+        qp = qp or a.qp
         if e.path_state != "resolved":
-            a.resolver.queue(e, frames)
+            a.resolver.queue(e, frames, qp)
             return
         mtu = e.path_mtu
         if any(len(fr) > mtu for fr in frames):
@@ -105,16 +131,17 @@ class Forwarder:
                 return
         if a.capture is not None:
             a.capture.sent(e.ah, e.addr.qpn, frames)
-        a.qp.post_send_to(e.ah, e.addr.qpn, a.qkey, frames)
+        qp.post_send_to(e.ah, e.addr.qpn, a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
-    def send_group(self, mgid: bytes, frames: list[bytes], eth=b"") -> None:
-        """Frames to one group: sent once it is joined (send-only join on first use)."""
+    def send_group(self, mgid: bytes, frames: list[bytes], eth=b"", qp=None) -> None:
+        """Frames to one group from one of our QPs: sent once it is joined (send-only join on first use)."""
         a = self.a
+        qp = qp or a.qp
         g = a.membership.groups.get(mgid)
         if g is None or g.ah is None:
             a.membership.join(mgid, "send", full=False)
-            a.membership.hold(mgid, frames)
+            a.membership.hold(mgid, frames, qp)
             return
         mtu = g.mtu or a.ib_mtu
         if any(len(fr) > mtu for fr in frames):
@@ -129,7 +156,7 @@ class Forwarder:
                 return
         if a.capture is not None:
             a.capture.sent(g.ah, MCAST_QPN, frames)
-        a.qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
+        qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
     def _too_big(self, eth, ipoib: bytes, ib_mtu: int, from_mac: bytes, peer) -> None:
@@ -179,8 +206,22 @@ class Forwarder:
     # ================================================================ fabric -> eth4
 
     def from_fabric(self, budget: int) -> int:
+        """Every VIF's QP in turn (VIF 0's first: it also receives multicast), within one budget."""
         a = self.a
-        qp = a.qp
+        vifs = a.vifs.by_id
+        if len(vifs) == 1:
+            return self._from_qp(a.qp, vifs[0], budget)
+        order = list(vifs.values())
+        k = self._rr = (getattr(self, "_rr", 0) + 1) % len(order)
+        n = 0
+        for v in order[k:] + order[:k]:
+            if n >= budget:
+                break
+            n += self._from_qp(v.qp, v, budget - n)
+        return n
+
+    def _from_qp(self, qp, vif, budget: int) -> int:
+        a = self.a
         comps = qp.poll(budget)
         if not comps:
             return 0
@@ -194,6 +235,7 @@ class Forwarder:
         view = qp.pool.view
         resolver = a.resolver
         ceiling = pump.name == "ceiling"
+        ovif = vif.ovif
         now = time.monotonic()
         errors = unknown = delivered = 0
         last_key = last_peer = None
@@ -230,14 +272,17 @@ class Forwarder:
             peer.last_seen = now
             if ceiling:
                 self.ceiling_peer = (c.src_qp, peer.addr.gid, c.slid)
-                pump.rx_frame(p, peer, False)
+                pump.rx_frame(p, peer, False, ovif)
             else:
-                pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF)
+                pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF, ovif)
             delivered += 1
         pump.rx_flush()
         if errors:
             a.drops["completion_error"] += errors
-        if errors and a.on_completion_errors(errors):
+        if errors and qp is not a.qp and getattr(qp, "error", False):
+            a.vifs.replace_qp(vif)          # a guest's QP in the error state: a new one, no repost
+            return len(comps)
+        if errors and qp is a.qp and a.on_completion_errors(errors):
             return len(comps)               # the QP is in the error state: being replaced, no repost
         qp.post_recv([c.index for c in comps])
         if unknown:

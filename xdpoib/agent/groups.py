@@ -119,8 +119,8 @@ class Membership:
                 return
             a.stats["joins"] += 1
             q = self._pending.pop(mgid, None)
-            if q:
-                a.forwarder.send_group(mgid, list(q))
+            for qp, fr in q or ():
+                a.forwarder.send_group(mgid, [fr], qp=qp)
         a.sa_worker.submit(key, call, done)
         return g
 
@@ -132,8 +132,9 @@ class Membership:
         if g is not None and self._wanted(g) and not g.join_state & JOIN_FULL:
             self.join(mgid, why)
 
-    def hold(self, mgid: bytes, frames: list[bytes]) -> None:
-        """Frames for a group whose send-only join is in flight: keep the last 3, drop the rest."""
+    def hold(self, mgid: bytes, frames: list[bytes], qp=None) -> None:
+        """Frames for a group whose send-only join is in flight (from `qp`, a VIF's): keep the last 3,
+        drop the rest."""
         q = self._pending.get(mgid)
         if q is None:
             if len(self._pending) > 1024:
@@ -143,7 +144,7 @@ class Membership:
         over = len(q) + len(frames) - MAX_PENDING
         if over > 0:
             self.a.drops["unresolved_queue_full"] += over
-        q.extend(frames)
+        q.extend((qp, fr) for fr in frames)
 
     def leave(self, g: GroupEntry, wait: bool = False) -> None:
         """Detach at once; the SA Delete goes to the worker (errors logged: the SA forgets us anyway)."""

@@ -39,12 +39,12 @@ class Resolver:
 
     # ---- paths
 
-    def queue(self, e: PeerEntry, frames: list[bytes]) -> None:
-        """Frames for a peer whose path is not resolved: keep the last 3 and resolve."""
+    def queue(self, e: PeerEntry, frames: list[bytes], qp=None) -> None:
+        """Frames for a peer whose path is not resolved (from `qp`, a VIF's): keep the last 3 and resolve."""
         over = len(e.pending) + len(frames) - e.pending.maxlen
         if over > 0:
             self.a.drops["unresolved_queue_full"] += over
-        e.pending.extend(frames)
+        e.pending.extend((qp, fr) for fr in frames)
         self.resolve(e)
 
     def resolve(self, e: PeerEntry) -> None:
@@ -83,9 +83,10 @@ class Resolver:
             e.path_state, e.resolved_at = "resolved", now
             a.stats["paths_resolved"] += 1
             if e.pending:
-                frames = list(e.pending)
+                queued = list(e.pending)
                 e.pending.clear()
-                a.forwarder.send_peer(e, frames)
+                for qp, fr in queued:
+                    a.forwarder.send_peer(e, [fr], qp=qp)
         a.sa_worker.submit(key, lambda: sa.path(gid, sgid=sgid, pkey=pkey), done)
 
     # ---- learning

@@ -51,6 +51,7 @@ def status(a) -> dict:
         "fabric_drops": {k: v for k, v in a.backend.counters().items() if v},
         "datapath": {"kind": a.pump.name, **a.pump.counters()},
         "groups_by_state": a.membership.by_state(),
+        "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},
         "loop": {**a.loop.stats, "budget": a.loop.budget,
                  "sa_worker": {**a.sa_worker.stats, "queued": a.sa_worker.queued,
                                "busy_seconds": round(time.monotonic() - a.sa_worker.busy_since, 3)
@@ -77,6 +78,8 @@ def handle_request(a, req: dict) -> dict:
         return {"peers": [e.to_dict() for e in a.peers.entries.values()]}
     if cmd == "groups":
         return {"groups": [g.to_dict() for g in a.groups.values()]}
+    if cmd in ("vifs", "vif_add", "vif_del"):
+        return a.vifs.handle(req)
     if cmd == "stop":
         a.stopping = True
         return {"stopping": True}
@@ -88,6 +91,7 @@ def restore_state(a) -> None:
     try:
         data = json.loads(state.persist_path(a.spec.id).read_text())
         a.peers.restore(data.get("peers", {}))
+        a._saved_vifs = list(data.get("vifs", []))
     except (OSError, ValueError, KeyError, XdpoibError):
         pass
 
@@ -98,6 +102,6 @@ def save_state(a) -> None:
         state.ensure_dirs()
         p = state.persist_path(a.spec.id)
         tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"peers": a.peers.to_json()}))
+        tmp.write_text(json.dumps({"peers": a.peers.to_json(), "vifs": a.vifs.to_json()}))
         os.replace(tmp, p)
         a._saved_peers = len(a.peers.entries)

@@ -17,6 +17,7 @@ EPILOG = """examples:
   xdpoib attach eth4 --netns blue --sim lab:h2    eth4 created inside netns 'blue'
   xdpoib attach eth4 --device mlx5_0 --port 1 --pkey 0x8003
   xdpoib attach tap0 --mode tap --device mlx5_0   a VM's existing TAP
+  xdpoib attach eth4 --sim lab:h1 --learn-vifs 8  up to 8 guests behind a bridge on eth4, each its own QPN
 """
 ROOT = "it creates links, loads XDP programs and opens the fabric's umad port"
 READY_TIMEOUT = 60.0
@@ -33,6 +34,11 @@ def configure(p):
     p.add_argument("--pkey", default="0xffff", metavar="PKEY", help="partition (default 0xffff)")
     p.add_argument("--mode", choices=("veth", "tap"), default="veth",
                    help="veth: create IFNAME as a veth end (default); tap: use an existing TAP")
+    p.add_argument("--learn-vifs", type=int, default=0, metavar="N",
+                   help="learn up to N guest MACs behind IFNAME from their first frames, each its own QP "
+                        "(default 0: only IFNAME's MAC and `xdpoib vif add`; other sources are dropped)")
+    p.add_argument("--vif-idle", type=float, default=300.0, metavar="SECONDS",
+                   help="release a learned VIF idle this long (default 300; 0: never)")
     p.add_argument("--force", action="store_true", help="replace an existing attachment of IFNAME")
     p.add_argument("-j", "--json", action="store_true", help="print the result as JSON")
 
@@ -53,7 +59,12 @@ def build_spec(args) -> state.AttachSpec:
     except XdpoibError as e:
         raise UsageError(f"bad --pkey: {e}") from None
     link.check_netns(args.netns)
-    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1)
+    if not 0 <= args.learn_vifs <= 1023:
+        raise UsageError(f"bad --learn-vifs {args.learn_vifs}: 0..1023 (the datapath holds 1024 VIFs)")
+    if args.vif_idle < 0:
+        raise UsageError(f"bad --vif-idle {args.vif_idle:g}: seconds, 0 for never")
+    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1,
+                            learn_vifs=args.learn_vifs, vif_idle=args.vif_idle)
     if args.sim:
         fabric, sep, host = args.sim.partition(":")
         if not sep or not fabric or not host:
