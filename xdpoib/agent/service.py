@@ -1,8 +1,10 @@
-"""The agent's service side: control requests (status, peers, groups, stop) and the state file.
+"""The agent's service side: control requests (status, peers, groups, capture, stop) and the state file.
 
 Requests are answered on the loop's thread between two data batches, so `xdpoib status` answers
 within one turn (a batch of at most `budget` frames each way) however hard the agent is flooded.
 Counters the worker threads update are copied with a retry: they may change while being read.
+`capture` starts or stops an `xdpoib capture` stream (xdpoib/capture.py; one at a time): the agent keeps
+it in `a.capture` while it runs, None otherwise.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def status(a) -> dict:
         "datapath": {"kind": a.pump.name, **a.pump.counters()},
         "groups_by_state": a.membership.by_state(),
         "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},
+        "capture": a.capture.summary() if getattr(a, "capture", None) is not None else None,
         "loop": {**a.loop.stats, "budget": a.loop.budget,
                  "sa_worker": {**a.sa_worker.stats, "queued": a.sa_worker.queued,
                                "busy_seconds": round(time.monotonic() - a.sa_worker.busy_since, 3)
@@ -78,6 +81,10 @@ def handle_request(a, req: dict) -> dict:
         return {"peers": [e.to_dict() for e in a.peers.entries.values()]}
     if cmd == "groups":
         return {"groups": [g.to_dict() for g in a.groups.values()]}
+    if cmd == "capture":
+        from xdpoib import capture
+
+        return capture.request(a, req)
     if cmd in ("vifs", "vif_add", "vif_del"):
         return a.vifs.handle(req)
     if cmd == "stop":
