@@ -6,9 +6,9 @@ The `Pump` interface (what `xdpoib.agent.forward.Forwarder` calls, and all it ca
     fileno()                        the AF_XDP socket: readable when frames from eth4 wait
     receive(budget, batch) -> int   take up to `budget` frames from eth4 into a `TxBatch`; the count taken
     control(frame) -> Outgoing      an Ethernet frame translated by the oracle (control, learning)
-    rx_frame(payload, peer, mcast, vif)  queue one IPoIB frame from the fabric for eth4, received by
-                                    the QP of `vif` (an oracle Vif); payload is copied before the call
-                                    returns, so its receive buffer can be reposted
+    rx_frame(payload, peer, mcast, vif, pkey)  queue one IPoIB frame from the fabric for eth4, received
+                                    by a QP of `vif` (an oracle Vif) on partition `pkey`; payload is
+                                    copied before the call returns, so its buffer can be reposted
     rx_ethernet(frame)              queue a frame already in Ethernet form (ICMP errors, DHCP replies)
     rx_flush() -> int               deliver what was queued (one live-frames call for the BPF pump)
     add_peers(entries), set_group(mgid, id), add_vifs(vifs), remove_vifs(vifs)
@@ -66,8 +66,8 @@ class Outgoing:
 class TxBatch:
     """One turn's frames from eth4, grouped by destination (no per-frame objects on the fast path)."""
 
-    peers: dict[int, list[bytes]] = field(default_factory=dict)     # VIF id | peer id << 32 -> frames
-    groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # VIF id, group id, MGID -> frames
+    peers: dict[int, list[bytes]] = field(default_factory=dict)     # VID | VIF << 32 | peer << 64 -> frames
+    groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # VID, 0, VIF, group id, MGID -> frames
     other: list[Outgoing] = field(default_factory=list)             # control, unresolved
     raw: list[bytes] = field(default_factory=list)                  # ceiling: Ethernet frames as they came
 
@@ -163,16 +163,16 @@ class PlainPump(_Base):
             if o.control or not (o.kind == Kind.PEER or o.mgid is not None):
                 batch.other.append(o)
             elif o.mgid is not None:
-                key = o.vif_id.to_bytes(4, "little") + bytes(4) + o.mgid
+                key = o.vid.to_bytes(2, "little") + bytes(2) + o.vif_id.to_bytes(4, "little") + bytes(4) + o.mgid
                 batch.groups.setdefault(key, []).append(o.frame)
             else:
-                batch.peers.setdefault(o.vif_id | o.peer_id << 32, []).append(o.frame)
+                batch.peers.setdefault(o.vid | o.vif_id << 32 | o.peer_id << 64, []).append(o.frame)
         return len(got)
 
-    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif, pkey: int) -> None:
         a = self.agent
         try:
-            r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=a.pkey,
+            r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=pkey | 0x8000,
                              multicast=multicast)
         except FrameError as e:
             a.drops[e.reason.name.lower()] += 1
@@ -288,13 +288,13 @@ class BpfPump(_Base):
                 continue
             kind = um[m + 1]
             if kind == _KIND_PEER:
-                key = int.from_bytes(um[m + 8:m + 16], "little")       # vif_id | dest_id << 32
+                key = int.from_bytes(um[m + 4:m + 16], "little")       # vid | vif_id << 32 | dest_id << 64
                 q = peers.get(key)
                 if q is None:
                     q = peers[key] = []
                 q.append(bytes(um[addr:addr + length]))
             elif kind == _KIND_GROUP:
-                key = bytes(um[m + 8:m + 32])                           # vif_id, dest_id, MGID
+                key = bytes(um[m + 4:m + 32])                           # vid, 0, vif_id, dest_id, MGID
                 q = groups.get(key)
                 if q is None:
                     q = groups[key] = []
@@ -315,18 +315,16 @@ class BpfPump(_Base):
         xsk.rx_release(descs)
         return len(descs)
 
-    def _meta_for(self, peer_id: int, multicast: bool, vif_id: int) -> bytes:
-        """The RX metadata of frames from one peer to one VIF (cached: built once per pair)."""
+    def _meta_for(self, peer_id: int, multicast: bool, vif_id: int, pkey: int) -> bytes:
+        """The RX metadata of frames from one peer to one VIF on one partition (the receiving QP's:
+        the RX program tags the frame with its VLAN); cached, built once per combination."""
         from xdpoib import abi
 
-        key = (peer_id, multicast, vif_id)
+        key = (peer_id, multicast, vif_id, pkey)
         m = self._meta.get(key)
         if m is None:
-            a = self.agent
             if len(self._meta) > 65536:
                 self._meta.clear()
-            v = a.vifs.by_id.get(vif_id)
-            pkey = v.qp.pkey if v is not None else a.pkey      # the receiving QP's partition (its VLAN)
             m = self._meta[key] = abi.rx_meta(peer_id, vif_id, pkey | 0x8000, multicast=multicast)
         return m
 
@@ -341,21 +339,21 @@ class BpfPump(_Base):
             if not inj.add(frame, meta):
                 self.agent.drops["inject_too_big"] += 1
 
-    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif, pkey: int) -> None:
         a = self.agent
         if len(payload) < 14:               # XDP cannot carry it (docs/datapath.md, known limits)
             a.drops["runt"] += 1
         elif payload[0] == 0x08 and payload[1] == 0x00 and _is_dhcp_reply(payload):
             # RX control: the agent rewrites DHCP (RFC 4390)
             try:
-                r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=a.pkey,
+                r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=pkey | 0x8000,
                                  multicast=multicast)
             except FrameError as e:
                 a.drops[e.reason.name.lower()] += 1
                 return
             self.rx_ethernet(r.frame)
         else:
-            self._add(payload, self._meta_for(peer.peer_id, multicast, vif.vif_id))
+            self._add(payload, self._meta_for(peer.peer_id, multicast, vif.vif_id, pkey))
 
     def rx_ethernet(self, frame: bytes) -> None:
         from xdpoib import abi
@@ -434,7 +432,7 @@ class CeilingPump(BpfPump):
             xsk.rx_release(descs)
         return len(descs)
 
-    def rx_frame(self, payload, peer, multicast: bool, vif) -> None:
+    def rx_frame(self, payload, peer, multicast: bool, vif, pkey: int) -> None:
         from xdpoib import abi
 
         if not hasattr(self, "_eth_meta"):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xdpoib.errors import UsageError
@@ -64,6 +64,7 @@ class AttachSpec:
     port: int = 1
     internal: str | None = None         # the internal veth end (veth mode)
     pid: int | None = None
+    vlans: list = field(default_factory=list)   # [[VID, P_Key], ...]: 802.1Q VLANs mapped to partitions
     learn_vifs: int = 0                 # learn up to this many guest MACs behind eth4 as VIFs
     vif_idle: float = 300.0             # release a learned VIF idle this long (seconds; 0: never)
 

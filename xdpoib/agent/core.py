@@ -37,6 +37,7 @@ from xdpoib.agent import links, service
 from xdpoib.agent.forward import Forwarder
 from xdpoib.agent.groups import JOIN_FULL, MEMBERSHIP_CHECK_S, Membership
 from xdpoib.agent.loop import EventLoop, Worker
+from xdpoib.agent.partitions import Partitions, join_with_retry
 from xdpoib.agent.resolver import Resolver
 from xdpoib.agent.vifs import IDLE_CHECK_S, Vifs
 from xdpoib.errors import XdpoibError
@@ -81,6 +82,7 @@ class Agent:
         self.announcer = links.Announcer(self)
         self.vifs = Vifs(self, getattr(spec, "learn_vifs", 0), getattr(spec, "vif_idle", 300.0))
         self._saved_vifs: list = []
+        self.partitions = Partitions(self)
         self._saved_peers = 0
         self.capture = None             # an xdpoib capture in progress (xdpoib/capture.py), else None
 
@@ -115,6 +117,7 @@ class Agent:
         if self.port.pkey_index(self.pkey) is None:
             table = ", ".join(f"{k:#06x}" for k in self.port.pkeys if k & 0x7FFF) or "empty"
             raise AgentError(f"the port is not a member of partition {self.pkey:#06x} (its P_Key table: {table})")
+        Partitions.check(self.port, self.pkey, getattr(s, "vlans", []))
         self.backend = self._open_backend()
         self.stack.callback(self.backend.close)
         self.port_attrs = self.backend.port()
@@ -131,9 +134,11 @@ class Agent:
         self.ib_mtu = min(self.bcast.mtu_bytes or 2048, self.port_attrs.active_mtu)
         self._create_qp()
         self.stack.callback(lambda: self.qp.close())
+        self.partitions.untagged(self.qp)
         g = self.membership.group(self.bcast_mgid, "broadcast")
         self.membership.record_join(g, self.bcast, JOIN_FULL)
         self.stack.callback(self.membership.leave_all)
+        self.partitions.bring_up(getattr(s, "vlans", []), lambda mgid: join_with_retry(self.sa, mgid, 20.0))
 
         # links
         self.mac = lemac(self.port_attrs.port_guid.to_bytes(8, "big"))
@@ -142,7 +147,7 @@ class Agent:
         self.ifindex = link.link_info(self.attach_to).index
 
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
-        self.peers = PeerTable([self.vif], {0: self.pkey})
+        self.peers = PeerTable([self.vif], self.partitions.vlan_pkeys())
         self.peers.learn_vifs = self.vifs.learn_max > 0     # unknown source MACs reach us (vifs.py)
         self.vifs.primary(self.qp, self.mac)
         self.stack.callback(self.vifs.close)
@@ -282,6 +287,8 @@ class Agent:
         lp = self.loop
         lp.add_reader(self.pump.fileno(), lambda: None)        # wakes the loop; the poller does the work
         lp.add_poller(self.qp.fileno(), self.forwarder.from_fabric)
+        for qp in self.partitions.extra_qps():
+            self.wire_qp(qp)
         lp.add_poller(None, self.forwarder.from_eth)
         lp.add_poller(None, self._kick)
         lp.add_reader(self.backend.events.fileno(), self.on_port_events)

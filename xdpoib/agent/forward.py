@@ -61,23 +61,24 @@ class Forwarder:
             self._ceiling_send(b.raw)
         vifs = a.vifs.by_id
         now = time.monotonic()
-        for key, frames in b.peers.items():            # key: VIF id | peer id << 32
-            v = vifs.get(key & 0xFFFFFFFF)
-            e = a.peers.by_id(key >> 32)
-            if v is None or e is None:
-                a.drops["unknown_vif" if v is None else "unknown_destination"] += len(frames)
+        for key, frames in b.peers.items():            # key: VID | VIF id << 32 | peer id << 64
+            v = vifs.get((key >> 32) & 0xFFFFFFFF)
+            e = a.peers.by_id(key >> 64)
+            if v is None or e is None or v.vid != key & 0xFFFF:
+                a.drops["unknown_vif" if v is None else "unknown_destination" if e is None
+                        else "vlan_mismatch"] += len(frames)
                 continue
             v.last_seen = now
             self.send_peer(e, frames, qp=v.qp)
-        for key, frames in b.groups.items():           # key: VIF id (4) | group id (4) | MGID (16)
-            v = vifs.get(int.from_bytes(key[:4], "little"))
-            if v is None:
-                a.drops["unknown_vif"] += len(frames)
+        for key, frames in b.groups.items():           # key: VID (2), 0 (2), VIF id (4), group id (4), MGID
+            v = vifs.get(int.from_bytes(key[4:8], "little"))
+            if v is None or v.vid != int.from_bytes(key[:2], "little"):
+                a.drops["unknown_vif" if v is None else "vlan_mismatch"] += len(frames)
                 continue
             v.last_seen = now
             if v.vif_id and frames[0][:2] == b"\x08\x06":
                 a.vifs.note(v, frames[0])               # a guest's ARP: its address, to announce
-            self.send_group(key[8:], frames, qp=v.qp)
+            self.send_group(key[12:], frames, qp=v.qp)
         for o in b.other:
             self._other(o)
         b.clear()
@@ -97,8 +98,8 @@ class Forwarder:
             if o is None:
                 return
         v = a.vifs.by_id.get(o.vif_id)
-        if v is None:
-            a.drops["unknown_vif"] += 1
+        if v is None or v.vid != (o.vid or 0):
+            a.drops["unknown_vif" if v is None else "vlan_mismatch"] += 1
             return
         if o.control:
             a.membership.snoop(o.eth)
@@ -130,8 +131,8 @@ class Forwarder:
             if not frames:
                 return
         if a.capture is not None:
-            a.capture.sent(e.ah, e.addr.qpn, frames)
-        qp.post_send_to(e.ah, e.addr.qpn, a.qkey, frames)
+            a.capture.sent(e.ah, e.addr.qpn, frames, qp)
+        qp.post_send_to(e.ah, e.addr.qpn, qp.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
     def send_group(self, mgid: bytes, frames: list[bytes], eth=b"", qp=None) -> None:
@@ -155,7 +156,7 @@ class Forwarder:
             if not frames:
                 return
         if a.capture is not None:
-            a.capture.sent(g.ah, MCAST_QPN, frames)
+            a.capture.sent(g.ah, MCAST_QPN, frames, qp)
         qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
         a.stats["tx_frames"] += len(frames)
 
@@ -209,15 +210,16 @@ class Forwarder:
         """Every VIF's QP in turn (VIF 0's first: it also receives multicast), within one budget."""
         a = self.a
         vifs = a.vifs.by_id
-        if len(vifs) == 1:
+        extra = a.partitions.extra_qps()
+        if len(vifs) == 1 and not extra:
             return self._from_qp(a.qp, vifs[0], budget)
-        order = list(vifs.values())
+        order = [(v.qp, v) for v in vifs.values()] + [(qp, vifs[0]) for qp in extra]
         k = self._rr = (getattr(self, "_rr", 0) + 1) % len(order)
         n = 0
-        for v in order[k:] + order[:k]:
+        for qp, v in order[k:] + order[:k]:
             if n >= budget:
                 break
-            n += self._from_qp(v.qp, v, budget - n)
+            n += self._from_qp(qp, v, budget - n)
         return n
 
     def _from_qp(self, qp, vif, budget: int) -> int:
@@ -236,6 +238,7 @@ class Forwarder:
         resolver = a.resolver
         ceiling = pump.name == "ceiling"
         ovif = vif.ovif
+        pkey = qp.pkey
         now = time.monotonic()
         errors = unknown = delivered = 0
         last_key = last_peer = None
@@ -272,9 +275,9 @@ class Forwarder:
             peer.last_seen = now
             if ceiling:
                 self.ceiling_peer = (c.src_qp, peer.addr.gid, c.slid)
-                pump.rx_frame(p, peer, False, ovif)
+                pump.rx_frame(p, peer, False, ovif, pkey)
             else:
-                pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF, ovif)
+                pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF, ovif, pkey)
             delivered += 1
         pump.rx_flush()
         if errors:

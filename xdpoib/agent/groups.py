@@ -66,10 +66,11 @@ class Membership:
                                         dgid=g.mgid, grh=True, hop_limit=rec.hop_limit or 1,
                                         traffic_class=rec.tclass, flow_label=rec.flow_label))
         if join_state & JOIN_FULL:
+            qp = a.partitions.of_mgid(g.mgid).qp       # the partition's QP (VIF 0's) receives it
             if g.attached:          # a rejoin: attach again, so the backend sees the fresh membership
                 with contextlib.suppress(XdpoibError):
-                    a.qp.detach_mcast(g.mgid, g.mlid)
-            a.qp.attach_mcast(g.mgid, rec.mlid)
+                    qp.detach_mcast(g.mgid, g.mlid)
+            qp.attach_mcast(g.mgid, rec.mlid)
             g.attached = True
 
     def by_state(self) -> dict:
@@ -87,8 +88,8 @@ class Membership:
         key = ("join", mgid, full)
         if not self.backoff.ready(key) or a.sa_worker.pending(key):
             return g
-        sa, bcast = a.sa, a.bcast
-        create = None if mgid == a.bcast_mgid else bcast
+        sa = a.sa
+        create = None if a.partitions.is_broadcast(mgid) else a.partitions.of_mgid(mgid).bcast
         if full:
             def call():
                 return sa.join(mgid, JOIN_FULL, create=create), JOIN_FULL
@@ -151,7 +152,7 @@ class Membership:
         a = self.a
         if g.attached:
             with contextlib.suppress(XdpoibError):
-                a.qp.detach_mcast(g.mgid, g.mlid)
+                a.partitions.of_mgid(g.mgid).qp.detach_mcast(g.mgid, g.mlid)
             g.attached = False
         state, g.join_state = g.join_state, 0
         self.groups.pop(g.mgid, None)
@@ -221,13 +222,16 @@ class Membership:
             return
         joins, leaves = f.group_report(h.ethertype, eth[h.hlen:])
         mgid_of = ipv4_mgid if h.ethertype == f.ETH_P_IP else ipv6_mgid
+        pkey = a.peers.vlan_pkeys.get(h.vid or 0)          # the report's VLAN: its partition's groups
+        if pkey is None:
+            return
         for grp in joins:
             with contextlib.suppress(XdpoibError):
-                self.join(mgid_of(grp, a.pkey), "snooped")
+                self.join(mgid_of(grp, pkey), "snooped")
                 a.stats["snooped_joins"] += 1
         for grp in leaves:
             with contextlib.suppress(XdpoibError):
-                g = self.groups.get(mgid_of(grp, a.pkey))
+                g = self.groups.get(mgid_of(grp, pkey))
                 if g is not None and "snooped" in g.why:
                     g.why.discard("snooped")
                     if not g.why:

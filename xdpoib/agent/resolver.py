@@ -45,10 +45,11 @@ class Resolver:
         if over > 0:
             self.a.drops["unresolved_queue_full"] += over
         e.pending.extend((qp, fr) for fr in frames)
-        self.resolve(e)
+        self.resolve(e, qp)
 
-    def resolve(self, e: PeerEntry) -> None:
-        """Ask the SA worker for a PathRecord (unless one is in flight or the peer is backing off)."""
+    def resolve(self, e: PeerEntry, qp=None) -> None:
+        """Ask the SA worker for a PathRecord (unless one is in flight or the peer is backing off), in
+        the partition of the QP the frames go out from (a VLAN's, or the attachment's)."""
         from xdpoib.fabric.base import Path
 
         a = self.a
@@ -59,7 +60,8 @@ class Resolver:
                 e.pending.clear()
             return
         e.path_state = "resolving"
-        sa, gid, sgid, pkey = a.sa, e.addr.gid, a.port_attrs.gid, a.pkey
+        sa, gid, sgid = a.sa, e.addr.gid, a.port_attrs.gid
+        pkey = (qp.pkey | 0x8000) if qp is not None else a.pkey
 
         def done(ok, res):
             now = time.monotonic()

@@ -54,6 +54,7 @@ def status(a) -> dict:
         "datapath": {"kind": a.pump.name, **a.pump.counters()},
         "groups_by_state": a.membership.by_state(),
         "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},
+        "partitions": a.partitions.describe(),
         "capture": a.capture.summary() if getattr(a, "capture", None) is not None else None,
         "loop": {**a.loop.stats, "budget": a.loop.budget,
                  "sa_worker": {**a.sa_worker.stats, "queued": a.sa_worker.queued,

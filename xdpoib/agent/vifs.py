@@ -114,7 +114,7 @@ class Vifs:
         vifs = [v.ovif for v in sorted(self.by_id.values(), key=lambda v: v.vif_id)]
         a.vif = vifs[0]
         a.peers.set_vifs(vifs)
-        a.loopback.qpns = {v.qp.qpn for v in self.by_id.values()}
+        a.loopback.qpns = {v.qp.qpn for v in self.by_id.values()} | {q.qpn for q in a.partitions.extra_qps()}
 
     # ---- add and remove
 
@@ -132,9 +132,9 @@ class Vifs:
             raise UsageError(f"{a.spec.where} has {MAX_VIFS} VIFs already")
         if a.peers.remacs.lookup(mac) is not None:
             raise UsageError(f"{mac_str(mac)} is the REMAC of a remote peer")
-        pkey = a.peers.vlan_pkeys[vid] | 0x8000
+        part = a.partitions.of_vid(vid)
         pool = a.backend.alloc_pool(VIF_BUFFERS, GRH_LEN + max(a.ib_mtu, a.port_attrs.active_mtu))
-        qp = a.backend.create_qp(pkey, a.qkey, pool)
+        qp = a.backend.create_qp(part.pkey, part.qkey, pool)
         try:
             qp.post_recv(range(VIF_BUFFERS))
             if vif_id is None or vif_id in self.by_id:

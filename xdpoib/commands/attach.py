@@ -18,6 +18,7 @@ EPILOG = """examples:
   xdpoib attach eth4 --device mlx5_0 --port 1 --pkey 0x8003
   xdpoib attach tap0 --mode tap --device mlx5_0   a VM's existing TAP
   xdpoib attach eth4 --sim lab:h1 --learn-vifs 8  up to 8 guests behind a bridge on eth4, each its own QPN
+  xdpoib attach eth4 --sim lab:h1 --vlan 3:0x8003 eth4.3 (VLAN 3) is partition 0x8003
 """
 ROOT = "it creates links, loads XDP programs and opens the fabric's umad port"
 READY_TIMEOUT = 60.0
@@ -34,6 +35,8 @@ def configure(p):
     p.add_argument("--pkey", default="0xffff", metavar="PKEY", help="partition (default 0xffff)")
     p.add_argument("--mode", choices=("veth", "tap"), default="veth",
                    help="veth: create IFNAME as a veth end (default); tap: use an existing TAP")
+    p.add_argument("--vlan", action="append", default=[], metavar="VID:PKEY",
+                   help="map 802.1Q VLAN VID on IFNAME to partition PKEY (repeatable; untagged is --pkey)")
     p.add_argument("--learn-vifs", type=int, default=0, metavar="N",
                    help="learn up to N guest MACs behind IFNAME from their first frames, each its own QP "
                         "(default 0: only IFNAME's MAC and `xdpoib vif add`; other sources are dropped)")
@@ -63,7 +66,8 @@ def build_spec(args) -> state.AttachSpec:
         raise UsageError(f"bad --learn-vifs {args.learn_vifs}: 0..1023 (the datapath holds 1024 VIFs)")
     if args.vif_idle < 0:
         raise UsageError(f"bad --vif-idle {args.vif_idle:g}: seconds, 0 for never")
-    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1,
+    vlans = parse_vlans(args.vlan, pkey)
+    spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1, vlans=vlans,
                             learn_vifs=args.learn_vifs, vif_idle=args.vif_idle)
     if args.sim:
         fabric, sep, host = args.sim.partition(":")
@@ -82,6 +86,28 @@ def build_spec(args) -> state.AttachSpec:
                                    and link.is_tap(args.ifname, args.netns)):
         raise UsageError(f"{spec.where} is not an existing TAP device (tap mode uses a TAP a VM holds)")
     return spec
+
+
+def parse_vlans(items: list[str], pkey: int) -> list[list[int]]:
+    """`--vlan VID:PKEY` options as [[VID, P_Key], ...], refused (one line) when malformed or ambiguous."""
+    from xdpoib.wire.mgid import parse_pkey
+
+    out: list[list[int]] = []
+    for item in items:
+        vid_s, sep, pkey_s = item.partition(":")
+        try:
+            vid = int(vid_s)
+            p = parse_pkey(pkey_s)
+        except (ValueError, XdpoibError):
+            raise UsageError(f"bad --vlan {item!r}: expected VID:PKEY, e.g. 3:0x8003") from None
+        if not sep or not 1 <= vid <= 4094:
+            raise UsageError(f"bad --vlan {item!r}: VID 1..4094, then a P_Key, e.g. 3:0x8003")
+        if any(v == vid for v, _ in out):
+            raise UsageError(f"--vlan {vid} is given twice")
+        if p & 0x7FFF == pkey & 0x7FFF or any(q & 0x7FFF == p & 0x7FFF for _, q in out):
+            raise UsageError(f"--vlan {item}: partition {p:#06x} is already mapped (untagged is --pkey {pkey:#06x})")
+        out.append([vid, p])
+    return out
 
 
 def check_not_attached(spec: state.AttachSpec, force: bool) -> None:
