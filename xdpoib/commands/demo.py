@@ -1,4 +1,7 @@
-"""`xdpoib demo`: three Ethernet hosts on a simulated fabric with a real OpenSM, talking IPoIB."""
+"""`xdpoib demo`: three Ethernet hosts on a simulated fabric with a real OpenSM, talking IPoIB; then
+the eIPoIB scenario: host 1 becomes a bridge host (br0 with eth4 as its uplink, two guests as
+namespaces on veth ports of br0), each guest its own VIF with its own QPN, seen as such by host 2 and
+by OpenSM; host 1's VLAN 3 is mapped to partition 0x8003 (h1 and h2 are its members)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ EPILOG = """examples:
 """
 FABRIC = "demo"
 HOSTS = 3
+GUESTS = 2
 
 
 def configure(p):
@@ -26,6 +30,10 @@ def configure(p):
 
 def ns_name(i: int) -> str:
     return f"xdpoib-demo{i}"
+
+
+def guest_name(i: int) -> str:
+    return f"xdpoib-demo-g{i}"
 
 
 def step(text: str) -> None:
@@ -61,10 +69,55 @@ def teardown() -> None:
         if s is not None:
             detach(s)
         subprocess.run(["ip", "netns", "del", ns_name(i)], capture_output=True)
+    for i in range(1, GUESTS + 1):
+        subprocess.run(["ip", "netns", "del", guest_name(i)], capture_output=True)
     try:
         SimFabric.attach(FABRIC).down()
     except XdpoibError:
         pass
+
+
+def bridge_scenario(fab) -> None:
+    """Steps 7-9: guests behind a bridge on host 1's eth4, each its own IPoIB endpoint (eIPoIB's VIFs)."""
+    import json
+
+    h1 = ns_name(1)
+    step("7. Host 1 as a bridge host: br0 with eth4 as its uplink, two guests on veth ports")
+    mac = json.loads(subprocess.run(["ip", "-n", h1, "-j", "link", "show", "eth4"], capture_output=True,
+                                    text=True).stdout)[0]["address"]
+    show(["ip", "addr", "flush", "dev", "eth4"], h1)
+    show(["ip", "link", "add", "br0", "type", "bridge"], h1)
+    show(["ip", "link", "set", "br0", "address", mac], h1)      # the host itself stays VIF 0
+    show(["ip", "link", "set", "eth4", "master", "br0"], h1)
+    show(["ip", "link", "set", "br0", "up"], h1)
+    show(["ip", "addr", "add", "10.0.0.1/24", "dev", "br0"], h1)
+    for i in range(1, GUESTS + 1):
+        g = guest_name(i)
+        gmac = f"52:54:00:67:e9:b{i}"
+        subprocess.run(["ip", "netns", "add", g], check=True)
+        show(["ip", "link", "add", f"vnet{i}", "type", "veth", "peer", "name", "eth0", "netns", g], h1)
+        show(["ip", "link", "set", f"vnet{i}", "master", "br0", "up"], h1)
+        show(["ip", "link", "set", "eth0", "address", gmac, "up"], g)
+        show(["ip", "addr", "add", f"10.0.0.{10 + i}/24", "dev", "eth0"], g)
+        xdpoib("vif", "add", "eth4", gmac, "--netns", h1)       # eIPoIB: ip link set dev eth4 vif ... mac
+    xdpoib("vif", "list", "eth4", "--netns", h1)                # eIPoIB: /sys/class/net/eth4/eth/vifs
+
+    step("8. Each guest reaches host 2 across the fabric, from its own QP")
+    for i in range(1, GUESTS + 1):
+        show(["ping", "-c", "2", "-i", "0.2", "10.0.0.2"], guest_name(i))
+    xdpoib("peers", "eth4", "--netns", ns_name(2))              # one peer (QPN) per guest, and host 1
+
+    step("9. Partitions: host 1's VLAN 3 is P_Key 0x8003, with its own broadcast group and QP")
+    st = json.loads(subprocess.run([sys.executable, "-m", "xdpoib", "status", "eth4", "--netns", h1, "-j"],
+                                   capture_output=True, text=True).stdout)
+    st = st[0] if isinstance(st, list) else st
+    for p in st.get("partitions", []):
+        print(f"  VLAN {p['vlan']}: P_Key {p['pkey']}, broadcast {p['broadcast']}, QPN {p['qpn']:#x}, MTU {p['mtu']}")
+    print("$ saquery --smkey 1 MCMR --mgid ff12:401b:8003::ffff:ffff    (as host h1)")
+    mcmr = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", "ff12:401b:8003::ffff:ffff").stdout
+    for line in mcmr.splitlines():
+        if "PortGid" in line or "JoinState" in line:
+            print("  " + line.strip())
 
 
 def run(args) -> int:
@@ -86,7 +139,8 @@ def run(args) -> int:
             ns = ns_name(i)
             subprocess.run(["ip", "netns", "add", ns], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-            r = xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{FABRIC}:h{i}")
+            extra = ["--vlan", "3:0x8003"] if i == 1 else []        # h1 and h2 are in partition 0x8003
+            r = xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{FABRIC}:h{i}", *extra)
             if r.returncode != 0:
                 raise XdpoibError(f"attaching host {i} failed")
             show(["ip", "addr", "add", f"10.0.0.{i}/24", "dev", "eth4"], ns)
@@ -113,6 +167,8 @@ def run(args) -> int:
         for line in mcmr.splitlines():      # the two lines that matter of each record
             if "PortGid" in line or "JoinState" in line:
                 print("  " + line.strip())
+
+        bridge_scenario(fab)
         ok = True
     finally:
         if args.keep and ok:
