@@ -42,6 +42,7 @@ METRICS: dict[str, str] = {
     "xdpoib_agent_uptime_seconds": "gauge",
     "xdpoib_peers": "gauge",
     "xdpoib_peers_max": "gauge",
+    "xdpoib_vifs": "gauge",
     "xdpoib_broadcast_joined": "gauge",
     "xdpoib_mcast_groups": "gauge",
     "xdpoib_packets_total": "counter",
@@ -160,6 +161,8 @@ class _Families:
         self.peers = g("xdpoib_peers", "Remote hosts the attachment knows (resolved or not)", labels=lab)
         self.peers_max = g("xdpoib_peers_max", "Peers the datapath's peer table can hold (its pinned map's size)",
                            labels=lab)
+        self.vifs = g("xdpoib_vifs", "VIFs behind the attachment (eth4's own MAC and guests), by origin",
+                      labels=[*lab, "origin"])
         self.bcast = g("xdpoib_broadcast_joined",
                        "1 if the agent is a full member of its partition's broadcast group", labels=lab)
         self.groups = g("xdpoib_mcast_groups", "Multicast groups of the attachment, by join state",
@@ -181,7 +184,7 @@ class _Families:
 
     def all(self) -> list:
         """Every family, in exposition order."""
-        return [self.up, self.attachment, self.port, self.uptime, self.peers, self.peers_max, self.bcast,
+        return [self.up, self.attachment, self.port, self.uptime, self.peers, self.peers_max, self.vifs, self.bcast,
                 self.groups, self.packets, self.bytes, self.actions, self.kinds, self.drops, self.events, self.sa,
                 self.sa_time]
 
@@ -217,6 +220,10 @@ class _Families:
                                    "state": str(p.get("state", ""))})
         self.uptime.add_metric(lab, float(a.get("uptime_seconds", 0)))
         self.peers.add_metric(lab, st.get("peers", 0))
+        v = st.get("vifs")
+        if isinstance(v, dict):
+            self.vifs.add_metric([*lab, "learned"], v.get("learned", 0))
+            self.vifs.add_metric([*lab, "configured"], v.get("count", 0) - v.get("learned", 0))
         if "broadcast_joined" in st:
             self.bcast.add_metric(lab, 1 if st["broadcast_joined"] else 0)
         by_state = st.get("groups_by_state") or {"unknown": st.get("groups", 0)}

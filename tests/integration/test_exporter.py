@@ -178,6 +178,8 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
         assert value(m, "xdpoib_bytes_total", netns=ns, direction="tx") > 3 * 84
         assert value(m, "xdpoib_peers", netns=ns) >= 1
         assert value(m, "xdpoib_peers_max", netns=ns) == MAX_PEERS        # the pinned peer map's size
+        assert value(m, "xdpoib_vifs", netns=ns, origin="configured") == 1   # eth4's own MAC (VIF 0)
+        assert value(m, "xdpoib_vifs", netns=ns, origin="learned") == 0
         assert value(m, "xdpoib_broadcast_joined", netns=ns) == 1
         assert value(m, "xdpoib_mcast_groups", netns=ns, state="full") >= 1
         host = "h1" if ns == ns1 else "h2"
