@@ -3,12 +3,21 @@
 Pure bookkeeping (no I/O): the agent resolves paths and joins groups, and records the outcome here.
 A peer is a remote (QPN, GID); its REMAC comes from `RemacTable` (stable across LID changes and
 restarts), its id from a counter; both are persisted in the attachment's state file.
+
+The table is bounded (`xdpoib/agent/aging.py` drives it): `remove` takes peers out (idle ones, or,
+beyond `max_peers`, those `learn` evicts: least recently active first, peers we send to last) but
+keeps their REMAC and id reserved, so a peer that comes back gets both unchanged; at most
+`max_reserved` such reservations are kept, the oldest dropped first. Activity is `last_seen` (a
+datagram from the peer) or a send: reading `ah` to send counts in `sends`, which the aging sweep turns
+into `used_at`. A peer whose LID changes loses its path, so it is resolved again (a stale AH would
+send into the void).
 """
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from xdpoib.wire.addr import IPoIBAddr, RemacTable, gid_str, mac_str, parse_gid
@@ -16,6 +25,20 @@ from xdpoib.wire.oracle import Peer, Tables, Vif
 
 #: Frames kept per peer while its path resolves (DESIGN 1).
 MAX_PENDING = 3
+
+
+def _ah_get(self):
+    self.sends += 1
+    return self._ah
+
+
+def _ah_set(self, ah) -> None:
+    self._ah = ah
+
+
+#: The address handle to send with; reading it to send counts the send (`sends`), which is how the aging
+#: sweep sees a peer or group that we only send to (see the module doc).
+_AH = property(_ah_get, _ah_set)
 
 
 @dataclass
@@ -26,14 +49,24 @@ class PeerEntry:
     remac: bytes
     addr: IPoIBAddr
     lid: int | None = None
-    path_state: str = "unresolved"      # unresolved | resolved | failed
+    path_state: str = "unresolved"      # unresolved | resolving | resolved | failed
     path: object = None                 # fabric.base.Path
-    ah: object = None                   # fabric.base.AddressHandle
+    _ah: object = None                  # fabric.base.AddressHandle (`ah`)
     path_mtu: int = 0
     first_seen: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     resolved_at: float = 0.0
     pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
+    sends: int = 0                      # reads of `ah` (one per batch sent)
+    used_at: float = 0.0                # when the sweep last saw `sends` move
+    seen_sends: int = 0                 # `sends` at that sweep
+
+    ah = _AH
+
+    @property
+    def active_at(self) -> float:
+        """When the peer was last heard from or sent to (as of the last sweep)."""
+        return max(self.last_seen, self.used_at)
 
     def as_peer(self) -> Peer:
         return Peer(self.peer_id, self.remac, self.addr)
@@ -56,10 +89,16 @@ class GroupEntry:
     mlid: int = 0
     qkey: int = 0
     mtu: int = 0
-    ah: object = None
+    _ah: object = None                  # `ah`: the AH to send with (reading it to send counts in `sends`)
     attached: bool = False              # our QP receives from it
     why: set[str] = field(default_factory=set)   # broadcast, eth4, snooped, send
     joined_at: float = 0.0
+    sends: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    used_at: float = 0.0                # when the sweep last saw `sends` move
+    seen_sends: int = 0
+
+    ah = _AH
 
     def to_dict(self) -> dict:
         return {"mgid": gid_str(self.mgid), "join_state": self.join_state, "mlid": self.mlid,
@@ -81,7 +120,12 @@ class PeerTable(Tables):
         self._vif_by_key = {v.addr.key: v for v in vifs}
         self._next_id = next_id
         self._ids: dict[tuple[int, bytes], int] = {}
+        self._gone: OrderedDict[tuple[int, bytes], None] = OrderedDict()   # reserved, oldest first
         self.on_new = None          # called with each new PeerEntry (the datapath installs it)
+        self.on_removed = None      # called with (entries, why) when peers leave the table
+        self.on_lid_change = None   # called with (entry, old_lid) when a known peer's LID changed
+        self.max_peers: int | None = None
+        self.max_reserved: int | None = None
 
     def set_vifs(self, vifs: list[Vif]) -> None:
         """Replace the local VIFs (TAP mode learns the guest's MAC after start)."""
@@ -102,6 +146,11 @@ class PeerTable(Tables):
                 self._next_id += 1
                 self._ids[key] = pid
             e = PeerEntry(pid, self.remacs.assign(addr.gid, addr.qpn), addr)
+            self._gone.pop(key, None)
+            if self.max_peers is not None and len(self.entries) >= self.max_peers:
+                # a batch at a time (1/64 of the cap, at least 8): each removal costs map syscalls
+                cap = self.max_peers
+                self.evict(len(self.entries) - cap + max(1, min(max(8, cap // 64), cap // 4)))
             self.entries[key] = e
             self._by_mac[e.remac] = e
             self._by_id[pid] = e
@@ -110,12 +159,65 @@ class PeerTable(Tables):
         elif addr.flags != e.addr.flags:
             e.addr = addr
         if lid and lid != e.lid:
-            if e.lid is not None:
-                self._by_lid.pop((e.lid, addr.qpn), None)
+            old = e.lid
+            if old is not None:
+                self._by_lid.pop((old, addr.qpn), None)
             e.lid = lid
             self._by_lid[(lid, addr.qpn)] = e
+            if old and e.path_state == "resolved":      # the path leads to the old LID: resolve again
+                e.path_state, e.path, e.ah = "unresolved", None, None
+                if self.on_lid_change is not None:
+                    self.on_lid_change(e, old)
+        elif lid and self._by_lid.get((lid, addr.qpn)) is not e:
+            self._by_lid[(lid, addr.qpn)] = e           # e.lid was set from a PathRecord, not indexed
         e.last_seen = time.monotonic()
         return e
+
+    def remove(self, entries, why: str = "idle") -> list[PeerEntry]:
+        """Take peers out of the table (their REMAC and id stay reserved); returns those removed."""
+        out = []
+        for e in entries:
+            key = e.addr.key
+            if self.entries.get(key) is not e:
+                continue
+            del self.entries[key]
+            self._by_mac.pop(e.remac, None)
+            self._by_id.pop(e.peer_id, None)
+            if e.lid is not None and self._by_lid.get((e.lid, e.addr.qpn)) is e:
+                del self._by_lid[(e.lid, e.addr.qpn)]
+            e.pending.clear()
+            self._gone[key] = None
+            out.append(e)
+        if out and self.on_removed is not None:
+            self.on_removed(out, why)
+        self.trim_reservations()
+        return out
+
+    def evict(self, n: int) -> list[PeerEntry]:
+        """Remove n peers, least recently active first (the hard cap's LRU eviction), but peers nothing
+        was ever sent to before any we talk to: a flood of new senders churns among its own entries
+        instead of pushing out the peers in use."""
+        if n <= 0:
+            return []
+        def rank(e):
+            return (e.sends > 0 or e.path_state == "resolved", e.active_at)
+        return self.remove(heapq.nsmallest(n, self.entries.values(), key=rank), "evicted")
+
+    def trim_reservations(self) -> int:
+        """Drop the oldest reservations (REMAC and id of removed peers) beyond `max_reserved`."""
+        limit = self.max_reserved
+        dropped = 0
+        while limit is not None and len(self._gone) > limit:
+            qpn, gid = self._gone.popitem(last=False)[0]
+            self._ids.pop((qpn, gid), None)
+            self.remacs.forget(gid, qpn)
+            dropped += 1
+        return dropped
+
+    @property
+    def reserved(self) -> int:
+        """Reservations kept for peers not in the table."""
+        return len(self._gone)
 
     def by_lid(self, lid: int, qpn: int) -> PeerEntry | None:
         """The peer sending from (SLID, source QPN): how a datagram without GRH is identified."""
@@ -165,4 +267,7 @@ class PeerTable(Tables):
         self._next_id = max([self._next_id, int(data.get("next_id", 1)), *[i + 1 for i in self._ids.values()]])
         for it in data.get("peers", []):      # known peers come back at once (paths resolve on use)
             self.learn(IPoIBAddr(int(it.get("flags", 0)), int(it["qpn"]), parse_gid(it["gid"])), lid=it.get("lid"))
+        for key in self._ids:                 # the rest are reservations of peers removed earlier
+            if key not in self.entries:
+                self._gone[key] = None
 

@@ -296,6 +296,8 @@ class Agent:
         lp.every(MCAST_SYNC_S, self._sync_eth4)
         lp.every(MEMBERSHIP_CHECK_S, self.membership.check)
         lp.every(SAVE_S, self._maybe_save)
+        from xdpoib.agent import aging
+        aging.install(self)             # bounded state: peer and path aging, caches, the SA query gate
         lp.every(IDLE_CHECK_S, self.vifs.expire)
 
     def wire_qp(self, qp) -> None:
@@ -337,6 +339,8 @@ class Agent:
             if ev.attrs is not None:
                 self.port_attrs = ev.attrs
                 self.loopback.port = ev.attrs
+            from xdpoib.agent import aging
+            aging.on_port_event(self, ev)         # the SA client's path cache too
             if ev.kind is PortEventKind.PORT_ERR:
                 continue
             self.peers.forget_paths()

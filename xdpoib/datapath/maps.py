@@ -206,19 +206,33 @@ class Maps:
                 cache.update_batch_raw(struct.pack(f"<{len(slots)}I", *slots), b"".join(slots.values()))
 
     def _clear_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
-        """Empty the cache slots that hold any of these entries (checked by MAC or id): both caches are
-        read whole (one batched lookup each) and only the changed slots written back."""
+        """Empty the cache slots that hold any of these entries (checked by MAC or id), writing back
+        only the changed slots. Many entries: both caches are read whole (one batched lookup each);
+        a few (an idle peer, an eviction): only their slots are read, one lookup each, instead of
+        the 2 MiB of a whole cache."""
         vs = ct.sizeof(by_mac.value_type)
+        few = len(entries) * 64 < nslots
         for cache, slot_of, match in (
                 (by_mac, lambda e: abi.mac_slot(e[1], nslots), lambda e, v: v[4:10] == e[1]),
                 (by_id, lambda e: abi.id_slot(e[0], nslots), lambda e, v: int.from_bytes(v[0:4], "little") == e[0])):
-            _, vals, n = bpfsys.map_lookup_batch(cache.fd, 4, vs, nslots)
+            if few:
+                slots = {slot_of(e) for e in entries}
+                vals, n = {}, nslots
+                for s in slots:
+                    v = cache.get(s)
+                    vals[s] = bytes(v) if v is not None else bytes(vs)
+                def value(s, vals=vals):
+                    return vals[s]
+            else:
+                _, raw, n = bpfsys.map_lookup_batch(cache.fd, 4, vs, nslots)
+                def value(s, raw=raw):
+                    return raw[s * vs:(s + 1) * vs]
             hit = set()
             for e in entries:
                 s = slot_of(e)
                 if s in hit or s >= n:
                     continue
-                v = vals[s * vs:(s + 1) * vs]
+                v = value(s)
                 if v[10] & abi.F_VALID and match(e, v):
                     hit.add(s)
             if hit:
@@ -294,6 +308,10 @@ class Maps:
     def set_group(self, mgid: bytes, group_id: int) -> None:
         """Map an MGID to a group id."""
         self.group.set(abi.MgidKey(mgid=(ct.c_uint8 * 16)(*mgid)), abi.Group(group_id=group_id))
+
+    def remove_group(self, mgid: bytes) -> bool:
+        """Forget an MGID (a group the agent left); False if it was not there."""
+        return self.group.delete(abi.MgidKey(mgid=(ct.c_uint8 * 16)(*mgid)))
 
     def set_partitions(self, vlan_pkeys: dict[int, int]) -> None:
         """Install VID -> P_Key (and P_Key -> the smallest VID mapping it) for every partition."""

@@ -1,0 +1,118 @@
+"""Bounded state, the pure parts (xdpoib/peers.py, xdpoib/agent/aging.py): removal keeps REMACs
+reserved, the cap evicts idle newcomers before peers in use, reservations are capped, a LID change
+drops the path, the SA gate's token bucket, the settings from the environment."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from xdpoib.agent.aging import AgingConfig, AgingError, SAGate
+from xdpoib.peers import PeerTable
+from xdpoib.wire.addr import IPoIBAddr
+from xdpoib.wire.oracle import Vif
+
+
+def gid(n: int) -> bytes:
+    return bytes.fromhex("fe80000000000000") + n.to_bytes(8, "big")
+
+
+def table() -> PeerTable:
+    return PeerTable([Vif(0, bytes.fromhex("f45214000001"), IPoIBAddr(0, 0x11, gid(0)))], {0: 0xFFFF})
+
+
+def test_removed_peer_comes_back_with_its_remac_and_id():
+    t = table()
+    removed = []
+    t.on_removed = lambda es, why: removed.append((len(es), why))
+    e = t.learn(IPoIBAddr(0, 0x100, gid(1)), lid=5)
+    remac, pid = e.remac, e.peer_id
+    assert t.remove([e]) == [e] and removed == [(1, "idle")]
+    assert t.by_lid(5, 0x100) is None and t.by_id(pid) is None and t.reserved == 1
+    assert any(r["remac"].replace(":", "") == remac.hex() for r in t.to_json()["remacs"])
+    back = t.learn(IPoIBAddr(0, 0x100, gid(1)))
+    assert (back.remac, back.peer_id) == (remac, pid) and t.reserved == 0
+
+
+def test_cap_evicts_unused_newcomers_before_peers_in_use():
+    t = table()
+    t.max_peers = 16
+    evicted = []
+    t.on_removed = lambda es, why: evicted.extend(es)
+    used = t.learn(IPoIBAddr(0, 0x100, gid(1)))
+    used.ah = object()
+    _ = used.ah                                     # one send
+    for n in range(2, 60):
+        t.learn(IPoIBAddr(0, 0x100 + n, gid(n)))
+    assert len(t.entries) <= 16 and len(evicted) >= 60 - 1 - 16
+    assert used.addr.key in t.entries, "the peer in use was evicted"
+
+
+def test_reservations_are_capped_oldest_first():
+    t = table()
+    t.max_reserved = 3
+    es = [t.learn(IPoIBAddr(0, 0x100 + n, gid(n))) for n in range(1, 7)]
+    t.remove(es)
+    assert t.reserved == 3 and len(t.remacs) == 3
+    kept = {(r["qpn"]) for r in t.to_json()["remacs"]}
+    assert kept == {0x104, 0x105, 0x106}
+
+
+def test_lid_change_drops_the_path_and_tells():
+    t = table()
+    seen = []
+    t.on_lid_change = lambda e, old: seen.append((old, e.lid))
+    e = t.learn(IPoIBAddr(0, 0x100, gid(1)), lid=5)
+    e.path_state, e.ah = "resolved", object()
+    t.learn(e.addr, lid=9)
+    assert (e.path_state, e.ah, seen) == ("unresolved", None, [(5, 9)])
+    assert t.by_lid(9, 0x100) is e and t.by_lid(5, 0x100) is None
+
+
+def test_lid_set_from_a_path_is_indexed_on_the_next_learn():
+    t = table()
+    e = t.learn(IPoIBAddr(0, 0x100, gid(1)))
+    e.lid = 7                                       # what a PathRecord answer sets
+    t.learn(e.addr, lid=7)
+    assert t.by_lid(7, 0x100) is e
+
+
+class FakeWorker:
+    def __init__(self):
+        self.keys = set()
+        self.stats = {"submitted": 0}
+
+    def pending(self, key):
+        return key in self.keys
+
+    def submit(self, key, fn, done):
+        self.keys.add(key)
+        self.stats["submitted"] += 1
+        return True
+
+
+def test_sa_gate_bounds_the_query_rate():
+    stats = {"sa_rate_limited": 0}
+    w = FakeWorker()
+    g = SAGate(w, rate=10.0, burst=5, stats=stats)
+    t0 = time.monotonic()
+    for n in range(50):
+        g.submit(("path", n), None, None)
+    for n in range(20):
+        g.submit(("check", n), None, None)          # not limited
+    g.submit(("path", 0), None, None)               # queued already: no token
+    elapsed = time.monotonic() - t0
+    assert w.stats["submitted"] <= 5 + int(elapsed * 10) + 1 + 20 + 1
+    assert stats["sa_rate_limited"] >= 40
+    assert g.stats is w.stats                       # the rest is the worker's
+
+
+def test_config_from_the_environment():
+    assert AgingConfig.from_env({}) == AgingConfig()
+    c = AgingConfig.from_env({"XDPOIB_PEER_IDLE_S": "4.5", "XDPOIB_MAX_PEERS": "40"})
+    assert (c.peer_idle_s, c.max_peers) == (4.5, 40)
+    with pytest.raises(AgingError, match="XDPOIB_MAX_PEERS must be a number"):
+        AgingConfig.from_env({"XDPOIB_MAX_PEERS": "many"})
+    with pytest.raises(AgingError, match="must be positive"):
+        AgingConfig.from_env({"XDPOIB_SA_RATE": "0"})
