@@ -431,8 +431,8 @@ class SimFabric:
         return p
 
     def sa_client(self, host: SimHost | str, **kw):
-        """An SA client running as `host` in a child process (`xdpoib.fabric.sa.RemoteSAClient`)."""
-        from xdpoib.fabric.sa import RemoteSAClient
+        """An SA client running as `host` in a child process (`xdpoib.fabric.sa_remote.RemoteSAClient`)."""
+        from xdpoib.fabric.sa_remote import RemoteSAClient
 
         self._ensure_slot()
         c = RemoteSAClient(self.client_env(host), cwd=self.client_cwd(host), **kw)

@@ -2,11 +2,11 @@
 
 The same code drives a real HCA (`/dev/infiniband/umad*`) and ibsim (a process started with
 `LD_PRELOAD=libumad2sim.so`, see `xdpoib.fabric.simfabric`). Only byte buffers cross this module's
-boundary: MAD layouts live in `xdpoib.fabric.sa`.
+boundary: MAD layouts live in `xdpoib.fabric.sa_records`.
 
 Facts measured under umad2sim (DESIGN 4): `umad_send`'s timeout and retries are ignored, so callers keep
 their own deadlines; `umad_get_port` is a snapshot taken when the process attached, so fresh port state
-comes from a PortInfo SMP to ourselves (`xdpoib.fabric.sa.SAClient.port`).
+comes from a PortInfo SMP to ourselves (`xdpoib.fabric.sa_client.SAClient.port`).
 """
 
 from __future__ import annotations
