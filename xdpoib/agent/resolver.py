@@ -7,9 +7,10 @@ the next try waits for the peer's backoff (1 s doubling to 16 s). Peers already 
 flowing whatever the SA does; port events mark every path stale, to be resolved again on next use.
 
 Senders are learned from what their datagrams carry: the GRH's source GID (multicast, routed), the
-(SLID, source QPN) of a peer seen before, the sender hardware address of an ARP it sent (when its
-QPN matches the datagram's), or the addresses ND options carry. A unicast datagram without a GRH from
-a sender never seen is dropped while the SA is asked (at most once a second per LID) who has that LID.
+(SLID, source QPN) of a peer seen before, or the sender hardware address of an ARP it sent when that
+is the datagram's own source (`from_arp`: spoofed ARPs are dropped, first contacts checked with the
+SA). ND options teach nothing (`from_nd`). A unicast datagram without a GRH from a sender never seen
+is dropped while the SA is asked (at most once a second per LID) who has that LID.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from xdpoib.wire.addr import IPoIBAddr, gid_str
 log = logging.getLogger("xdpoib.agent")
 
 WHO_IS_INTERVAL_S = 1.0
+#: An IPoIB address nobody has (QPN 0 is never a UD QP's; not all zero and not the multicast QPN, which
+#: the datapath translates to the zero MAC): written over a spoofed sender address so no datapath learns it.
+UNLEARNABLE = bytes(4) + b"\xee" * 16
 WHO_IS_CACHE = 4096
 
 
@@ -93,13 +97,65 @@ class Resolver:
 
     # ---- learning
 
-    def from_arp(self, data, src_qpn: int, slid: int) -> PeerEntry | None:
-        """A sender's own address, from the ARP it sent (sender hardware address) if it matches."""
-        if len(data) >= 4 + f.ARP_IB_LEN and data[8] == 20 and bytes(data[:2]) in (b"\x08\x06", b"\x80\x35"):
-            sha = IPoIBAddr.unpack(bytes(data[12:32]))
-            if sha.qpn == src_qpn:
-                return self.a.peers.learn(sha, lid=slid)
-        return None
+    def from_arp(self, data, src_qpn: int, slid: int) -> PeerEntry | bool | None:
+        """The sender of an ARP (or RARP), learned from its sender hardware address only when that
+        address is the datagram's own source: the QPN must be the source QPN, and the GID the GID of
+        the sender as we know it by (SLID, source QPN) (the GRH's SGID for a datagram with one: the
+        caller has learned it under that SLID already).
+
+        A sender known by (SLID, QPN) whose ARP names another address is spoofing: the ARP is dropped
+        and counted (`arp_spoofed`), nothing is learned. A sender not known yet (no GRH, a LID never
+        seen: a unicast ARP reply is usually the first we hear from a peer) is taken at its word at
+        once, so first contact costs no round trip, and checked in the background: the SA is asked who
+        has that LID, and a peer whose GID is not the one there (or at a LID the SA does not route) is
+        removed again and counted as spoofed. An address we know at another LID is not taken over
+        (`arp_unverified`: the caller asks the SA who has the new LID, which settles a real move).
+        Without a token from the SA gate the check cannot run, and the ARP is dropped
+        (`arp_unverified`).
+
+        Returns the peer learned, None (not an ARP to learn from), or False: drop it. A dropped ARP
+        also has its sender address overwritten in place with `UNLEARNABLE`, so that a datapath given
+        it anyway refuses it (ARP_UNKNOWN_HWADDR) instead of teaching eth4 a spoofed address."""
+        if len(data) < 4 + f.ARP_IB_LEN or data[8] != 20 or bytes(data[:2]) not in (b"\x08\x06", b"\x80\x35"):
+            return None
+        a = self.a
+        peers = a.peers
+        sha = IPoIBAddr.unpack(bytes(data[12:32]))
+        src = peers.by_lid(slid, src_qpn)
+        known = peers.entries.get(sha.key)
+        spoofed = sha.qpn != src_qpn or (src is not None and src.addr.key != sha.key)
+        moved = src is None and known is not None and known.lid and known.lid != slid
+        if spoofed or moved:
+            # a known address from another LID may be a peer the SM moved: who-is settles it
+            a.drops["arp_spoofed" if spoofed else "arp_unverified"] += 1
+            try:
+                data[12:32] = UNLEARNABLE
+            except TypeError:                   # a read-only buffer: the caller must drop it
+                pass
+            return False
+        if src is not None or not slid:
+            return peers.learn(sha, lid=slid or None)
+        key = ("arpcheck", slid, src_qpn)
+        if not a.sa_worker.pending(key):
+            sa, pkey, gid = a.sa, a.pkey, sha.gid
+
+            def done(ok, res):
+                e = peers.entries.get(sha.key)
+                if ok and bytes(res.dgid) == gid:
+                    a.stats["arp_senders_verified"] += 1
+                    return
+                if not ok and getattr(res, "status", None) != 0x0300:
+                    log.warning("checking the ARP sender at LID %d: %s", slid, res)    # cannot tell
+                    return
+                a.drops["arp_spoofed"] += 1
+                log.warning("ARP from LID %d claimed %s, which is not the port at that LID: forgotten",
+                            slid, gid_str(gid))
+                if e is not None and e.lid == slid:
+                    peers.remove([e], "spoofed")
+            if not a.sa_worker.submit(key, lambda: sa.path_to_lid(slid, pkey), done):
+                a.drops["arp_unverified"] += 1
+                return False
+        return peers.learn(sha, lid=slid)
 
     def who_is(self, slid: int, qpn: int) -> None:
         """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA
@@ -121,18 +177,43 @@ class Resolver:
             a.peers.learn(IPoIBAddr(0, qpn, res.dgid), lid=slid)
         a.sa_worker.submit(("whois", slid), lambda: sa.path_to_lid(slid, pkey), done)
 
-    def from_nd(self, data) -> None:
-        """Learn the IPoIB addresses that ND link-layer options carry (so their translation succeeds)."""
+    def from_nd(self, data, src_qpn: int | None = None, slid: int | None = None) -> bool:
+        """Addresses carried in ND link-layer options, learned only when they are the sender's own.
+
+        An option naming an address nobody is known by teaches nothing (a flood of made-up options
+        must not fill the peer table; the sender's own address is known by the time its ND arrives:
+        from the GRH of a multicast NS/RA, or by its LID); the datapath then drops the message
+        (ND_UNKNOWN_LLADDR). With the datagram's source given (SLID, source QPN), an option naming
+        any address but the sender's is foreign: the message is dropped (`nd_foreign_lladdr`; its
+        option address overwritten in place, as `from_arp` does) and False returned. Known addresses only
+        have their flags refreshed."""
         if len(data) < 4 + 40 + 4 or data[4 + 6] != f.IPPROTO_ICMPV6 or data[44] not in f.ND_TYPES:
-            return
+            return True
         msg = bytes(data[44:])
         try:
             opts = f.parse_nd_options(msg, msg[0])
         except FrameError:
-            return
-        own = self.a.vif.addr.key
+            return True
+        a = self.a
+        peers = a.peers
+        own = a.vif.addr.key
+        src = peers.by_lid(slid, src_qpn) if slid is not None and src_qpn is not None else None
         for o in opts:
-            if o.opt_type in (f.ND_OPT_SLLA, f.ND_OPT_TLLA) and len(o.raw) == 24:
-                addr = IPoIBAddr.unpack(o.raw[4:24])
-                if addr.key != own:
-                    self.a.peers.learn(addr)
+            if o.opt_type not in (f.ND_OPT_SLLA, f.ND_OPT_TLLA) or len(o.raw) != 24:
+                continue
+            addr = IPoIBAddr.unpack(o.raw[4:24])
+            if addr.key == own:
+                continue
+            if src is not None and addr.key != src.addr.key:
+                a.drops["nd_foreign_lladdr"] += 1
+                at = 44 + o.offset
+                try:
+                    data[at + 4:at + 24] = UNLEARNABLE
+                except TypeError:
+                    pass
+                return False
+            if addr.key in peers.entries:
+                peers.learn(addr)
+            else:
+                a.stats["nd_lladdr_not_learnt"] += 1
+        return True
