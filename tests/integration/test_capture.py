@@ -25,6 +25,7 @@ import pytest
 from prereq import need_cmd
 
 from xdpoib import state
+from xdpoib.fabric.base import gid_str
 
 XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3
@@ -47,10 +48,6 @@ def xdpoib(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def nsexec(ns: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
-
-
-def gid(text: str) -> str:
-    return str(ipaddress.IPv6Address(text))
 
 
 def qpn_field(qpn: int) -> str:
@@ -111,7 +108,7 @@ def lab(sim_fabric):
             assert time.monotonic() < end, "eth4's link-local address stays tentative"
             time.sleep(0.1)
         st = json.loads(xdpoib("status", "eth4", "--netns", ns, "-j").stdout)
-        yield {"fab": sim_fabric, "ns": ns, "status": st, "qpn": st["qpn"], "gid": gid(st["port"]["gid"])}
+        yield {"fab": sim_fabric, "ns": ns, "status": st, "qpn": st["qpn"], "gid": st["port"]["gid"]}
     finally:
         xdpoib("detach", "eth4", "--netns", ns, check=False)
         subprocess.run(["ip", "netns", "del", ns], check=False)
@@ -167,7 +164,7 @@ def session(lab, native, tmp_path_factory):
             time.sleep(0.3)
             with NativeHost(lab["fab"].name, "h2", dhcp=True) as client:
                 lease = client.dhcp(timeout=30)
-                client_addr = (client.ready["qpn"], gid(client.ready["gid"]))
+                client_addr = (client.ready["qpn"], client.ready["gid"])
         finally:
             server.terminate()
             server.wait(10)
@@ -176,7 +173,7 @@ def session(lab, native, tmp_path_factory):
         if p.poll() is None:
             p.kill()
     return {"path": path, "stderr": err, "rows": tshark_rows(path), "lease": lease, "client": client_addr,
-            "native": (native.ready["qpn"], gid(native.ready["gid"])), "native_ll": native_ll(native)}
+            "native": (native.ready["qpn"], native.ready["gid"]), "native_ll": native_ll(native)}
 
 
 def test_sigint_stops_cleanly_and_empties_the_slot(lab, session):
@@ -199,7 +196,7 @@ def test_our_arp_request_carries_the_qpn_and_gid_status_reports(lab, session):
     assert r["ipoib.dgid"] == BCAST_MGID and not r["ipoib.daddr.qpn"]
     sha = bytes.fromhex(r["arp.src.hw"].replace(":", ""))
     assert sha[0] == 0 and int.from_bytes(sha[1:4], "big") == lab["qpn"]
-    assert str(ipaddress.IPv6Address(sha[4:])) == lab["gid"]
+    assert gid_str(sha[4:]) == lab["gid"]
 
 
 def test_the_native_peers_arp_reply_is_received_from_its_address(lab, session):

@@ -3,7 +3,6 @@ memberships) and lost MADs. The agent must rejoin and traffic must come back by 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import time
 import uuid
 
 import pytest
+
+from xdpoib.fabric.base import gid_str
 
 SIM_HOSTS = 2
 BCAST = "ff12:401b:ffff::ffff:ffff"
@@ -43,7 +44,7 @@ def ping(ns, dst, count=1, wait=2):
 
 
 def member(fab, host) -> bool:
-    gid = str(ipaddress.IPv6Address(fab.host(host).gid))
+    gid = gid_str(fab.host(host).gid)
     out = fab.saquery("h1", "--smkey", "1", "MCMR", "--mgid", BCAST).stdout
     return gid in out
 

@@ -23,6 +23,8 @@ import uuid
 import pytest
 from prereq import need_cmd
 
+from xdpoib.fabric.base import gid_str
+
 XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3                   # h1, h2 in 0x8003; h3 (the xdpoib host) is not
 NET = "10.88.0"
@@ -70,10 +72,6 @@ def nsexec(ns: str, *cmd: str, timeout: float = 30, check: bool = False) -> subp
     return r
 
 
-def gid_of(text: str) -> str:
-    return str(ipaddress.IPv6Address(text))
-
-
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     """eth4 attached in a fresh netns on h3 (default partition) with NET.3/24, and its status."""
@@ -91,7 +89,7 @@ def lab(sim_fabric):
         st = json.loads(xdpoib("status", "eth4", "--netns", ns, "-j").stdout)
         ll = re.search(r"inet6 (fe80::\S+)/64", nsexec(ns, "ip", "-6", "addr", "show", "dev", "eth4").stdout)
         yield {"fab": sim_fabric, "ns": ns, "status": st, "ll": ll.group(1),
-               "addr": (st["qpn"], gid_of(st["port"]["gid"]))}
+               "addr": (st["qpn"], st["port"]["gid"])}
     finally:
         xdpoib("detach", "eth4", "--netns", ns, check=False)
         subprocess.run(["ip", "netns", "del", ns], check=False)
@@ -139,10 +137,10 @@ def test_native_pings_the_xdpoib_host_and_resolves_it_by_arp(lab, native):
     qpn, gid = lab["addr"]
     sha = bytes.fromhex(replies[0]["sha"].replace(":", ""))
     # xdpoib's address in IB form: flags 0 (UD only), its QP, its port GID; unicast, so no GRH
-    assert sha[0] == 0 and int.from_bytes(sha[1:4], "big") == qpn and gid_of(str(ipaddress.IPv6Address(sha[4:]))) == gid
+    assert sha[0] == 0 and int.from_bytes(sha[1:4], "big") == qpn and gid_str(sha[4:]) == gid
     assert replies[0]["grh"] is False
     arp = {n["ip"]: n for n in native.neighbors()["arp"]}
-    assert arp[XDP_IP]["qpn"] == qpn and gid_of(arp[XDP_IP]["gid"]) == gid and arp[XDP_IP]["flags"] == 0
+    assert arp[XDP_IP]["qpn"] == qpn and arp[XDP_IP]["gid"] == gid and arp[XDP_IP]["flags"] == 0
     # and the Linux stack behind eth4 learnt the native peer from its request, under its REMAC
     assert "lladdr" in nsexec(lab["ns"], "ip", "neigh", "show", NATIVE_IP, "dev", "eth4").stdout
 
@@ -177,7 +175,7 @@ def test_native_pings6_the_xdpoib_host_and_resolves_it_by_nd(lab, native):
     # the target option arrived in IB form (24 octets, else it would not have been decoded)
     assert na["lladdr"] is not None and na["lladdr_flags"] == 0 and na["other_option_lengths"] == []
     nd = {n["ip"]: n for n in native.neighbors()["nd"]}
-    assert nd[lab["ll"]]["qpn"] == lab["addr"][0] and gid_of(nd[lab["ll"]]["gid"]) == lab["addr"][1]
+    assert nd[lab["ll"]]["qpn"] == lab["addr"][0] and nd[lab["ll"]]["gid"] == lab["addr"][1]
 
 
 def test_xdpoib_host_pings6_the_native_peer_and_resolves_it_by_nd(lab, native):
@@ -225,9 +223,9 @@ def test_udp_echo_both_ways(lab, native, echo_server):
 def test_native_peers_flags_0x80_address_is_one_peer(lab, native):
     hw = native.ready["hwaddr"]
     assert hw.startswith("80:")                    # connected-mode capable, as Linux ib0 says
-    qpn, gid = native.ready["qpn"], gid_of(native.ready["gid"])
+    qpn, gid = native.ready["qpn"], native.ready["gid"]
     peers = json.loads(xdpoib("peers", "eth4", "--netns", lab["ns"], "-j").stdout)
-    mine = [p for p in peers if gid_of(p["gid"]) == gid and p["qpn"] == qpn]
+    mine = [p for p in peers if p["gid"] == gid and p["qpn"] == qpn]
     assert len(mine) == 1, peers
     # learnt from ARP (flags 0x80), from ND options (0x80) and from completions (no flags): one REMAC
     v4 = nsexec(lab["ns"], "ip", "neigh", "show", NATIVE_IP, "dev", "eth4").stdout
@@ -243,7 +241,7 @@ def sa_members(fab, mgid: str) -> dict[str, int]:
     for line in r.stdout.splitlines():
         m = re.match(r"^\s+(PortGid|JoinState)\.+\s*(\S+)", line)
         if m and m.group(1) == "PortGid":
-            gid = gid_of(m.group(2))
+            gid = m.group(2)
         elif m and gid is not None:
             out[gid] = int(m.group(2), 16)
     return out
@@ -251,7 +249,7 @@ def sa_members(fab, mgid: str) -> dict[str, int]:
 
 def test_native_peer_did_its_own_sa_joins(lab, native):
     """Broadcast, all-nodes and its solicited-node group, full member, as the SA itself lists them."""
-    gid = gid_of(native.ready["gid"])
+    gid = native.ready["gid"]
     snm = solicited_node(native_ll(native)).packed
     for mgid in ("ff12:401b:ffff::ffff:ffff", "ff12:601b:ffff::1",
                  str(ipaddress.IPv6Address(b"\xff\x12\x60\x1b\xff\xff" + snm[6:]))):

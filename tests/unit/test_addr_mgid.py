@@ -131,8 +131,12 @@ def test_bad_text_addresses(fn, text):
         fn(text)
 
 
-def test_gid_str_is_uncompressed():
-    assert gid_str(GID) == "fe80:0000:0000:0000:f452:1403:008d:5211"
+def test_gid_str_is_compressed_as_saquery_and_ip_print_it():
+    assert gid_str(GID) == "fe80::f452:1403:8d:5211"
+    assert gid_str(bytes(16)) == "::" and gid_str(bytearray(GID)) == gid_str(memoryview(GID))
+    assert parse_gid(gid_str(GID)) == GID
+    with pytest.raises(AddressError):
+        gid_str(GID[:8])
 
 
 # --- DESIGN 3.3 and 3.4: broadcast address and MGIDs -----------------------------------------------
@@ -142,9 +146,9 @@ def test_broadcast_address_as_ip_link_prints_it():
 
 
 def test_broadcast_mgid_carries_pkey_with_full_member_bit_and_scope():
-    assert gid_str(broadcast_mgid(0x8003)) == "ff12:401b:8003:0000:0000:0000:ffff:ffff"
+    assert gid_str(broadcast_mgid(0x8003)) == "ff12:401b:8003::ffff:ffff"
     assert broadcast_mgid(0x0003) == broadcast_mgid(0x8003)        # full-member bit forced
-    assert gid_str(broadcast_mgid(0xFFFF, scope=5)) == "ff15:401b:ffff:0000:0000:0000:ffff:ffff"
+    assert gid_str(broadcast_mgid(0xFFFF, scope=5)) == "ff15:401b:ffff::ffff:ffff"
     assert mgid_pkey(broadcast_mgid(0x7FFF)) == 0xFFFF
     assert mgid_scope(broadcast_mgid(scope=8)) == 8
 

@@ -301,19 +301,13 @@ def check_mtu(group, port, mgid: str, veth_limit: int | None) -> Check:
 
 # ================================================================================ the command
 
-def gid_text(gid: bytes) -> str:
-    """A GID as compressed IPv6 text, as saquery and ip print it."""
-    import ipaddress
-
-    return str(ipaddress.IPv6Address(gid))
-
-
 def _not_checked(what: str, why: str) -> Check:
     return Check(WARN, what, f"not checked: {why}")
 
 
 def _fabric_checks(args, pkey: int, veth_limit: int | None):
     """Yield the fabric's checks (management access, SM, port, P_Key, MTU)."""
+    from xdpoib.fabric.base import gid_str
     from xdpoib.wire.mgid import broadcast_mgid
 
     later = ("SM", "port", "P_Key", "MTU")
@@ -358,9 +352,9 @@ def _fabric_checks(args, pkey: int, veth_limit: int | None):
         try:
             group = probe.group(mgid)
         except XdpoibError as e:
-            yield Check(FAIL, "MTU", f"cannot read the broadcast group {gid_text(mgid)}: {e}", "see the SM line")
+            yield Check(FAIL, "MTU", f"cannot read the broadcast group {gid_str(mgid)}: {e}", "see the SM line")
             return
-        yield check_mtu(group, port, gid_text(mgid), veth_limit)
+        yield check_mtu(group, port, gid_str(mgid), veth_limit)
     finally:
         probe.close()
 

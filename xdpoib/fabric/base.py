@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 
-from xdpoib.errors import XdpoibError
+from xdpoib.errors import AddressError, XdpoibError
 
 GRH_LEN = 40                  # bytes a UD receive buffer reserves for the GRH
 MCAST_QPN = 0xFFFFFF          # destination QPN of every multicast send
@@ -82,8 +82,13 @@ def gid_bytes(gid: str | bytes | ipaddress.IPv6Address) -> bytes:
 
 
 def gid_str(gid: bytes) -> str:
-    """A 16-byte GID as compressed IPv6 text (`fe80::f452:1403:8d:5211`)."""
-    return str(ipaddress.IPv6Address(bytes(gid)))
+    """A 16-byte GID as people read it: compressed IPv6 text, as saquery and `ip` print it
+    (`fe80::f452:1403:8d:5211`). The one GID text form of xdpoib's output (status, logs, errors,
+    JSON values); `xdpoib.wire.addr` re-exports it. Read back with `gid_bytes` or `parse_gid`."""
+    raw = bytes(gid)
+    if len(raw) != 16:
+        raise AddressError(f"a GID is 16 bytes, got {len(raw)}")
+    return str(ipaddress.IPv6Address(raw))
 
 
 _MTU_ENUM = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}

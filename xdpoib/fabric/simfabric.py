@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.fabric.base import gid_str
 
 UMAD2SIM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/umad2sim/libumad2sim.so",
@@ -281,8 +282,7 @@ class SimFabric:
         """The LID the SM gave `host` (0 if none): `saquery PR --dgid` on the SM's node (GetTables are cut
         under umad2sim, so a Get-like query per host)."""
         h = self.host(host)
-        gid = ":".join(h.gid.hex()[i:i + 4] for i in range(0, 32, 4))
-        r = self.saquery(SM_NODE, "PR", "--dgid", gid, timeout=3)
+        r = self.saquery(SM_NODE, "PR", "--dgid", gid_str(h.gid), timeout=3)
         m = re.search(r"^\s*dlid\.+(\d+)", r.stdout, re.M)
         return int(m.group(1)) if r.returncode == 0 and m else 0
 

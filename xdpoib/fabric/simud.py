@@ -59,6 +59,7 @@ from xdpoib.fabric.base import (
     QpError,
     SendRequest,
     UdQp,
+    gid_str,
     mtu_bytes,
 )
 
@@ -540,7 +541,7 @@ class SimQp(UdQp):
         self._check_open()
         mgid = bytes(mgid)
         if len(mgid) != 16 or mgid[0] != 0xFF:
-            raise QpError(f"not a multicast GID: {mgid.hex()}")
+            raise QpError(f"not a multicast GID: {gid_str(mgid) if len(mgid) == 16 else mgid.hex()}")
         with self._lock:
             if mgid in self._attached:
                 return
@@ -555,7 +556,8 @@ class SimQp(UdQp):
         with self._lock:
             att = self._attached.pop(bytes(mgid), None)
         if att is None:
-            raise QpError(f"QP {self.qpn:#x} is not attached to {bytes(mgid).hex()}")
+            raise QpError(f"QP {self.qpn:#x} is not attached to "
+                          f"{gid_str(mgid) if len(mgid) == 16 else bytes(mgid).hex()}")
         att.marker.close()
         self.backend.forget_memberships(bytes(mgid))
 

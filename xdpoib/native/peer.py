@@ -200,7 +200,7 @@ class NativePeer:
                     self.qp.detach_mcast(g.mgid, g.ah.path.dlid)
                 self.sa.leave(g.mgid, g.join_state)
             except XdpoibError as e:
-                log.debug("leaving %s: %s", g.mgid.hex(), e)
+                log.debug("leaving %s: %s", _ip_text(g.mgid), e)
         self.groups.clear()
         for thing in ("qp", "backend", "sa"):
             obj = getattr(self, thing, None)
@@ -246,7 +246,7 @@ class NativePeer:
             rec = self.sa.join_send_only(mgid, create=self.bcast)
         except SAError as e:
             self._count("send_only_join_failed")
-            log.info("send-only join of %s refused: %s", mgid.hex(), e)
+            log.info("send-only join of %s refused: %s", _ip_text(mgid), e)
             return None
         return self._add_group(mgid, rec, rec.join_state or self.sa.send_only_join_state())
 

@@ -10,6 +10,7 @@ import ipaddress
 from typing import NamedTuple
 
 from xdpoib.errors import AddressError
+from xdpoib.fabric.base import gid_str
 
 MAC_LEN = 6
 GUID_LEN = 8
@@ -113,11 +114,9 @@ def parse_gid(text: str) -> bytes:
         raise AddressError(f"not a GID: {text!r}") from None
 
 
-def gid_str(gid: bytes) -> str:
-    """Format a GID in full, uncompressed IPv6 form, as `ibv_devinfo -v` and saquery print it."""
-    if len(gid) != GID_LEN:
-        raise AddressError(f"a GID is 16 bytes, got {len(gid)}")
-    return ":".join(gid[i:i + 2].hex() for i in range(0, 16, 2))
+# `gid_str(gid)`, a GID as people read it (compressed IPv6 text, as saquery and `ip` print it), is the
+# fabric layer's: it lives in `xdpoib.fabric.base` (standard library only), because the fabric must not
+# import this package (the native peer stands on the fabric and shares no code with the translator).
 
 
 def make_gid(prefix: bytes | int, guid: bytes) -> bytes:
