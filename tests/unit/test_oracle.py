@@ -23,9 +23,11 @@ from wirekit import (
 from xdpoib.errors import FrameError
 from xdpoib.reasons import DropReason, Kind
 from xdpoib.wire import frames as f
-from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC
+from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC, IPoIBAddr
 from xdpoib.wire.mgid import broadcast_mgid, ipv4_mgid, ipv6_mgid
 from xdpoib.wire.oracle import (
+    DHCP_CLIENTS_MAX,
+    Vif,
     client_id_for_mac,
     eth_to_ipoib,
     ipoib_to_eth,
@@ -238,12 +240,36 @@ def test_igmp_is_a_control_frame():
 
 # --- DESIGN 3.9: DHCP over InfiniBand (RFC 4390) ---------------------------------------------------
 
-def _discover(chaddr=A_MAC, options=None, ciaddr=b"\0" * 4, dst_ip=b"\xff" * 4, dst_mac=BROADCAST_MAC):
+def _discover(chaddr=A_MAC, options=None, ciaddr=b"\0" * 4, dst_ip=b"\xff" * 4, dst_mac=BROADCAST_MAC,
+              xid=0x12345678):
     opts = options if options is not None else [(f.DHCP_OPT_MSGTYPE, b"\x01"), (55, b"\x01\x03\x06")]
-    d = f.dhcp(1, 0x12345678, chaddr, ciaddr=ciaddr, options=opts)
+    d = f.dhcp(1, xid, chaddr, ciaddr=ciaddr, options=opts)
     src_ip = ciaddr
     pkt = f.ipv4(src_ip, dst_ip, f.IPPROTO_UDP, f.udp(src_ip, dst_ip, 68, 67, d.ljust(300, b"\0")))
-    return f.eth(dst_mac, A_MAC, f.ETH_P_IP, pkt)
+    return f.eth(dst_mac, chaddr, f.ETH_P_IP, pkt)
+
+
+def _offer(xid=0x12345678, options=((53, b"\x02"), (54, B_IP4))):
+    """A broadcast OFFER from the fabric as dnsmasq sends it: hlen 0, empty chaddr, no client id."""
+    offer = f.dhcp(2, xid, b"", htype=32, flags=f.DHCP_BROADCAST, yiaddr=A_IP4, siaddr=B_IP4,
+                   options=list(options))
+    return f.ipoib(f.ETH_P_IP, f.ipv4(B_IP4, b"\xff" * 4, 17, f.udp(B_IP4, b"\xff" * 4, 67, 68, offer)))
+
+
+def _chaddr(eth: bytes) -> bytes:
+    msg = f.parse_dhcp(eth[14 + 28:])
+    assert (msg.htype, msg.hlen, msg.chaddr[6:]) == (1, 6, b"\0" * 10)
+    return msg.chaddr[:6]
+
+
+GUEST_MAC = bytes.fromhex("5254006791bd")
+
+
+def _bridge_tables():
+    """Host A with a guest behind its bridge: VIF 2 (its own QP) besides VIF 1, the one in the groups."""
+    t = tables()
+    t.vifs.append(Vif(2, GUEST_MAC, IPoIBAddr(0, 0x000049, A_ADDR.gid)))
+    return t
 
 
 def _udp_ok(l3: bytes) -> bool:
@@ -286,6 +312,42 @@ def test_dhcp_offer_from_fabric_gets_the_clients_mac_back():
     msg = f.parse_dhcp(out[14 + 28:])
     assert (msg.htype, msg.hlen, msg.chaddr[:6]) == (1, 6, A_MAC) and msg.yiaddr == A_IP4
     assert _udp_ok(out[14:])
+
+
+def test_a_broadcast_reply_without_client_id_reaches_the_guest_whose_xid_it_is():
+    # dnsmasq does not echo the client identifier: only the xid names the client. Received on VIF 1's
+    # QP (the one in the broadcast group), it must still carry the guest's MAC, which its client checks
+    t = _bridge_tables()
+    eth_to_ipoib(_discover(chaddr=GUEST_MAC, xid=0xA1), t)
+    eth_to_ipoib(_discover(chaddr=A_MAC, xid=0xB2), t)
+    assert t.dhcp_clients == {0xA1: GUEST_MAC, 0xB2: A_MAC}
+    assert _chaddr(rx(_offer(0xA1), t, multicast=True).frame) == GUEST_MAC
+    assert _chaddr(rx(_offer(0xB2), t, multicast=True).frame) == A_MAC
+    # an xid nobody here sent: the receiving VIF's MAC, as before
+    assert _chaddr(rx(_offer(0xC3), t, multicast=True).frame) == A_MAC
+
+
+def test_the_xid_wins_over_an_echoed_client_id_and_a_hardware_client_id_is_read():
+    t = _bridge_tables()
+    eth_to_ipoib(_discover(chaddr=GUEST_MAC, xid=0xA1), t)
+    echoed = ((53, b"\x02"), (61, client_id_for_mac(A_MAC)))
+    assert _chaddr(rx(_offer(0xA1, echoed), t, multicast=True).frame) == GUEST_MAC
+    # busybox udhcpc's own client identifier (type 1, the MAC), echoed for an xid not remembered
+    assert mac_from_client_id(b"\x01" + GUEST_MAC) == GUEST_MAC
+    assert mac_from_client_id(b"\x01" + GUEST_MAC[:5]) is None and mac_from_client_id(b"\x06" + GUEST_MAC) is None
+    hw = ((53, b"\x02"), (61, b"\x01" + GUEST_MAC))
+    assert _chaddr(rx(_offer(0xD4, hw), t, multicast=True).frame) == GUEST_MAC
+
+
+def test_dhcp_transactions_remembered_are_bounded_and_only_when_rewritten():
+    t = tables()
+    eth_to_ipoib(_discover(xid=1), t, rewrite_control=False)        # BPF's view: nothing rewritten
+    assert not t.dhcp_clients
+    for xid in range(DHCP_CLIENTS_MAX + 5):
+        t.remember_dhcp_client(xid, A_MAC)
+    t.remember_dhcp_client(10, GUEST_MAC)                            # seen again: newest
+    assert len(t.dhcp_clients) == DHCP_CLIENTS_MAX and 4 not in t.dhcp_clients and 5 in t.dhcp_clients
+    assert next(reversed(t.dhcp_clients)) == 10 and t.dhcp_clients[10] == GUEST_MAC
 
 
 def test_malformed_dhcp_is_bad_dhcp_for_the_agent_but_passes_bpf_as_control():

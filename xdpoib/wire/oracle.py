@@ -2,7 +2,10 @@
 
 `eth_to_ipoib` (TX) and `ipoib_to_eth` (RX) are pure functions of a frame and the `Tables` the agent
 keeps in the BPF maps. The BPF programs are checked against them in differential tests, and the agent
-uses them directly for control frames (DHCP per RFC 4390, IGMP/MLD).
+uses them directly for control frames (DHCP per RFC 4390, IGMP/MLD). The one thing they write is
+`Tables.dhcp_clients`: the client MAC behind each DHCP transaction rewritten for the fabric, by xid,
+since the server's reply comes back with an empty chaddr and servers need not echo the client
+identifier that would name the client otherwise (dnsmasq 2.90 does not; ISC dhcpd only when told to).
 
 TX checks run in this order, and the first failing one names the drop reason (the BPF program keeps
 the same order): Ethernet header and VLAN tag (TRUNCATED, STACKED_VLAN) -> VID to P_Key (UNKNOWN_VLAN)
@@ -19,6 +22,7 @@ only if its ICMPv6 checksum is right (else BAD_ND), and leaves with a checksum c
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from xdpoib.errors import FrameError
@@ -28,6 +32,7 @@ from xdpoib.wire.addr import BROADCAST_MAC, IPOIB_ALEN, ZERO_MAC, IPoIBAddr, is_
 from xdpoib.wire.mgid import SCOPE_LINK, broadcast_mgid, full_pkey, ipv4_mgid, ipv6_mgid
 
 ZERO_IPOIB = b"\x00" * IPOIB_ALEN
+DHCP_CLIENTS_MAX = 1024         # DHCP transactions remembered (xid -> client MAC), oldest forgotten first
 
 
 # ===================================================================================================
@@ -57,7 +62,8 @@ class Tables:
     """The translation state of one attachment.
 
     `vlan_pkeys` maps a VID to a P_Key; VID 0 is the untagged (and priority-tagged) partition.
-    `scope` is the scope nibble of the broadcast group, used for every MGID.
+    `scope` is the scope nibble of the broadcast group, used for every MGID. `dhcp_clients` is not in
+    the maps: the agent's memory of the DHCP transactions it rewrote, which `eth_to_ipoib` fills.
     """
 
     vifs: list[Vif] = field(default_factory=list)
@@ -65,6 +71,15 @@ class Tables:
     vlan_pkeys: dict[int, int] = field(default_factory=lambda: {0: 0xFFFF})
     scope: int = SCOPE_LINK
     learn_vifs: bool = False    # frames from unknown unicast source MACs become CONTROL (VIF learning)
+    dhcp_clients: OrderedDict[int, bytes] = field(default_factory=OrderedDict)   # xid -> MAC, newest last
+
+    def remember_dhcp_client(self, xid: int, mac: bytes) -> None:
+        """Note the client MAC of a DHCP transaction sent to the fabric (at most DHCP_CLIENTS_MAX)."""
+        c = self.dhcp_clients
+        c[xid] = bytes(mac)
+        c.move_to_end(xid)
+        while len(c) > DHCP_CLIENTS_MAX:
+            c.popitem(last=False)
 
     def vif_by_mac(self, mac: bytes) -> Vif | None:
         """Return the VIF with this MAC."""
@@ -173,7 +188,7 @@ def eth_to_ipoib(frame: bytes, t: Tables, *, rewrite_control: bool = True) -> Tx
         if not rewrite_control:
             return TxResult(Kind.CONTROL, bytes(frame), vif, pkey, vid, peer, mgid, h.dst)
         if ctl == "dhcp":
-            l3 = dhcp_client_to_ib(l3)
+            l3 = dhcp_client_to_ib(l3, t)
         return TxResult(Kind.CONTROL, f.ipoib(h.ethertype, l3), vif, pkey, vid, peer, mgid, h.dst)
 
     if h.ethertype in (f.ETH_P_ARP, f.ETH_P_RARP):
@@ -293,7 +308,7 @@ def ipoib_to_eth(frame: bytes, t: Tables, *, src: Peer, vif: Vif, pkey: int, mul
     elif etype == f.ETH_P_IPV6:
         l3 = _nd_translate(l3, lambda a: _rx_lla(a, t), to_ib=False)
     elif etype == f.ETH_P_IP and _ipv4_control(l3, f.DHCP_SERVER_PORT, f.DHCP_CLIENT_PORT, igmp=False):
-        l3, control = dhcp_server_to_eth(l3, vif.mac), True
+        l3, control = dhcp_server_to_eth(l3, vif.mac, t), True
     return RxResult(f.eth(dst, src.mac, etype, l3, vid=vid or None), control)
 
 
@@ -373,9 +388,12 @@ def client_id_for_mac(mac: bytes) -> bytes:
 
 def mac_from_client_id(cid: bytes | None) -> bytes | None:
     """Return the MAC inside a client identifier of `client_id_for_mac`'s form (or any type-255
-    DUID-LL over Ethernet), else None."""
+    DUID-LL over Ethernet), or of the hardware form (type 1 and the MAC, RFC 2132 §9.14: what busybox
+    udhcpc sends), else None."""
     if cid and len(cid) == 15 and cid[0] == 0xFF and cid[5:9] == struct.pack("!HH", 3, f.ARPHRD_ETHER):
         return bytes(cid[9:15])
+    if cid and len(cid) == 7 and cid[0] == f.ARPHRD_ETHER:
+        return bytes(cid[1:7])
     return None
 
 
@@ -397,18 +415,21 @@ def _dhcp_payload(l3: bytes) -> tuple[f.Dhcp, int]:
     return f.parse_dhcp(data), len(data)
 
 
-def dhcp_client_to_ib(l3: bytes) -> bytes:
+def dhcp_client_to_ib(l3: bytes, t: Tables | None = None) -> bytes:
     """Rewrite a DHCP client message (IPv4/UDP 68->67) for IPoIB, per RFC 4390.
 
     htype 32, hlen 0, chaddr zero; a client identifier is required (the one derived from the MAC is
     added when the client sent none); BROADCAST set while the client has no address (ciaddr 0), since
     the server cannot put a 20-byte address in chaddr to unicast its reply. The message keeps at least
-    its original length (trailing zero padding).
+    its original length (trailing zero padding). With tables, the client's MAC is remembered by xid
+    for the reply (`dhcp_server_to_eth`).
     """
     msg, size = _dhcp_payload(l3)
     if msg.htype != f.ARPHRD_ETHER or msg.hlen != 6:
         raise FrameError(DropReason.BAD_DHCP, f"client message with htype {msg.htype} hlen {msg.hlen}")
     mac = msg.chaddr[:6]
+    if t is not None:
+        t.remember_dhcp_client(msg.xid, mac)
     if msg.option(f.DHCP_OPT_CLIENT_ID) is None:
         end = next((i for i, (c, _) in enumerate(msg.options) if c == f.DHCP_OPT_MSGTYPE), -1) + 1
         msg.options.insert(end, (f.DHCP_OPT_CLIENT_ID, client_id_for_mac(mac)))
@@ -418,14 +439,17 @@ def dhcp_client_to_ib(l3: bytes) -> bytes:
     return _rebuild_udp4(l3, msg.pack().ljust(size, b"\x00"))
 
 
-def dhcp_server_to_eth(l3: bytes, default_mac: bytes) -> bytes:
+def dhcp_server_to_eth(l3: bytes, default_mac: bytes, t: Tables | None = None) -> bytes:
     """Rewrite a DHCP server message (IPv4/UDP 67->68) from IPoIB for an Ethernet client.
 
-    chaddr becomes the MAC named by the echoed client identifier (RFC 6842) when it has our DUID-LL
-    form, else default_mac (the receiving VIF's); htype 1, hlen 6. Flags are left as the server sent them.
+    chaddr becomes the MAC of the client whose message with this xid went out (`t.dhcp_clients`), else
+    the MAC named by an echoed client identifier (RFC 6842) of a form `mac_from_client_id` reads, else
+    default_mac (the receiving VIF's, which is VIF 0 for a broadcast reply: a guest behind a bridge
+    would ignore it); htype 1, hlen 6. Flags are left as the server sent them.
     """
     msg, size = _dhcp_payload(l3)
-    mac = mac_from_client_id(msg.option(f.DHCP_OPT_CLIENT_ID)) or default_mac
+    mac = ((t.dhcp_clients.get(msg.xid) if t is not None else None)
+           or mac_from_client_id(msg.option(f.DHCP_OPT_CLIENT_ID)) or default_mac)
     msg.htype, msg.hlen, msg.chaddr = f.ARPHRD_ETHER, 6, mac + b"\x00" * 10
     return _rebuild_udp4(l3, msg.pack().ljust(size, b"\x00"))
 
