@@ -67,8 +67,8 @@ def test_own_port_is_fresh_and_matches_the_sm(sim_fabric, clients):
         assert p.lid == sim_fabric.lid(h) != 0
         assert p.sm_lid not in (0, p.lid)
         assert p.pkey_index(0xFFFF) == 0
-    assert clients["h1"].port().pkey_index(0x8003) is not None
-    assert clients["h3"].port().pkey_index(0x8003) is None        # h3 is outside partition 0x8003
+    assert clients["h1"].port().has_pkey(0x8003)
+    assert not clients["h3"].port().has_pkey(0x8003)              # h3 is outside partition 0x8003
 
 
 def test_class_port_info_matches_saquery(sim_fabric, clients):

@@ -169,12 +169,12 @@ def test_custom_partitions_file_and_reload(sim_prereqs, tmp_path):
                     f"P8004=0x8004, ipoib, mtu=4 : {hosts[1].guid:#x}=full;\n")
     with SimFabric.up(fabric_name("part"), hosts=3, partitions=conf) as fab, \
             fab.sa_client("h1") as c1, fab.sa_client("h2") as c2:
-        assert c2.port().pkey_index(0x8004) is not None
-        assert c1.port().pkey_index(0x8004) is None
-        assert c1.port().pkey_index(0x8003) is None           # the default 0x8003 is not there
+        assert c2.port().has_pkey(0x8004)
+        assert not c1.port().has_pkey(0x8004)
+        assert not c1.port().has_pkey(0x8003)                 # the default 0x8003 is not there
         fab.reload_partitions(conf.read_text().replace(f"{hosts[1].guid:#x}=full",
                                                        f"{hosts[0].guid:#x}=full, {hosts[1].guid:#x}=full"))
-        assert wait_for(lambda: c1.port().pkey_index(0x8004) is not None), "h1 never got P_Key 0x8004"
+        assert wait_for(lambda: c1.port().has_pkey(0x8004)), "h1 never got P_Key 0x8004"
         assert c1.join("ff12:401b:8004::ffff:ffff").pkey == 0x8004
     assert conf.exists()                                         # the caller's file is left alone
 

@@ -23,6 +23,7 @@ from xdpoib.commands.doctor import (
     format_check,
     ibsim_listening,
 )
+from xdpoib.fabric import base
 
 
 @dataclass
@@ -33,10 +34,10 @@ class Port:
     pkeys: tuple = (0xFFFF, 0x8003, 0)
 
     def pkey_index(self, pkey):
-        for i, p in enumerate(self.pkeys):
-            if p & 0x7FFF == pkey & 0x7FFF and p & 0x7FFF:
-                return i
-        return None
+        return base.pkey_index(self.pkeys, pkey)
+
+    def has_pkey(self, pkey):
+        return base.has_pkey(self.pkeys, pkey)
 
 
 @dataclass

@@ -79,6 +79,24 @@ def test_port_pkey_index_prefers_full_member():
     assert p.pkey_index(0x0003) == 2
     with pytest.raises(base.PortError, match="0x8005"):
         p.pkey_index(0x8005)
+    assert p.has_pkey(0x8003) and p.has_pkey(0x7FFF) and not p.has_pkey(0x8005)
+
+
+def test_pkey_index_is_one_contract_for_backend_and_sa_ports():
+    """`PortAttrs` (backends) and `LocalPort` (the SA client) find the same index and refuse alike."""
+    from xdpoib.fabric.sa import LocalPort
+
+    table = (0xFFFF, 0x0003, 0x8003, 0, 0x7FFF)
+    lp = LocalPort(ca_name="x", portnum=1, port_guid=1, gid_prefix=0, lid=1, lmc=0, sm_lid=1, sm_sl=0, state=4,
+                   phys_state=5, capability_mask=0, mtu_cap=4, active_mtu=4, pkeys=table)
+    pa = port(pkeys=table)
+    for pkey in (0xFFFF, 0x7FFF, 0x8003, 0x0003):
+        assert lp.pkey_index(pkey) == pa.pkey_index(pkey) == base.pkey_index(table, pkey)
+    assert lp.pkey_index(0x0003) == 2                          # the full-member entry wins
+    for p in (lp, pa):
+        assert not p.has_pkey(0x8004) and not p.has_pkey(0)    # an empty slot is no P_Key
+        with pytest.raises(base.PortError, match=r"0x8004 \(its P_Key table: 0xffff, 0x0003, 0x8003, 0x7fff\)"):
+            p.pkey_index(0x8004)
 
 
 def test_path_check():

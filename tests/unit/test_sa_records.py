@@ -9,6 +9,7 @@ import pytest
 
 from xdpoib.errors import AddressError, XdpoibError
 from xdpoib.fabric import sa
+from xdpoib.fabric.base import PortError
 from xdpoib.fabric.sa import (
     ClassPortInfo,
     LocalPort,
@@ -142,7 +143,9 @@ def test_local_port_gid_and_pkey_index():
     assert lp.gid == to_gid("fe80::f452:1403:0:101")
     assert lp.pkey_index(0xFFFF) == 0
     assert lp.pkey_index(0x8003) == 1           # limited member entry still gives the index
-    assert lp.pkey_index(0x8004) is None
+    assert lp.has_pkey(0x8003) and lp.has_pkey(0xFFFF) and not lp.has_pkey(0x8004)
+    with pytest.raises(PortError, match=r"not a member of partition 0x8004 \(its P_Key table: 0xffff, 0x0003\)"):
+        lp.pkey_index(0x8004)
     assert lp.active and lp.state_name == "active"
 
 

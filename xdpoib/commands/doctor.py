@@ -272,9 +272,8 @@ def check_port(port, label: str) -> Check:
 
 def check_pkey(port, pkey: int) -> Check:
     table = " ".join(f"{p:#06x}" for p in port.pkeys if p & 0x7FFF) or "empty"
-    i = port.pkey_index(pkey)
-    if i is not None:
-        return Check(OK, "P_Key", f"{pkey:#06x} at index {i} of the port's table ({table})")
+    if port.has_pkey(pkey):
+        return Check(OK, "P_Key", f"{pkey:#06x} at index {port.pkey_index(pkey)} of the port's table ({table})")
     return Check(FAIL, "P_Key", f"{pkey:#06x} is not in the port's P_Key table ({table})",
                  "add the port to the partition in the SM's partitions.conf (e.g. P8003=0x8003, ipoib : "
                  "<port GUID>=full;), or attach with --pkey of a listed partition")

@@ -7,7 +7,9 @@ test suite (`tests/contract/contract_suite.py`) runs against both.
 The model is a small subset of verbs:
 
 - `Backend` is one opened HCA port: `port()` re-reads its `PortAttrs`, `events` queues its async
-  `PortEvent`s behind a selectable file descriptor, `counters()` reports every drop it saw.
+  `PortEvent`s behind a selectable file descriptor, `counters()` reports every drop it saw. A port's
+  `pkey_index(pkey)` (here and on the SA's `LocalPort`) raises PortError for a P_Key its table lacks,
+  never returns None; `has_pkey(pkey)` asks.
 - `Backend.create_qp(pkey, qkey, recv_pool)` makes one UD QP bound to one P_Key (DESIGN 1: one QP per
   (VIF, P_Key)). `Backend.alloc_pool(count, size)` makes the registered receive buffers it fills.
 - `Backend.create_ah(path)` turns a `Path` (from a PathRecord, or a multicast group) into an
@@ -91,6 +93,26 @@ def gid_str(gid: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
+def pkey_index(pkeys: Sequence[int], pkey: int) -> int:
+    """Index of `pkey` in a P_Key table; the one contract of every port's `pkey_index`.
+
+    Entries match on the low 15 bits (the membership bit ignored; an empty 0 slot never matches) and
+    a full-member entry wins over a limited one. A P_Key the table lacks raises PortError, naming the
+    table (never None: the default P_Key's index is 0, falsy). Ask `has_pkey` whether it is there.
+    """
+    found = [i for i, p in enumerate(pkeys) if (p & 0x7FFF) == (pkey & 0x7FFF) and p & 0x7FFF]
+    if not found:
+        table = ", ".join(f"{p:#06x}" for p in pkeys if p & 0x7FFF) or "empty"
+        raise PortError(f"the port is not a member of partition {pkey:#06x} (its P_Key table: {table})")
+    full = [i for i in found if pkeys[i] & PKEY_FULL]
+    return (full or found)[0]
+
+
+def has_pkey(pkeys: Sequence[int], pkey: int) -> bool:
+    """Whether a P_Key table holds `pkey` (membership bit ignored), as `pkey_index` would find it."""
+    return any((p & 0x7FFF) == (pkey & 0x7FFF) and p & 0x7FFF for p in pkeys)
+
+
 _MTU_ENUM = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}
 
 
@@ -153,12 +175,12 @@ class PortAttrs:
         return self.gids[0]
 
     def pkey_index(self, pkey: int) -> int:
-        """Index of `pkey` in the P_Key table (exact low 15 bits; a full entry wins); PortError if absent."""
-        found = [i for i, p in enumerate(self.pkeys) if (p & 0x7FFF) == (pkey & 0x7FFF) and p & 0x7FFF]
-        if not found:
-            raise PortError(f"P_Key {pkey:#06x} is not in the port's P_Key table")
-        full = [i for i in found if self.pkeys[i] & PKEY_FULL]
-        return (full or found)[0]
+        """Index of `pkey` in the P_Key table (a full entry wins); PortError if absent (`pkey_index`)."""
+        return pkey_index(self.pkeys, pkey)
+
+    def has_pkey(self, pkey: int) -> bool:
+        """Whether the P_Key table holds `pkey` (membership bit ignored)."""
+        return has_pkey(self.pkeys, pkey)
 
 
 class PortEventKind(Enum):

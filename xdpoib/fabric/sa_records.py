@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, fields
 
 from xdpoib.errors import AddressError, XdpoibError
-from xdpoib.fabric.base import gid_str
+from xdpoib.fabric.base import gid_str, has_pkey, pkey_index
 
 # ---------------------------------------------------------------- constants
 
@@ -343,12 +343,14 @@ class LocalPort:
         """The logical state as a word (down, init, armed, active)."""
         return PORT_STATES.get(self.state, str(self.state))
 
-    def pkey_index(self, pkey: int) -> int | None:
-        """Index of `pkey` in the P_Key table (membership bit ignored), or None."""
-        for i, p in enumerate(self.pkeys):
-            if p & 0x7FFF == pkey & 0x7FFF and p & 0x7FFF:
-                return i
-        return None
+    def pkey_index(self, pkey: int) -> int:
+        """Index of `pkey` in the P_Key table (a full entry wins); PortError if absent, as for every
+        port (`xdpoib.fabric.base.pkey_index`)."""
+        return pkey_index(self.pkeys, pkey)
+
+    def has_pkey(self, pkey: int) -> bool:
+        """Whether the P_Key table holds `pkey` (membership bit ignored)."""
+        return has_pkey(self.pkeys, pkey)
 
 
 @dataclass(frozen=True)
