@@ -124,6 +124,33 @@ def create_veth(ifname: str, peer: str, netns: str | None) -> None:
             raise LinkError(f"cannot create veth {peer}/{ifname}: {e}") from None
 
 
+def create_bridge(name: str, ports: list[str], before_up=None) -> None:
+    """A bridge in the root namespace (multicast snooping off: it forwards every group) with `ports`;
+    `before_up()` runs once it exists, before it is brought up."""
+    check_ifname(name)
+    with _ipr() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
+            br = _index(ipr, name, None)
+            if before_up is not None:
+                before_up()
+            for port in ports:
+                ipr.link("set", index=_index(ipr, port, None), master=br)
+            ipr.link("set", index=br, state="up")
+        except LinkError:
+            raise
+        except Exception as e:
+            raise LinkError(f"cannot create bridge {name} with {', '.join(ports)}: {e}") from None
+
+
+def release_port(ifname: str) -> None:
+    """Take a link out of its bridge (if it still exists)."""
+    with _ipr() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            ipr.link("set", index=idx[0], master=0)
+
+
 def delete_link(ifname: str, netns: str | None = None) -> bool:
     """Delete ifname if it exists; return whether it did (deleting a veth end removes both)."""
     with _ipr(netns) as ipr:
@@ -155,7 +182,8 @@ def set_link(ifname: str, netns: str | None = None, *, mac: str | None = None, m
 
 # --- offloads (ethtool) ----------------------------------------------------------------------------
 
-_OFFLOADS = {"tx": "tx-checksumming", "tso": "tcp-segmentation-offload", "gro": "generic-receive-offload"}
+_OFFLOADS = {"tx": "tx-checksumming", "tso": "tcp-segmentation-offload", "gro": "generic-receive-offload",
+             "uso": "tx-udp-segmentation"}
 
 
 def in_netns(netns: str | None, argv: list[str]) -> list[str]:
@@ -189,7 +217,7 @@ def set_offloads(ifname: str, netns: str | None = None, **wanted: bool) -> dict[
     for key, on in wanted.items():
         if key not in _OFFLOADS:
             raise LinkError(f"unknown offload {key!r}")
-        args += [key, "on" if on else "off"]
+        args += [_OFFLOADS[key] if key == "uso" else key, "on" if on else "off"]   # ethtool's short names
     if args:
         _ethtool(["-K", ifname, *args], netns)
     return {k: before[k] for k in wanted if k in before}

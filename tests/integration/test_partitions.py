@@ -69,7 +69,8 @@ def lab(sim_fabric):
 
 ENDPOINT = r"""
 import socket, struct, sys, time
-mac, ip, dst_ip = bytes.fromhex(sys.argv[1].replace(":", "")), socket.inet_aton(sys.argv[2]), socket.inet_aton(sys.argv[3])
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+ip, dst_ip = socket.inet_aton(sys.argv[2]), socket.inet_aton(sys.argv[3])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 s.setsockopt(263, 8, 1)                                   # SOL_PACKET, PACKET_AUXDATA
 s.bind(("eth4", 0))

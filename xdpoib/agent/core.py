@@ -145,6 +145,14 @@ class Agent:
         self.eth_mtu = self.ib_mtu - 4
         self.attach_to = links.set_up(self)
         self.ifindex = link.link_info(self.attach_to).index
+        if self.want_bpf and s.mode == "tap":
+            # compile the translating programs now (pinned, not attached yet), so the switch to them
+            # once the guest's MAC is known takes milliseconds instead of stopping the loop
+            from xdpoib.datapath.loader import prepare, unpin
+            from xdpoib.pump import pin_dir
+
+            prepare(pin_dir(s.id))
+            self.stack.callback(unpin, pin_dir(s.id))
 
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
         self.peers = PeerTable([self.vif], self.partitions.vlan_pkeys())
@@ -174,8 +182,7 @@ class Agent:
 
         self.control = ControlServer(state.socket_path(s.id), lambda req: service.handle_request(self, req))
         self.stack.callback(self.control.close)
-        if s.mode == "veth":
-            link.set_link(s.internal, None, up=True)
+        link.set_link(s.internal, None, up=True)        # veth and tap mode alike (links.py)
         s.pid = os.getpid()
         state.write_spec(s)
         self.stack.callback(state.remove_files, s.id, True)

@@ -1,10 +1,20 @@
 """eth4 and its internal end: creating or adopting the links, reading eth4's state, announcing it.
 
 veth mode: eth4 (in the user's namespace) and the internal end `xo<id>` (root namespace, where XDP
-runs) are a veth pair made here, or adopted from an agent of the same attachment that died. tap mode:
-the VM's TAP is used as it is (its MTU set, restored at the end). eth4's multicast list and addresses
-are read with one subprocess in its namespace, on the host worker thread (never on the loop), every
-second: the lists feed the SA joins, new addresses are announced with gratuitous ARP / unsolicited NA.
+runs) are a veth pair made here, or adopted from an agent of the same attachment that died. eth4's tx
+checksum, TSO and UDP segmentation are off, so what the local stack sends reaches XDP complete and
+segmented.
+tap mode: a VM with vnet headers (qemu's default, libvirt, OpenStack) hands the host frames with
+partial checksums and GSO super-frames, and XDP on the TAP would see them raw. So the TAP is not
+where XDP runs: it becomes a port of a bridge `xr<id>` whose other port `xs<id>` is a veth end with
+tx checksum, TSO and UDP segmentation off, and XDP runs on its peer `xo<id>` as in veth mode. The
+bridge's transmit on `xs<id>` completes the checksums and segments the super-frames in the
+kernel (validate_xmit_skb); frames for the VM are injected towards `xs<id>` and bridged to the TAP. The
+TAP's MTU is set and restored at the end, and it leaves the bridge when the agent goes.
+
+eth4's multicast list and addresses are read with one subprocess in its namespace, on the host worker
+thread (never on the loop), every second: the lists feed the SA joins, new addresses are announced
+with gratuitous ARP / unsolicited NA.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ def set_up(agent) -> str:
         else:
             link.create_veth(s.ifname, s.internal, s.netns)
         agent.stack.callback(link.delete_link, s.internal)
+        quiet(s.internal)
         link.set_link(s.ifname, s.netns, mac=_mac_str(agent.mac), mtu=agent.eth_mtu, up=True)
         # the internal end takes the largest frame XDP allows, so a frame above eth4's path MTU
         # (eth4's MTU raised by hand) reaches us and is answered with ICMP instead of vanishing
@@ -49,15 +60,36 @@ def set_up(agent) -> str:
         for key in (f"net.ipv4.conf.{s.ifname}.arp_notify=1", f"net.ipv6.conf.{s.ifname}.ndisc_notify=1"):
             subprocess.run(link.in_netns(s.netns, ["sysctl", "-qw", key]), capture_output=True, check=False)
         # frames the local stack sends carry unfinished checksums that XDP would pass on as they are
-        link.set_offloads(s.ifname, s.netns, tx=False, tso=False)
+        link.set_offloads(s.ifname, s.netns, tx=False, tso=False, uso=False)
         return s.internal
-    # a VM's TAP: frames the VM writes are RX on the TAP (XDP sees them), frames sent on it with
-    # AF_XDP reach the VM. The VIF MAC is the guest's, learned from its first frame.
+    # a VM's TAP, behind a bridge and a veth hop that finish its offloads (module doc). The VIF MAC
+    # is the guest's, learned from its first frame.
+    tag = state.link_tag(s.id)
+    s.internal, side, bridge = "xo" + tag, "xs" + tag, "xr" + tag
     before = link.link_info(s.ifname)
     agent.stack.callback(link.set_link, s.ifname, None, mtu=before.mtu)
+    for stale in (bridge, s.internal):          # a previous agent of this attachment that died
+        link.delete_link(stale)
+    link.create_veth(side, s.internal, None)
+    agent.stack.callback(link.delete_link, s.internal)
+    quiet(side, s.internal)
     link.set_link(s.ifname, None, mtu=agent.eth_mtu, up=True)
+    link.set_link(side, None, mtu=agent.eth_mtu, up=True)
+    link.set_link(s.internal, None, mtu=VETH_XDP_MAX_MTU, up=False)
+    link.set_offloads(side, None, tx=False, tso=False, uso=False, gro=True)
+    link.create_bridge(bridge, [s.ifname, side], before_up=lambda: quiet(bridge))
+    agent.stack.callback(link.delete_link, bridge)
+    agent.stack.callback(link.release_port, s.ifname)
     agent.vif_learned = False
-    return s.ifname
+    return s.internal
+
+
+def quiet(*ifnames: str) -> None:
+    """Our own links in the root namespace say nothing (no IPv6 link-local address, so no ND or MLD):
+    their frames would reach the datapath as if eth4's side had sent them (and, in tap mode, be
+    taken for the guest's)."""
+    for ifname in ifnames:
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"], capture_output=True, check=False)
 
 
 def _mac_str(mac: bytes) -> str:
