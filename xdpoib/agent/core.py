@@ -200,41 +200,39 @@ class Agent:
                  self.qp.qpn, self.port.lid)
 
     def _open_sa(self):
-        from xdpoib.fabric.sa import RetryPolicy, SAClient
+        """The path-and-membership provider (`provider.py`): the SA on InfiniBand, the port itself on RoCE.
+        A verbs port is opened with it (its link layer decides which); `_open_backend` hands it on."""
+        from xdpoib.agent.provider import open_provider
+        from xdpoib.fabric.sa import RetryPolicy
 
         # shorter than the client's default: a query the SM does not answer gives up after ~2.5 s and
         # the agent's own backoff (1 s doubling to 16 s) spaces the next tries
         policy = RetryPolicy(timeout=0.1, max_timeout=1.0, retries=4, deadline=4.0)
-        return SAClient.open(self.spec.device, self.spec.port if self.spec.device else None,
-                             sm_key=1 if self.spec.backend == "sim" else 0, policy=policy)
+        return open_provider(self.spec, self.pkey, policy)
 
     def _open_backend(self):
-        if self.spec.backend == "sim":
-            from xdpoib.fabric.simud import SimUdBackend
+        if self.sa.backend is not None:         # a verbs port, opened with the provider
+            return self.sa.backend
+        from xdpoib.fabric.simud import SimUdBackend
 
-            return SimUdBackend.open(self.spec.fabric, sa=self.sa)
-        from xdpoib.fabric.verbs import VerbsBackend
-
-        return VerbsBackend.open(self.spec.device, self.spec.port)
+        return SimUdBackend.open(self.spec.fabric, sa=self.sa.client)
 
     def _wait_active(self, timeout: float):
         deadline = time.monotonic() + timeout
         while True:
             p = self.sa.port()
-            if p.active and p.lid:
+            if self.sa.ready(p):
                 return p
             if time.monotonic() > deadline:
                 raise AgentError(f"port is {p.state_name} (LID {p.lid}) after {timeout:.0f} s")
             time.sleep(0.2)
 
     def _join_broadcast(self, timeout: float):
-        from xdpoib.fabric.sa import SAError
-
         deadline = time.monotonic() + timeout
         while True:
             try:
                 return self.sa.join(self.bcast_mgid, JOIN_FULL)
-            except SAError as e:
+            except XdpoibError as e:
                 if time.monotonic() > deadline or getattr(e, "status", 0) == 0x0200:   # refused: final
                     raise AgentError(f"cannot join the broadcast group {gid_str(self.bcast_mgid)}: {e}") from None
                 time.sleep(0.5)
@@ -355,13 +353,20 @@ class Agent:
             self.announcer.due = True
 
     def on_completion_errors(self, n: int) -> bool:
-        """Error completions: True when the QP is in the error state (the caller must not repost)."""
-        if getattr(self.qp, "error", False):
-            if not self.stats.get("qp_error_logged"):
-                log.error("QP %#x is in the error state: receives stop", self.qp.qpn)
-            self.stats["qp_error_logged"] = 1
-            return True
-        return False
+        """Error completions: True when the QP is in the error state (the caller must not repost); the
+        QP is then replaced (`recovery.py`)."""
+        return self._recovery().on_errors(n)
+
+    def recreate_qp(self) -> None:
+        """Replace a QP in the error state now (`recovery.QpRecovery.recreate`)."""
+        self._recovery().recreate()
+
+    def _recovery(self):
+        if not hasattr(self, "recovery"):       # made on the first error: bring-up never needs it
+            from xdpoib.agent.recovery import QpRecovery
+
+            self.recovery = QpRecovery(self)
+        return self.recovery
 
     def run(self) -> None:
         """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""

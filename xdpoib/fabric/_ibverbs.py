@@ -36,7 +36,7 @@ from ctypes import (
 # ---------------------------------------------------------------- constants (verbs.h)
 
 QPT_UD = 4
-QPS_RESET, QPS_INIT, QPS_RTR, QPS_RTS = 0, 1, 2, 3
+QPS_RESET, QPS_INIT, QPS_RTR, QPS_RTS, QPS_ERR = 0, 1, 2, 3, 6
 QP_STATE, QP_PKEY_INDEX, QP_PORT, QP_QKEY, QP_SQ_PSN = 1 << 0, 1 << 4, 1 << 5, 1 << 6, 1 << 16
 WR_SEND = 2
 SEND_SIGNALED = 1 << 1
@@ -44,6 +44,8 @@ WC_RECV = 1 << 7
 WC_GRH = 1 << 0
 ACCESS_LOCAL_WRITE = 1
 
+EVENT_CQ_ERR, EVENT_QP_FATAL, EVENT_QP_REQ_ERR, EVENT_QP_ACCESS_ERR = 0, 1, 2, 3
+QP_ERROR_EVENTS = frozenset({EVENT_QP_FATAL, EVENT_QP_REQ_ERR, EVENT_QP_ACCESS_ERR})   # element: the ibv_qp *
 EVENT_PORT_ACTIVE, EVENT_PORT_ERR, EVENT_LID_CHANGE, EVENT_PKEY_CHANGE = 9, 10, 11, 12
 EVENT_SM_CHANGE, EVENT_CLIENT_REREGISTER, EVENT_GID_CHANGE = 13, 17, 18
 PORT_EVENTS = frozenset({EVENT_PORT_ACTIVE, EVENT_PORT_ERR, EVENT_LID_CHANGE, EVENT_PKEY_CHANGE,
@@ -410,6 +412,10 @@ class UdQp:
 
     def _modify(self, attr: QpAttr, mask: int, state: str) -> None:
         _rc(lib().ibv_modify_qp(self.ptr, ctypes.byref(attr), mask), f"ibv_modify_qp(UD QP to {state})")
+
+    def to_error(self) -> None:
+        """Move the QP to the error state: every posted WR completes with WR_FLUSH_ERR."""
+        self._modify(QpAttr(qp_state=QPS_ERR), QP_STATE, "ERR")
 
     def post_send(self, first: SendWr) -> None:
         """Post a linked list of send WRs starting at `first`."""

@@ -9,7 +9,16 @@ a thread that turns async port events into `PortEvent`s. `close()` undoes them i
 
 RoCE ports (Soft-RoCE in the qemu tier) have no SA and no LIDs: every path carries a GRH whose DGID is the
 peer's GID, and `roce_join`/`roce_leave` stand in for an SA join by joining the port's netdev to the IPv6
-group of the MGID (rxe only delivers multicast the IP stack accepted).
+group of the MGID (rxe only delivers multicast the IP stack accepted). The source GID of a GRH is the
+lowest table index of the destination's address family (IPv4-mapped or IPv6; link-local to link-local),
+so two ports pick matching GIDs (`sgid_index_for`). A caller that addresses unicast peers by a PathRecord's
+DLID, as the agent's resolver does on IB, gets a local DLID alias per peer GID from `roce_route`: an
+address handle for a path without a GRH whose DLID is an alias is made as the GRH path to that GID.
+
+A QP in the error state stays there: `VerbsQp.error` is set by the first error completion, and by an
+async QP error event (QP_FATAL, QP_REQ_ERR, QP_ACCESS_ERR, or CQ_ERR on one of its CQs), which also
+moves the QP to ERR explicitly so that its posted buffers complete with WR_FLUSH_ERR: the owner learns
+of it from completions either way, and replaces the QP.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from xdpoib.fabric import _ibverbs as ib
 from xdpoib.fabric.base import (
     GRH_LEN,
+    MCAST_LID_MIN,
     AddressHandle,
     Backend,
     BackendClosedError,
@@ -61,6 +71,8 @@ _EVENT_KIND = {
 }
 _STATUSES = {s.value for s in CompletionStatus}
 _SEND_SLOT = 4096                # largest UD payload (IB MTU 4096)
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+ROCE_HOP_LIMIT = 64              # unicast GRHs on RoCE (RoCEv2 may cross IP routers)
 
 
 def _pyverbs():
@@ -186,6 +198,17 @@ class VerbsQp(UdQp):
     def _check_open(self) -> None:
         if self._closed:
             raise BackendClosedError(f"QP {self.qpn:#x} is closed")
+
+    def owns(self, ptr: int) -> bool:
+        """Whether `ptr` (an async event's element) is this QP or one of its CQs."""
+        return not self._closed and ptr in (self._qp.ptr, self._recv_cq.ptr, self._send_cq.ptr)
+
+    def to_error(self) -> None:
+        """Mark the QP failed and move it to ERR (an async error event): posted buffers flush."""
+        self.error = True
+        with contextlib.suppress(ib.VerbsCallError):
+            if not self._closed:
+                self._qp.to_error()
 
     def _reap_sends(self) -> None:
         for wc in self._send_cq.poll(len(self._send_wrs)):
@@ -329,6 +352,9 @@ class VerbsBackend(Backend):
         self._ahs: dict[Path, VerbsAh] = {}
         self._pools: list[VerbsPool] = []
         self._groups: dict[bytes, socket.socket] = {}
+        self._routes: dict[int, bytes] = {}        # RoCE DLID alias -> peer GID (roce_route)
+        self._route_of: dict[bytes, int] = {}
+        self._routes_lock = threading.Lock()
         dev = _pyverbs()
         try:
             self._query = dev.Context(name=device)
@@ -382,6 +408,7 @@ class VerbsBackend(Backend):
         except Exception as exc:
             raise PortError(f"cannot query {self.device} port {self.port_num}: {exc}") from None
         state = PortState(min(pa.state, PortState.ACTIVE))
+        self._gids = gids
         return PortAttrs(lid=pa.lid, sm_lid=pa.sm_lid, state=state, active_mtu=mtu_bytes(pa.active_mtu),
                          port_guid=int.from_bytes(gids[0][8:], "big"), gids=gids, pkeys=pkeys,
                          link_layer=_LINK_LAYER.get(pa.link_layer, LinkLayer.INFINIBAND))
@@ -428,13 +455,18 @@ class VerbsBackend(Backend):
         ah = self._ahs.get(path)
         if ah is not None:
             return ah
+        route = path
         if self._link_layer is LinkLayer.ETHERNET and not path.grh:
-            raise QpError("a RoCE port routes by GID: the path needs a GRH and a DGID")
-        attr = ib.AhAttr(dlid=path.dlid, sl=path.sl, port_num=self.port_num, is_global=int(path.grh))
-        if path.grh:
-            attr.grh.dgid.raw[:] = path.dgid
-            attr.grh.sgid_index, attr.grh.hop_limit = path.sgid_index, path.hop_limit
-            attr.grh.traffic_class, attr.grh.flow_label = path.traffic_class, path.flow_label
+            dgid = self._routes.get(path.dlid)
+            if dgid is None:
+                raise QpError("a RoCE port routes by GID: the path needs a GRH and a DGID (or a roce_route alias)")
+            route = Path(dlid=0, sl=path.sl, mtu=path.mtu, dgid=dgid, grh=True, sgid_index=self.sgid_index_for(dgid),
+                         hop_limit=ROCE_HOP_LIMIT)
+        attr = ib.AhAttr(dlid=route.dlid, sl=route.sl, port_num=self.port_num, is_global=int(route.grh))
+        if route.grh:
+            attr.grh.dgid.raw[:] = route.dgid
+            attr.grh.sgid_index, attr.grh.hop_limit = route.sgid_index, route.hop_limit
+            attr.grh.traffic_class, attr.grh.flow_label = route.traffic_class, route.flow_label
         try:
             ah = VerbsAh(path, ib.Ah(self._pd, attr), self)
         except ib.VerbsCallError as exc:
@@ -448,21 +480,55 @@ class VerbsBackend(Backend):
 
     # ---------------------------------------------------------------- RoCE paths and groups (no SA)
 
-    def roce_path(self, dgid: bytes, mtu: int | None = None) -> Path:
-        """On a RoCE port, the unicast path to `dgid`: GID-routed (GRH, DLID 0) from GID index 0, capped
-        by the port's active MTU (and `mtu`, e.g. the peer's)."""
+    @property
+    def link_layer(self) -> LinkLayer:
+        """InfiniBand (LIDs, an SA) or Ethernet (RoCE: GIDs only)."""
+        return self._link_layer
+
+    def _need_roce(self) -> None:
         self._check_open()
         if self._link_layer is not LinkLayer.ETHERNET:
-            raise PortError(f"{self.device} is an InfiniBand port: ask the SA for a PathRecord")
+            raise PortError(f"{self.device} is an InfiniBand port: ask the SA for paths and joins")
+
+    def sgid_index_for(self, dgid: bytes) -> int:
+        """The source GID index for a GRH to `dgid`: the lowest index of the same address family
+        (IPv4-mapped, IPv6 link-local, other IPv6; a multicast GID counts as IPv6 link-local), 0 if none."""
+        def family(gid: bytes) -> int:
+            if gid[:12] == _V4_MAPPED:
+                return 4
+            return 0 if gid[0] == 0xFF or gid[:2] == b"\xfe\x80" else 6
+        want = family(bytes(dgid))
+        for i, gid in enumerate(self._gids):
+            if any(gid) and family(gid) == want:
+                return i
+        return 0
+
+    def roce_path(self, dgid: bytes, mtu: int | None = None) -> Path:
+        """On a RoCE port, the unicast path to `dgid`: GID-routed (GRH, DLID 0) from the matching source GID,
+        capped by the port's active MTU (and `mtu`, e.g. the peer's)."""
+        self._need_roce()
         limit = self._active_mtu if mtu is None else min(mtu, self._active_mtu)
-        return Path(dlid=0, mtu=limit, dgid=bytes(dgid), grh=True)
+        return Path(dlid=0, mtu=limit, dgid=bytes(dgid), grh=True, sgid_index=self.sgid_index_for(dgid),
+                    hop_limit=ROCE_HOP_LIMIT)
+
+    def roce_route(self, dgid: bytes) -> int:
+        """On a RoCE port, the local DLID alias of the unicast route to `dgid` (1 and up, stable for the
+        backend's life; see the module doc): a path without a GRH to that DLID reaches `dgid`."""
+        self._need_roce()
+        dgid = bytes(dgid)
+        with self._routes_lock:
+            alias = self._route_of.get(dgid)
+            if alias is None:
+                alias = len(self._routes) + 1
+                if alias >= MCAST_LID_MIN:
+                    raise PortError(f"{self.device}: more than {MCAST_LID_MIN - 1} RoCE peers")
+                self._routes[alias], self._route_of[dgid] = dgid, alias
+            return alias
 
     def roce_join(self, mgid: bytes) -> Path:
         """On a RoCE port, stand in for an SA join: join the port's netdev to the MGID's IPv6 group and
         return the multicast path (GRH, DGID = MGID, port's active MTU)."""
-        self._check_open()
-        if self._link_layer is not LinkLayer.ETHERNET:
-            raise PortError(f"{self.device} is an InfiniBand port: join groups through the SA")
+        self._need_roce()
         mgid = bytes(mgid)
         if mgid not in self._groups:
             ifindex = self._gid_entries(1)[0].ndev_ifindex
@@ -481,6 +547,10 @@ class VerbsBackend(Backend):
         if sock is not None:
             sock.close()
 
+    def roce_joined(self, mgid: bytes) -> bool:
+        """Whether the port's netdev is in the MGID's IPv6 group (through `roce_join`)."""
+        return bytes(mgid) in self._groups
+
     # ---------------------------------------------------------------- events
 
     def _event_loop(self) -> None:
@@ -491,7 +561,11 @@ class VerbsBackend(Backend):
                 return
             while (ev := self._ctx.get_async_event()) is not None:
                 kind, element = ev
-                if kind in _EVENT_KIND and (element & 0xFFFFFFFF) == self.port_num:
+                if kind in ib.QP_ERROR_EVENTS or kind == ib.EVENT_CQ_ERR:
+                    for qp in list(self._qps):
+                        if qp.owns(element):
+                            qp.to_error()
+                elif kind in _EVENT_KIND and (element & 0xFFFFFFFF) == self.port_num:
                     try:
                         attrs = self.port()
                         self._active_mtu = attrs.active_mtu
