@@ -24,7 +24,7 @@ else
     say "apt packages: all present"
 fi
 
-# Kernel headers for bcc (DESIGN 6): keep what is there; else link Debian's newest linux-headers-*-amd64.
+# Kernel headers for bcc (docs/design.md §6): keep what is there; else link Debian's newest linux-headers-*-amd64.
 kdir="/lib/modules/$(uname -r)"
 if [ -e "$kdir/build/include" ] || [ -e "$kdir/source/include" ]; then
     say "kernel headers: present under $kdir"

@@ -3,7 +3,7 @@
 An attachment's user-facing interface (eth4) is either the end of a veth pair that xdpoib creates
 (the other, internal end stays in the root namespace, where the agent and the BPF programs live), or an
 existing TAP that a VM holds. Offloads that XDP cannot finish (tx checksum, TSO) are switched off with
-ethtool and restored on detach (DESIGN 6).
+ethtool and restored on detach (docs/design.md §6).
 """
 
 from __future__ import annotations

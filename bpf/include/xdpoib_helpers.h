@@ -247,7 +247,7 @@ static __always_inline void restore_frame(struct xdp_md *ctx, struct xo_state *s
 }
 #endif
 
-/* ================================================================ MGIDs (DESIGN 3.3, 3.4) */
+/* ================================================================ MGIDs (docs/design.md §3.3, 3.4) */
 
 /**
  * Write the common MGID prefix ff1S:SSSS:PPPP and zero the rest.

@@ -99,7 +99,7 @@ static __always_inline int l3_move(struct xdp_md *ctx, struct xo_state *s, u32 i
 	return 0;
 }
 
-/* ================================================================ ARP (DESIGN 3.7) */
+/* ================================================================ ARP (docs/design.md §3.7) */
 
 /**
  * Translate an Ethernet hardware address for an IPoIB ARP body.
@@ -222,7 +222,7 @@ static __always_inline int arp_rewrite(struct xdp_md *ctx, struct xo_state *s, u
 	return 0;
 }
 
-/* ================================================================ ND (DESIGN 3.8) */
+/* ================================================================ ND (docs/design.md §3.8) */
 
 /**
  * Return the size of an ND message's fixed part after the ICMPv6 header, or 0 if not ND.

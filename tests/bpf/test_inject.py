@@ -59,7 +59,7 @@ def veth_netns():
         sh("sysctl", "-qw", f"net.ipv6.conf.{inner}.disable_ipv6=1")
         sh("ip", "link", "set", inner, "up")
         sh("ip", "-n", ns, "link", "set", eth4, "up")
-        # DESIGN 6: a veth peer drops redirected frames unless it has XDP or GRO on
+        # docs/design.md §6: a veth peer drops redirected frames unless it has XDP or GRO on
         sh("ip", "netns", "exec", ns, "ethtool", "-K", eth4, "gro", "on")
         yield ns, inner, eth4
     finally:

@@ -1,4 +1,4 @@
-"""Golden vectors of DESIGN 2 and 3.2-3.4: LEMAC, REMAC, IPoIB addresses, MGIDs, broadcast address."""
+"""Golden vectors of docs/design.md §2 and 3.2-3.4: LEMAC, REMAC, IPoIB addresses, MGIDs, broadcast address."""
 
 import pytest
 from hypothesis import given
@@ -36,7 +36,7 @@ GUID = parse_guid("f4:52:14:03:00:8d:52:11")
 GID = parse_gid("fe80::f452:1403:8d:5211")
 
 
-# --- DESIGN 2: LEMAC -------------------------------------------------------------------------------
+# --- docs/design.md §2: LEMAC -------------------------------------------------------------------------------
 
 def test_lemac_default_mask_takes_bytes_012567():
     assert mac_str(lemac(GUID)) == "f4:52:14:8d:52:11"
@@ -64,7 +64,7 @@ def test_mlx_eth_addr_follows_gpxe():
     assert mac_str(mlx_eth_addr(parse_guid("00:02:c9:03:00:0a:0b:0c"))) == "02:02:c9:0a:0b:0c"
 
 
-# --- DESIGN 2: REMAC -------------------------------------------------------------------------------
+# --- docs/design.md §2: REMAC -------------------------------------------------------------------------------
 
 @given(st.binary(min_size=16, max_size=16), st.integers(0, 0xFFFFFF))
 def test_remac_is_local_unicast_and_stable(gid, qpn):
@@ -98,7 +98,7 @@ def test_remac_table_exhaustion_is_an_error():
         t.assign(GID, 1)
 
 
-# --- DESIGN 3.2: the 20-byte hardware address ------------------------------------------------------
+# --- docs/design.md §3.2: the 20-byte hardware address ------------------------------------------------------
 
 def test_ipoib_addr_layout_and_text_forms():
     a = IPoIBAddr(0x80, 0x000048, parse_gid("fe80::2:c903:a:b0c"))
@@ -139,7 +139,7 @@ def test_gid_str_is_compressed_as_saquery_and_ip_print_it():
         gid_str(GID[:8])
 
 
-# --- DESIGN 3.3 and 3.4: broadcast address and MGIDs -----------------------------------------------
+# --- docs/design.md §3.3 and 3.4: broadcast address and MGIDs -----------------------------------------------
 
 def test_broadcast_address_as_ip_link_prints_it():
     assert str(broadcast_addr()) == "00:ff:ff:ff:ff:12:40:1b:ff:ff:00:00:00:00:00:00:ff:ff:ff:ff"

@@ -1,4 +1,4 @@
-"""The translation oracle: golden layouts (DESIGN 3.1, 3.7-3.9, 3.14), round trips, malformed input."""
+"""The translation oracle: golden layouts (docs/design.md §3.1, 3.7-3.9, 3.14), round trips, malformed input."""
 
 import struct
 
@@ -49,7 +49,7 @@ def drop_reason(fn, *a, **kw):
     return e.value.reason
 
 
-# --- DESIGN 3.1: the IPoIB header and the EtherTypes -----------------------------------------------
+# --- docs/design.md §3.1: the IPoIB header and the EtherTypes -----------------------------------------------
 
 def test_ipv4_unicast_header_replaced_by_four_bytes():
     pkt = f.ipv4(A_IP4, B_IP4, f.IPPROTO_ICMP, f.icmp_echo(1, 1, b"hello"))
@@ -82,7 +82,7 @@ def test_reserved_bytes_are_zero_on_tx_and_ignored_on_rx():
     assert rx(b"\x08\x00\xab\xcd" + pkt, T).frame == f.eth(A_MAC, B_REMAC, f.ETH_P_IP, pkt)
 
 
-# --- DESIGN 3.3/3.4: destination classes -------------------------------------------------------------
+# --- docs/design.md §3.3/3.4: destination classes -------------------------------------------------------------
 
 def test_broadcast_goes_to_the_broadcast_group_of_the_vlans_partition():
     arp = f.arp(f.ARPOP_REQUEST, A_MAC, A_IP4, ZERO_MAC, B_IP4)
@@ -128,7 +128,7 @@ def test_source_must_be_a_local_vif():
     assert drop_reason(eth_to_ipoib, frame, T) == DropReason.SPOOFED_SOURCE
 
 
-# --- DESIGN 3.7: ARP ---------------------------------------------------------------------------------
+# --- docs/design.md §3.7: ARP ---------------------------------------------------------------------------------
 
 def test_arp_request_layout_42_to_60_bytes():
     body = f.arp(f.ARPOP_REQUEST, A_MAC, A_IP4, ZERO_MAC, B_IP4)
@@ -176,7 +176,7 @@ def test_bogus_arp_dropped(mutate):
         DropReason.BAD_ARP, DropReason.TRUNCATED)
 
 
-# --- DESIGN 3.8: ND link-layer options ---------------------------------------------------------------
+# --- docs/design.md §3.8: ND link-layer options ---------------------------------------------------------------
 
 def _icmpv6_ok(l3: bytes) -> bool:
     ip = f.parse_ipv6(l3)
@@ -238,7 +238,7 @@ def test_igmp_is_a_control_frame():
     assert r.kind == Kind.CONTROL and r.mgid == ipv4_mgid(grp)
 
 
-# --- DESIGN 3.9: DHCP over InfiniBand (RFC 4390) ---------------------------------------------------
+# --- docs/design.md §3.9: DHCP over InfiniBand (RFC 4390) ---------------------------------------------------
 
 def _discover(chaddr=A_MAC, options=None, ciaddr=b"\0" * 4, dst_ip=b"\xff" * 4, dst_mac=BROADCAST_MAC,
               xid=0x12345678):
@@ -358,7 +358,7 @@ def test_malformed_dhcp_is_bad_dhcp_for_the_agent_but_passes_bpf_as_control():
     assert eth_to_ipoib(frame, T, rewrite_control=False).kind == Kind.CONTROL
 
 
-# --- DESIGN 3.14: edge rules -------------------------------------------------------------------------
+# --- docs/design.md §3.14: edge rules -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("etype,body", [
     (f.ETH_P_IP, f.ipv4(A_IP4, B_IP4, f.IPPROTO_ICMP, f.icmp_echo(1, 1))),
@@ -473,7 +473,7 @@ def test_bit_flips_raise_frameerror_or_translate(frame, data):
         pass
 
 
-# --- DESIGN 3.6: oversize frames answered with ICMP ------------------------------------------------
+# --- docs/design.md §3.6: oversize frames answered with ICMP ------------------------------------------------
 
 def test_too_big_ipv4_is_frag_needed_with_the_mtu():
     from xdpoib.wire.oracle import too_big_reply

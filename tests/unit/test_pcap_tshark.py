@@ -1,4 +1,4 @@
-"""DESIGN 3.13: our LINKTYPE_IPOIB captures decode in tshark, in both pseudo-header forms, and what the
+"""docs/design.md §3.13: our LINKTYPE_IPOIB captures decode in tshark, in both pseudo-header forms, and what the
 oracle puts on the wire is what Wireshark's dissectors expect (ARP over IB, ND options, DHCP)."""
 
 import struct

@@ -1,4 +1,4 @@
-"""Pure pack/parse tests of SA MADs and records: offsets from IBA 15.2.5 and DESIGN 4."""
+"""Pure pack/parse tests of SA MADs and records: offsets from IBA 15.2.5 and docs/design.md §4."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ The model is a small subset of verbs:
   `PortEvent`s behind a selectable file descriptor, `counters()` reports every drop it saw. A port's
   `pkey_index(pkey)` (here and on the SA's `LocalPort`) raises PortError for a P_Key its table lacks,
   never returns None; `has_pkey(pkey)` asks.
-- `Backend.create_qp(pkey, qkey, recv_pool)` makes one UD QP bound to one P_Key (DESIGN 1: one QP per
+- `Backend.create_qp(pkey, qkey, recv_pool)` makes one UD QP bound to one P_Key (docs/design.md §1: one QP per
   (VIF, P_Key)). `Backend.alloc_pool(count, size)` makes the registered receive buffers it fills.
 - `Backend.create_ah(path)` turns a `Path` (from a PathRecord, or a multicast group) into an
   `AddressHandle`.
@@ -265,7 +265,7 @@ class EventQueue:
 class Path:
     """Where a send goes: the address vector of an AH plus the path MTU the sender must respect.
 
-    Unicast inside an IB subnet: `dlid`, no GRH (Linux ipoib sends none, DESIGN 3.11). Multicast: `dlid`
+    Unicast inside an IB subnet: `dlid`, no GRH (Linux ipoib sends none, docs/design.md §3.11). Multicast: `dlid`
     is the MLID, `dgid` the MGID and `grh` True. RoCE: `grh` always True, `dgid` required, `dlid` 0.
     """
 
@@ -412,7 +412,7 @@ class Counters:
 
 
 class LoopbackFilter:
-    """Drops, and counts, completions that are our own datagrams coming back (DESIGN 3.10).
+    """Drops, and counts, completions that are our own datagrams coming back (docs/design.md §3.10).
 
     A completion is ours when its source QPN is one of our QPs and its source is our port: the SLID is
     our LID (IB) or the SGID is one of our GIDs (a GRH is present). The agent updates `qpns` as it

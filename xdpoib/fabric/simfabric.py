@@ -1,4 +1,4 @@
-"""The test fabric: ibsim with a generated topology and a real OpenSM on it (DESIGN 5).
+"""The test fabric: ibsim with a generated topology and a real OpenSM on it (docs/design.md §5).
 
 `SimFabric.up(name, hosts=N)` writes a topology (one switch, an HCA `sm` for OpenSM and N hosts `h1..hN`
 with fixed GUIDs), starts `ibsim` and `opensm` under their own IBSIM_SOCKNAME, waits until the SA
@@ -41,7 +41,7 @@ UMAD2SIM_CANDIDATES = (
 )
 IBSIM_MAX_CLIENTS = 10
 MAX_HOSTS = IBSIM_MAX_CLIENTS - 2          # OpenSM and one helper tool (saquery) at a time
-GUID_BASE = 0xF452140300000000             # Mellanox OUI f4:52:14, as in DESIGN 2's example
+GUID_BASE = 0xF452140300000000             # Mellanox OUI f4:52:14, as in docs/design.md §2's example
 SM_NODE_GUID = GUID_BASE | 0x00F00000
 SWITCH_GUID = GUID_BASE | 0x00E00000
 PARTITION_8003 = 0x8003

@@ -9,7 +9,7 @@ a registry that any process can read from /proc/net/unix:
     @xdpoib-sim/FABRIC/m/MGID/GUID/QPN     that QP is attached to that multicast group
 
 LIDs, GIDs, P_Key tables and multicast memberships come from the real SM (OpenSM on ibsim) through a
-`PortControl`: normally `SAControl` over `xdpoib.fabric.sa.SAClient`. The rules kept (DESIGN 5):
+`PortControl`: normally `SAControl` over `xdpoib.fabric.sa.SAClient`. The rules kept (docs/design.md §5):
 the sender drops payloads above the path MTU or its port's active MTU (counted, as hardware would lose
 them) and sends multicast only when its port is a member; the receiver checks destination QPN, Q_Key and
 P_Key, delivers multicast only to QPs attached to the MGID on a port the SA lists as a (full or

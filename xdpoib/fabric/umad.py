@@ -4,7 +4,7 @@ The same code drives a real HCA (`/dev/infiniband/umad*`) and ibsim (a process s
 `LD_PRELOAD=libumad2sim.so`, see `xdpoib.fabric.simfabric`). Only byte buffers cross this module's
 boundary: MAD layouts live in `xdpoib.fabric.sa_records`.
 
-Facts measured under umad2sim (DESIGN 4): `umad_send`'s timeout and retries are ignored, so callers keep
+Facts measured under umad2sim (docs/design.md §4): `umad_send`'s timeout and retries are ignored, so callers keep
 their own deadlines; `umad_get_port` is a snapshot taken when the process attached, so fresh port state
 comes from a PortInfo SMP to ourselves (`xdpoib.fabric.sa_client.SAClient.port`).
 """

@@ -14,7 +14,7 @@ from xdpoib.errors import FrameError
 from xdpoib.reasons import DropReason
 from xdpoib.wire.addr import IPOIB_ALEN, MAC_LEN
 
-# --- EtherTypes (DESIGN 3.1) -------------------------------------------------------------------------
+# --- EtherTypes (docs/design.md §3.1) -------------------------------------------------------------------------
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_RARP = 0x8035

@@ -13,7 +13,7 @@ the same order): Ethernet header and VLAN tag (TRUNCATED, STACKED_VLAN) -> VID t
 (TRUNCATED, BAD_IP_HEADER, BAD_LENGTH, BAD_ARP) -> destination class (MCAST_MISMATCH) -> ARP/ND body
 (ARP_UNKNOWN_HWADDR, BAD_ND, ND_UNKNOWN_LLADDR). CONTROL frames stop after the destination class.
 
-Edge rules (DESIGN 3.14): Ethernet padding after the IPv4 total length, the IPv6 payload or the
+Edge rules (docs/design.md §3.14): Ethernet padding after the IPv4 total length, the IPv6 payload or the
 28-byte ARP body is dropped on TX (and trailing bytes likewise on RX); RX output is never padded; VID 0
 (priority tag) is the untagged partition; a second tag is STACKED_VLAN. An ND message is translated
 only if its ICMPv6 checksum is right (else BAD_ND), and leaves with a checksum computed afresh.
@@ -199,7 +199,7 @@ def eth_to_ipoib(frame: bytes, t: Tables, *, rewrite_control: bool = True) -> Tx
 
 
 def _trim_l3(ethertype: int, l3: bytes) -> bytes:
-    """Validate the L3 header and cut Ethernet padding (DESIGN 3.14). TIPC passes as it is."""
+    """Validate the L3 header and cut Ethernet padding (docs/design.md §3.14). TIPC passes as it is."""
     if ethertype == f.ETH_P_IP:
         return bytes(l3[:f.parse_ipv4(l3).total_length])
     if ethertype == f.ETH_P_IPV6:
@@ -455,7 +455,7 @@ def dhcp_server_to_eth(l3: bytes, default_mac: bytes, t: Tables | None = None) -
 
 
 # ===================================================================================================
-# Oversize frames: ICMP "fragmentation needed" / ICMPv6 "packet too big" (DESIGN 3.6)
+# Oversize frames: ICMP "fragmentation needed" / ICMPv6 "packet too big" (docs/design.md §3.6)
 # ===================================================================================================
 
 def too_big_reply(frame: bytes, mtu: int, from_mac: bytes) -> bytes | None:
