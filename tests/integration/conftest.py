@@ -4,7 +4,8 @@
 included). A module sets `SIM_HOSTS = N` to change the host count (default 3: h1 and h2 are in
 partition 0x8003, h3 is not). Use `sim_fabric.sa_client("h1")` for an SA client running as a host,
 `sim_fabric.spawn("h1", argv)` for any other client process, `sim_fabric.saquery("h2", ...)` for
-independent checks.
+independent checks. Helpers that are not fixtures (the CLI runner `xdpoib`, `nsexec`, and `namespaces` /
+`attached`: throwaway namespaces, with eth4 attached to hosts of a fabric) are in `labkit.py`.
 """
 
 from __future__ import annotations

@@ -17,17 +17,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
+from labkit import XDPOIB, attached, nsexec, xdpoib
 from prereq import need_cmd
 
 from xdpoib import state
 from xdpoib.fabric.base import gid_str
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3
 NET = "10.87.0"
 XDP_IP, NATIVE_IP = f"{NET}.3", f"{NET}.1"
@@ -37,17 +35,6 @@ FIELDS = ["frame.number", "ipoib.daddr.qpn", "ipoib.dgid", "ipoib.grh.sqpn", "ip
           "arp.hw.type", "arp.hw.size", "arp.src.hw", "arp.src.proto_ipv4", "icmp.type", "icmpv6.type",
           "icmpv6.nd.ns.target_address", "icmpv6.opt.type", "icmpv6.opt.length", "icmpv6.checksum.status",
           "dhcp.option.dhcp", "dhcp.hw.type", "dhcp.hw.len", "dhcp.flags.bc", "_ws.malformed"]
-
-
-def xdpoib(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def nsexec(ns: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
 
 
 def qpn_field(qpn: int) -> str:
@@ -97,21 +84,13 @@ def solicited_node_mgid(addr: str) -> str:
 def lab(sim_fabric):
     """eth4 attached in a fresh netns on h3 with NET.3/24, its status, and its (QPN, GID)."""
     need_cmd("ip", "ping", "tshark")
-    ns = f"xo{uuid.uuid4().hex[:4]}cap"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    try:
-        xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h3")
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{XDP_IP}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h3"], net=NET, prefix="xc", lo=True) as (ns,):       # XDP_IP is NET.3
         end = time.monotonic() + 10
         while "tentative" in nsexec(ns, "ip", "-6", "addr", "show", "dev", "eth4").stdout:
             assert time.monotonic() < end, "eth4's link-local address stays tentative"
             time.sleep(0.1)
         st = json.loads(xdpoib("status", "eth4", "--netns", ns, "-j").stdout)
         yield {"fab": sim_fabric, "ns": ns, "status": st, "qpn": st["qpn"], "gid": st["port"]["gid"]}
-    finally:
-        xdpoib("detach", "eth4", "--netns", ns, check=False)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +129,10 @@ def session(lab, native, tmp_path_factory):
         slot = capture_slot(lab)
         assert slot["running"] and slot["direction"] == "both"
         flush(lab)
-        r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "3", NATIVE_IP)
+        r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "3", NATIVE_IP, check=False)
         assert r.returncode == 0, r.stdout
         assert native.ping(XDP_IP, count=2)["received"] == 2
-        r = nsexec(lab["ns"], "ping", "-6", "-c", "2", "-i", "0.2", "-W", "3", f"{native_ll(native)}%eth4")
+        r = nsexec(lab["ns"], "ping", "-6", "-c", "2", "-i", "0.2", "-W", "3", f"{native_ll(native)}%eth4", check=False)
         assert r.returncode == 0, r.stdout
         server = subprocess.Popen(["ip", "netns", "exec", lab["ns"], "dnsmasq", "--no-daemon", "--port=0",
                                    "--conf-file=/dev/null", "--interface=eth4", "--bind-interfaces", "--no-ping",

@@ -1,15 +1,15 @@
 """`xdpoib demo` (what `make demo` runs) works and leaves nothing behind."""
 
 import subprocess
-import sys
 
+from labkit import xdpoib
 from prereq import need_cmd, need_root
 
 
 def test_demo_runs_and_cleans_up():
     need_root()
     need_cmd("ibsim", "opensm", "saquery", "ping")
-    r = subprocess.run([sys.executable, "-m", "xdpoib", "demo"], capture_output=True, text=True, timeout=300)
+    r = xdpoib("demo", check=False, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = r.stdout
     assert out.count(" 0% packet loss") == 5                   # IPv4 twice, IPv6 once, each guest once

@@ -11,21 +11,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from labkit import xdpoib
 from nonroot import NobodyTree
 from prereq import need_cmd
 
 SIM_HOSTS = 3              # h1, h2 in partition 0x8003; h3 not
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 ORDER = ["root", "bpffs", "kernel headers", "bcc", "XDP on veth", "fabric", "SM", "port", "P_Key", "MTU"]
 LINE = re.compile(r"^(ok  |warn|FAIL)  (.{14})  (.+?)(?:  — (.+))?$")
 
 
 def doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*XDPOIB, "doctor", *args], capture_output=True, text=True, timeout=120)
+    return xdpoib("doctor", *args, check=False)
 
 
 def lines(out: str) -> dict[str, tuple[str, str, str | None]]:

@@ -11,10 +11,10 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
+from labkit import attached, nsexec, xdpoib
 from nonroot import NobodyTree
 from prereq import need_cmd
 
@@ -23,43 +23,16 @@ from xdpoib.state import AttachSpec, pid_alive
 from xdpoib.wire.addr import gid_str
 from xdpoib.wire.mgid import ipv6_mgid
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3          # GetTable answers are cut at 3 MCMemberRecords under umad2sim
 BCAST = "ff12:401b:ffff::ffff:ffff"
-
-
-def xdpoib(*args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def nsexec(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} in {ns} failed: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return r
 
 
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     """Three namespaces ns1..ns3, eth4 attached in each to hosts h1..h3, IPv4 10.77.0.N/24."""
     need_cmd("ip", "ping", "iperf3", "saquery")
-    tag = uuid.uuid4().hex[:4]
-    names = [f"xo{tag}n{i}" for i in (1, 2, 3)]
-    for ns in names:
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    try:
-        for i, ns in enumerate(names, 1):
-            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.77.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2", "h3"], net="10.77.0", prefix="xo", lo=True) as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            xdpoib("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def ll6(ns: str) -> str:
@@ -228,7 +201,7 @@ def test_detach_leaves_nothing_behind(lab):
     """Last in the module: detaching ns3's eth4 leaves no link, program, file, process or membership."""
     fab, names = lab
     ns = names[2]
-    gid = str(ipaddress.IPv6Address(fab.host("h3").gid))
+    gid = gid_str(fab.host("h3").gid)
     assert members(fab, BCAST).get(gid)
     st = xdpoib("status", "eth4", "--netns", ns, "-j").stdout
     pid = int(re.search(r'"pid": (\d+)', st).group(1))

@@ -17,25 +17,19 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
+from labkit import XDPOIB, attached
+from labkit import xdpoib as x
 from prereq import need_cmd, need_module
 
 from xdpoib.abi import MAX_PEERS
 from xdpoib.exporter import series_names
 
 SIM_HOSTS = 2
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "xdpoib.json"
 PROMETHEUS = Path(__file__).resolve().parents[2] / "contrib" / "prometheus"
-
-
-def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    assert not check or r.returncode == 0, f"xdpoib {' '.join(args)}: {r.stderr.strip()}"
-    return r
 
 
 def free_port() -> int:
@@ -95,17 +89,8 @@ def stop(proc: subprocess.Popen) -> None:
 def pair(sim_fabric):
     """Two namespaces with eth4 attached to h1 and h2, IPv4 10.79.0.1 and .2."""
     need_cmd("ip", "ping")
-    names = [f"xe{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.79.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.79.0", prefix="xe") as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
+from labkit import attached
+from labkit import xdpoib as x
 
 from xdpoib.fabric.base import gid_str
 
@@ -17,25 +17,10 @@ SIM_HOSTS = 2
 BCAST = "ff12:401b:ffff::ffff:ffff"
 
 
-def x(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
-    assert not check or r.returncode == 0, r.stderr
-    return r
-
-
 @pytest.fixture(scope="module")
 def pair(sim_fabric):
-    names = [f"xf{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.66.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.66.0", prefix="xf") as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def ping(ns, dst, count=1, wait=2):

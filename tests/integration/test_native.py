@@ -18,14 +18,13 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
+from labkit import attached, nsexec, xdpoib
 from prereq import need_cmd
 
 from xdpoib.fabric.base import gid_str
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3                   # h1, h2 in 0x8003; h3 (the xdpoib host) is not
 NET = "10.88.0"
 XDP_IP, NATIVE_IP = f"{NET}.3", f"{NET}.1"
@@ -58,30 +57,11 @@ for _ in range(3):                  # the first datagram may wait for ARP/ND
 """
 
 
-def xdpoib(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def nsexec(ns: str, *cmd: str, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} in {ns} failed: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     """eth4 attached in a fresh netns on h3 (default partition) with NET.3/24, and its status."""
     need_cmd("ip", "ping")
-    ns = f"xo{uuid.uuid4().hex[:4]}nat"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    try:
-        xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h3")
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{XDP_IP}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h3"], net=NET, prefix="xn", lo=True) as (ns,):       # XDP_IP is NET.3
         end = time.monotonic() + 10                 # the link-local address leaves DAD
         while "tentative" in nsexec(ns, "ip", "-6", "addr", "show", "dev", "eth4").stdout:
             assert time.monotonic() < end, "eth4's link-local address stays tentative"
@@ -90,9 +70,6 @@ def lab(sim_fabric):
         ll = re.search(r"inet6 (fe80::\S+)/64", nsexec(ns, "ip", "-6", "addr", "show", "dev", "eth4").stdout)
         yield {"fab": sim_fabric, "ns": ns, "status": st, "ll": ll.group(1),
                "addr": (st["qpn"], st["port"]["gid"])}
-    finally:
-        xdpoib("detach", "eth4", "--netns", ns, check=False)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +94,8 @@ def solicited_node(addr: str) -> ipaddress.IPv6Address:
 
 
 def flush(lab) -> None:
-    nsexec(lab["ns"], "ip", "neigh", "flush", "dev", "eth4", check=True)
-    nsexec(lab["ns"], "ip", "-6", "neigh", "flush", "dev", "eth4", check=True)
+    nsexec(lab["ns"], "ip", "neigh", "flush", "dev", "eth4")
+    nsexec(lab["ns"], "ip", "-6", "neigh", "flush", "dev", "eth4")
 
 
 def since(peer, n: int, kind: str | None = None) -> list[dict]:
@@ -148,7 +125,7 @@ def test_native_pings_the_xdpoib_host_and_resolves_it_by_arp(lab, native):
 def test_xdpoib_host_pings_the_native_peer_and_resolves_it_by_arp(lab, native):
     flush(lab)
     mark = native.status()["received"]
-    r = nsexec(lab["ns"], "ping", "-c", "3", "-i", "0.2", "-W", "3", NATIVE_IP)
+    r = nsexec(lab["ns"], "ping", "-c", "3", "-i", "0.2", "-W", "3", NATIVE_IP, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     requests = [e for e in since(native, mark, "arp") if e["op"] == "request" and e["tpa"] == NATIVE_IP]
     assert requests, "the native peer saw no ARP request from xdpoib"
@@ -182,7 +159,7 @@ def test_xdpoib_host_pings6_the_native_peer_and_resolves_it_by_nd(lab, native):
     flush(lab)
     mark = native.status()["received"]
     target = native_ll(native)
-    r = nsexec(lab["ns"], "ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", f"{target}%eth4")
+    r = nsexec(lab["ns"], "ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", f"{target}%eth4", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     ns_seen = [e for e in since(native, mark, "ns") if e["target"] == target]
     assert ns_seen, "the native peer saw no NS from xdpoib"
@@ -285,7 +262,7 @@ def test_dnsmasq_behind_eth4_leases_an_address_to_the_native_peer(lab, tmp_path)
             cid = "ff:00:00:00:01:00:03:00:20:" + ":".join(guid[i:i + 2] for i in range(0, 16, 2))
             text = leases.read_text()
             assert str(addr.ip) in text and cid in text, text
-            r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "3", str(addr.ip))
+            r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "3", str(addr.ip), check=False)
             assert r.returncode == 0, r.stdout
     finally:
         server.terminate()
@@ -300,7 +277,7 @@ def test_native_peer_in_a_partition_the_xdpoib_host_is_not_in_is_unreachable(lab
     with NativeHost(lab["fab"].name, "h2", ip=f"{NET}.9/24", pkey=0x8003) as peer:
         assert peer.ready["pkey"] == "0x8003" and "ff12:401b:8003::ffff:ffff" in peer.ready["groups"]
         assert peer.ping(XDP_IP, count=2, timeout=2)["received"] == 0
-        r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "1", f"{NET}.9")
+        r = nsexec(lab["ns"], "ping", "-c", "2", "-i", "0.2", "-W", "1", f"{NET}.9", check=False)
         assert r.returncode != 0
         assert not [e for e in peer.received() if e["src_qpn"] == lab["addr"][0]]
         peers = json.loads(xdpoib("peers", "eth4", "--netns", lab["ns"], "-j").stdout)

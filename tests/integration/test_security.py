@@ -10,25 +10,18 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from labkit import XDPOIB, attached, nsexec
+from labkit import xdpoib as x
 from nonroot import NobodyTree
 from prereq import need_cmd
 
 from xdpoib import state
 
 SIM_HOSTS = 2
-XDPOIB = [sys.executable, "-m", "xdpoib"]
-
-
-def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    assert not check or r.returncode == 0, f"xdpoib {' '.join(args)}: {r.stderr.strip()}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +35,10 @@ def nobody():
 def pair(sim_fabric):
     """eth4 attached in two namespaces (h1, h2), 10.81.0.1 and .2, after one ping (so peers are persisted)."""
     need_cmd("ip", "ping")
-    names = [f"xq{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.81.0.{i}/24", "dev", "eth4"], check=True)
-        r = subprocess.run(["ip", "netns", "exec", names[0], "ping", "-c", "2", "-i", "0.2", "-W", "3", "10.81.0.2"],
-                           capture_output=True, text=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.81.0", prefix="xq") as names:
+        r = nsexec(names[0], "ping", "-c", "2", "-i", "0.2", "-W", "3", "10.81.0.2", check=False)
         assert r.returncode == 0, r.stdout
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def root_commands(fab: str, ns: str) -> list[list[str]]:

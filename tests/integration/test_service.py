@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from labkit import namespaces, xdpoib
 
 SIM_HOSTS = 2
 
@@ -24,19 +24,12 @@ def env(tmp_path):
 
 @pytest.fixture
 def two_ns():
-    names = [f"xs{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    for ns in names:
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-    yield names
-    for ns in names:
-        subprocess.run([sys.executable, "-m", "xdpoib", "detach", "eth4", "--netns", ns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with namespaces("xs", 2) as names:
+        yield names
 
 
 def x(env, *args, check=True):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, env=env, timeout=120)
-    assert not check or r.returncode == 0, r.stderr
-    return r
+    return xdpoib(*args, check=check, env=env)
 
 
 def status(env, ns):

@@ -9,11 +9,12 @@ import os
 import select
 import struct
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
+from labkit import attached
+from labkit import xdpoib as x
 
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC, gid_str
@@ -24,12 +25,6 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP, PEER_IP = bytes([10, 55, 0, 1]), bytes([10, 55, 0, 2])
-
-
-def x(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
-    assert not check or r.returncode == 0, r.stderr
-    return r
 
 
 @pytest.fixture
@@ -62,11 +57,7 @@ def read_until(fd, pred, timeout=10.0):
 
 def test_vm_behind_a_tap_pings_a_host_across_the_fabric(sim_fabric, vm_tap):
     tap, fd = vm_tap
-    ns = f"xp{uuid.uuid4().hex[:5]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h2")
-        subprocess.run(["ip", "-n", ns, "addr", "add", "10.55.0.2/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h2"], net="10.55.0", prefix="xp"):       # the host across the fabric
         x("attach", tap, "--mode", "tap", "--sim", f"{sim_fabric.name}:h1")
 
         # ARP for the peer; the reply comes from its REMAC, addressed to the guest's MAC
@@ -118,9 +109,6 @@ def test_vm_behind_a_tap_pings_a_host_across_the_fabric(sim_fabric, vm_tap):
         x("detach", tap)                    # the TAP stays (the VM holds it), as it was before
         shown = subprocess.run(["ip", "link", "show", tap], capture_output=True, text=True).stdout
         assert "xdp" not in shown and "mtu 1500" in shown
-    finally:
-        x("detach", "eth4", "--netns", ns, check=False)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_tap_mode_refuses_a_namespace_and_a_missing_tap(sim_fabric):
