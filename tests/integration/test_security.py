@@ -47,7 +47,9 @@ def root_commands(fab: str, ns: str) -> list[list[str]]:
             ["groups", "eth4", "--netns", ns], ["attach", "eth9", "--sim", f"{fab}:h1"],
             ["detach", "eth4", "--netns", ns], ["up"], ["down"], ["run", f"{ns}:eth4"], ["exporter"],
             ["exporter", "--once"], ["demo"], ["sim", "show", fab], ["sim", "down", fab],
-            ["sim", "up", "nobodysfabric"], ["bench", "datapath"]]
+            ["sim", "up", "nobodysfabric"], ["bench", "datapath"],
+            ["capture", "eth4", "--netns", ns, "-w", "/tmp/nobody.pcap", "-c", "1"],
+            ["vif", "list", "eth4", "--netns", ns]]
 
 
 def test_every_root_command_refuses_nobody_in_one_line_and_changes_nothing(pair, nobody):
