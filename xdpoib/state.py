@@ -67,6 +67,7 @@ class AttachSpec:
     vlans: list = field(default_factory=list)   # [[VID, P_Key], ...]: 802.1Q VLANs mapped to partitions
     learn_vifs: int = 0                 # learn up to this many guest MACs behind eth4 as VIFs
     vif_idle: float = 300.0             # release a learned VIF idle this long (seconds; 0: never)
+    mac_form: str = "lemac"             # eth4's MAC from the port GUID: lemac | mellanox (wire.addr.MAC_FORMS)
 
     @property
     def id(self) -> str:
@@ -76,6 +77,12 @@ class AttachSpec:
     def where(self) -> str:
         """`eth4` or `eth4 in netns NS`, for messages."""
         return f"{self.ifname} in netns {self.netns}" if self.netns else self.ifname
+
+    def port_mac(self, guid: bytes) -> bytes:
+        """eth4's MAC for a port GUID, in this attachment's `mac_form`."""
+        from xdpoib.wire.addr import port_mac
+
+        return port_mac(guid, self.mac_form)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

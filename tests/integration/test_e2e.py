@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from labkit import attached, nsexec, xdpoib
+from labkit import attached, namespaces, nsexec, xdpoib
 from nonroot import NobodyTree
 from prereq import need_cmd
 
 from xdpoib.agent import internal_name
 from xdpoib.state import AttachSpec, pid_alive
-from xdpoib.wire.addr import gid_str
+from xdpoib.wire.addr import gid_str, lemac, mac_str, mlx_eth_addr
 from xdpoib.wire.mgid import ipv6_mgid
 
 SIM_HOSTS = 3          # GetTable answers are cut at 3 MCMemberRecords under umad2sim
@@ -184,6 +184,20 @@ def test_bad_cli_input_is_one_clear_line_and_changes_nothing(lab, args, message)
     assert f": {ifname}" not in links and internal_name(spec) not in links
     assert not list(Path("/run/xdpoib").glob(f"*@{ifname}.*"))
     assert subprocess.run(["pgrep", "-f", f'"ifname": "{ifname}"'], capture_output=True).returncode != 0
+
+
+def test_mac_form_mellanox_gives_eth4_the_mellanox_mac(lab):
+    """`--mac-form mellanox`: eth4 (a second attachment of h1, in its own namespace) has iPXE's Mellanox
+    form of the port GUID, in status and on the link; the default attachment of h1 has the LEMAC."""
+    fab, names = lab
+    guid = fab.host("h1").guid.to_bytes(8, "big")
+    assert json.loads(xdpoib("status", "eth4", "--netns", names[0], "-j").stdout)["eth"]["mac"] == mac_str(lemac(guid))
+    with namespaces("xm", 1) as (ns,):
+        st = json.loads(xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{fab.name}:h1", "--mac-form", "mellanox",
+                               "-j").stdout)
+        want = mac_str(mlx_eth_addr(guid))
+        assert st["eth"]["mac"] == want != mac_str(lemac(guid))
+        assert f"link/ether {want} " in nsexec(ns, "ip", "link", "show", "eth4").stdout
 
 
 def test_not_root_is_refused(lab):

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from xdpoib.errors import AddressError
 from xdpoib.wire.addr import (
+    MAC_FORMS,
     IPoIBAddr,
     RemacCollision,
     RemacTable,
@@ -19,6 +20,7 @@ from xdpoib.wire.addr import (
     parse_guid,
     parse_ipoib_addr,
     parse_mac,
+    port_mac,
     remac,
 )
 from xdpoib.wire.mgid import (
@@ -62,6 +64,16 @@ def test_mlx_eth_addr_follows_gpxe():
     # byte 0 is 00 when GUID byte 3 is 2, else 02; then bytes 1, 2, 5, 6, 7
     assert mac_str(mlx_eth_addr(parse_guid("00:02:c9:02:00:0a:0b:0c"))) == "00:02:c9:0a:0b:0c"
     assert mac_str(mlx_eth_addr(parse_guid("00:02:c9:03:00:0a:0b:0c"))) == "02:02:c9:0a:0b:0c"
+
+
+def test_port_mac_forms():
+    """`attach --mac-form`: the LEMAC by default, the Mellanox form on request, nothing else."""
+    assert port_mac(GUID) == port_mac(GUID, "lemac") == lemac(GUID)
+    assert port_mac(GUID, "mellanox") == mlx_eth_addr(GUID)
+    assert mac_str(port_mac(GUID, "mellanox")) == "02:52:14:8d:52:11"        # GUID f4:52:14:03:00:8d:52:11
+    assert set(MAC_FORMS) == {"lemac", "mellanox"}
+    with pytest.raises(AddressError, match="unknown MAC form"):
+        port_mac(GUID, "eui48")
 
 
 # --- docs/design.md §2: REMAC -------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from xdpoib.agent.vifs import IDLE_CHECK_S, Vifs
 from xdpoib.errors import XdpoibError
 from xdpoib.fabric.base import GRH_LEN
 from xdpoib.peers import PeerTable
-from xdpoib.wire.addr import IPoIBAddr, gid_str, lemac, mac_str
+from xdpoib.wire.addr import IPoIBAddr, gid_str, mac_str
 from xdpoib.wire.mgid import broadcast_mgid, full_pkey
 from xdpoib.wire.oracle import Vif
 
@@ -141,7 +141,7 @@ class Agent:
         self.partitions.bring_up(getattr(s, "vlans", []), lambda mgid: join_with_retry(self.sa, mgid, 20.0))
 
         # links
-        self.mac = lemac(self.port_attrs.port_guid.to_bytes(8, "big"))
+        self.mac = s.port_mac(self.port_attrs.port_guid.to_bytes(8, "big"))
         self.eth_mtu = self.ib_mtu - 4
         self.attach_to = links.set_up(self)
         self.ifindex = link.link_info(self.attach_to).index

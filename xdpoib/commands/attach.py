@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -19,10 +20,34 @@ EPILOG = """examples:
   xdpoib attach tap0 --mode tap --device mlx5_0   a VM's existing TAP
   xdpoib attach eth4 --sim lab:h1 --learn-vifs 8  up to 8 guests behind a bridge on eth4, each its own QPN
   xdpoib attach eth4 --sim lab:h1 --vlan 3:0x8003 eth4.3 (VLAN 3) is partition 0x8003
+  xdpoib attach eth4 --device mlx5_0 --mac-form mellanox   eth4's MAC in the Mellanox form (iPXE's)
+  xdpoib attach --ebpf                            print the BPF C the agent compiles, and exit
 """
 ROOT = "it creates links, loads XDP programs and opens the fabric's umad port"
 READY_TIMEOUT = 60.0
 AGENT_UMASK = 0o077         # what the agent writes (state file, log) is root-only
+
+
+def ebpf_text() -> str:
+    """The BPF C an agent compiles (bpf/xdpoib.c with bpf/include/ inlined, as bcc is given it), headed
+    by the compiler flags of the production build."""
+    from xdpoib.datapath import loader
+
+    flags = " ".join(loader.production_build().cflags())
+    return (f"/* xdpoib datapath: {loader.MAIN.name} with its local headers inlined, as bcc compiles it\n"
+            f" * cflags: {flags}\n */\n{loader.source()}")
+
+
+class _PrintEbpf(argparse.Action):
+    """`--ebpf`: print the generated BPF C and exit, before anything else is checked (as bcc's tools do)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(ebpf_text())
+        sys.stdout.flush()
+        parser.exit(0)
 
 
 def configure(p):
@@ -42,6 +67,10 @@ def configure(p):
                         "(default 0: only IFNAME's MAC and `xdpoib vif add`; other sources are dropped)")
     p.add_argument("--vif-idle", type=float, default=300.0, metavar="SECONDS",
                    help="release a learned VIF idle this long (default 300; 0: never)")
+    p.add_argument("--mac-form", choices=("lemac", "mellanox"), default="lemac",
+                   help="IFNAME's MAC from the port GUID: lemac, GUID bytes 0,1,2,5,6,7 as eIPoIB (default); "
+                        "mellanox, the Mellanox form of iPXE (00 or 02, then GUID bytes 1,2,5,6,7)")
+    p.add_argument("--ebpf", action=_PrintEbpf, help="print the BPF C the agent compiles and exit (attaches nothing)")
     p.add_argument("--force", action="store_true", help="replace an existing attachment of IFNAME")
     p.add_argument("-j", "--json", action="store_true", help="print the result as JSON")
 
@@ -68,7 +97,7 @@ def build_spec(args) -> state.AttachSpec:
         raise UsageError(f"bad --vif-idle {args.vif_idle:g}: seconds, 0 for never")
     vlans = parse_vlans(args.vlan, pkey)
     spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1, vlans=vlans,
-                            learn_vifs=args.learn_vifs, vif_idle=args.vif_idle)
+                            learn_vifs=args.learn_vifs, vif_idle=args.vif_idle, mac_form=args.mac_form)
     if args.sim:
         fabric, sep, host = args.sim.partition(":")
         if not sep or not fabric or not host:

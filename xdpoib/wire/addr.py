@@ -218,6 +218,24 @@ def mlx_eth_addr(guid: bytes) -> bytes:
     return bytes([0x00 if guid[3] == 2 else 0x02, guid[1], guid[2], guid[5], guid[6], guid[7]])
 
 
+#: The forms of a port's own Ethernet MAC (`xdpoib attach --mac-form`): eIPoIB's LEMAC (the default)
+#: and the Mellanox form of gPXE/iPXE.
+MAC_FORMS = {"lemac": lemac, "mellanox": mlx_eth_addr}
+
+
+def port_mac(guid: bytes, form: str = "lemac") -> bytes:
+    """The Ethernet MAC of a port (eth4's) from its GUID, in one of `MAC_FORMS`.
+
+    @v guid  8-byte port GUID
+    @v form  "lemac" (bytes 0, 1, 2, 5, 6, 7) or "mellanox" (`mlx_eth_addr`)
+    @ret     6-byte MAC
+    """
+    derive = MAC_FORMS.get(form)
+    if derive is None:
+        raise AddressError(f"unknown MAC form {form!r} (known: {', '.join(MAC_FORMS)})")
+    return derive(guid)
+
+
 def remac(gid: bytes, qpn: int, salt: int = 0) -> bytes:
     """Derive the REMAC: the Ethernet address standing for one remote (GID, QPN).
 
