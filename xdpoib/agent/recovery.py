@@ -82,6 +82,12 @@ class QpRecovery:
             return
         self._move_vifs(old.qpn, new.qpn)
         a.qp = new
+        v0, part = a.vifs.by_id.get(0), a.partitions.by_vid.get(0)
+        if v0 is not None and v0.qp is old:
+            v0.qp = new             # VIF 0 sends from it; the untagged partition receives on it
+        if part is not None and part.qp is old:
+            part.qp = new
+        a.vifs._publish()
         a.loopback.qpns.discard(old.qpn)
         a.loopback.qpns.add(new.qpn)
         if self._wake_fd is not None:
@@ -104,7 +110,7 @@ class QpRecovery:
         try:
             new.post_recv(range(pool.count))
             for g in a.membership.groups.values():
-                if g.attached:
+                if g.attached and a.partitions.of_mgid(g.mgid).qp is old:     # its partition's groups
                     new.attach_mcast(g.mgid, g.mlid)
         except BaseException:
             new.close()
