@@ -114,7 +114,7 @@ class Agent:
         self.sa = self._open_sa()
         self.stack.callback(self.sa.close)
         self.port = self._wait_active(30.0)
-        if self.port.pkey_index(self.pkey) is None:
+        if not self.port.has_pkey(self.pkey):
             table = ", ".join(f"{k:#06x}" for k in self.port.pkeys if k & 0x7FFF) or "empty"
             raise AgentError(f"the port is not a member of partition {self.pkey:#06x} (its P_Key table: {table})")
         Partitions.check(self.port, self.pkey, getattr(s, "vlans", []))

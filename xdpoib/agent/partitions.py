@@ -57,7 +57,7 @@ class Partitions:
 
         table = ", ".join(f"{k:#06x}" for k in port.pkeys if k & 0x7FFF) or "empty"
         for vid, p in vlans:
-            if port.pkey_index(full_pkey(p)) is None:
+            if not port.has_pkey(full_pkey(p)):
                 raise AgentError(f"VLAN {vid}: the port is not a member of partition {full_pkey(p):#06x} "
                                  f"(its P_Key table: {table})")
         seen = {pkey & 0x7FFF}
