@@ -47,11 +47,19 @@ def x(*args, check=True, env=None):
 
 
 SEND = r"""
-import socket, sys
+import errno, socket, sys, time
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth4", 0))
 for line in open(sys.argv[1]):
-    s.send(bytes.fromhex(line.strip()))
+    frame = bytes.fromhex(line.strip())
+    for _ in range(1000):       # ENOBUFS: the veth's ring towards XDP is full for a moment; send it again
+        try:
+            s.send(frame)
+            break
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            time.sleep(0.001)
 """
 
 
