@@ -113,7 +113,7 @@ def test_tcp_transfer_with_iperf3_and_payload_integrity(lab, tmp_path):
 
 def test_oversize_frame_is_answered_with_frag_needed(lab):
     """eth4's MTU raised above the fabric's by hand: the agent answers ICMP frag-needed, and the
-    sender's stack learns the path MTU (DESIGN 3.6)."""
+    sender's stack learns the path MTU (docs/design.md §3.6)."""
     _, ns = lab
     nsexec(ns[0], "ip", "link", "set", "eth4", "mtu", "3000")
     try:
