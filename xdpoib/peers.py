@@ -16,6 +16,7 @@ send into the void).
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -41,9 +42,17 @@ def _ah_set(self, ah) -> None:
 _AH = property(_ah_get, _ah_set)
 
 
-@dataclass
+def _pending_get(self) -> deque:
+    q = self._pending
+    if q is None:
+        q = self._pending = deque(maxlen=MAX_PENDING)
+    return q
+
+
+@dataclass(slots=True)
 class PeerEntry:
-    """One remote endpoint as the agent knows it."""
+    """One remote endpoint as the agent knows it (slots, and the queue of frames waiting for its path
+    made on first use: an agent holds up to `max_peers` of these, docs/design.md §8: memory)."""
 
     peer_id: int
     remac: bytes
@@ -56,12 +65,13 @@ class PeerEntry:
     first_seen: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     resolved_at: float = 0.0
-    pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
+    _pending: deque | None = None       # `pending`: at most MAX_PENDING frames waiting for the path
     sends: int = 0                      # reads of `ah` (one per batch sent)
     used_at: float = 0.0                # when the sweep last saw `sends` move
     seen_sends: int = 0                 # `sends` at that sweep
 
     ah = _AH
+    pending = property(_pending_get)
 
     @property
     def active_at(self) -> float:
@@ -76,7 +86,7 @@ class PeerEntry:
         return {"remac": mac_str(self.remac), "gid": gid_str(self.addr.gid), "qpn": self.addr.qpn,
                 "lid": self.lid, "path": self.path_state, "path_mtu": self.path_mtu,
                 "age_seconds": round(now - self.first_seen, 1), "idle_seconds": round(now - self.last_seen, 1),
-                "pending": len(self.pending)}
+                "pending": len(self._pending or ())}
 
 
 @dataclass
@@ -185,7 +195,8 @@ class PeerTable(Tables):
             self._by_id.pop(e.peer_id, None)
             if e.lid is not None and self._by_lid.get((e.lid, e.addr.qpn)) is e:
                 del self._by_lid[(e.lid, e.addr.qpn)]
-            e.pending.clear()
+            if e._pending:
+                e._pending.clear()
             self._gone[key] = None
             out.append(e)
         if out and self.on_removed is not None:
@@ -254,20 +265,51 @@ class PeerTable(Tables):
     # --- persistence ----------------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        return {"next_id": self._next_id, "remacs": self.remacs.to_json(),
-                "ids": [{"gid": gid_str(g), "qpn": q, "id": i} for (q, g), i in self._ids.items()],
-                "peers": [{"gid": gid_str(e.addr.gid), "qpn": e.addr.qpn, "flags": e.addr.flags, "lid": e.lid}
-                          for e in self.entries.values()]}
+        """The state file's form (format 2): every peer as [GID, QPN, flags, LID, id, REMAC] and every
+        reservation as [GID, QPN, id, REMAC], short lists rather than objects (an agent may persist 1e5
+        peers, and reading them back must not cost more than the table itself)."""
+        peers = [[gid_str(e.addr.gid), e.addr.qpn, e.addr.flags, e.lid, e.peer_id, mac_str(e.remac)]
+                 for e in self.entries.values()]
+        reserved = [[gid_str(g), q, i, mac_str(self.remacs.assign(g, q))]
+                    for (q, g), i in self._ids.items() if (q, g) not in self.entries]
+        return {"format": 2, "next_id": self._next_id, "peers": peers, "reserved": reserved}
 
     def restore(self, data: dict) -> None:
-        """Take REMACs and ids from a state file written by `to_json` (before any peer is learned)."""
-        self.remacs = RemacTable.from_json(data.get("remacs", []), reserved=set(self._vif_by_mac))
+        """Take peers, REMACs, ids and reservations from a state file written by `to_json` (format 2,
+        or the earlier one of objects), before any peer is learned."""
+        vifs = set(self._vif_by_mac)
+        if data.get("format") != 2:
+            self._restore_v1(data, vifs)
+            return
+        rows, kept = data.get("peers", []), data.get("reserved", [])
+        gids = {}
+
+        def gid(text):
+            g = gids.get(text)
+            if g is None:
+                g = gids[text] = parse_gid(text)
+            return g
+        self.remacs = RemacTable.from_json(itertools.chain(
+            ({"gid": r[0], "qpn": r[1], "remac": r[5]} for r in rows),
+            ({"gid": r[0], "qpn": r[1], "remac": r[3]} for r in kept)), reserved=vifs)
+        for r in rows:
+            self._ids[(int(r[1]), gid(r[0]))] = int(r[4])
+        for r in kept:
+            self._ids[(int(r[1]), gid(r[0]))] = int(r[2])
+        self._next_id = max(self._next_id, int(data.get("next_id", 1)), max(self._ids.values(), default=0) + 1)
+        for r in rows:                        # known peers come back at once (paths resolve on use)
+            self.learn(IPoIBAddr(int(r[2]), int(r[1]), gid(r[0])), lid=r[3])
+        gids.clear()
+        for r in kept:
+            self._gone[(int(r[1]), parse_gid(r[0]))] = None
+
+    def _restore_v1(self, data: dict, vifs: set) -> None:
+        self.remacs = RemacTable.from_json(data.get("remacs", []), reserved=vifs)
         for it in data.get("ids", []):
             self._ids[(int(it["qpn"]), parse_gid(it["gid"]))] = int(it["id"])
         self._next_id = max([self._next_id, int(data.get("next_id", 1)), *[i + 1 for i in self._ids.values()]])
-        for it in data.get("peers", []):      # known peers come back at once (paths resolve on use)
+        for it in data.get("peers", []):
             self.learn(IPoIBAddr(int(it.get("flags", 0)), int(it["qpn"]), parse_gid(it["gid"])), lid=it.get("lid"))
         for key in self._ids:                 # the rest are reservations of peers removed earlier
             if key not in self.entries:
                 self._gone[key] = None
-

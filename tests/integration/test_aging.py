@@ -106,7 +106,8 @@ def test_idle_peer_is_removed_and_comes_back_with_its_remac(pair):
 
     def reserved_only():
         data = json.loads(saved.read_text())["peers"]
-        return remac in json.dumps(data["remacs"]) and not any(p["gid"] == h2_gid for p in data["peers"])
+        return any(r[0] == h2_gid and r[3] == remac for r in data["reserved"]) and \
+            not any(r[0] == h2_gid for r in data["peers"])
     assert until(reserved_only, 10), "the REMAC is not kept reserved in the state file"
     # eth4 still holds the REMAC in its neighbour cache: sending to it brings the peer back at once
     t0 = time.monotonic()

@@ -30,7 +30,7 @@ def test_removed_peer_comes_back_with_its_remac_and_id():
     remac, pid = e.remac, e.peer_id
     assert t.remove([e]) == [e] and removed == [(1, "idle")]
     assert t.by_lid(5, 0x100) is None and t.by_id(pid) is None and t.reserved == 1
-    assert any(r["remac"].replace(":", "") == remac.hex() for r in t.to_json()["remacs"])
+    assert any(r[3].replace(":", "") == remac.hex() for r in t.to_json()["reserved"])
     back = t.learn(IPoIBAddr(0, 0x100, gid(1)))
     assert (back.remac, back.peer_id) == (remac, pid) and t.reserved == 0
 
@@ -55,7 +55,7 @@ def test_reservations_are_capped_oldest_first():
     es = [t.learn(IPoIBAddr(0, 0x100 + n, gid(n))) for n in range(1, 7)]
     t.remove(es)
     assert t.reserved == 3 and len(t.remacs) == 3
-    kept = {(r["qpn"]) for r in t.to_json()["remacs"]}
+    kept = {r[1] for r in t.to_json()["reserved"]}
     assert kept == {0x104, 0x105, 0x106}
 
 
@@ -116,3 +116,32 @@ def test_config_from_the_environment():
         AgingConfig.from_env({"XDPOIB_MAX_PEERS": "many"})
     with pytest.raises(AgingError, match="must be positive"):
         AgingConfig.from_env({"XDPOIB_SA_RATE": "0"})
+
+
+def test_state_round_trip_keeps_peers_remacs_ids_and_reservations():
+    t = table()
+    es = [t.learn(IPoIBAddr(0x80 * (n % 2), 0x100 + n, gid(n)), lid=n + 1) for n in range(1, 6)]
+    t.remove(es[:2])
+    data = t.to_json()
+    u = table()
+    u.restore(data)
+    assert {k: (e.peer_id, e.remac, e.lid, e.addr.flags) for k, e in u.entries.items()} == \
+        {k: (e.peer_id, e.remac, e.lid, e.addr.flags) for k, e in t.entries.items()}
+    assert u.reserved == 2
+    back = u.learn(es[0].addr)
+    assert (back.peer_id, back.remac) == (es[0].peer_id, es[0].remac)
+    assert u.learn(IPoIBAddr(0, 0x999, gid(99))).peer_id == max(e.peer_id for e in es) + 1
+
+
+def test_state_of_the_earlier_format_is_read():
+    from xdpoib.wire.addr import gid_str, mac_str
+
+    t = table()
+    e = t.learn(IPoIBAddr(0, 0x100, gid(1)), lid=4)
+    old = {"next_id": 2, "remacs": [{"gid": gid_str(gid(1)), "qpn": 0x100, "remac": mac_str(e.remac)}],
+           "ids": [{"gid": gid_str(gid(1)), "qpn": 0x100, "id": 1}],
+           "peers": [{"gid": gid_str(gid(1)), "qpn": 0x100, "flags": 0, "lid": 4}]}
+    u = table()
+    u.restore(old)
+    (f,) = u.entries.values()
+    assert (f.peer_id, f.remac, f.lid) == (1, e.remac, 4)

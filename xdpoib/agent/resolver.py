@@ -106,9 +106,9 @@ class Resolver:
         A sender known by (SLID, QPN) whose ARP names another address is spoofing: the ARP is dropped
         and counted (`arp_spoofed`), nothing is learned. A sender not known yet (no GRH, a LID never
         seen: a unicast ARP reply is usually the first we hear from a peer) is taken at its word at
-        once, so first contact costs no round trip, and checked in the background: the SA is asked who
-        has that LID, and a peer whose GID is not the one there (or at a LID the SA does not route) is
-        removed again and counted as spoofed. An address we know at another LID is not taken over
+        once, so first contact costs no round trip, and checked in the background (`_check_sender`:
+        the path to the GID it claims must lead to its LID); one that lied (or claims a GID the SA does
+        not know) is removed again and counted as spoofed. An address we know at another LID is not taken over
         (`arp_unverified`: the caller asks the SA who has the new LID, which settles a real move).
         Without a token from the SA gate the check cannot run, and the ARP is dropped
         (`arp_unverified`).
@@ -135,27 +135,71 @@ class Resolver:
             return False
         if src is not None or not slid:
             return peers.learn(sha, lid=slid or None)
-        key = ("arpcheck", slid, src_qpn)
-        if not a.sa_worker.pending(key):
-            sa, pkey, gid = a.sa, a.pkey, sha.gid
-
-            def done(ok, res):
-                e = peers.entries.get(sha.key)
-                if ok and bytes(res.dgid) == gid:
-                    a.stats["arp_senders_verified"] += 1
-                    return
-                if not ok and getattr(res, "status", None) != 0x0300:
-                    log.warning("checking the ARP sender at LID %d: %s", slid, res)    # cannot tell
-                    return
-                a.drops["arp_spoofed"] += 1
-                log.warning("ARP from LID %d claimed %s, which is not the port at that LID: forgotten",
-                            slid, gid_str(gid))
-                if e is not None and e.lid == slid:
-                    peers.remove([e], "spoofed")
-            if not a.sa_worker.submit(key, lambda: sa.path_to_lid(slid, pkey), done):
-                a.drops["arp_unverified"] += 1
-                return False
+        if not self._check_sender(sha, slid, src_qpn):
+            a.drops["arp_unverified"] += 1
+            return False
         return peers.learn(sha, lid=slid)
+
+    def _check_sender(self, sha: IPoIBAddr, slid: int, src_qpn: int) -> bool:
+        """`from_arp`'s background check of a first contact: a PathRecord to the GID it claims, in the
+        default partition (every port is a member), must lead to the LID it came from. The answer is
+        also the path we send to it with (the attachment in the default partition), so checking costs
+        the first packet nothing: it is the query resolving would make. With that query already in
+        flight, the SA is asked who has the LID instead. False: the SA gate has no token for it."""
+
+        a = self.a
+        peers = a.peers
+        key = ("path", sha.key)
+        by_path = not a.sa_worker.pending(key)
+        if not by_path:
+            key = ("arpcheck", slid, src_qpn)
+            if a.sa_worker.pending(key):
+                return True
+        sa, gid, sgid = a.sa, sha.gid, a.port_attrs.gid
+        default = a.pkey & 0x7FFF == 0x7FFF
+
+        def call():
+            return sa.path(gid, sgid=sgid, pkey=0xFFFF) if by_path else sa.path_to_lid(slid, 0xFFFF)
+
+        def done(ok, res):
+            e = peers.entries.get(sha.key)
+            if ok and (res.dlid == slid if by_path else bytes(res.dgid) == gid):
+                a.stats["arp_senders_verified"] += 1
+                if by_path and default and e is not None and e.path_state != "resolved":
+                    self._path_found(e, res)
+                return
+            if not ok and getattr(res, "status", None) != 0x0300:
+                log.warning("checking the ARP sender at LID %d: %s", slid, res)        # cannot tell
+                return
+            a.drops["arp_spoofed"] += 1
+            log.warning("ARP from LID %d claimed %s, which is not the port at that LID: forgotten",
+                        slid, gid_str(gid))
+            if e is not None and e.lid == slid:
+                peers.remove([e], "spoofed")
+        return a.sa_worker.submit(key, call, done)
+
+    def _path_found(self, e: PeerEntry, res) -> None:
+        """A PathRecord answered for e (as `resolve` records one): AH, state, the frames held."""
+        from xdpoib.fabric.base import Path
+
+        a = self.a
+        try:
+            mtu = min(res.mtu_bytes or a.ib_mtu, a.ib_mtu)
+            path = Path(dlid=res.dlid, sl=res.sl, mtu=mtu)
+            ah = a.backend.create_ah(path)
+        except Exception as ex:
+            log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
+            return
+        self.backoff.succeeded(("path", e.addr.key))
+        e.path_mtu, e.path, e.ah = mtu, path, ah
+        e.lid = e.lid or res.dlid
+        e.path_state, e.resolved_at = "resolved", time.monotonic()
+        a.stats["paths_resolved"] += 1
+        if e.pending:
+            queued = list(e.pending)
+            e.pending.clear()
+            for qp, fr in queued:
+                a.forwarder.send_peer(e, [fr], qp=qp)
 
     def who_is(self, slid: int, qpn: int) -> None:
         """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA

@@ -1,13 +1,13 @@
-"""`xdpoib bench datapath|e2e`: the BPF programs' cost per packet as ratios to a no-op program, and
+"""`xdpoib bench datapath|e2e|control`: the BPF programs' cost per packet as ratios to a no-op program,
 xdpoib end to end against its plumbing ceiling, a naive Python translator, veth and VXLAN, measured in
-the same run (`xdpoib.bench_e2e`)."""
+the same run (`xdpoib.bench_e2e`), and the control plane at scale (`xdpoib.bench_control`)."""
 
 from __future__ import annotations
 
 import json
 
 NAME = "bench"
-HELP = "measure the BPF datapath (ns/packet vs a no-op) or xdpoib end to end against its baselines"
+HELP = "measure the BPF datapath (ns/packet vs a no-op), xdpoib end to end against its baselines, or the control plane"
 EPILOG = """examples:
   xdpoib bench datapath                 table of ns/packet and ratios (repeat 1e6, 5 rounds)
   xdpoib bench datapath --json          one JSON object: noop_ns_per_packet, tx, rx, arp
@@ -16,13 +16,16 @@ EPILOG = """examples:
   xdpoib bench e2e --json --plot e2e.png    one JSON object; offered vs received pps as a PNG
   xdpoib bench e2e --sizes 64 --rates 20k,0 --seconds 1 --tcp-seconds 1    quick, noisy
   xdpoib bench e2e --systems xdpoib,veth --sizes MTU
+  xdpoib bench control                  SA path/join rates, first packet, 1e5/1e6-peer maps, agent RSS (~1 min)
+  xdpoib bench control --json --queries 300 --joins 50 --new-peers 1    quick, noisy
 """
 
 
 def configure(p):
+    from xdpoib.bench_control import DEFAULT_JOINS, DEFAULT_QUERIES, DEFAULT_ROUNDS
     from xdpoib.bench_e2e import DEFAULT_RATES, DEFAULT_SECONDS, DEFAULT_SIZES, DEFAULT_TCP_SECONDS, SYSTEMS
 
-    p.add_argument("what", choices=["datapath", "e2e"], help="what to measure")
+    p.add_argument("what", choices=["datapath", "e2e", "control"], help="what to measure")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
     p.add_argument("--repeat", type=int, default=1_000_000, help="datapath: test_run repetitions per sample")
     p.add_argument("--rounds", type=int, default=5, help="datapath: interleaved rounds, the median is reported")
@@ -38,6 +41,12 @@ def configure(p):
     p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
                    help="e2e: which systems to measure (default %(default)s)")
     p.add_argument("--plot", metavar="FILE", help="e2e: write offered vs received pps as a PNG")
+    p.add_argument("--queries", type=int, default=DEFAULT_QUERIES,
+                   help="control: SA PathRecords timed (default %(default)s)")
+    p.add_argument("--joins", type=int, default=DEFAULT_JOINS,
+                   help="control: groups created, joined and left (default %(default)s)")
+    p.add_argument("--new-peers", type=int, default=DEFAULT_ROUNDS,
+                   help="control: hosts pinged for a first packet, 1-5 (default %(default)s)")
 
 
 def run(args) -> int:
@@ -45,6 +54,8 @@ def run(args) -> int:
 
     if args.what == "e2e":
         return run_e2e_cli(args)
+    if args.what == "control":
+        return run_control_cli(args)
     if args.repeat < 1 or args.rounds < 1 or args.samples < 1:
         raise UsageError("--repeat, --rounds and --samples must be positive")
     from xdpoib.datapath.bench import run_bench
@@ -81,4 +92,18 @@ def run_e2e_cli(args) -> int:
     if args.plot:
         e2e.write_plot(res, args.plot)
     print(json.dumps(res) if args.json else e2e.format_table(res))
+    return 0
+
+
+def run_control_cli(args) -> int:
+    import sys
+
+    from xdpoib import bench_control as bc
+    from xdpoib.errors import UsageError
+
+    if args.queries < 1 or args.joins < 1 or not 1 <= args.new_peers <= 5:
+        raise UsageError("--queries and --joins must be positive, --new-peers 1-5")
+    res = bc.run_control(args.queries, args.joins, args.new_peers,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(res) if args.json else bc.format_table(res))
     return 0

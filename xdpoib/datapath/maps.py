@@ -11,6 +11,7 @@ import ctypes as ct
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from xdpoib import abi
@@ -46,6 +47,87 @@ _ENTITY = struct.Struct("<I6sBx20s")   # struct xdpoib_vif / xdpoib_peer
 
 class MapError(XdpoibError):
     """A map operation failed (full map, wrong layout, missing pin)."""
+
+
+BIG = 4096                  # peers per call from which the packed path (numpy, threads) pays off
+
+
+@dataclass(frozen=True)
+class PeerBatch:
+    """Peers packed for a big load or removal: ids (u32, little-endian), REMACs (6 bytes each) and
+    IPoIB addresses (20 bytes each), each one bytes object: no Python object per peer."""
+
+    ids: bytes
+    macs: bytes
+    addrs: bytes
+
+    def __post_init__(self):
+        n = len(self.ids) // 4
+        if len(self.ids) != 4 * n or len(self.macs) != 6 * n or len(self.addrs) != 20 * n:
+            raise MapError(f"a peer batch needs 4/6/20 bytes per peer, got {len(self.ids)}/{len(self.macs)}/"
+                           f"{len(self.addrs)}")
+
+    def __len__(self) -> int:
+        return len(self.ids) // 4
+
+    @classmethod
+    def of(cls, peers) -> PeerBatch:
+        """Pack (peer_id, remac, addr20) tuples."""
+        peers = list(peers)
+        return cls(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)), b"".join(bytes(m) for _, m, _ in peers),
+                   b"".join(bytes(a) for _, _, a in peers))
+
+    def tuples(self):
+        for k in range(len(self)):
+            yield (int.from_bytes(self.ids[4 * k:4 * k + 4], "little"), self.macs[6 * k:6 * k + 6],
+                   self.addrs[20 * k:20 * k + 20])
+
+
+def _np():
+    """numpy if it is installed (Debian python3-numpy, which python3-matplotlib brings), else None:
+    then big loads take the per-peer path."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def _mac_slots(np, macs):
+    """XDPOIB_MAC_SLOT of every row of an (n, 6) uint8 array, before masking."""
+    m = macs.astype(np.uint32)
+    x = (m[:, 2] << 24 | m[:, 3] << 16 | m[:, 4] << 8 | m[:, 5]) ^ (m[:, 0] << 8 | m[:, 1])
+    return x ^ (x >> 16)
+
+
+def _addr_keys(np, addrs):
+    """struct xdpoib_addr_key of every row of an (n, 20) uint8 array of IPoIB addresses."""
+    keys = np.zeros((len(addrs), 20), np.uint8)
+    keys[:, 0:3] = addrs[:, 1:4]
+    keys[:, 4:20] = addrs[:, 4:20]
+    return keys
+
+
+def _parallel(*calls) -> None:
+    """Run (fn, *args) calls on threads at once (bpf(2) releases the GIL: the kernel's hash inserts
+    into different maps overlap); the first error is raised after all have finished."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=c) for c in calls[1:]]
+    for t in threads:
+        t.start()
+    run(*calls[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def possible_cpus() -> int:
@@ -256,8 +338,15 @@ class Maps:
         self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for _, _, v in vifs), macs)
         self._fill_slots(self.vifmac_slot, self.vifid_slot, abi.VIF_SLOTS, vifs)
 
-    def add_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
-        """Install peers given as (peer_id, remac, addr20), batched; an address a VIF owns keeps the VIF."""
+    def add_peers(self, peers) -> None:
+        """Install peers given as (peer_id, remac, addr20), batched, or as a `PeerBatch` (packed: the
+        fast path for big loads); an address a VIF owns keeps the VIF."""
+        if isinstance(peers, PeerBatch) or (isinstance(peers, list) and len(peers) >= BIG):
+            batch = peers if isinstance(peers, PeerBatch) else PeerBatch.of(peers)
+            if len(batch) >= BIG and _np() is not None:
+                self._add_peers_big(batch)
+                return
+            peers = list(batch.tuples())
         peers = self._packed(peers)
         if not peers:
             return
@@ -286,13 +375,71 @@ class Maps:
         self.set_partitions(tables.vlan_pkeys)
         self.set_config(scope=tables.scope, flags=abi.CFG_LEARN_VIFS if tables.learn_vifs else 0)
 
-    def remove_peers(self, peers: Iterable[tuple[int, bytes, bytes]]) -> None:
-        """Remove peers given as (peer_id, remac, addr20), batched."""
+    def remove_peers(self, peers) -> None:
+        """Remove peers given as (peer_id, remac, addr20), batched, or as a `PeerBatch`."""
+        if isinstance(peers, PeerBatch) or (isinstance(peers, list) and len(peers) >= BIG):
+            batch = peers if isinstance(peers, PeerBatch) else PeerBatch.of(peers)
+            if len(batch) >= BIG and _np() is not None:
+                self._remove_peers_big(batch)
+                return
+            peers = list(batch.tuples())
         peers = [(i, bytes(m), bytes(a)) for i, m, a in peers]
         self._clear_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
         self.peer_mac.delete_batch_raw(b"".join(m + b"\0\0" for _, m, _ in peers))
         self.peer_id.delete_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)))
         self.by_addr.delete_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers))
+        self._reassert_vif_addrs()
+
+    # ---- big loads: packed with numpy, the three hashes written by three threads at once
+
+    def _add_peers_big(self, b: PeerBatch) -> None:
+        np = _np()
+        n = len(b)
+        ids = np.frombuffer(b.ids, "<u4")
+        macs = np.frombuffer(b.macs, np.uint8).reshape(n, 6)
+        addrs = np.frombuffer(b.addrs, np.uint8).reshape(n, 20)
+        vals = np.zeros((n, 32), np.uint8)                  # struct xdpoib_peer
+        vals[:, 0:4] = ids.view(np.uint8).reshape(n, 4)
+        vals[:, 4:10] = macs
+        vals[:, 10] = abi.F_VALID
+        vals[:, 12:32] = addrs
+        mackeys = np.zeros((n, 8), np.uint8)
+        mackeys[:, :6] = macs
+        addrkeys = _addr_keys(np, addrs)
+        v = vals.tobytes()
+        mk = mackeys.tobytes()
+        _parallel((self.peer_mac.update_batch_raw, mk, v), (self.peer_id.update_batch_raw, b.ids, v),
+                  (self.by_addr.update_batch_raw, addrkeys.tobytes(), mk))
+        mask = abi.PEER_SLOTS - 1
+        for cache, slot in ((self.peermac_slot, _mac_slots(np, macs) & mask), (self.peerid_slot, ids & mask)):
+            _, first = np.unique(slot[::-1], return_index=True)       # the last entry wins a slot
+            last = n - 1 - first
+            cache.update_batch_raw(slot[last].astype("<u4").tobytes(), vals[last].tobytes())
+        self._reassert_vif_addrs()
+
+    def _remove_peers_big(self, b: PeerBatch) -> None:
+        np = _np()
+        n = len(b)
+        ids = np.frombuffer(b.ids, "<u4")
+        macs = np.frombuffer(b.macs, np.uint8).reshape(n, 6)
+        addrs = np.frombuffer(b.addrs, np.uint8).reshape(n, 20)
+        nslots, vs = abi.PEER_SLOTS, ct.sizeof(abi.Peer)
+        for cache, slot, match in ((self.peermac_slot, _mac_slots(np, macs) & (nslots - 1), (4, macs)),
+                                   (self.peerid_slot, ids & (nslots - 1), (0, ids.view(np.uint8).reshape(n, 4)))):
+            _, raw, got = bpfsys.map_lookup_batch(cache.fd, 4, vs, nslots)
+            rows = np.frombuffer(raw, np.uint8).reshape(got, vs)
+            ok = slot < got
+            slot, want = slot[ok], match[1][ok]
+            cur = rows[slot]
+            off, width = match[0], want.shape[1]
+            hit = (cur[:, 10] & abi.F_VALID).astype(bool) & (cur[:, off:off + width] == want).all(axis=1)
+            hits = np.unique(slot[hit]).astype("<u4")
+            if len(hits):
+                cache.update_batch_raw(hits.tobytes(), bytes(vs * len(hits)))
+        mackeys = np.zeros((n, 8), np.uint8)
+        mackeys[:, :6] = macs
+        _parallel((self.peer_mac.delete_batch_raw, mackeys.tobytes()), (self.peer_id.delete_batch_raw, b.ids),
+                  (self.by_addr.delete_batch_raw, _addr_keys(np, addrs).tobytes()))
         self._reassert_vif_addrs()
 
     def remove_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
