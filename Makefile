@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Everything else is for developers.
-.PHONY: setup test demo lint unit bpf integration qemu bench clean
+.PHONY: setup test demo lint unit bpf integration qemu soak bench clean
 
 setup:
 	@bash tools/setup.sh
@@ -15,6 +15,10 @@ lint: setup
 
 unit bpf integration qemu: setup
 	@bash tools/run-tests.sh $@
+
+# 2 minutes (CI's setting); the full run: make soak SOAK_SECONDS=600
+soak: setup
+	@bash tools/run-tests.sh soak
 
 bench: setup
 	@.venv/bin/xdpoib bench datapath

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # make test: run every test tier in order, print each tier's duration, fail if any tier failed.
-# Usage: tools/run-tests.sh [TIER...]   (default: lint unit bpf integration qemu)
+# Usage: tools/run-tests.sh [TIER...]   (default: lint unit bpf integration soak qemu)
+# The soak tier runs SOAK_SECONDS (default 120, CI's setting; `make soak SOAK_SECONDS=600` for the full run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(lint unit bpf integration qemu)
+[ ${#tiers[@]} -gt 0 ] || tiers=(lint unit bpf integration soak qemu)
 declare -A took result
 failed=0
 for t in "${tiers[@]}"; do
@@ -13,6 +14,8 @@ for t in "${tiers[@]}"; do
     start=$(date +%s)
     if [ "$t" = lint ]; then
         .venv/bin/ruff check . ; rc=$?
+    elif [ "$t" = soak ]; then
+        SOAK_SECONDS="${SOAK_SECONDS:-120}" $py -m pytest tests/soak -m soak -s ; rc=$?
     else
         [ -d "tests/$t" ] || { echo "no such tier: $t" >&2; exit 2; }
         $py -m pytest "tests/$t" -m "not bench and not soak" ; rc=$?
