@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from xdpoib.wire.addr import IPoIBAddr, RemacTable, gid_str, mac_str, parse_gid
 from xdpoib.wire.oracle import Peer, Tables, Vif
 
-#: Frames kept per peer while its path resolves (DESIGN 1).
+#: Frames kept per peer while its path resolves (docs/design.md §1).
 MAX_PENDING = 3
 
 
