@@ -6,7 +6,7 @@ link layer itself:
     port()                          our port now: GID, LID, state, P_Key table (a `sa.LocalPort`)
     ready(port)                     whether that port can carry traffic
     path(dgid, sgid=, pkey=)        a `sa.PathRecord` to a unicast peer (DLID, SL, MTU)
-    path_to_lid(dlid, pkey)         who is behind a LID (IB only: a datagram without a GRH)
+    path_to_lid(dlid, pkey)         who is behind a LID (a datagram without a GRH; RoCE: a local LID)
     join(mgid, state, create=)      a full membership (an `sa.MCMemberRecord`: Q_Key, MLID, MTU, ...)
     join_send_only(mgid, create=)   a send-only membership; send_only_join_state() its JoinState
     leave(mgid, state)              end a membership
@@ -19,8 +19,9 @@ with the broadcast group's parameters as OpenSM created them (docs/design.md §3
 
 `RoceProvider` (a verbs port whose link layer is Ethernet) has no SM to ask, so it answers from the port
 itself: the port identity from the verbs port attributes and GID table (LID 0); a unicast "path" is the
-peer's GID, always behind a GRH from the matching source GID, which the record carries as a local DLID
-alias (`VerbsBackend.roce_route`) since the agent addresses peers by a PathRecord's DLID; a full
+peer's GID, always behind a GRH from the matching source GID, which the record carries as the local LID
+the verbs backend gave that GID (`VerbsBackend.roce_route`; the same LID its datagrams complete with),
+since the agent knows peers by (LID, QPN) and addresses them by a PathRecord's DLID as on IB; a full
 membership is the port's netdev joining the MGID's IPv6 group (rxe delivers multicast only then; the
 agent attaches the QP as on IB); every group has the parameters IPoIB's broadcast group has on IB
 (Q_Key 0x0B1B, the port's active MTU, SL 0). There is no SA to learn a peer's MTU from: RoCE ports that
@@ -61,7 +62,7 @@ class ProviderError(XdpoibError):
 
 
 class NoLidsError(ProviderError):
-    """A LID-based query on a RoCE port (RoCE has no LIDs: every datagram names its sender by GID)."""
+    """A LID no RoCE peer has (RoCE has no LIDs; the backend's local ones stand for GIDs it met)."""
 
 
 class SAProvider:
@@ -156,7 +157,7 @@ class RoceProvider:
                               scope=mgid[1] & 0xF, join_state=join_state)
 
     def path(self, dgid, sgid=None, pkey: int = 0xFFFF) -> PathRecord:
-        """The peer's GID behind a local DLID alias; the MTU is our port's (no SA knows the peer's)."""
+        """The peer's GID behind its local LID; the MTU is our port's (no SA knows the peer's)."""
         t0 = time.monotonic()
         try:
             dgid = bytes(dgid)
@@ -171,7 +172,11 @@ class RoceProvider:
         return rec
 
     def path_to_lid(self, dlid: int, pkey: int = 0xFFFF) -> PathRecord:
-        raise NoLidsError(f"who is LID {dlid}: a RoCE port has no LIDs (senders are known by their GID)")
+        """Who has a local LID (the backend gave it to a GID it met); NoLidsError for any other LID."""
+        gid = self.backend.roce_gid(dlid)
+        if gid is None:
+            raise NoLidsError(f"who is LID {dlid}: no RoCE peer has that local LID (RoCE has no LIDs)")
+        return self.path(gid, pkey=pkey)
 
     def join(self, mgid, join_state: int = JOIN_FULL, create: MCMemberRecord | None = None) -> MCMemberRecord:
         """A full membership: the netdev joins the MGID's IPv6 group (so rxe delivers it)."""

@@ -24,7 +24,6 @@ datagrams our buffers cannot hold does not make us churn QPs. `recreate`:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -92,8 +91,10 @@ class QpRecovery:
         a.loopback.qpns.add(new.qpn)
         if self._wake_fd is not None:
             a.loop.remove_reader(self._wake_fd)
-        with contextlib.suppress(XdpoibError, OSError):
+        try:
             old.close()                 # its descriptor leaves the loop's epoll set with it
+        except (XdpoibError, OSError) as e:
+            log.warning("closing the failed QP %#x: %s", old.qpn, e)
         self._wake_fd = new.fileno()
         a.loop.add_reader(self._wake_fd, lambda: None)     # wakes the loop; the forwarder polls a.qp
         self._pending, self._last = None, time.monotonic()

@@ -438,9 +438,10 @@ class UdQp:
         _rc(lib().ibv_detach_mcast(self.ptr, ctypes.byref(gid), mlid), "ibv_detach_mcast")
 
     def close(self) -> None:
-        """Destroy the QP (posted receive buffers are flushed)."""
+        """Destroy the QP (posted receive buffers are flushed); VerbsCallError if the kernel refuses
+        (EBUSY while it is attached to a multicast group)."""
         if self.ptr:
-            lib().ibv_destroy_qp(self.ptr)
+            _rc(lib().ibv_destroy_qp(self.ptr), "ibv_destroy_qp")
             self.ptr = None
 
 

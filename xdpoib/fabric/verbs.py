@@ -11,9 +11,13 @@ RoCE ports (Soft-RoCE in the qemu tier) have no SA and no LIDs: every path carri
 peer's GID, and `roce_join`/`roce_leave` stand in for an SA join by joining the port's netdev to the IPv6
 group of the MGID (rxe only delivers multicast the IP stack accepted). The source GID of a GRH is the
 lowest table index of the destination's address family (IPv4-mapped or IPv6; link-local to link-local),
-so two ports pick matching GIDs (`sgid_index_for`). A caller that addresses unicast peers by a PathRecord's
-DLID, as the agent's resolver does on IB, gets a local DLID alias per peer GID from `roce_route`: an
-address handle for a path without a GRH whose DLID is an alias is made as the GRH path to that GID.
+so two ports pick matching GIDs (`sgid_index_for`).
+
+RoCE has no LIDs, but code written for InfiniBand knows a peer by (LID, QPN) and addresses it by a
+PathRecord's DLID. So the backend of a RoCE port names every remote GID it meets with a local LID of its
+own (1 and up, below the multicast range, stable for the backend's life, never on the wire): completions
+from that GID carry it as their SLID, `roce_route(gid)` hands it out for a path, `roce_gid(lid)` maps it
+back, and an address handle for a path without a GRH to such a LID is made as the GRH path to its GID.
 
 A QP in the error state stays there: `VerbsQp.error` is set by the first error completion, and by an
 async QP error event (QP_FATAL, QP_REQ_ERR, QP_ACCESS_ERR, or CQ_ERR on one of its CQs), which also
@@ -153,6 +157,7 @@ class VerbsQp(UdQp):
         self.pkey_index = port.pkey_index(pkey)
         self._closed = False
         self.error = False          # an error completion moved the QP to the error state: recreate it
+        self._attached: set[tuple[bytes, int]] = set()       # (MGID, MLID) it is attached to
         ctx = backend._ctx
         self._stack = contextlib.ExitStack()
         try:
@@ -298,7 +303,10 @@ class VerbsQp(UdQp):
         byte_len = max(0, min(wc.byte_len, self.pool.size) - GRH_LEN) if ok else 0
         has_grh = ok and bool(wc.wc_flags & ib.WC_GRH)
         sgid = _grh_sgid(buf) if has_grh else None
-        return Completion(status=status, byte_len=byte_len, src_qp=wc.src_qp, slid=wc.slid, sgid=sgid,
+        slid = wc.slid
+        if sgid is not None and self.backend._link_layer is LinkLayer.ETHERNET:
+            slid = self.backend._local_lid(sgid)        # RoCE: the sender's local LID (module doc)
+        return Completion(status=status, byte_len=byte_len, src_qp=wc.src_qp, slid=slid, sgid=sgid,
                           has_grh=has_grh, pkey_index=self.pkey_index, index=index,
                           payload=buf[GRH_LEN:GRH_LEN + byte_len])
 
@@ -315,6 +323,10 @@ class VerbsQp(UdQp):
             getattr(self._qp, f"{op}_mcast")(bytes(mgid), mlid)
         except ib.VerbsCallError as exc:
             raise QpError(f"{op} QP {self.qpn:#x} to {ipaddress.IPv6Address(bytes(mgid))}: {exc}") from None
+        if op == "attach":
+            self._attached.add((bytes(mgid), mlid))
+        else:
+            self._attached.discard((bytes(mgid), mlid))
 
     def attach_mcast(self, mgid: bytes, mlid: int) -> None:
         """Attach the QP to a multicast group (ibv_attach_mcast)."""
@@ -325,13 +337,20 @@ class VerbsQp(UdQp):
         self._mcast("detach", mgid, mlid)
 
     def close(self) -> None:
-        """Destroy the QP, its CQs, channel and send buffers; idempotent."""
+        """Detach the QP from its groups (the kernel refuses to destroy an attached QP: EBUSY), then
+        destroy it, its CQs, channel and send buffers; idempotent. QpError if the kernel kept any."""
         if self._closed:
             return
+        for mgid, mlid in list(self._attached):
+            with contextlib.suppress(QpError):
+                self.detach_mcast(mgid, mlid)
         self._closed = True
         self._send_mem.release()
-        self._stack.close()
         self.backend._qps.discard(self)
+        try:
+            self._stack.close()
+        except ib.VerbsCallError as exc:
+            raise QpError(f"destroying QP {self.qpn:#x}: {exc}") from None
 
 
 def _grh_sgid(buf: memoryview) -> bytes:
@@ -352,7 +371,7 @@ class VerbsBackend(Backend):
         self._ahs: dict[Path, VerbsAh] = {}
         self._pools: list[VerbsPool] = []
         self._groups: dict[bytes, socket.socket] = {}
-        self._routes: dict[int, bytes] = {}        # RoCE DLID alias -> peer GID (roce_route)
+        self._routes: dict[int, bytes] = {}        # RoCE local LID -> GID (module doc)
         self._route_of: dict[bytes, int] = {}
         self._routes_lock = threading.Lock()
         dev = _pyverbs()
@@ -459,7 +478,7 @@ class VerbsBackend(Backend):
         if self._link_layer is LinkLayer.ETHERNET and not path.grh:
             dgid = self._routes.get(path.dlid)
             if dgid is None:
-                raise QpError("a RoCE port routes by GID: the path needs a GRH and a DGID (or a roce_route alias)")
+                raise QpError("a RoCE port routes by GID: the path needs a GRH and a DGID (or a local LID)")
             route = Path(dlid=0, sl=path.sl, mtu=path.mtu, dgid=dgid, grh=True, sgid_index=self.sgid_index_for(dgid),
                          hop_limit=ROCE_HOP_LIMIT)
         attr = ib.AhAttr(dlid=route.dlid, sl=route.sl, port_num=self.port_num, is_global=int(route.grh))
@@ -512,18 +531,30 @@ class VerbsBackend(Backend):
                     hop_limit=ROCE_HOP_LIMIT)
 
     def roce_route(self, dgid: bytes) -> int:
-        """On a RoCE port, the local DLID alias of the unicast route to `dgid` (1 and up, stable for the
-        backend's life; see the module doc): a path without a GRH to that DLID reaches `dgid`."""
+        """On a RoCE port, the local LID of `dgid` (see the module doc): a path without a GRH to that
+        DLID reaches `dgid`, and datagrams from `dgid` complete with it as their SLID."""
         self._need_roce()
-        dgid = bytes(dgid)
+        lid = self._local_lid(bytes(dgid))
+        if not lid:
+            raise PortError(f"{self.device}: more than {MCAST_LID_MIN - 1} RoCE peers")
+        return lid
+
+    def roce_gid(self, lid: int) -> bytes | None:
+        """The GID a RoCE local LID stands for (None: no GID has it)."""
+        return self._routes.get(lid)
+
+    def _local_lid(self, gid: bytes) -> int:
+        lid = self._route_of.get(gid)
+        if lid is not None:
+            return lid
         with self._routes_lock:
-            alias = self._route_of.get(dgid)
-            if alias is None:
-                alias = len(self._routes) + 1
-                if alias >= MCAST_LID_MIN:
-                    raise PortError(f"{self.device}: more than {MCAST_LID_MIN - 1} RoCE peers")
-                self._routes[alias], self._route_of[dgid] = dgid, alias
-            return alias
+            lid = self._route_of.get(gid)
+            if lid is None:
+                lid = len(self._routes) + 1
+                if lid >= MCAST_LID_MIN:
+                    return 0                # out of local LIDs: known by GID alone
+                self._routes[lid], self._route_of[gid] = gid, lid
+            return lid
 
     def roce_join(self, mgid: bytes) -> Path:
         """On a RoCE port, stand in for an SA join: join the port's netdev to the MGID's IPv6 group and
@@ -587,7 +618,8 @@ class VerbsBackend(Backend):
         for mgid in list(self._groups):
             self.roce_leave(mgid)
         for qp in list(self._qps):
-            qp.close()
+            with contextlib.suppress(QpError):      # the device's close below frees what is left
+                qp.close()
         for ah in self._ahs.values():
             ah.ah.close()
         self._ahs.clear()
