@@ -1,9 +1,11 @@
-"""The qemu tier: the `verbs` backend on real kernel verbs (Soft-RoCE) inside a qemu guest.
+"""The qemu tier: the product and the `verbs` backend on real kernel verbs (Soft-RoCE) inside a qemu guest.
 
 The module fixture builds (or reuses) the guest image with tools/qemu/build-image.sh, boots it once with
-tools/qemu/boot.sh (the current project appended), and parses the serial console. Each check the guest
-runs is one test here: a missing `XDPOIB-RESULT` line fails, and so does an infrastructure failure (no
-mirror, qemu error, timeout), each with its own message.
+tools/qemu/boot.sh (the current project appended, with the pure-Python dependencies this interpreter
+imports), and parses the serial console. Each check the guest runs is one test here: a missing
+`XDPOIB-RESULT` line fails, and so does an infrastructure failure (no mirror, qemu error, timeout), each
+with its own message. The guest's measurements (`XDPOIB-MEASURE`: attach times, TCP and UDP rates on
+rxe) are printed with the tier's timings.
 """
 
 from __future__ import annotations
@@ -25,9 +27,21 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "qemu"
 CACHE = Path(os.environ.get("XDPOIB_QEMU_CACHE", REPO / ".cache" / "qemu"))
 BUILD_TIMEOUT = 1200
-BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_TIMEOUT", "300"))
+BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_TIMEOUT", "900"))
 
-# The guest's own checks (tests/qemu/guest/test_verbs_roce.py), besides the whole contract suite.
+# The product end to end on rxe (tests/qemu/guest/test_agent_roce.py).
+AGENT_CHECKS = [
+    "agent_roce::test_attach_runs_the_agent_on_verbs_with_the_roce_provider",
+    "agent_roce::test_arp_and_ipv4_ping_both_ways",
+    "agent_roce::test_ipv6_ping_with_nd_translated",
+    "agent_roce::test_iperf3_tcp_transfer_arrives_intact",
+    "agent_roce::test_udp_frames_per_second_each_way",
+    "agent_roce::test_multicast_reaches_a_joined_socket",
+    "agent_roce::test_qp_error_is_recovered_on_rxe",
+    "agent_roce::test_killed_agent_is_succeeded_by_one_that_adopts_the_datapath",
+    "agent_roce::test_detach_leaves_no_verbs_resources_behind",
+]
+# The guest's own checks of the backend (tests/qemu/guest/test_verbs_roce.py), besides the contract suite.
 VERBS_CHECKS = [
     "verbs_roce::test_unknown_device_is_a_one_line_port_error",
     "verbs_roce::test_qp_reaches_rts_with_qkey",
@@ -43,6 +57,8 @@ CONTRACT_CHECKS = [f"contract_verbs::{name}" for name, fn in inspect.getmembers(
                    if name.startswith("test_") and inspect.isfunction(fn)]
 
 RESULT = re.compile(r"^XDPOIB-RESULT (\S+) (PASS|FAIL|SKIP) ?(.*)$")
+MEASURE = re.compile(r"^XDPOIB-MEASURE (\S+) (.*)$")
+GUEST_SITE = ("pyroute2", "prometheus_client")     # not in bookworm at the version the project needs
 SUMMARY = re.compile(r"^XDPOIB-SUMMARY passed=(\d+) failed=(\d+) skipped=(\d+) total=(\d+) exit=(-?\d+)")
 
 
@@ -53,6 +69,7 @@ class GuestRun:
     results: dict[str, tuple[str, str]]     # name -> (verdict, detail)
     summary: tuple[int, ...] | None         # passed, failed, skipped, total, exit
     console: str
+    measures: dict[str, str]
 
     def tail(self, n: int = 25) -> str:
         """The last n console lines, for failure messages."""
@@ -87,20 +104,25 @@ def guest(request) -> GuestRun:
                     pytrace=False)
     image = build.stdout.strip().splitlines()[-1]
     t1 = time.monotonic()
+    env = {**os.environ, "XDPOIB_GUEST_SITE": " ".join(_package_dir(name) for name in GUEST_SITE)}
     with tempfile.TemporaryDirectory(prefix="xdpoib-qemu-") as tmp:
         log = Path(tmp) / "serial.log"
         boot = subprocess.run(["bash", str(TOOLS / "boot.sh"), image, str(log), str(BOOT_TIMEOUT)],
-                              capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60)
+                              capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, env=env)
         console = log.read_text(errors="replace") if log.exists() else ""
     t2 = time.monotonic()
     _say(request, f"qemu tier: image {t1 - t0:.1f}s ({'cached' if 'cached image' in build.stderr else 'built'}),"
                   f" boot + guest tests {t2 - t1:.1f}s")
-    run = GuestRun({}, None, console.replace("\r", ""))
+    run = GuestRun({}, None, console.replace("\r", ""), {})
     for line in run.console.splitlines():
         if m := RESULT.match(line.strip()):
             run.results[m[1]] = (m[2], m[3])
+        elif m := MEASURE.match(line.strip()):
+            run.measures[m[1]] = m[2]
         elif m := SUMMARY.match(line.strip()):
             run.summary = tuple(int(x) for x in m.groups())
+    if run.measures:
+        _say(request, "qemu tier: measured in the guest: " + ", ".join(f"{k} {v}" for k, v in run.measures.items()))
     if boot.returncode == 124:
         pytest.fail(f"qemu tier: guest TIMEOUT after {BOOT_TIMEOUT}s, killed; console tail:\n{run.tail()}",
                     pytrace=False)
@@ -113,6 +135,16 @@ def guest(request) -> GuestRun:
     return run
 
 
+def _package_dir(name: str) -> str:
+    """Where this interpreter imports a pure-Python package from (copied into the guest)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"qemu tier: {name} is not importable here: run `make setup`", pytrace=False)
+    return next(iter(spec.submodule_search_locations))
+
+
 def test_guest_reported_a_clean_summary(guest):
     assert guest.summary is not None, f"no XDPOIB-SUMMARY line: the guest died early; console tail:\n{guest.tail()}"
     passed, failed, skipped, total, _exit = guest.summary
@@ -123,7 +155,7 @@ def test_guest_reported_a_clean_summary(guest):
     assert not skips, f"nothing may skip in the guest: {skips}"
 
 
-@pytest.mark.parametrize("name", CONTRACT_CHECKS + VERBS_CHECKS)
+@pytest.mark.parametrize("name", AGENT_CHECKS + CONTRACT_CHECKS + VERBS_CHECKS)
 def test_guest_check(guest, name):
     found = {k: v for k, v in guest.results.items() if k == name or k.startswith(name + "[")}
     assert found, f"missing result line for {name}; console tail:\n{guest.tail()}"

@@ -2,6 +2,9 @@
 # Boot the qemu test guest once: the cached image plus the current project appended as a second cpio.
 #
 # Usage: tools/qemu/boot.sh IMAGE_DIR SERIAL_LOG [TIMEOUT_SECONDS] [GUEST_ARGS...]
+# XDPOIB_GUEST_SITE: Python package directories to copy into /xdpoib/site (on the guest's PYTHONPATH):
+# the project's pure-Python dependencies that bookworm packages too old (pyroute2 >= 0.8 for
+# IPRoute(netns=...)); tests/qemu/test_soft_roce.py passes the ones its own interpreter imports.
 # The guest's /init runs tests/qemu/guest/run.sh from the project copy (/xdpoib) and powers off;
 # GUEST_ARGS reach it through the kernel command line (xdpoib.args=...). Everything the guest prints
 # on its serial console lands in SERIAL_LOG. qemu is killed by PID after TIMEOUT_SECONDS (default 600).
@@ -26,17 +29,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The project goes in as /xdpoib: only what the guest runs (package, tests, pytest config).
+# The project goes in as /xdpoib: only what the guest runs (package, BPF sources, tests, pytest config).
 mkdir -p "$tmp/stage/xdpoib"
-(cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - xdpoib tests pyproject.toml) \
+(cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - xdpoib bpf tests pyproject.toml) \
     | tar -xf - -C "$tmp/stage/xdpoib"
+mkdir -p "$tmp/stage/xdpoib/site"
+for pkg in ${XDPOIB_GUEST_SITE:-}; do
+    [ -d "$pkg" ] || { echo "boot: no package directory $pkg (XDPOIB_GUEST_SITE)" >&2; exit 2; }
+    cp -r "$pkg" "$tmp/stage/xdpoib/site/"
+done
+find "$tmp/stage/xdpoib/site" -name __pycache__ -prune -exec rm -rf {} +
 (cd "$tmp/stage" && find . -print0 | cpio --null -o -H newc --quiet) >"$tmp/project.cpio"
 cat "$image/rootfs.cpio" "$tmp/project.cpio" >"$tmp/initrd"
 
 : >"$log"
 append="console=ttyS0 panic=-1 quiet loglevel=4 xdpoib.args=${guest_args// /,}"
 # -cpu max: the guest needs PCLMULQDQ for crc32-pclmul (rdma_rxe's ICRC); TCG only (no KVM here).
-qemu-system-x86_64 -accel tcg -cpu max -m 1536 -smp 1 -nic none -nographic -no-reboot \
+qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 1 -nic none -nographic -no-reboot \
     -monitor none -serial "file:$log" \
     -kernel "$image/vmlinuz" -initrd "$tmp/initrd" -append "$append" </dev/null >"$tmp/qemu.out" 2>&1 &
 qemu_pid=$!

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (once, cached) the qemu guest for the Soft-RoCE tier: a Debian bookworm rootfs with the Debian
-# kernel, rdma-core and pyverbs, packed as an uncompressed initramfs.
+# kernel and its headers, rdma-core, pyverbs, bcc and the tools the product's end-to-end checks drive
+# (iperf3, ping, ethtool), packed as an uncompressed initramfs.
 #
 # Usage: tools/qemu/build-image.sh [CACHE_DIR]        (default: .cache/qemu in the repo)
 # Prints the image directory (holding vmlinuz, rootfs.cpio, kver) on the last line of stdout.
@@ -14,7 +15,11 @@ cache="${1:-$repo/.cache/qemu}"
 
 # Packages in the guest. The kernel (linux-image-amd64) is unpacked separately: only its image and the
 # modules the tier needs are kept, and no initramfs generator runs.
-PACKAGES="python3 python3-pyverbs python3-pytest rdma-core ibverbs-providers iproute2 kmod"
+# python3-bpfcc compiles the XDP datapath in the guest (for the guest's own kernel: its headers are
+# unpacked below); iperf3, iputils-ping, ethtool and procps (sysctl) serve `xdpoib attach` end to end.
+PACKAGES="python3 python3-pyverbs python3-pytest rdma-core ibverbs-providers iproute2 kmod python3-bpfcc
+iperf3 iputils-ping ethtool procps"
+PACKAGES=$(echo $PACKAGES)      # one line
 KERNEL_PKG="linux-image-amd64"
 # Modules the guest loads (their dependencies are kept too).
 MODULES="crc32_generic crc32-pclmul rdma_rxe ib_uverbs veth"
@@ -75,6 +80,17 @@ mv "$root"/tmp/linux-image-*.deb "$work/debs/"
 dpkg-deb -x "$work"/debs/linux-image-*.deb "$work/kernel"
 kver=$(ls "$work/kernel/lib/modules")
 cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
+
+# The kernel's headers, for bcc: unpacked without their dependencies (bcc reads headers, it builds
+# nothing with kbuild); other architectures' trees dropped. They provide /lib/modules/$kver/{build,source}.
+echo "build-image: fetching the headers of $kver" >&2
+chroot "$root" bash -c "cd /tmp && apt-get -q download linux-headers-$kver linux-headers-${kver%-amd64}-common" >&2
+for deb in "$root"/tmp/linux-headers-*.deb; do   # keep /lib -> usr/lib (merged /usr) a symlink
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$root" --keep-directory-symlink
+done
+rm -f "$root"/tmp/linux-headers-*.deb
+find "$root/usr/src/linux-headers-${kver%-amd64}-common/arch" -mindepth 1 -maxdepth 1 ! -name x86 -exec rm -rf {} +
+chroot "$root" test -e "/lib/modules/$kver/build/include" || { echo "build-image: no headers for $kver" >&2; exit 1; }
 
 # Keep only the module closure the guest needs, then index it.
 moddir="$root/lib/modules/$kver"

@@ -2,6 +2,7 @@
 
 Line format (parsed by tests/qemu/test_soft_roce.py on the host):
     XDPOIB-RESULT <name> PASS|FAIL|SKIP <one-line detail>
+    XDPOIB-MEASURE <name> <value>       (one per `record_property` of a passed test: timings, rates)
     XDPOIB-SUMMARY passed=N failed=N skipped=N total=N
 """
 
@@ -44,6 +45,9 @@ def pytest_runtest_logreport(report):
         _emit(name, "FAIL", f"{report.when}: {msg}")
     elif report.when == "call":
         _emit(name, "PASS", f"{report.duration:.2f}s")
+        for key, value in report.user_properties:
+            sys.stdout.write(f"\nXDPOIB-MEASURE {key} {value}\n")
+        sys.stdout.flush()
 
 
 def pytest_sessionfinish(session, exitstatus):

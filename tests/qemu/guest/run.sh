@@ -25,8 +25,13 @@ while [ $i -lt 50 ]; do
     sleep 0.2; i=$((i + 1))
 done
 rdma link show
+# The product itself: bpffs for its pins, the `xdpoib` command over the project copy (/xdpoib, with
+# the dependencies boot.sh put in /xdpoib/site).
+mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf || fail_setup "mount bpffs"
+printf '#!/bin/sh\nexec python3 -m xdpoib "$@"\n' >/usr/local/bin/xdpoib && chmod 0755 /usr/local/bin/xdpoib
 args=$(sed -n 's/.*xdpoib\.args=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 cd /xdpoib || fail_setup "no /xdpoib"
-export PYTHONPATH=/xdpoib:/xdpoib/tests PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH=/xdpoib:/xdpoib/site:/xdpoib/tests      # bytecode is cached: the guest starts many processes
+python3 -c 'import bcc, pyroute2, pyverbs' || fail_setup "bcc, pyroute2 or pyverbs does not import"
 # shellcheck disable=SC2086
 python3 -m pytest -p no:cacheprovider -q -rN ${args:-tests/qemu/guest}
