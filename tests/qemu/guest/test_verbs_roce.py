@@ -251,6 +251,34 @@ def test_length_error_leaves_the_qp_in_error_and_sends_are_counted(verbs_backend
         a.close()
 
 
+def test_async_qp_error_flushes_buffers_and_an_attached_qp_is_destroyed(verbs_backends, fabric):
+    """What an async QP error does (`VerbsQp.to_error`, called by the event thread on QP_FATAL): the QP
+    goes to ERR and every posted buffer completes with WR_FLUSH_ERR, so its owner learns of it from
+    completions; and closing a QP still attached to a group destroys it (the kernel refuses an attached
+    QP, so close detaches first)."""
+    backend = verbs_backends[0]
+    qp = backend.create_qp(fabric.pkey, fabric.qkey, backend.alloc_pool(4, GRH_LEN + 256))
+    mgid = fabric.new_mgid()
+    path = fabric.join(backend, mgid)
+    try:
+        qp.post_recv(range(4))
+        qp.attach_mcast(mgid, path.dlid)
+        qp.to_error()
+        got, deadline = [], time.monotonic() + TIMEOUT
+        while len(got) < 4 and time.monotonic() < deadline:
+            got += qp.poll(4 - len(got)) or ([], qp.wait(0.2))[0]
+        assert sorted(c.index for c in got) == [0, 1, 2, 3], got
+        assert all(c.status is CompletionStatus.WR_FLUSH_ERR for c in got)
+        assert qp.error and "state ERR" in kernel_qp(qp.qpn)
+        qpn = qp.qpn
+        qp.close()
+        assert f"lqpn {qpn} " not in subprocess.run(["rdma", "resource", "show", "qp"], capture_output=True,
+                                                    text=True, check=True).stdout
+    finally:
+        qp.close()
+        fabric.leave(backend, mgid)
+
+
 def _wait_event(backend, kind: PortEventKind):
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
