@@ -83,8 +83,10 @@ def bridge_scenario(fab) -> None:
 
     h1 = ns_name(1)
     step("7. Host 1 as a bridge host: br0 with eth4 as its uplink, two guests on veth ports")
-    mac = json.loads(subprocess.run(["ip", "-n", h1, "-j", "link", "show", "eth4"], capture_output=True,
-                                    text=True).stdout)[0]["address"]
+    r = subprocess.run(["ip", "-n", h1, "-j", "link", "show", "eth4"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise XdpoibError(f"host 1's eth4 is gone: {r.stderr.strip()}")
+    mac = json.loads(r.stdout)[0]["address"]
     show(["ip", "addr", "flush", "dev", "eth4"], h1)
     show(["ip", "link", "add", "br0", "type", "bridge"], h1)
     show(["ip", "link", "set", "br0", "address", mac], h1)      # the host itself stays VIF 0
@@ -108,8 +110,11 @@ def bridge_scenario(fab) -> None:
     xdpoib("peers", "eth4", "--netns", ns_name(2))              # one peer (QPN) per guest, and host 1
 
     step("9. Partitions: host 1's VLAN 3 is P_Key 0x8003, with its own broadcast group and QP")
-    st = json.loads(subprocess.run([sys.executable, "-m", "xdpoib", "status", "eth4", "--netns", h1, "-j"],
-                                   capture_output=True, text=True).stdout)
+    r = subprocess.run([sys.executable, "-m", "xdpoib", "status", "eth4", "--netns", h1, "-j"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise XdpoibError(f"host 1's agent does not answer: {r.stderr.strip()}")
+    st = json.loads(r.stdout)
     st = st[0] if isinstance(st, list) else st
     for p in st.get("partitions", []):
         print(f"  VLAN {p['vlan']}: P_Key {p['pkey']}, broadcast {p['broadcast']}, QPN {p['qpn']:#x}, MTU {p['mtu']}")
