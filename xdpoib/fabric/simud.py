@@ -71,7 +71,7 @@ BLOCKED_S = 0.0002            # the hold busy() asks for while a destination's q
 QUICK_DEADLINE_S = 0.25       # a membership asked from the data path: the SA's answer deadline,
 QUICK_WAIT_S = 0.05           # and how long to wait for another thread's query to finish first
 WATCH_S = 1.0                 # how long a destination found full is watched by busy()
-MAX_CONNS = 1024              # connected sockets kept per QP (one per destination QP)
+MAX_CONNS = 64                # destinations watched at once per QP (a connected socket each)
 CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading its socket
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 
@@ -241,7 +241,6 @@ class SimQp(UdQp):
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._signalled = False
         self.error = False              # the QP is in the error state (after a length error)
-        self._conns: dict[bytes, socket.socket] = {}      # destination -> connected socket
         self._blocked: dict[bytes, tuple[socket.socket, float]] = {}   # found full: (socket, when)
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
@@ -342,7 +341,8 @@ class SimQp(UdQp):
         if oversize:
             count(FabricCounter.OVERSIZE, oversize)
         for dest in flow.dests:
-            conn = self._conn(dest)
+            watched = self._blocked.get(dest)
+            conn = watched[0] if watched is not None else None
             for datagram, k in datagrams:
                 try:
                     if conn is None:
@@ -351,9 +351,12 @@ class SimQp(UdQp):
                         conn.send(datagram)
                 except (ConnectionRefusedError, FileNotFoundError):
                     count(FabricCounter.NO_DESTINATION, k)
-                    self._conns.pop(dest, None)
+                    self._unwatch(dest)
+                    conn = None
                 except BlockingIOError:
                     count(FabricCounter.RX_OVERRUN, k)
+                    if conn is None:
+                        conn = self._connect(dest)
                     if conn is not None:
                         self._blocked[dest] = (conn, time.monotonic())
         return n
@@ -362,41 +365,44 @@ class SimQp(UdQp):
         """While a destination that was found full is still congested, a short hold: the caller should
         leave frames where they are (the AF_XDP ring, whose overflow the kernel sheds before any copy)
         rather than build datagrams the receiver cannot take. A destination found full is watched for
-        a second after its last refusal: its connected socket is writable only while the receiver is
-        keeping up (the kernel reports writable below a quarter of the send buffer), so a sender
-        faster than its receiver settles at the receiver's pace instead of losing every other batch."""
+        a second after its last refusal through a socket connected to it, which the kernel reports
+        writable only while that receiver's queue has room, so a sender faster than its receiver
+        settles at the receiver's pace instead of losing every other batch. Only destinations being
+        watched hold a socket (closed when the watch ends)."""
         if not self._blocked:
             return 0.0
         now = time.monotonic()
         for dest, (_c, t) in list(self._blocked.items()):
             if now - t > WATCH_S:
-                del self._blocked[dest]
+                self._unwatch(dest)
         socks = [c for c, _t in self._blocked.values()]
         if not socks:
             return 0.0
         try:
             _, writable, _ = select.select([], socks, [], 0)
         except (OSError, ValueError):
-            self._blocked.clear()
+            for dest in list(self._blocked):
+                self._unwatch(dest)
             return 0.0
         return 0.0 if len(writable) == len(socks) else BLOCKED_S
 
-    def _conn(self, dest: bytes) -> socket.socket | None:
-        """A socket connected to one destination QP: writable exactly while that QP's receive queue
-        has room, which `busy` asks. None (send from the QP's own socket) if it cannot connect."""
-        conn = self._conns.get(dest)
-        if conn is None:
-            if len(self._conns) >= MAX_CONNS:
-                self._conns.pop(next(iter(self._conns))).close()
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_SOCKBUF)
-                conn.setblocking(False)
-                conn.connect(dest)
-            except OSError:
-                conn.close()
-                return None
-            self._conns[dest] = conn
+    def _unwatch(self, dest: bytes) -> None:
+        hit = self._blocked.pop(dest, None)
+        if hit is not None:
+            hit[0].close()
+
+    def _connect(self, dest: bytes) -> socket.socket | None:
+        """A socket connected to one destination QP (None if it cannot connect)."""
+        if len(self._blocked) >= MAX_CONNS:
+            self._unwatch(next(iter(self._blocked)))
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_SOCKBUF)
+            conn.setblocking(False)
+            conn.connect(dest)
+        except OSError:
+            conn.close()
+            return None
         return conn
 
     def _flow(self, req: SendRequest, port: PortAttrs, groups) -> _Flow:
@@ -573,10 +579,8 @@ class SimQp(UdQp):
             self._epoll.close()
             os.close(self._ready)
             self.sock.close()
-            for conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
-            self._blocked.clear()
+            for dest in list(self._blocked):
+                self._unwatch(dest)
             self._posted.clear()
             self._cq.clear()
         self.backend._forget(self)
