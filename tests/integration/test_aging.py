@@ -196,9 +196,14 @@ def test_remote_lid_change_is_followed(pair):
     before = status(ns1)["counters"]
     t0 = time.monotonic()
     restart_opensm(fab, {"h2": new_lid})
-    assert until(lambda: fab.lid("h2") == new_lid, 30), f"OpenSM did not give h2 LID {new_lid}"
+    # the SA may answer with the new LID before the port has it: wait for the port itself (h2's agent)
+    assert until(lambda: status(ns2)["port"]["lid"] == new_lid, 30), f"OpenSM did not give h2 LID {new_lid}"
     t_sm = time.monotonic() - t0
-    assert until(lambda: ping(ns1, "10.68.0.2", count=1, wait=1)[1] == 1, 40), "h2 unreachable after its LID changed"
+
+    def followed():
+        ok = ping(ns1, "10.68.0.2", count=1, wait=1)[1] == 1
+        return ok and any(p["gid"] == h2_gid and p["lid"] == new_lid for p in peers(ns1))
+    assert until(followed, 40), f"h1 did not follow h2 to LID {new_lid}: {peers(ns1)}"
     t_back = time.monotonic() - t0
     p = next(p for p in peers(ns1) if p["gid"] == h2_gid)
     after = status(ns1)["counters"]
