@@ -93,7 +93,7 @@ def map_peers(ns) -> int:
         m.close()
 
 
-def test_idle_peer_is_removed_and_comes_back_with_its_remac(pair):
+def test_idle_peer_is_removed_and_comes_back_with_its_remac(pair, figures):
     _, (ns1, ns2) = pair
     assert ping(ns1, "10.68.0.2")[1] == 2
     h2_gid = status(ns2)["port"]["gid"]
@@ -114,13 +114,13 @@ def test_idle_peer_is_removed_and_comes_back_with_its_remac(pair):
     sent, got = ping(ns1, "10.68.0.2", count=8, interval=0.5)
     back = [p for p in peers(ns1) if p["gid"] == h2_gid]
     st = status(ns1)
-    print(f"\nidle removal: peer back after {time.monotonic() - t0:.1f} s of pings, {got}/{sent} answered, "
-          f"revived from its reserved REMAC {st['counters'].get('peers_revived', 0)} time(s)")
+    figures(f"\nidle removal: peer back after {time.monotonic() - t0:.1f} s of pings, {got}/{sent} answered, "
+            f"revived from its reserved REMAC {st['counters'].get('peers_revived', 0)} time(s)")
     assert got >= 4, (sent, got)
     assert back and back[0]["remac"] == remac, (remac, back)
 
 
-def test_flood_of_new_senders_stops_at_the_cap_and_keeps_the_peer_in_use(pair):
+def test_flood_of_new_senders_stops_at_the_cap_and_keeps_the_peer_in_use(pair, figures):
     fab, (ns1, ns2) = pair
     assert until(lambda: ping(ns1, "10.68.0.2", count=1, wait=1)[1] == 1, 10)     # h2 in use again
     pinger = subprocess.Popen(["ip", "netns", "exec", ns1, "ping", "-i", "0.2", "-c", "40", "10.68.0.2"],
@@ -147,20 +147,20 @@ def test_flood_of_new_senders_stops_at_the_cap_and_keeps_the_peer_in_use(pair):
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     sent, got = int(m.group(1)), int(m.group(2))
     evicted = after["counters"].get("peers_evicted", 0) - st["counters"].get("peers_evicted", 0)
-    print(f"\nflood of 200 new senders, cap 40: {len(listed)} peers listed, {in_maps} in the BPF maps, "
-          f"{evicted} evicted; pings meanwhile {got}/{sent}")
+    figures(f"\nflood of 200 new senders, cap 40: {len(listed)} peers listed, {in_maps} in the BPF maps, "
+            f"{evicted} evicted; pings meanwhile {got}/{sent}")
     assert len(listed) <= 40 and in_maps <= 40
     assert evicted >= 160
     assert any(p["gid"] == h2_gid for p in listed), "the peer in use was evicted"
     assert got >= sent - 2, (sent, got)
 
 
-def test_paths_in_use_are_refreshed_without_loss(pair):
+def test_paths_in_use_are_refreshed_without_loss(pair, figures):
     _, (ns1, _) = pair
     before = status(ns1)["counters"].get("paths_refreshed", 0)
     sent, got = ping(ns1, "10.68.0.2", count=50, interval=0.2)
     after = status(ns1)["counters"].get("paths_refreshed", 0)
-    print(f"\npath expiry (3 s) under pings: {after - before} refreshes in 10 s, {got}/{sent} answered")
+    figures(f"\npath expiry (3 s) under pings: {after - before} refreshes in 10 s, {got}/{sent} answered")
     assert after - before >= 1
     assert got >= sent - 1
 
@@ -187,7 +187,7 @@ def restart_opensm(fab, new_lids: dict[str, int]) -> None:
     fab._record("opensm", p)
 
 
-def test_remote_lid_change_is_followed(pair):
+def test_remote_lid_change_is_followed(pair, figures):
     fab, (ns1, ns2) = pair
     assert ping(ns1, "10.68.0.2")[1] == 2
     h2_gid = status(ns2)["port"]["gid"]
@@ -208,8 +208,8 @@ def test_remote_lid_change_is_followed(pair):
     p = next(p for p in peers(ns1) if p["gid"] == h2_gid)
     after = status(ns1)["counters"]
     changes = after.get("path_lid_changes", 0) - before.get("path_lid_changes", 0)
-    print(f"\nremote LID change {old_lid} -> {new_lid}: OpenSM up again after {t_sm:.1f} s, h2 answering "
-          f"after {t_back:.1f} s; h1 saw {changes} path LID change(s), rechecked "
-          f"{after.get('paths_rechecked', 0) - before.get('paths_rechecked', 0)} path(s)")
+    figures(f"\nremote LID change {old_lid} -> {new_lid}: OpenSM up again after {t_sm:.1f} s, h2 answering "
+            f"after {t_back:.1f} s; h1 saw {changes} path LID change(s), rechecked "
+            f"{after.get('paths_rechecked', 0) - before.get('paths_rechecked', 0)} path(s)")
     assert p["lid"] == new_lid, p
     assert changes >= 1

@@ -13,7 +13,7 @@ from prereq import need_cmd, need_module
 from xdpoib.bench_control import KEYS, MAP_SIZES, format_table
 
 
-def test_bench_control_smoke(sim_prereqs, tmp_path):
+def test_bench_control_smoke(sim_prereqs, tmp_path, figures):
     need_cmd("ip", "ping")
     need_module("bcc")
     r = subprocess.run([sys.executable, "-m", "xdpoib", "bench", "control", "--json", "--queries", "300",
@@ -21,7 +21,7 @@ def test_bench_control_smoke(sim_prereqs, tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)                       # exactly one object: anything else on stdout fails here
-    print("\nbench control (small):", json.dumps(res), "\n" + format_table(res))
+    figures("bench control (small): " + json.dumps(res) + "\n" + format_table(res))
     assert list(res) == list(KEYS)
     assert set(res["map_load_s"]) == set(res["map_remove_s"]) == set(MAP_SIZES)
     flat = [v for k, v in res.items() if not isinstance(v, dict)]

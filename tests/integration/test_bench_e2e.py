@@ -18,7 +18,7 @@ from xdpoib.pump import pin_dir
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_e2e_smoke(sim_prereqs, tmp_path):
+def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
     need_cmd("iperf3", "ss", "ping")
     need_module("matplotlib")
     need_file("/dev/net/tun")
@@ -28,8 +28,8 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path):
                        capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)                   # exactly one object: anything else on stdout fails here
-    print(f"\nbench e2e (tiny): sizes {json.dumps(res['sizes'])}\ntcp_mbps {res['tcp_mbps']}\n"
-          f"ratios {res['ratios']}\nerrors {res['errors']}")
+    figures(f"\nbench e2e (tiny): sizes {json.dumps(res['sizes'])}\ntcp_mbps {res['tcp_mbps']}\n"
+            f"ratios {res['ratios']}\nerrors {res['errors']}")
 
     assert set(res["sizes"]) == {"64"}
     assert set(res["sizes"]["64"]) == set(SYSTEMS) and set(res["tcp_mbps"]) == set(SYSTEMS)

@@ -161,7 +161,7 @@ def until(pred, timeout=10.0, step=0.2):
 
 # ================================================================ from the fabric
 
-def test_wrong_keys_truncated_headers_and_looped_back_multicast(lab, legit):
+def test_wrong_keys_truncated_headers_and_looped_back_multicast(lab, legit, figures):
     before = lab.status()
     t = Target.of(before)
     src = fake_gid(0x100)
@@ -174,7 +174,7 @@ def test_wrong_keys_truncated_headers_and_looped_back_multicast(lab, legit):
     lab.raw.send(t, [ipv4_to_nowhere(3)] * 20, multicast=True, sgid=t.gid, src_qpn=t.qpn, slid=t.lid)
     time.sleep(1.0)
     d = grew(before, lab.status())
-    print(f"\nwrong keys, truncated headers, loopback: {d}")
+    figures(f"\nwrong keys, truncated headers, loopback: {d}")
     assert d.get("fabric:qkey_mismatch") == 40 and d.get("fabric:pkey_mismatch") == 30
     assert d.get("runt", 0) == len(short)
     assert d.get("rx:bad_ipoib_header", 0) >= 1 and d.get("rx:truncated", 0) + d.get("rx:bad_length", 0) >= 1
@@ -186,7 +186,7 @@ def arp_frame(sha: IPoIBAddr, spa: str, tpa: str = H1_IP, op: int = 1) -> bytes:
     return f.ipoib(0x0806, f.arp(op, sha.pack(), ip[0], bytes(20), ip[1]))
 
 
-def test_arp_whose_sender_is_not_the_source_is_dropped_not_learnt(lab, legit):
+def test_arp_whose_sender_is_not_the_source_is_dropped_not_learnt(lab, legit, figures):
     fab = lab.fab
     before = lab.status()
     t = Target.of(before)
@@ -210,7 +210,7 @@ def test_arp_whose_sender_is_not_the_source_is_dropped_not_learnt(lab, legit):
     assert until(lambda: grew(before, lab.status()).get("arp_spoofed", 0) >= 5, 10), grew(before, lab.status())
     d = grew(before, lab.status())
     listed = {(p["qpn"], p["gid"]) for p in lab.peers()}
-    print(f"\nspoofed ARPs: {d}")
+    figures(f"\nspoofed ARPs: {d}")
     for what, (sha, _) in {**claims, **late}.items():
         assert (sha.qpn, gid_str(sha.gid)) not in listed, f"learnt the address of an ARP with {what}"
     neigh = subprocess.run(["ip", "-n", lab.ns1, "neigh"], capture_output=True, text=True).stdout
@@ -225,7 +225,7 @@ def nd_frame(tlla: IPoIBAddr) -> bytes:
     return f.ipoib(0x86DD, f.nd_na(src, dst, src, tlla.pack(), solicited=False))
 
 
-def test_nd_options_with_foreign_addresses_teach_nothing(lab, legit):
+def test_nd_options_with_foreign_addresses_teach_nothing(lab, legit, figures):
     before = lab.status()
     t = Target.of(before)
     foreign = IPoIBAddr(0, 0x5007, fake_gid(0x207))
@@ -233,12 +233,12 @@ def test_nd_options_with_foreign_addresses_teach_nothing(lab, legit):
     time.sleep(1.0)
     after = lab.status()
     d = grew(before, after)
-    print(f"\nND with a foreign address: {d}, counters {after['counters'].get('nd_lladdr_not_learnt')}")
+    figures(f"\nND with a foreign address: {d}, counters {after['counters'].get('nd_lladdr_not_learnt')}")
     assert (foreign.qpn, gid_str(foreign.gid)) not in {(p["qpn"], p["gid"]) for p in lab.peers()}
     assert d.get("rx:nd_unknown_lladdr", 0) == 3
 
 
-def test_floods_of_new_senders_stay_bounded(lab, legit):
+def test_floods_of_new_senders_stay_bounded(lab, legit, figures):
     before = lab.status()
     t = Target.of(before)
     t0 = time.monotonic()
@@ -257,8 +257,8 @@ def test_floods_of_new_senders_stay_bounded(lab, legit):
     queries = sa_queries(after) - sa_queries(before)
     limited = after["counters"].get("sa_rate_limited", 0) - before["counters"].get("sa_rate_limited", 0)
     evicted = after["counters"].get("peers_evicted", 0) - before["counters"].get("peers_evicted", 0)
-    print(f"\nflood of 1500 new senders + 600 unknown ones in {took:.1f} s: {after['peers']} peers (cap 300), "
-          f"{evicted} evicted, {queries} SA queries ({limited} held back by the gate), drops {d}")
+    figures(f"\nflood of 1500 new senders + 600 unknown ones in {took:.1f} s: {after['peers']} peers (cap 300), "
+            f"{evicted} evicted, {queries} SA queries ({limited} held back by the gate), drops {d}")
     assert after["peers"] <= 300 and evicted >= 1200
     assert d.get("unknown_source", 0) >= 600
     assert queries <= SA_BURST + SA_RATE * took + 5, queries
@@ -267,7 +267,7 @@ def test_floods_of_new_senders_stay_bounded(lab, legit):
 
 # ================================================================ from eth4
 
-def test_hostile_frames_from_eth4_are_counted_and_bounded(lab, legit):
+def test_hostile_frames_from_eth4_are_counted_and_bounded(lab, legit, figures):
     before = lab.status()
     ns1 = lab.ns1
     mac = bytes.fromhex(before["eth"]["mac"].replace(":", ""))
@@ -319,8 +319,8 @@ def test_hostile_frames_from_eth4_are_counted_and_bounded(lab, legit):
     took = time.monotonic() - t0
     d = grew(before, after)
     queries = sa_queries(after) - sa_queries(before)
-    print(f"\nfrom eth4 ({len(frames) + 3} frames in {took:.1f} s): drops {d}; {queries} SA queries; "
-          f"groups now {after['groups']} ({after['counters'].get('groups_removed', 0)} removed so far)")
+    figures(f"\nfrom eth4 ({len(frames) + 3} frames in {took:.1f} s): drops {d}; {queries} SA queries; "
+            f"groups now {after['groups']} ({after['counters'].get('groups_removed', 0)} removed so far)")
     assert d.get("tx:spoofed_source", 0) == 30
     assert d.get("tx:unknown_vlan", 0) == 20
     assert d.get("tx:bad_arp", 0) + d.get("tx:truncated", 0) >= 10
@@ -332,13 +332,13 @@ def test_hostile_frames_from_eth4_are_counted_and_bounded(lab, legit):
     assert until(lambda: lab.status()["groups"] < 100, 15), "the send-only groups of the flood stayed"
 
 
-def test_agent_survived_served_and_legit_traffic_went_on(lab, legit):
+def test_agent_survived_served_and_legit_traffic_went_on(lab, legit, figures):
     result, pid = legit
     st = lab.status()
     assert st["attachment"]["pid"] == pid and st["attachment"]["state"] == "running"
     sent, got = result()
     log_text = state.log_path(state.attachment_id("eth4", lab.ns1)).read_text()
-    print(f"\nlegitimate pings h2 -> h1 during the attacks: {got}/{sent} answered")
+    figures(f"\nlegitimate pings h2 -> h1 during the attacks: {got}/{sent} answered")
     assert "Traceback" not in log_text, log_text[-3000:]
     assert sent > 0 and got >= sent * 0.9, (sent, got)
     out = x("exporter", "--once").stdout

@@ -76,7 +76,7 @@ def _counter(ifname: str, what: str, netns: str | None = None) -> int:
     return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def test_program_swap_under_traffic_loses_no_frame():
+def test_program_swap_under_traffic_loses_no_frame(figures):
     need_root()
     need_module("bcc")
     need_cmd("ip")
@@ -149,9 +149,9 @@ def test_program_swap_under_traffic_loses_no_frame():
         veth_drops = _counter(inner, "rx_dropped") + _counter(eth4, "tx_dropped", ns) - drops0
         ring = xsk.kernel_stats()
         lost = n - veth_drops - seen
-        print(f"\nswap under traffic: {swaps} swaps (XDP_FLAGS_REPLACE), {n} frames sent at {rate:.0f}/s, "
-              f"{seen} met a program, {got[0]} reached the AF_XDP socket, {veth_drops} dropped by veth "
-              f"before XDP, {ring['rx_dropped']} shed at a full ring; frames lost to the swaps: {lost}")
+        figures(f"\nswap under traffic: {swaps} swaps (XDP_FLAGS_REPLACE), {n} frames sent at {rate:.0f}/s, "
+                f"{seen} met a program, {got[0]} reached the AF_XDP socket, {veth_drops} dropped by veth "
+                f"before XDP, {ring['rx_dropped']} shed at a full ring; frames lost to the swaps: {lost}")
         assert swaps >= 50
         assert lost == 0, f"{lost} frames passed the device while no program was attached"
         # a replace naming the wrong program is refused: nobody else's program is swapped by mistake
@@ -260,7 +260,7 @@ def restart(fab, ns: str, host: str, build: str | None) -> float:
     return time.monotonic() - t0
 
 
-def test_restart_with_new_programs_replaces_them_and_keeps_the_maps(pair):
+def test_restart_with_new_programs_replaces_them_and_keeps_the_maps(pair, figures):
     fab, (ns1, ns2) = pair
     aid = state.attachment_id("eth4", ns1)
     from xdpoib.pump import pin_dir
@@ -277,8 +277,8 @@ def test_restart_with_new_programs_replaces_them_and_keeps_the_maps(pair):
     sent, received = pinger.result()
     after = status(ns1)
     log_text = state.log_path(aid).read_text()
-    print(f"\nupgrade, same ABI, new programs: agent down {gap:.2f} s (kill -> attach returned, the compile "
-          f"included); pings every 20 ms: {sent} sent, {received} answered, {sent - received} lost")
+    figures(f"\nupgrade, same ABI, new programs: agent down {gap:.2f} s (kill -> attach returned, the compile "
+            f"included); pings every 20 ms: {sent} sent, {received} answered, {sent - received} lost")
     assert after["counters"].get("datapath_replace") == 1, after["counters"]
     assert after["counters"].get("adopted_datapath") == 1
     assert "upgrading the datapath" in log_text
@@ -290,7 +290,7 @@ def test_restart_with_new_programs_replaces_them_and_keeps_the_maps(pair):
     assert ping(ns2, "10.67.0.1")
 
 
-def test_restart_with_another_abi_rebuilds_the_maps_from_the_state_file(pair):
+def test_restart_with_another_abi_rebuilds_the_maps_from_the_state_file(pair, figures):
     fab, (ns1, ns2) = pair
     aid = state.attachment_id("eth4", ns1)
     from xdpoib.pump import pin_dir
@@ -312,9 +312,9 @@ def test_restart_with_another_abi_rebuilds_the_maps_from_the_state_file(pair):
     sent, received = pinger.result()
     after = status(ns1)
     log_text = state.log_path(aid).read_text()
-    print(f"\nupgrade, another ABI: agent down {gap:.2f} s; pings every 20 ms: {sent} sent, {received} "
-          f"answered, {sent - received} lost; old tx packets {old['datapath']['tx']['packets']}, "
-          f"after {after['datapath']['tx']['packets']}")
+    figures(f"\nupgrade, another ABI: agent down {gap:.2f} s; pings every 20 ms: {sent} sent, {received} "
+            f"answered, {sent - received} lost; old tx packets {old['datapath']['tx']['packets']}, "
+            f"after {after['datapath']['tx']['packets']}")
     assert after["counters"].get("datapath_rebuild") == 1, after["counters"]
     assert "adopted_datapath" not in after["counters"]
     assert "rebuilding the datapath" in log_text and f"ABI {abi.ABI_VERSION + 1} pinned" in log_text

@@ -205,7 +205,7 @@ class Soak:
         self.samples.append(s)
 
 
-def test_soak(soak_fabric):
+def test_soak(soak_fabric, figures):
     need_cmd("ip", "ping", "iperf3")
     fab = soak_fabric
     seconds = soak_seconds()
@@ -267,17 +267,17 @@ def test_soak(soak_fabric):
     warm = s.samples[1] if len(s.samples) > 2 else s.samples[0]
     last = s.samples[-1]
     tcp = sorted(s.iperf["tcp_mbps"]) or [0.0]
-    print(f"\nsoak {seconds} s: {s.cycles} attach/detach cycles of h4/h5, iperf3 {s.iperf['tcp']} TCP runs "
-          f"(median {tcp[len(tcp) // 2]:.0f} Mbit/s) "
-          f"and {s.iperf['udp']} UDP runs (max loss {max(s.iperf['udp_lost'], default=0):.1f} %), pings "
-          f"{ping_got}/{ping_sent}, multicast {sent_mc} sent, received {got_mc}")
-    print("  t(s)  clients  " + "  ".join(f"h{i}: RSS MiB fds thr map" for i in STAY))
+    figures(f"\nsoak {seconds} s: {s.cycles} attach/detach cycles of h4/h5, iperf3 {s.iperf['tcp']} TCP runs "
+            f"(median {tcp[len(tcp) // 2]:.0f} Mbit/s) "
+            f"and {s.iperf['udp']} UDP runs (max loss {max(s.iperf['udp_lost'], default=0):.1f} %), pings "
+            f"{ping_got}/{ping_sent}, multicast {sent_mc} sent, received {got_mc}")
+    figures("  t(s)  clients  " + "  ".join(f"h{i}: RSS MiB fds thr map" for i in STAY))
     for smp in s.samples:
-        print(f"  {smp['t']:4d}  {smp['clients']:7d}  " + "  ".join(
+        figures(f"  {smp['t']:4d}  {smp['clients']:7d}  " + "  ".join(
             f"h{i}: {smp[f'h{i}']['rss_mib']:7.1f} {smp[f'h{i}']['fds']:3d} {smp[f'h{i}']['threads']:3d} "
             f"{smp[f'h{i}']['map_peers']:3d}" for i in STAY))
-    print(f"  ibsim clients: {baseline_clients} before, max {max(x['clients'] for x in s.samples)}, "
-          f"{end_clients} after; QPs by port at the end: {last['qps']}")
+    figures(f"  ibsim clients: {baseline_clients} before, max {max(x['clients'] for x in s.samples)}, "
+            f"{end_clients} after; QPs by port at the end: {last['qps']}")
 
     assert not s.failures, "\n".join(s.failures)
     assert s.cycles >= 2 and s.iperf["tcp"] >= 2 and s.iperf["udp"] >= 2
