@@ -110,16 +110,35 @@ def test_opensm_stopped_resolved_peers_keep_flowing(lab):
         pytest.fail("h3 unreachable 40 s after OpenSM came back")
 
 
-def _drops_total(st: dict) -> dict:
+def _drops_total(st: dict, ns: str) -> dict:
+    """What one host counted as shed: the agent, its fabric, its AF_XDP ring, and the kernel around
+    them (the veth pair's drop counters, UDP sockets' buffer overflows in the host's namespace)."""
     dp = st["datapath"]
     return {"agent": sum(st["drops"].values()), "fabric": sum(st["fabric_drops"].values()),
-            "xsk": dp.get("xsk_rx_dropped", 0) + dp.get("xsk_rx_ring_full", 0)}
+            "xsk": dp.get("xsk_rx_dropped", 0) + dp.get("xsk_rx_ring_full", 0),
+            # eth4's drops and the internal end's transmit drops; its receive drops are the AF_XDP ring's
+            # (a failed redirect), counted above as xsk
+            "veth": _link_drops(st["attachment"]["ifname"], ns) + _link_drops(st["attachment"]["internal"],
+                                                                              which=("tx_dropped",)),
+            "udp_socket": _udp_buffer_errors(ns)}
 
 
-def test_status_answers_during_a_flood_and_overload_is_counted(lab):
+def _link_drops(ifname: str, ns: str | None = None, which=("rx_dropped", "tx_dropped")) -> int:
+    cmd = ["cat", *(f"/sys/class/net/{ifname}/statistics/{w}" for w in which)]
+    out = (nsexec(ns, *cmd) if ns else subprocess.run(cmd, capture_output=True, text=True, check=True)).stdout
+    return sum(int(v) for v in out.split())
+
+
+def _udp_buffer_errors(ns: str) -> int:
+    lines = [ln.split() for ln in nsexec(ns, "cat", "/proc/net/snmp").stdout.splitlines() if ln.startswith("Udp:")]
+    row = dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    return row.get("RcvbufErrors", 0) + row.get("SndbufErrors", 0)
+
+
+def test_status_answers_during_a_flood_and_overload_is_counted(lab, figures):
     _, ns = lab
     assert _ping(ns[0], "10.78.0.2", 2, 0.2)[1] == 2
-    before = [status(ns[0]), status(ns[1])]
+    before = [_drops_total(status(n), n) for n in ns[:2]]
     server = subprocess.Popen(["ip", "netns", "exec", ns[1], "iperf3", "-s", "-1", "-J", "-B", "10.78.0.2"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -148,24 +167,22 @@ def test_status_answers_during_a_flood_and_overload_is_counted(lab):
                 p.kill()
                 p.wait()
     assert answered >= 6, "status was not asked during the flood"
-    print(f"status answered {answered} times during the flood, slowest {slowest * 1000:.0f} ms")
+    figures(f"status answered {answered} times during the flood, slowest {slowest * 1000:.0f} ms")
     end = json.loads(out_s)["end"]["sum"]
     sent = json.loads(out_c)["end"]["sum"]["packets"]
     received = end["packets"] - end["lost_packets"]
     after = [status(ns[0]), status(ns[1])]
     shed = {}
-    for b, a, who in zip(before, after, ("sender", "receiver"), strict=True):
-        tb, ta = _drops_total(b), _drops_total(a)
+    for tb, a, n, who in zip(before, after, ns[:2], ("sender", "receiver"), strict=True):
+        ta = _drops_total(a, n)
         shed[who] = {k: ta[k] - tb[k] for k in ta}
     counted = sum(sum(v.values()) for v in shed.values())
-    print(f"flood: sent {sent}, received {received}, counted as shed {counted}: {shed}")
-    print("sender drops", after[0]["fabric_drops"], {k: v for k, v in after[0]["datapath"].items() if "xsk" in k})
-    print("receiver drops", after[1]["fabric_drops"], after[1]["drops"])
+    figures(f"flood: sent {sent}, received {received}, counted as shed {counted}: {shed}")
     assert received > 0
     lost = sent - received
-    if lost > sent // 100:
-        # most of what was lost must be counted where it was shed (the rest: the host stacks' own queues)
-        assert counted >= lost // 2, f"lost {lost} but counted {counted}: {shed}"
+    # what was lost is counted where it was shed, once: within 10% (frames in flight when iperf3's server
+    # stopped are lost and counted nowhere; ARP and ND frames are counted and not iperf3's)
+    assert 0.9 * lost - 1000 <= counted <= 1.1 * lost + 1000, f"lost {lost} but counted {counted}: {shed}"
     # healthy right after: traffic and control
     assert _ping(ns[0], "10.78.0.2", 5, 0.1)[1] >= 4
     assert status(ns[1])["attachment"]["state"] == "running"
