@@ -24,7 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from xdpoib import __version__, state
+from xdpoib.abi import XdpAction
 from xdpoib.errors import XdpoibError
+from xdpoib.reasons import DropReason, counts
 
 DEFAULT_LISTEN = "127.0.0.1:9645"
 STATUS_TIMEOUT = 2.0
@@ -70,10 +72,8 @@ def series_names() -> set[str]:
 
 def read_bpf_counters(pin_dir: Path) -> dict | None:
     """Per-direction BPF counters from an attachment's pinned stats map, or None if nothing is pinned."""
-    from xdpoib import abi
     from xdpoib.datapath import bpfsys
     from xdpoib.datapath.maps import Maps
-    from xdpoib.reasons import DropReason, Kind
 
     path = pin_dir / "xo_stats"
     if not path.exists():
@@ -84,16 +84,7 @@ def read_bpf_counters(pin_dir: Path) -> dict | None:
         log.warning("cannot open %s: %s", path, e)
         return None
     try:
-        out = {}
-        for d in abi.Direction:
-            c = maps.counters(d)
-            out[d.name.lower()] = {
-                "packets": int(c.packets), "bytes": int(c.bytes),
-                "actions": {a.name.lower(): int(c.verdicts[a]) for a in abi.XdpAction},
-                "kinds": {k.name.lower(): int(c.kinds[k]) for k in Kind if k < abi.KIND_SLOTS},
-                "drops": {r.name.lower(): int(c.drops[r]) for r in DropReason if c.drops[r]},
-            }
-        return out
+        return maps.report()
     finally:
         maps.close()
 
@@ -193,8 +184,8 @@ class _Families:
         for d, c in bpf.items():
             self.packets.add_metric([*lab, d], c["packets"])
             self.bytes.add_metric([*lab, d], c["bytes"])
-            for a, n in c["actions"].items():
-                self.actions.add_metric([*lab, d, a], n)
+            for a in XdpAction:
+                self.actions.add_metric([*lab, d, a.name.lower()], c[a.name.lower()])
             if d == "tx":
                 for k, n in c["kinds"].items():
                     self.kinds.add_metric([*lab, d, k], n)
@@ -205,8 +196,8 @@ class _Families:
         """The plain datapath's counters (no pinned maps): frames from eth4 and failed redirects."""
         if "packets" in dp:
             self.packets.add_metric([*lab, "tx"], dp["packets"])
-        if dp.get("redirect_failed"):
-            self.drops.add_metric([*lab, "tx", "redirect_failed"], dp["redirect_failed"])
+        for r, n in counts({DropReason.REDIRECT_FAILED: dp.get("redirect_failed", 0)}).items():
+            self.drops.add_metric([*lab, "tx", r], n)
 
     def add_agent(self, lab: list[str], st: dict) -> None:
         """Agent state of one attachment (its status answer)."""

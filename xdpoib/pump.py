@@ -105,7 +105,7 @@ class _Base:
         try:
             r = eth_to_ipoib(frame, a.peers)
         except FrameError as e:
-            a.drops[e.reason.name.lower()] += 1
+            a.drops[e.reason] += 1
             return None
         kind = r.kind
         if kind == Kind.CONTROL:
@@ -175,7 +175,7 @@ class PlainPump(_Base):
             r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=pkey | 0x8000,
                              multicast=multicast)
         except FrameError as e:
-            a.drops[e.reason.name.lower()] += 1
+            a.drops[e.reason] += 1
             return
         self._out.append(r.frame)
 
@@ -190,7 +190,7 @@ class PlainPump(_Base):
         sent = self.xsk.send(frames)
         a.stats["eth_tx_frames"] += sent
         if sent < len(frames):
-            a.drops["inject_ring_full"] += len(frames) - sent
+            a.drops[DropReason.INJECT_RING_FULL] += len(frames) - sent
         return sent
 
     def add_peers(self, entries) -> None:
@@ -284,7 +284,7 @@ class BpfPump(_Base):
         for addr, length, _o in descs:
             m = addr - META_LEN
             if m < 0 or um[m] != version:
-                a.drops["bad_metadata"] += 1
+                a.drops[DropReason.BAD_METADATA] += 1
                 continue
             kind = um[m + 1]
             if kind == _KIND_PEER:
@@ -337,19 +337,19 @@ class BpfPump(_Base):
         if not inj.add(frame, meta):
             self.rx_flush()
             if not inj.add(frame, meta):
-                self.agent.drops["inject_too_big"] += 1
+                self.agent.drops[DropReason.INJECT_TOO_BIG] += 1
 
     def rx_frame(self, payload, peer, multicast: bool, vif, pkey: int) -> None:
         a = self.agent
         if len(payload) < 14:               # XDP cannot carry it (docs/datapath.md, known limits)
-            a.drops["runt"] += 1
+            a.drops[DropReason.RUNT] += 1
         elif payload[0] == 0x08 and payload[1] == 0x00 and _is_dhcp_reply(payload):
             # RX control: the agent rewrites DHCP (RFC 4390)
             try:
                 r = ipoib_to_eth(bytes(payload), a.peers, src=peer.as_peer(), vif=vif, pkey=pkey | 0x8000,
                                  multicast=multicast)
             except FrameError as e:
-                a.drops[e.reason.name.lower()] += 1
+                a.drops[e.reason] += 1
                 return
             self.rx_ethernet(r.frame)
         else:
@@ -384,17 +384,7 @@ class BpfPump(_Base):
         self.maps.set_group(mgid, group_id)
 
     def counters(self) -> dict:
-        from xdpoib import abi
-
-        out = {}
-        for d in abi.Direction:
-            c = self.maps.counters(d)
-            drops = {DropReason(i).name.lower(): int(n) for i, n in enumerate(c.drops)
-                     if n and i in DropReason._value2member_map_}
-            out[d.name.lower()] = {"packets": int(c.packets), "bytes": int(c.bytes),
-                                   "pass": int(c.verdicts[abi.XdpAction.PASS]),
-                                   "drop": int(c.verdicts[abi.XdpAction.DROP]),
-                                   "redirect": int(c.verdicts[abi.XdpAction.REDIRECT]), "drops": drops}
+        out = self.maps.report()
         out["inject_mmap"] = getattr(self, "injector", None) is not None and self.injector.mmapped
         out.update(self.ring_counters())
         return out

@@ -66,7 +66,8 @@ typedef __u64 xo_u64;
 
 /* ================================================================ drop reasons and kinds */
 
-/* Same numbers as xdpoib.reasons.DropReason: never renumber, never reuse. */
+/* Same numbers as xdpoib.reasons.DropReason, the one table of reasons for every refused frame
+ * (BPF, agent, fabric layer): never renumber, never reuse. */
 enum xdpoib_drop_reason {
 	XDPOIB_DROP_TRUNCATED             = 1,
 	XDPOIB_DROP_BAD_LENGTH            = 2,
@@ -90,6 +91,30 @@ enum xdpoib_drop_reason {
 	XDPOIB_DROP_LOOPBACK              = 20,
 	XDPOIB_DROP_BAD_IPOIB_HEADER      = 21,
 	XDPOIB_DROP_NO_PARTITION          = 22,
+	/* refused by the agent (counted in user space; the numbers are shared) */
+	XDPOIB_DROP_VLAN_MISMATCH         = 23,
+	XDPOIB_DROP_UNKNOWN_DESTINATION   = 24,
+	XDPOIB_DROP_UNRESOLVED_QUEUE_FULL = 25,
+	XDPOIB_DROP_PATH_FAILED           = 26,
+	XDPOIB_DROP_NO_GROUP              = 27,
+	XDPOIB_DROP_JOIN_FAILED           = 28,
+	XDPOIB_DROP_ARP_SPOOFED           = 29,
+	XDPOIB_DROP_ARP_UNVERIFIED        = 30,
+	XDPOIB_DROP_ND_FOREIGN_LLADDR     = 31,
+	XDPOIB_DROP_COMPLETION_ERROR      = 32,
+	XDPOIB_DROP_INJECT_RING_FULL      = 33,
+	XDPOIB_DROP_INJECT_TOO_BIG        = 34,
+	XDPOIB_DROP_RUNT                  = 35,
+	/* refused by the fabric layer (its OVERSIZE and LOOPBACK are the ones above) */
+	XDPOIB_DROP_PORT_DOWN             = 36,
+	XDPOIB_DROP_NO_DESTINATION        = 37,
+	XDPOIB_DROP_NOT_MEMBER            = 38,
+	XDPOIB_DROP_QKEY_MISMATCH         = 39,
+	XDPOIB_DROP_PKEY_MISMATCH         = 40,
+	XDPOIB_DROP_NO_RECV_BUFFER        = 41,
+	XDPOIB_DROP_RX_OVERRUN            = 42,
+	XDPOIB_DROP_BAD_DATAGRAM          = 43,
+	XDPOIB_DROP_QP_ERROR              = 44,
 };
 #define XDPOIB_DROP_SLOTS       64      /* size of the per-reason counter array */
 

@@ -260,7 +260,7 @@ def test_floods_of_new_senders_stay_bounded(lab, legit, figures):
     figures(f"\nflood of 1500 new senders + 600 unknown ones in {took:.1f} s: {after['peers']} peers (cap 300), "
             f"{evicted} evicted, {queries} SA queries ({limited} held back by the gate), drops {d}")
     assert after["peers"] <= 300 and evicted >= 1200
-    assert d.get("unknown_source", 0) >= 600
+    assert d.get("unknown_peer", 0) >= 600
     assert queries <= SA_BURST + SA_RATE * took + 5, queries
     assert limited > 0
 

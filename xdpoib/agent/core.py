@@ -68,7 +68,7 @@ class Agent:
         self.stack = ExitStack()
         self.vif_learned = True         # veth: eth4's MAC is ours; tap: learned from the guest
         self.state = "starting"
-        self.drops: Counter = Counter()          # by DropReason name or agent reason
+        self.drops: Counter = Counter()          # by DropReason (xdpoib/reasons.py)
         self.stats: Counter = Counter()
         self.started = time.time()
         self.datapath = os.environ.get("XDPOIB_DATAPATH", "bpf")

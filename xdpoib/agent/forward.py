@@ -20,6 +20,7 @@ import logging
 import time
 
 from xdpoib.fabric.base import MCAST_QPN, FabricCounter, Path
+from xdpoib.reasons import DropReason as R
 from xdpoib.reasons import Kind
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import IPoIBAddr, remac
@@ -65,15 +66,15 @@ class Forwarder:
             v = vifs.get((key >> 32) & 0xFFFFFFFF)
             e = a.peers.by_id(key >> 64)
             if v is None or e is None or v.vid != key & 0xFFFF:
-                a.drops["unknown_vif" if v is None else "unknown_destination" if e is None
-                        else "vlan_mismatch"] += len(frames)
+                a.drops[R.UNKNOWN_VIF if v is None else R.UNKNOWN_DESTINATION if e is None
+                        else R.VLAN_MISMATCH] += len(frames)
                 continue
             v.last_seen = now
             self.send_peer(e, frames, qp=v.qp)
         for key, frames in b.groups.items():           # key: VID (2), 0 (2), VIF id (4), group id (4), MGID
             v = vifs.get(int.from_bytes(key[4:8], "little"))
             if v is None or v.vid != int.from_bytes(key[:2], "little"):
-                a.drops["unknown_vif" if v is None else "vlan_mismatch"] += len(frames)
+                a.drops[R.UNKNOWN_VIF if v is None else R.VLAN_MISMATCH] += len(frames)
                 continue
             v.last_seen = now
             if v.vif_id and frames[0][:2] == b"\x08\x06":
@@ -99,7 +100,7 @@ class Forwarder:
                 return
         v = a.vifs.by_id.get(o.vif_id)
         if v is None or v.vid != (o.vid or 0):
-            a.drops["unknown_vif" if v is None else "vlan_mismatch"] += 1
+            a.drops[R.UNKNOWN_VIF if v is None else R.VLAN_MISMATCH] += 1
             return
         if o.control:
             a.membership.snoop(o.eth)
@@ -109,7 +110,7 @@ class Forwarder:
         elif o.kind == Kind.PEER and (e := a.peers.by_id(o.peer_id)) is not None:
             self.send_peer(e, [o.frame], eth, qp=v.qp)
         else:
-            a.drops["unknown_destination"] += 1
+            a.drops[R.UNKNOWN_DESTINATION] += 1
 
     def send_peer(self, e, frames: list[bytes], eth=b"", qp=None) -> None:
         """Frames to one peer from one of our QPs (a VIF's; default VIF 0's): sent if the peer's path
@@ -164,7 +165,7 @@ class Forwarder:
         """Drop an oversize frame and tell its sender the MTU (ICMP frag-needed / Packet Too Big).
         `eth` is the frame's Ethernet form (or a function making it, or empty: rebuilt from `ipoib`)."""
         a = self.a
-        a.drops["oversize"] += 1
+        a.drops[R.OVERSIZE] += 1
         if callable(eth):
             eth = eth()
         elif not eth:
@@ -281,7 +282,7 @@ class Forwarder:
             delivered += 1
         pump.rx_flush()
         if errors:
-            a.drops["completion_error"] += errors
+            a.drops[R.COMPLETION_ERROR] += errors
         if errors and qp is not a.qp and getattr(qp, "error", False):
             a.vifs.replace_qp(vif)          # a guest's QP in the error state: a new one, no repost
             return len(comps)
@@ -289,6 +290,6 @@ class Forwarder:
             return len(comps)               # the QP is in the error state: being replaced, no repost
         qp.post_recv([c.index for c in comps])
         if unknown:
-            a.drops["unknown_source"] += unknown
+            a.drops[R.UNKNOWN_PEER] += unknown
         a.stats["rx_frames"] += delivered
         return len(comps)

@@ -23,6 +23,7 @@ from collections import Counter, deque
 from xdpoib.agent.loop import Backoff
 from xdpoib.errors import XdpoibError
 from xdpoib.peers import MAX_PENDING, GroupEntry
+from xdpoib.reasons import DropReason as R
 from xdpoib.wire.addr import gid_str
 from xdpoib.wire.mgid import ipv4_mgid, ipv6_mgid
 
@@ -99,12 +100,12 @@ class Membership:
 
         def done(ok, res):
             if not ok:
-                a.drops["join_failed"] += 1
+                a.drops[R.JOIN_FAILED] += 1
                 delay = self.backoff.failed(key)
                 log.warning("join %s failed (retry in %.0f s): %s", gid_str(mgid), delay, res)
                 q = self._pending.pop(mgid, None)
                 if q:
-                    a.drops["no_group"] += len(q)
+                    a.drops[R.NO_GROUP] += len(q)
                 if full and mgid in self.groups and self._wanted(self.groups[mgid]):
                     a.loop.call_later(delay, lambda: self._retry(mgid, why))
                 return
@@ -139,12 +140,12 @@ class Membership:
         q = self._pending.get(mgid)
         if q is None:
             if len(self._pending) > 1024:
-                self.a.drops["no_group"] += len(frames)
+                self.a.drops[R.NO_GROUP] += len(frames)
                 return
             q = self._pending[mgid] = deque(maxlen=MAX_PENDING)
         over = len(q) + len(frames) - MAX_PENDING
         if over > 0:
-            self.a.drops["unresolved_queue_full"] += over
+            self.a.drops[R.UNRESOLVED_QUEUE_FULL] += over
         q.extend((qp, fr) for fr in frames)
 
     def leave(self, g: GroupEntry, wait: bool = False) -> None:

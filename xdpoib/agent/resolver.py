@@ -21,6 +21,7 @@ import time
 from xdpoib.agent.loop import Backoff
 from xdpoib.errors import FrameError
 from xdpoib.peers import PeerEntry
+from xdpoib.reasons import DropReason as R
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import IPoIBAddr, gid_str
 
@@ -47,7 +48,7 @@ class Resolver:
         """Frames for a peer whose path is not resolved (from `qp`, a VIF's): keep the last 3 and resolve."""
         over = len(e.pending) + len(frames) - e.pending.maxlen
         if over > 0:
-            self.a.drops["unresolved_queue_full"] += over
+            self.a.drops[R.UNRESOLVED_QUEUE_FULL] += over
         e.pending.extend((qp, fr) for fr in frames)
         self.resolve(e, qp)
 
@@ -60,7 +61,7 @@ class Resolver:
         key = ("path", e.addr.key)
         if a.sa_worker.pending(key) or not self.backoff.ready(key):
             if e.path_state == "failed" and e.pending:
-                a.drops["path_failed"] += len(e.pending)
+                a.drops[R.PATH_FAILED] += len(e.pending)
                 e.pending.clear()
             return
         e.path_state = "resolving"
@@ -79,7 +80,7 @@ class Resolver:
             if not ok:
                 e.path_state, e.resolved_at = "failed", now
                 delay = self.backoff.failed(key, now)
-                a.drops["path_failed"] += len(e.pending)
+                a.drops[R.PATH_FAILED] += len(e.pending)
                 e.pending.clear()
                 log.warning("path to %s (retry in %.0f s): %s", gid_str(gid), delay, res)
                 return
@@ -127,7 +128,7 @@ class Resolver:
         moved = src is None and known is not None and known.lid and known.lid != slid
         if spoofed or moved:
             # a known address from another LID may be a peer the SM moved: who-is settles it
-            a.drops["arp_spoofed" if spoofed else "arp_unverified"] += 1
+            a.drops[R.ARP_SPOOFED if spoofed else R.ARP_UNVERIFIED] += 1
             try:
                 data[12:32] = UNLEARNABLE
             except TypeError:                   # a read-only buffer: the caller must drop it
@@ -136,7 +137,7 @@ class Resolver:
         if src is not None or not slid:
             return peers.learn(sha, lid=slid or None)
         if not self._check_sender(sha, slid, src_qpn):
-            a.drops["arp_unverified"] += 1
+            a.drops[R.ARP_UNVERIFIED] += 1
             return False
         return peers.learn(sha, lid=slid)
 
@@ -171,7 +172,7 @@ class Resolver:
             if not ok and getattr(res, "status", None) != 0x0300:
                 log.warning("checking the ARP sender at LID %d: %s", slid, res)        # cannot tell
                 return
-            a.drops["arp_spoofed"] += 1
+            a.drops[R.ARP_SPOOFED] += 1
             log.warning("ARP from LID %d claimed %s, which is not the port at that LID: forgotten",
                         slid, gid_str(gid))
             if e is not None and e.lid == slid:
@@ -249,7 +250,7 @@ class Resolver:
             if addr.key == own:
                 continue
             if src is not None and addr.key != src.addr.key:
-                a.drops["nd_foreign_lladdr"] += 1
+                a.drops[R.ND_FOREIGN_LLADDR] += 1
                 at = 44 + o.offset
                 try:
                     data[at + 4:at + 24] = UNLEARNABLE

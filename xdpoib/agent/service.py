@@ -16,6 +16,8 @@ import time
 
 from xdpoib import state
 from xdpoib.errors import XdpoibError
+from xdpoib.reasons import DropReason as R
+from xdpoib.reasons import counts
 from xdpoib.wire.addr import gid_str, mac_str
 
 
@@ -31,10 +33,8 @@ def status(a) -> dict:
     """The attachment's state and counters (what `xdpoib status -j` shows and the exporter reads)."""
     p = a.port_attrs
     s = a.spec
-    drops = dict(a.drops)
-    loopback = a.loopback.counters.snapshot().get("loopback", 0)
-    if loopback:
-        drops["loopback"] = loopback
+    drops = _copy(a.drops)
+    drops[R.LOOPBACK] = drops.get(R.LOOPBACK, 0) + a.loopback.counters.snapshot().get("loopback", 0)
     return {
         "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{a.pkey:#06x}",
                        "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
@@ -50,8 +50,8 @@ def status(a) -> dict:
         "peers": len(a.peers.entries),
         "groups": len(a.groups),
         "counters": dict(a.stats),
-        "drops": drops,
-        "fabric_drops": {k: v for k, v in a.backend.counters().items() if v},
+        "drops": counts(drops),
+        "fabric_drops": counts(a.backend.counters()),
         "datapath": {"kind": a.pump.name, **a.pump.counters()},
         "groups_by_state": a.membership.by_state(),
         "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from xdpoib.errors import FrameError, UsageError, XdpoibError
 from xdpoib.fabric.base import GRH_LEN
+from xdpoib.reasons import DropReason as R
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import IPoIBAddr, mac_str, parse_mac
 from xdpoib.wire.oracle import Vif, eth_to_ipoib
@@ -204,7 +205,7 @@ class Vifs:
         a = self.a
         src = bytes(frame[6:12])
         if self.learn_max <= 0 or self.learned_count() >= self.learn_max or src[0] & 1 or not any(src):
-            a.drops["spoofed_source"] += 1
+            a.drops[R.SPOOFED_SOURCE] += 1
             return None
         vid = 0
         try:
@@ -214,7 +215,7 @@ class Vifs:
         try:
             v = self.add(src, vid, learned=True)
         except XdpoibError as e:
-            a.drops["spoofed_source"] += 1
+            a.drops[R.SPOOFED_SOURCE] += 1
             log.warning("not learning %s: %s", mac_str(src), e)
             return None
         self.note(v, frame, ethernet=True)

@@ -504,6 +504,23 @@ class Maps:
                 total.drops[i] += s.drops[i]
         return total
 
+    def report(self) -> dict[str, dict]:
+        """Every direction's counters in the form `status -j` shows and the exporter serves (one place turns
+        BPF counters into it): {"tx"|"rx": {"packets", "bytes", one key per XDP action ("aborted", "drop",
+        "pass", "tx", "redirect"), "kinds": {kind: n}, "drops": {reason: n, zeros left out}}}."""
+        from xdpoib.reasons import Kind, counts
+
+        out = {}
+        for d in abi.Direction:
+            c = self.counters(d)
+            out[d.name.lower()] = {
+                "packets": int(c.packets), "bytes": int(c.bytes),
+                **{a.name.lower(): int(c.verdicts[a]) for a in abi.XdpAction},
+                "kinds": {k.name.lower(): int(c.kinds[k]) for k in Kind if k < abi.KIND_SLOTS},
+                "drops": counts({i: n for i, n in enumerate(c.drops) if n}),
+            }
+        return out
+
     def reset_counters(self) -> None:
         """Zero the counters."""
         for d in abi.Direction:
