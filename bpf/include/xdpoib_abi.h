@@ -57,7 +57,6 @@ typedef __u64 xo_u64;
 #define XDPOIB_ETH_P_TIPC       0x88CA
 #define XDPOIB_ETH_P_8021Q      0x8100
 #define XDPOIB_ETH_P_8021AD     0x88A8
-#define XDPOIB_ETH_P_INBAND     0x88B5  /* local experimental: in-band RX metadata (prototype b) */
 #define XDPOIB_ARPHRD_ETHER     1
 #define XDPOIB_ARPHRD_INFINIBAND 32
 #define XDPOIB_IPOIB_MGID_IPV4_SIG 0x401b  /* MGID bytes 2-3 for IPv4 and the broadcast group */

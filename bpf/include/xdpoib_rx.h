@@ -69,19 +69,14 @@ static __always_inline int rx_is_dhcp(struct xdp_md *ctx, u32 keep)
 }
 
 /**
- * Hand a frame to the device facing eth4 (or to eth4's stack when running on eth4 itself).
+ * Hand a frame to the device facing eth4.
  *
  * @v st        counters
  * @v kind      kind to count
- * @v pass      XDP_PASS instead of the devmap redirect (the in-band program on eth4)
  * @ret XDP action (recorded)
  */
-static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind, int pass)
+static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind)
 {
-	if (pass) {
-		count_kind(st, kind);
-		return record_action(st, XDP_PASS);
-	}
 	if (xo_egress.redirect_map(0, 0) != XDP_REDIRECT)
 		return XO_DROP(st, REDIRECT_FAILED);
 	count_kind(st, kind);
@@ -93,10 +88,9 @@ static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind, int pa
  *
  * @v ctx       XDP context
  * @v s         state (counted on entry)
- * @v pass      deliver with XDP_PASS (a constant: 1 for the in-band program on eth4)
  * @ret XDP action (recorded)
  */
-static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s, int pass)
+static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 {
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 	void *meta = (void *)(long)ctx->data_meta;
@@ -114,7 +108,7 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s, int 
 	flags = m->flags;
 	pkey = m->pkey;
 	if (flags & XDPOIB_RX_F_ETHERNET)
-		return rx_redirect(s->st, XDPOIB_KIND_CONTROL, pass);
+		return rx_redirect(s->st, XDPOIB_KIND_CONTROL);
 	peer = peer_by_id(m->peer_id);
 	if (!peer)
 		return XO_DROP(s->st, UNKNOWN_PEER);
@@ -178,7 +172,44 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s, int 
 		p[12] = etype >> 8;
 		p[13] = etype & 0xff;
 	}
-	return rx_redirect(s->st, 0, pass);
+	return rx_redirect(s->st, 0);
+}
+
+/* ================================================================ batched injection */
+
+/**
+ * Replace the live frame of run i of a batch with xo_inject[i]: its frame, and its RX metadata in
+ * front of it. Nothing is counted here: the caller counts the frame once it is loaded.
+ *
+ * @v ctx       XDP context (live frame)
+ * @ret 0 or XDPOIB_DROP_BAD_METADATA (no slot, a bad length, or no room for the metadata)
+ */
+static __always_inline int inject_slot_load(struct xdp_md *ctx)
+{
+	struct xdpoib_inject_slot *slot;
+	struct xdpoib_rx_meta *m;
+	void *data, *meta;
+	u32 zero = 0, i, len, *idx;
+
+	idx = xo_inject_idx.lookup(&zero);
+	if (!idx)
+		return XDPOIB_DROP_BAD_METADATA;
+	i = *idx;
+	*idx = i + 1;
+	i &= XDPOIB_INJECT_SLOTS - 1;
+	slot = xo_inject.lookup(&i);
+	len = slot ? slot->len : 0;
+	if (!slot || len < XDPOIB_ETH_HLEN || len > XDPOIB_INJECT_MAX || set_len(ctx, len) ||
+	    bpf_xdp_store_bytes(ctx, 0, slot->frame, xo_size(len, 4095)) ||
+	    bpf_xdp_adjust_meta(ctx, -(int)sizeof(*m)))
+		return XDPOIB_DROP_BAD_METADATA;
+	data = (void *)(long)ctx->data;
+	meta = (void *)(long)ctx->data_meta;
+	m = meta;
+	if ((void *)(m + 1) > data)
+		return XDPOIB_DROP_BAD_METADATA;
+	__builtin_memcpy(m, &slot->meta, sizeof(*m));
+	return 0;
 }
 
 #endif /* XDPOIB_RX_H */

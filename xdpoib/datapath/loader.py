@@ -36,7 +36,7 @@ from xdpoib.errors import PrerequisiteError, XdpoibError
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 MAIN = BPF_DIR / "xdpoib.c"
-PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_rx_inband", "xdpoib_noop", "xdpoib_tx_raw")
+PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_noop", "xdpoib_tx_raw")
 #: Maps the programs use besides the agent's (`maps.LAYOUT`): pinned too, so new programs can reuse them.
 INTERNAL_MAPS = ("xo_reported", "xo_events", "xo_scratch")
 BUILD_MAP = "xo_build"
