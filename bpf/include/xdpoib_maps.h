@@ -5,6 +5,9 @@
  * Names are at most 15 characters (the kernel's object name limit), all prefixed xo_; the Python
  * facades in xdpoib/datapath/maps.py know them by these names. Keys and values come from
  * xdpoib_abi.h.
+ *
+ * Includes: xdpoib_abi.h. Offers: every xo_* map, and struct xo_scratch (the per-CPU scratch of the
+ * ARP/ND rewrites). Build switch XDPOIB_TX_DEVMAP: TX redirects through a devmap, not the XSKMAP.
  */
 #ifndef XDPOIB_MAPS_H
 #define XDPOIB_MAPS_H

@@ -2,6 +2,10 @@
 /*
  * xdpoib_rx.h - RX: IPoIB -> Ethernet on frames the agent injects (BPF only).
  *
+ * Includes: xdpoib_l3.h, xdpoib_arp.h, xdpoib_nd.h, xdpoib_control.h, xdpoib_mcast.h,
+ * xdpoib_lookup.h. Offers: rx_frame (the RX program's body) and inject_slot_load (the batch
+ * program's frame from its xo_inject slot).
+ *
  * The agent puts a struct xdpoib_rx_meta in front of each frame (ctx_in.data = its size). Checks:
  * metadata -> sender and VIF entries -> IPoIB header (BAD_IPOIB_HEADER) -> P_Key to VID
  * (NO_PARTITION) -> L3 header and lengths -> ARP/ND body, as in the oracle. DHCP server->client frames
@@ -12,61 +16,22 @@
 #define XDPOIB_RX_H
 
 #include "xdpoib_l3.h"
+#include "xdpoib_arp.h"
+#include "xdpoib_nd.h"
+#include "xdpoib_control.h"
+#include "xdpoib_mcast.h"
+#include "xdpoib_lookup.h"
 
-/**
- * The Ethernet destination of a multicast frame, from its IP destination.
- *
- * @v ctx       XDP context
- * @v etype     EtherType (host order)
- * @v dst       6 bytes out
- */
-static __always_inline void rx_group_mac(struct xdp_md *ctx, u16 etype, u8 *dst)
-{
-	u8 *ip;
+#define RX_ETHERNET     (-1)    /* rx_source: the frame is Ethernet already (agent-built) */
 
-	__builtin_memset(dst, 0xff, 6);
-	if (etype == XDPOIB_ETH_P_IP) {
-		ip = pkt_at(ctx, XDPOIB_IPOIB_HLEN + 16, 4);
-		if (!ip || (ip[0] & 0xf0) != 0xe0)
-			return;
-		dst[0] = 0x01;
-		dst[1] = 0x00;
-		dst[2] = 0x5e;
-		dst[3] = ip[1] & 0x7f;
-		dst[4] = ip[2];
-		dst[5] = ip[3];
-	} else if (etype == XDPOIB_ETH_P_IPV6) {
-		ip = pkt_at(ctx, XDPOIB_IPOIB_HLEN + 24, 16);
-		if (!ip || ip[0] != 0xff)
-			return;
-		dst[0] = 0x33;
-		dst[1] = 0x33;
-		__builtin_memcpy(dst + 2, ip + 12, 4);
-	}
-}
-
-/**
- * Is this a DHCP server->client message (IPv4/UDP 67->68, first fragment)?
- *
- * @v ctx       XDP context
- * @v keep      L3 bytes
- */
-static __always_inline int rx_is_dhcp(struct xdp_md *ctx, u32 keep)
-{
-	u8 *h, *ports;
-	u32 hl;
-
-	h = pkt_at(ctx, XDPOIB_IPOIB_HLEN, 20);
-	if (!h)
-		return 0;
-	hl = (h[0] & 0x0f) * 4;
-	if (h[9] != 17 || ((h[6] & 0x1f) | h[7]) != 0 || keep < hl + 8)
-		return 0;
-	ports = pkt_at(ctx, XDPOIB_IPOIB_HLEN + hl, 4);
-	if (!ports)
-		return 0;
-	return ports[0] == 0 && ports[1] == 67 && ports[2] == 0 && ports[3] == 68;
-}
+/* What the RX program found out about one frame. */
+struct rx_decision {
+	u8 dst[6];
+	u8 src[6];
+	u16 etype;
+	u8 flags;
+	u32 vid;
+};
 
 /**
  * Hand a frame to the device facing eth4.
@@ -84,6 +49,87 @@ static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind)
 }
 
 /**
+ * Read the metadata, find the sender and the receiving VIF, check the IPoIB header and map the
+ * P_Key to its VID.
+ *
+ * @v ctx       XDP context (metadata in front)
+ * @v r         decision to fill
+ * @ret 0, RX_ETHERNET, or a drop reason
+ */
+static __always_inline int rx_source(struct xdp_md *ctx, struct rx_decision *r)
+{
+	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+	void *meta = (void *)(long)ctx->data_meta;
+	struct xdpoib_rx_meta *m = meta;
+	struct xdpoib_peer *peer;
+	struct xdpoib_vif *vif;
+	struct xdpoib_pkey *pk;
+	u32 pidx;
+	u16 pkey;
+	u8 *p;
+
+	if ((void *)(m + 1) > data || m->version != XDPOIB_META_VERSION)
+		return XDPOIB_DROP_BAD_METADATA;
+	r->flags = m->flags;
+	pkey = m->pkey;
+	if (r->flags & XDPOIB_RX_F_ETHERNET)
+		return RX_ETHERNET;
+	peer = peer_by_id(m->peer_id);
+	if (!peer)
+		return XDPOIB_DROP_UNKNOWN_PEER;
+	__builtin_memcpy(r->src, peer->mac, 6);
+	vif = vif_by_id(m->vif_id);
+	if (!vif)
+		return XDPOIB_DROP_UNKNOWN_VIF;
+	__builtin_memcpy(r->dst, vif->mac, 6);
+
+	p = data;
+	if ((void *)(p + XDPOIB_IPOIB_HLEN) > data_end)
+		return XDPOIB_DROP_BAD_IPOIB_HEADER;
+	r->etype = ((u16)p[0] << 8) | p[1];
+	if (!ipoib_carries(r->etype))
+		return XDPOIB_DROP_BAD_IPOIB_HEADER;
+	pidx = pkey & XO_PKEY_MASK;
+	pk = xo_pkey.lookup(&pidx);
+	if (!pk || !(pk->flags & XDPOIB_F_VALID))
+		return XDPOIB_DROP_NO_PARTITION;
+	r->vid = pk->vid & XO_VLAN_VID_MASK;
+	return 0;
+}
+
+/**
+ * Write the Ethernet header (with its VLAN tag if the partition has one) in front of the L3 packet.
+ *
+ * @v ctx       XDP context (L3 at out_l2)
+ * @v r         decision
+ * @ret 0 or XDPOIB_DROP_NO_ROOM
+ */
+static __always_inline int rx_write_l2(struct xdp_md *ctx, struct rx_decision *r)
+{
+	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+	u8 *p = data;
+
+	if ((void *)(p + XDPOIB_ETH_HLEN) > data_end)
+		return XDPOIB_DROP_NO_ROOM;
+	__builtin_memcpy(p, r->dst, 6);
+	__builtin_memcpy(p + 6, r->src, 6);
+	if (r->vid) {
+		if ((void *)(p + XDPOIB_ETH_HLEN + XDPOIB_VLAN_HLEN) > data_end)
+			return XDPOIB_DROP_NO_ROOM;
+		p[12] = XDPOIB_ETH_P_8021Q >> 8;
+		p[13] = XDPOIB_ETH_P_8021Q & 0xff;
+		p[14] = r->vid >> 8;
+		p[15] = r->vid & 0xff;
+		p[16] = r->etype >> 8;
+		p[17] = r->etype & 0xff;
+	} else {
+		p[12] = r->etype >> 8;
+		p[13] = r->etype & 0xff;
+	}
+	return 0;
+}
+
+/**
  * The RX program body.
  *
  * @v ctx       XDP context
@@ -92,58 +138,30 @@ static __always_inline int rx_redirect(struct xdpoib_stats *st, u32 kind)
  */
 static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 {
-	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
-	void *meta = (void *)(long)ctx->data_meta;
-	struct xdpoib_rx_meta *m = meta;
-	struct xdpoib_peer *peer;
-	struct xdpoib_vif *vif;
-	struct xdpoib_pkey *pk;
-	u8 flags, dst[6], src[6], *p;
-	u32 pidx, out_l2 = XDPOIB_ETH_HLEN, vid;
-	u16 etype, pkey;
+	struct rx_decision r = {};
+	u32 out_l2 = XDPOIB_ETH_HLEN;
 	int keep, err;
 
-	if ((void *)(m + 1) > data || m->version != XDPOIB_META_VERSION)
-		return XO_DROP(s->st, BAD_METADATA);
-	flags = m->flags;
-	pkey = m->pkey;
-	if (flags & XDPOIB_RX_F_ETHERNET)
+	/* from whom, to which VIF, on which partition */
+	err = rx_source(ctx, &r);
+	if (err == RX_ETHERNET)
 		return rx_redirect(s->st, XDPOIB_KIND_CONTROL);
-	peer = peer_by_id(m->peer_id);
-	if (!peer)
-		return XO_DROP(s->st, UNKNOWN_PEER);
-	__builtin_memcpy(src, peer->mac, 6);
-	vif = vif_by_id(m->vif_id);
-	if (!vif)
-		return XO_DROP(s->st, UNKNOWN_VIF);
-	__builtin_memcpy(dst, vif->mac, 6);
-
-	p = data;
-	if ((void *)(p + XDPOIB_IPOIB_HLEN) > data_end)
-		return XO_DROP(s->st, BAD_IPOIB_HEADER);
-	etype = ((u16)p[0] << 8) | p[1];
-	if (etype != XDPOIB_ETH_P_IP && etype != XDPOIB_ETH_P_IPV6 && etype != XDPOIB_ETH_P_ARP &&
-	    etype != XDPOIB_ETH_P_RARP && etype != XDPOIB_ETH_P_TIPC)
-		return XO_DROP(s->st, BAD_IPOIB_HEADER);
-	pidx = pkey & 0x7fff;
-	pk = xo_pkey.lookup(&pidx);
-	if (!pk || !(pk->flags & XDPOIB_F_VALID))
-		return XO_DROP(s->st, NO_PARTITION);
-	vid = pk->vid & 0x0fff;
-	if (vid)
+	if (err)
+		return drop_frame(s->st, err);
+	if (r.vid)
 		out_l2 += XDPOIB_VLAN_HLEN;
 
-	keep = l3_keep(ctx, XDPOIB_IPOIB_HLEN, etype);
+	/* L3 header; DHCP to the agent; the body translated */
+	keep = l3_keep(ctx, XDPOIB_IPOIB_HLEN, r.etype);
 	if (keep < 0)
 		return drop_frame(s->st, -keep);
-	if (flags & XDPOIB_RX_F_MULTICAST)
-		rx_group_mac(ctx, etype, dst);
-
-	if (etype == XDPOIB_ETH_P_ARP || etype == XDPOIB_ETH_P_RARP) {
+	if (r.flags & XDPOIB_RX_F_MULTICAST)
+		rx_group_mac(ctx, r.etype, r.dst);
+	if (r.etype == XDPOIB_ETH_P_ARP || r.etype == XDPOIB_ETH_P_RARP) {
 		err = arp_rewrite(ctx, s, XDPOIB_IPOIB_HLEN, out_l2, 0);
-	} else if (etype == XDPOIB_ETH_P_IPV6 && is_nd(ctx, XDPOIB_IPOIB_HLEN, keep)) {
+	} else if (r.etype == XDPOIB_ETH_P_IPV6 && is_nd(ctx, XDPOIB_IPOIB_HLEN, keep)) {
 		err = nd_rewrite(ctx, s, XDPOIB_IPOIB_HLEN, keep, out_l2, 0);
-	} else if (etype == XDPOIB_ETH_P_IP && rx_is_dhcp(ctx, keep)) {
+	} else if (r.etype == XDPOIB_ETH_P_IP && rx_is_dhcp(ctx, keep)) {
 		count_kind(s->st, XDPOIB_KIND_CONTROL);
 		return record_action(s->st, XDP_PASS);
 	} else {
@@ -152,26 +170,10 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 	if (err)
 		return drop_frame(s->st, err);
 
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	p = data;
-	if ((void *)(p + XDPOIB_ETH_HLEN) > data_end)
-		return XO_DROP(s->st, NO_ROOM);
-	__builtin_memcpy(p, dst, 6);
-	__builtin_memcpy(p + 6, src, 6);
-	if (vid) {
-		if ((void *)(p + XDPOIB_ETH_HLEN + XDPOIB_VLAN_HLEN) > data_end)
-			return XO_DROP(s->st, NO_ROOM);
-		p[12] = XDPOIB_ETH_P_8021Q >> 8;
-		p[13] = XDPOIB_ETH_P_8021Q & 0xff;
-		p[14] = vid >> 8;
-		p[15] = vid & 0xff;
-		p[16] = etype >> 8;
-		p[17] = etype & 0xff;
-	} else {
-		p[12] = etype >> 8;
-		p[13] = etype & 0xff;
-	}
+	/* the Ethernet header, then to eth4 */
+	err = rx_write_l2(ctx, &r);
+	if (err)
+		return drop_frame(s->st, err);
 	return rx_redirect(s->st, 0);
 }
 

@@ -2,6 +2,9 @@
 /*
  * xdpoib_tx.h - TX: Ethernet -> IPoIB (BPF only).
  *
+ * Includes: xdpoib_l3.h, xdpoib_arp.h, xdpoib_nd.h, xdpoib_control.h, xdpoib_mcast.h,
+ * xdpoib_lookup.h. Offers: tx_frame, the TX program's body.
+ *
  * Checks run in the oracle's order (xdpoib/wire/oracle.py), the first failing one names the drop:
  * Ethernet + VLAN tag -> VID to P_Key -> source is a VIF -> EtherType -> L3 header and lengths ->
  * destination class -> (CONTROL stops here) -> ARP/ND body. The frame handed on carries a
@@ -11,6 +14,13 @@
 #define XDPOIB_TX_H
 
 #include "xdpoib_l3.h"
+#include "xdpoib_arp.h"
+#include "xdpoib_nd.h"
+#include "xdpoib_control.h"
+#include "xdpoib_mcast.h"
+#include "xdpoib_lookup.h"
+
+#define TX_LEARN        (-1)    /* tx_source: an unknown source the agent may learn */
 
 /* What the TX program decided about one frame. */
 struct tx_decision {
@@ -21,6 +31,58 @@ struct tx_decision {
 	u8 kind;
 	u8 dest[16];
 };
+
+/**
+ * Read the Ethernet header and its VLAN tag, map the VID to its P_Key and find the sending VIF.
+ *
+ * @v ctx       XDP context
+ * @v d         decision to fill (pkey, vid, vif_id; for TX_LEARN also kind and dest)
+ * @v hlen      L2 header length out (14 or 18)
+ * @v etype     EtherType out (host order, behind the tag)
+ * @ret 0, TX_LEARN, or a drop reason
+ */
+static __always_inline int tx_source(struct xdp_md *ctx, struct tx_decision *d, u32 *hlen, u16 *etype)
+{
+	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+	struct xdpoib_vlan *vl;
+	struct xdpoib_vif *vif;
+	struct xdpoib_config *cfg;
+	u8 *eth = data;
+	u32 vid = 0, zero = 0;
+	u16 et;
+
+	if ((void *)(eth + XDPOIB_ETH_HLEN) > data_end)
+		return XDPOIB_DROP_TRUNCATED;
+	et = ((u16)eth[12] << 8) | eth[13];
+	if (et == XDPOIB_ETH_P_8021Q || et == XDPOIB_ETH_P_8021AD) {
+		if ((void *)(eth + XDPOIB_ETH_HLEN + XDPOIB_VLAN_HLEN) > data_end)
+			return XDPOIB_DROP_TRUNCATED;
+		vid = (((u32)eth[14] << 8) | eth[15]) & XO_VLAN_VID_MASK;
+		et = ((u16)eth[16] << 8) | eth[17];
+		*hlen += XDPOIB_VLAN_HLEN;
+		if (et == XDPOIB_ETH_P_8021Q || et == XDPOIB_ETH_P_8021AD)
+			return XDPOIB_DROP_STACKED_VLAN;
+	}
+	*etype = et;
+	vl = xo_vlan.lookup(&vid);
+	if (!vl || !(vl->flags & XDPOIB_F_VALID))
+		return XDPOIB_DROP_UNKNOWN_VLAN;
+	d->pkey = vl->pkey | XDPOIB_PKEY_FULL_MEMBER;
+	d->vid = vid;
+	vif = vif_by_mac(eth + 6);
+	if (!vif) {
+		cfg = xo_config.lookup(&zero);
+		if (!cfg || !(cfg->flags & XDPOIB_CFG_LEARN_VIFS) || (eth[6] & XO_MAC_MCAST_BIT))
+			return XDPOIB_DROP_SPOOFED_SOURCE;
+		/* learning: the agent decides (a new VIF, or a drop it counts) */
+		d->kind = XDPOIB_KIND_CONTROL;
+		d->vif_id = XDPOIB_VIF_UNKNOWN;
+		__builtin_memcpy(d->dest, eth, 6);
+		return TX_LEARN;
+	}
+	d->vif_id = vif->vif_id;
+	return 0;
+}
 
 /**
  * Classify the destination: broadcast, IPv4/IPv6 group, known peer or unresolved unicast.
@@ -41,32 +103,33 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
 	struct xdpoib_peer *p;
 
 	if (etype == XDPOIB_ETH_P_IP) {
-		ip4 = pkt_at(ctx, l3off + 16, 4);
+		ip4 = pkt_at(ctx, l3off + XO_IPV4_OFF_DST, 4);
 		if (!ip4)
 			return XDPOIB_DROP_TRUNCATED;
-		ipmc = (ip4[0] & 0xf0) == 0xe0;
+		ipmc = (ip4[0] & XO_IPV4_MCAST_MASK) == XO_IPV4_MCAST;
 	} else if (etype == XDPOIB_ETH_P_IPV6) {
-		ip6 = pkt_at(ctx, l3off + 24, 16);
+		ip6 = pkt_at(ctx, l3off + XO_IPV6_OFF_DST, 16);
 		if (!ip6)
 			return XDPOIB_DROP_TRUNCATED;
-		ipmc = ip6[0] == 0xff;
+		ipmc = ip6[0] == XO_IPV6_MCAST;
 	}
 	if ((dst[0] & dst[1] & dst[2] & dst[3] & dst[4] & dst[5]) == 0xff) {
 		mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV4_SIG, d->pkey, scope);
-		__builtin_memset(d->dest + 12, 0xff, 4);
+		__builtin_memset(d->dest + XO_MGID_IPV4_GROUP, 0xff, 4);
 		d->kind = XDPOIB_KIND_GROUP;
 		return 0;
 	}
-	if (dst[0] & 1) {
-		if (ip4 && ipmc && dst[0] == 0x01 && dst[1] == 0x00 && dst[2] == 0x5e) {
+	if (dst[0] & XO_MAC_MCAST_BIT) {
+		if (ip4 && ipmc && dst[0] == XO_MAC_IPV4_MCAST0 && dst[1] == XO_MAC_IPV4_MCAST1 &&
+		    dst[2] == XO_MAC_IPV4_MCAST2) {
 			mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV4_SIG, d->pkey, scope);
-			d->dest[12] = ip4[0] & 0x0f;
-			d->dest[13] = ip4[1];
-			d->dest[14] = ip4[2];
-			d->dest[15] = ip4[3];
-		} else if (ip6 && ipmc && dst[0] == 0x33 && dst[1] == 0x33) {
+			d->dest[XO_MGID_IPV4_GROUP] = ip4[0] & 0x0f;
+			d->dest[XO_MGID_IPV4_GROUP + 1] = ip4[1];
+			d->dest[XO_MGID_IPV4_GROUP + 2] = ip4[2];
+			d->dest[XO_MGID_IPV4_GROUP + 3] = ip4[3];
+		} else if (ip6 && ipmc && dst[0] == XO_MAC_IPV6_MCAST0 && dst[1] == XO_MAC_IPV6_MCAST1) {
 			mgid_prefix(d->dest, XDPOIB_IPOIB_MGID_IPV6_SIG, d->pkey, scope);
-			__builtin_memcpy(d->dest + 6, ip6 + 6, 10);
+			__builtin_memcpy(d->dest + XO_MGID_IPV6_GROUP, ip6 + 6, 10);
 		} else {
 			return XDPOIB_DROP_MCAST_MISMATCH;
 		}
@@ -87,56 +150,71 @@ static __always_inline int tx_classify(struct xdp_md *ctx, u32 l3off, u16 etype,
 }
 
 /**
- * Is this a frame for the agent: DHCP client->server, IGMP, or MLD (also behind hop-by-hop)?
+ * Report a destination the maps do not know, at most once per interval.
+ *
+ * @v kind      XDPOIB_KIND_UNRESOLVED (dest = MAC) or XDPOIB_KIND_GROUP (dest = MGID)
+ * @v dest      16 bytes
+ * @v pkey      partition
+ * @v vif_id    sending VIF
+ */
+static __always_inline void report_unresolved(u8 kind, const u8 *dest, u16 pkey, u32 vif_id)
+{
+	struct xdpoib_dest_key k = {};
+	struct xdpoib_unresolved_event ev = {};
+	struct xdpoib_config *cfg;
+	u32 zero = 0;
+	u64 now = bpf_ktime_get_ns(), interval = 1000000000ULL, *last;
+
+	cfg = xo_config.lookup(&zero);
+	if (cfg && cfg->report_interval_ns)
+		interval = cfg->report_interval_ns;
+	__builtin_memcpy(k.dest, dest, 16);
+	k.pkey = pkey;
+	last = xo_reported.lookup(&k);
+	if (last && now - *last < interval)
+		return;
+	xo_reported.update(&k, &now);
+	ev.version = XDPOIB_META_VERSION;
+	ev.kind = kind;
+	ev.pkey = pkey;
+	ev.vif_id = vif_id;
+	__builtin_memcpy(ev.dest, dest, 16);
+	xo_events.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+/**
+ * Rewrite the frame's body (ARP, ND, or none) under a 4-byte IPoIB header, and write that header.
  *
  * @v ctx       XDP context
- * @v l3off     L3 offset
+ * @v s         state
+ * @v hlen      L2 header length (L3 offset)
  * @v etype     EtherType (host order)
  * @v keep      L3 bytes (padding excluded)
+ * @ret 0 or a drop reason
  */
-static __always_inline int tx_is_control(struct xdp_md *ctx, u32 l3off, u16 etype, u32 keep)
+static __always_inline int tx_translate(struct xdp_md *ctx, struct xo_state *s, u32 hlen, u16 etype, u32 keep)
 {
-	u8 *h, *t;
+	void *data, *data_end;
+	int err;
 
-	if (etype == XDPOIB_ETH_P_IP) {
-		u32 hl;
-		u8 *ports;
-
-		h = pkt_at(ctx, l3off, 20);
-		if (!h)
-			return 0;
-		if (h[9] == 2)
-			return 1;
-		hl = (h[0] & 0x0f) * 4;
-		if (h[9] != 17 || ((h[6] & 0x1f) | h[7]) != 0 || keep < hl + 8)
-			return 0;
-		ports = pkt_at(ctx, l3off + hl, 4);
-		if (!ports)
-			return 0;
-		return ports[0] == 0 && ports[1] == 68 && ports[2] == 0 && ports[3] == 67;
-	}
-	if (etype == XDPOIB_ETH_P_IPV6) {
-		u32 o = 40;
-		u8 nh;
-
-		h = pkt_at(ctx, l3off, 40);
-		if (!h)
-			return 0;
-		nh = h[6];
-		if (nh == 0 && keep >= 48) {
-			h = pkt_at(ctx, l3off + 40, 2);
-			if (!h)
-				return 0;
-			nh = h[0];
-			o = 40 + ((u32)h[1] + 1) * 8;
-		}
-		if (nh != 58 || keep <= o)
-			return 0;
-		t = pkt_at(ctx, l3off + o, 1);
-		if (!t)
-			return 0;
-		return t[0] == 130 || t[0] == 131 || t[0] == 132 || t[0] == 143;
-	}
+	if (etype == XDPOIB_ETH_P_ARP || etype == XDPOIB_ETH_P_RARP)
+		err = arp_rewrite(ctx, s, hlen, XDPOIB_IPOIB_HLEN, 1);
+	else if (etype == XDPOIB_ETH_P_IPV6 && is_nd(ctx, hlen, keep))
+		err = nd_rewrite(ctx, s, hlen, keep, XDPOIB_IPOIB_HLEN, 1);
+	else if (keep < XDPOIB_ETH_HLEN - XDPOIB_IPOIB_HLEN)
+		err = XDPOIB_DROP_NO_ROOM;      /* XDP frames stay >= 14 bytes */
+	else
+		err = l3_move(ctx, s, hlen, keep, XDPOIB_IPOIB_HLEN);
+	if (err)
+		return err;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + XDPOIB_IPOIB_HLEN > data_end)
+		return XDPOIB_DROP_NO_ROOM;
+	((u8 *)data)[0] = etype >> 8;
+	((u8 *)data)[1] = etype & 0xff;
+	((u8 *)data)[2] = 0;
+	((u8 *)data)[3] = 0;
 	return 0;
 }
 
@@ -175,6 +253,26 @@ static __always_inline int tx_write_meta(struct xdp_md *ctx, struct xo_state *s,
 }
 
 /**
+ * Hand the frame to the agent: metadata in front, redirect to the AF_XDP socket of its queue.
+ *
+ * @v ctx       XDP context
+ * @v s         state
+ * @v d         decision
+ * @ret XDP action (recorded)
+ */
+static __always_inline int tx_hand_on(struct xdp_md *ctx, struct xo_state *s, struct tx_decision *d)
+{
+	int err = tx_write_meta(ctx, s, d);
+
+	if (err)
+		return drop_frame(s->st, err);
+	if (xo_xsks.redirect_map(ctx->rx_queue_index, 0) != XDP_REDIRECT)
+		return XO_DROP(s->st, REDIRECT_FAILED);
+	count_kind(s->st, d->kind);
+	return record_action(s->st, XDP_REDIRECT);
+}
+
+/**
  * The TX program body: decide, rewrite, hand on.
  *
  * @v ctx       XDP context
@@ -183,50 +281,28 @@ static __always_inline int tx_write_meta(struct xdp_md *ctx, struct xo_state *s,
  */
 static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 {
-	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 	struct tx_decision d = {};
-	struct xdpoib_vlan *vl;
-	struct xdpoib_vif *vif;
 	struct xdpoib_config *cfg;
-	u8 *eth = data, dst[6], scope = 2;
-	u32 hlen = XDPOIB_ETH_HLEN, vid = 0, zero = 0;
-	u16 etype;
-	int keep, err, rc;
+	u8 dst[6], scope = XO_MGID_SCOPE_LINK;
+	u32 hlen = XDPOIB_ETH_HLEN, zero = 0;
+	u16 etype = 0;
+	int keep, err;
+	u8 *eth;
 
-	if ((void *)(eth + XDPOIB_ETH_HLEN) > data_end)
-		return XO_DROP(s->st, TRUNCATED);
-	etype = ((u16)eth[12] << 8) | eth[13];
-	if (etype == XDPOIB_ETH_P_8021Q || etype == XDPOIB_ETH_P_8021AD) {
-		if ((void *)(eth + XDPOIB_ETH_HLEN + XDPOIB_VLAN_HLEN) > data_end)
-			return XO_DROP(s->st, TRUNCATED);
-		vid = (((u32)eth[14] << 8) | eth[15]) & 0x0fff;
-		etype = ((u16)eth[16] << 8) | eth[17];
-		hlen += XDPOIB_VLAN_HLEN;
-		if (etype == XDPOIB_ETH_P_8021Q || etype == XDPOIB_ETH_P_8021AD)
-			return XO_DROP(s->st, STACKED_VLAN);
-	}
-	vl = xo_vlan.lookup(&vid);
-	if (!vl || !(vl->flags & XDPOIB_F_VALID))
-		return XO_DROP(s->st, UNKNOWN_VLAN);
-	d.pkey = vl->pkey | XDPOIB_PKEY_FULL_MEMBER;
-	d.vid = vid;
-	vif = vif_by_mac(eth + 6);
-	if (!vif) {
-		cfg = xo_config.lookup(&zero);
-		if (!cfg || !(cfg->flags & XDPOIB_CFG_LEARN_VIFS) || (eth[6] & 1))
-			return XO_DROP(s->st, SPOOFED_SOURCE);
-		/* learning: the agent decides (a new VIF, or a drop it counts) */
-		d.kind = XDPOIB_KIND_CONTROL;
-		d.vif_id = XDPOIB_VIF_UNKNOWN;
-		__builtin_memcpy(d.dest, eth, 6);
-		goto hand_on;
-	}
-	d.vif_id = vif->vif_id;
-	if (etype != XDPOIB_ETH_P_IP && etype != XDPOIB_ETH_P_IPV6 && etype != XDPOIB_ETH_P_ARP &&
-	    etype != XDPOIB_ETH_P_RARP && etype != XDPOIB_ETH_P_TIPC)
+	/* who sends, on which partition */
+	err = tx_source(ctx, &d, &hlen, &etype);
+	if (err == TX_LEARN)
+		return tx_hand_on(ctx, s, &d);
+	if (err)
+		return drop_frame(s->st, err);
+	if (!ipoib_carries(etype))
 		return XO_DROP(s->st, UNSUPPORTED_ETHERTYPE);
+	eth = pkt_at(ctx, 0, 6);
+	if (!eth)
+		return XO_DROP(s->st, TRUNCATED);
 	__builtin_memcpy(dst, eth, 6);
 
+	/* L3 header, then where it goes */
 	keep = l3_keep(ctx, hlen, etype);
 	if (keep < 0)
 		return drop_frame(s->st, -keep);
@@ -247,37 +323,15 @@ static __always_inline int tx_frame(struct xdp_md *ctx, struct xo_state *s)
 		report_unresolved(XDPOIB_KIND_UNRESOLVED, d.dest, d.pkey, d.vif_id);
 	}
 
+	/* control frames go to the agent untouched; the rest is translated */
 	if (tx_is_control(ctx, hlen, etype, keep)) {
 		d.kind = XDPOIB_KIND_CONTROL;
 	} else {
-		if (etype == XDPOIB_ETH_P_ARP || etype == XDPOIB_ETH_P_RARP)
-			err = arp_rewrite(ctx, s, hlen, XDPOIB_IPOIB_HLEN, 1);
-		else if (etype == XDPOIB_ETH_P_IPV6 && is_nd(ctx, hlen, keep))
-			err = nd_rewrite(ctx, s, hlen, keep, XDPOIB_IPOIB_HLEN, 1);
-		else if (keep < XDPOIB_ETH_HLEN - XDPOIB_IPOIB_HLEN)
-			err = XDPOIB_DROP_NO_ROOM;      /* XDP frames stay >= 14 bytes */
-		else
-			err = l3_move(ctx, s, hlen, keep, XDPOIB_IPOIB_HLEN);
+		err = tx_translate(ctx, s, hlen, etype, keep);
 		if (err)
 			return drop_frame(s->st, err);
-		data = (void *)(long)ctx->data;
-		data_end = (void *)(long)ctx->data_end;
-		if (data + XDPOIB_IPOIB_HLEN > data_end)
-			return XO_DROP(s->st, NO_ROOM);
-		((u8 *)data)[0] = etype >> 8;
-		((u8 *)data)[1] = etype & 0xff;
-		((u8 *)data)[2] = 0;
-		((u8 *)data)[3] = 0;
 	}
-hand_on:
-	err = tx_write_meta(ctx, s, &d);
-	if (err)
-		return drop_frame(s->st, err);
-	rc = xo_xsks.redirect_map(ctx->rx_queue_index, 0);
-	if (rc != XDP_REDIRECT)
-		return XO_DROP(s->st, REDIRECT_FAILED);
-	count_kind(s->st, d.kind);
-	return record_action(s->st, XDP_REDIRECT);
+	return tx_hand_on(ctx, s, &d);
 }
 
 #endif /* XDPOIB_TX_H */

@@ -77,7 +77,7 @@ def relocate(insns: bytes, fds: dict[int, int], what: str = "program") -> bytes:
 
 @dataclass(frozen=True)
 class Build:
-    """Compile-time switches (see bpf/include/xdpoib_helpers.h)."""
+    """Compile-time switches (see bpf/include/xdpoib_frame.h)."""
 
     test_fill: bool = False     # fill prepended bytes with 0xFF (tests)
     tx_devmap: bool = False     # TX redirects through a devmap instead of the XSKMAP (tests, bench)
