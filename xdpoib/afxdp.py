@@ -91,7 +91,7 @@ class XskSocket:
                  ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True):
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise XskError("frames and ring_size must be powers of two")
-        self.frame_size, self.meta_len = frame_size, meta_len
+        self.frames, self.frame_size, self.meta_len = frames, frame_size, meta_len
         self._rings: list[_Ring] = []
         self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
         try:
@@ -174,12 +174,24 @@ class XskSocket:
 
     def rx_release(self, descs: list[tuple[int, int, int]]) -> None:
         """Consume the descriptors `rx_descs` returned and give their frames back to the fill ring."""
+        if descs:
+            self.rx_consume(descs)
+            fs = self.frame_size
+            self._fill_frames([a - a % fs for a, _l, _o in descs])
+
+    def rx_consume(self, descs: list[tuple[int, int, int]]) -> None:
+        """Consume the descriptors `rx_descs` returned but keep their frames (e.g. while a send reads
+        them): each must come back exactly once through `fill_frames`."""
         n = len(descs)
         if n:
             self.rx.consumer = self.rx.consumer + n
-            fs = self.frame_size
-            self._fill_frames([a - a % fs for a, _l, _o in descs])
             self.stats["rx_frames"] += n
+
+    def fill_frames(self, addrs: list[int]) -> None:
+        """Give frames kept by `rx_consume` back to the fill ring (any address inside each frame)."""
+        if addrs:
+            fs = self.frame_size
+            self._fill_frames([a - a % fs for a in addrs])
 
     @property
     def umem_view(self) -> memoryview:

@@ -22,6 +22,11 @@ Implementations:
   grouped by destination without being parsed; only CONTROL frames (DHCP, IGMP/MLD) come as Ethernet
   and are rewritten with the oracle. RX frames are written straight into the mmapped inject map with
   their `RxMeta` and handed to the RX program with one live-frames call per batch (docs/datapath.md).
+  Frames to peers and groups are not copied out of the UMEM: the receive half of the UMEM is the
+  backend's send memory (`Backend.register_send_memory`; on verbs a memory region, so the UMEM frame is
+  the send buffer), the batch carries views of them with their descriptors, and each frame goes back to
+  the fill ring only once its send is over (`post_umem`, `tx_done`, the start of the next `receive`).
+  `XDPOIB_TX_COPY=1` copies them out instead, as before (to measure one against the other).
 - `PlainPump`: a redirect-everything XDP program and the oracle in Python for every frame. Slower,
   correct by construction; the fallback for a TAP until the guest's MAC is known
   (`XDPOIB_DATAPATH=plain`).
@@ -46,6 +51,7 @@ META_LEN = 32           # struct xdpoib_tx_meta
 _TX_META = struct.Struct("<BBHHHII16s")
 _KIND_PEER, _KIND_GROUP, _KIND_CONTROL = int(Kind.PEER), int(Kind.GROUP), int(Kind.CONTROL)
 _VIF_UNKNOWN = b"\xff\xff\xff\xff"
+_HELD, _POSTED = 1, 2   # a receive frame of the UMEM: taken this turn / accepted by a send (else: the kernel's)
 
 
 @dataclass(slots=True)
@@ -70,10 +76,13 @@ class TxBatch:
     groups: dict[bytes, list[bytes]] = field(default_factory=dict)  # VID, 0, VIF, group id, MGID -> frames
     other: list[Outgoing] = field(default_factory=list)             # control, unresolved
     raw: list[bytes] = field(default_factory=list)                  # ceiling: Ethernet frames as they came
+    descs: dict = field(default_factory=dict)   # a peers/groups key -> the UMEM descriptors of its frames,
+    #                                             when the frames are views of the UMEM (BpfPump.post_umem)
 
     def clear(self) -> None:
         self.peers.clear()
         self.groups.clear()
+        self.descs.clear()
         self.other.clear()
         self.raw.clear()
 
@@ -117,6 +126,11 @@ class _Base:
                             vif_id=VIF_UNKNOWN)
         return Outgoing(kind, r.frame, r.peer.peer_id if r.peer else 0, r.mgid, frame, r.vid,
                         r.kind == Kind.CONTROL, r.vif.vif_id)
+
+    send_memory = None      # frames are copied out of the UMEM (BpfPump may send from it instead)
+
+    def tx_done(self) -> None:
+        """The end of a turn's sends (frames still in the UMEM go back to it: BpfPump)."""
 
     def pending_tx(self) -> bool:
         return bool(self.xsk.pending_tx())
@@ -253,6 +267,9 @@ class BpfPump(_Base):
             self.maps.load(agent.peers)
             self.add_peers(agent.peers.entries.values())
             super().__init__(agent, ifname, ifindex)
+            self._turn: list = []
+            self._copies_seen = 0
+            self.send_memory = self._send_memory(agent)
             self.maps.xsks.set(0, self.xsk.fileno())
             self.dp.attach(self.tx_program, ifname)
             # the anchor: a spare veth end holding the RX batch program, so each batched live-frames
@@ -269,19 +286,85 @@ class BpfPump(_Base):
             self.close()
             raise
 
+    def _send_memory(self, agent):
+        """The receive half of the UMEM as the backend's send memory (None: frames are copied out)."""
+        import os
+
+        backend = getattr(agent, "backend", None)
+        if backend is None or os.environ.get("XDPOIB_TX_COPY") == "1":
+            return None
+        xsk = self.xsk
+        self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
+        self._state = bytearray(self._rx_frames)  # per receive frame: 0, _HELD or _POSTED
+        return backend.register_send_memory(xsk.umem, self._rx_frames, xsk.frame_size)
+
+    def _reclaim(self) -> None:
+        """Frames whose sends are over go back to the fill ring."""
+        done = self.send_memory.completed()
+        if done:
+            st, fs = self._state, self.xsk.frame_size
+            back = []
+            for off in done:
+                i = off // fs
+                if st[i] == _POSTED:
+                    st[i] = 0
+                    back.append(off)
+            self.xsk.fill_frames(back)
+
+    def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
+        """Send frames of this turn straight from the UMEM (their descriptors, from `TxBatch.descs`);
+        the accepted ones go back to the fill ring once their sends are over, the others at `tx_done`."""
+        n = qp.post_send_memory(ah, remote_qpn, remote_qkey, self.send_memory, descs)
+        st, fs = self._state, self.xsk.frame_size
+        for i in range(n):
+            st[descs[i][0] // fs] = _POSTED
+        return n
+
+    def tx_done(self) -> None:
+        """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, and
+        the copies the backend had to make are counted."""
+        turn, self._turn = self._turn, []
+        if not turn:
+            return
+        st, fs = self._state, self.xsk.frame_size
+        back = []
+        for d in turn:
+            i = d[0] // fs
+            if st[i] == _HELD:
+                st[i] = 0
+                back.append(d[0])
+        self.xsk.fill_frames(back)
+        m = self.send_memory
+        if m.copies != self._copies_seen:
+            self.agent.stats["tx_copies"] += m.copies - self._copies_seen
+            self._copies_seen = m.copies
+
     def receive(self, budget: int, batch: TxBatch) -> int:
-        """Frames from eth4, grouped by their metadata's destination; the frame bytes are the only copy."""
+        """Frames from eth4, grouped by their metadata's destination. With a send memory, frames to peers
+        and groups stay in the UMEM (views, with their descriptors in `batch.descs`); else, and for
+        control and unresolved frames, the frame bytes are copied out (the only copy before the backend's)."""
         from xdpoib import abi
 
         a = self.agent
         xsk = self.xsk
+        zc = self.send_memory is not None
+        if zc:
+            if self._turn:              # a turn that did not end (an exception in the forwarder)
+                self.tx_done()
+            self._reclaim()
         descs = xsk.rx_descs(budget)
         if not descs:
             return 0
         um = xsk.umem_view
-        peers, groups = batch.peers, batch.groups
+        peers, groups, held = batch.peers, batch.groups, batch.descs
+        if zc:
+            st, fs = self._state, xsk.frame_size
         version = abi.META_VERSION
-        for addr, length, _o in descs:
+        copies = 0
+        for d in descs:
+            addr, length = d[0], d[1]
+            if zc:
+                st[addr // fs] = _HELD
             m = addr - META_LEN
             if m < 0 or um[m] != version:
                 a.drops[DropReason.BAD_METADATA] += 1
@@ -292,14 +375,29 @@ class BpfPump(_Base):
                 q = peers.get(key)
                 if q is None:
                     q = peers[key] = []
-                q.append(bytes(um[addr:addr + length]))
+                    if zc:
+                        held[key] = []
+                if zc:
+                    q.append(um[addr:addr + length])
+                    held[key].append(d)
+                else:
+                    q.append(bytes(um[addr:addr + length]))
+                    copies += 1
             elif kind == _KIND_GROUP:
                 key = bytes(um[m + 4:m + 32])                           # vid, 0, vif_id, dest_id, MGID
                 q = groups.get(key)
                 if q is None:
                     q = groups[key] = []
-                q.append(bytes(um[addr:addr + length]))
+                    if zc:
+                        held[key] = []
+                if zc:
+                    q.append(um[addr:addr + length])
+                    held[key].append(d)
+                else:
+                    q.append(bytes(um[addr:addr + length]))
+                    copies += 1
             elif kind == _KIND_CONTROL:
+                copies += 1
                 frame = bytes(um[addr:addr + length])
                 if um[m + 8:m + 12] == _VIF_UNKNOWN:
                     batch.other.append(Outgoing(Kind.CONTROL, frame, eth=frame, control=True,
@@ -309,10 +407,17 @@ class BpfPump(_Base):
                     if o is not None:
                         batch.other.append(o)
             else:
+                copies += 1
                 vid = int.from_bytes(um[m + 4:m + 6], "little")
                 batch.other.append(Outgoing(Kind.UNRESOLVED, bytes(um[addr:addr + length]), vid=vid,
                                             vif_id=int.from_bytes(um[m + 8:m + 12], "little")))
-        xsk.rx_release(descs)
+        if copies:
+            a.stats["tx_copies"] += copies
+        if zc:
+            xsk.rx_consume(descs)       # the frames come back in tx_done or, once sent, in _reclaim
+            self._turn = descs
+        else:
+            xsk.rx_release(descs)
         return len(descs)
 
     def _meta_for(self, peer_id: int, multicast: bool, vif_id: int, pkey: int) -> bytes:
@@ -397,6 +502,9 @@ class BpfPump(_Base):
         inj = getattr(self, "injector", None)
         if inj is not None:
             inj.close()
+        memory = getattr(self, "send_memory", None)
+        if memory is not None:
+            memory.close()          # before the UMEM is unmapped (it waits for sends in flight)
         xsk = getattr(self, "xsk", None)
         if xsk is not None:
             xsk.close()
@@ -412,6 +520,9 @@ class CeilingPump(BpfPump):
     meta_len = 0
     name = "ceiling"
     tx_program = "xdpoib_tx_raw"
+
+    def _send_memory(self, agent):
+        return None             # raw frames are copied out, as the ceiling always measured them
 
     def receive(self, budget: int, batch: TxBatch) -> int:
         xsk = self.xsk

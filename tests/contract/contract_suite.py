@@ -286,6 +286,108 @@ def test_short_receive_buffer_completes_with_length_error(backend_pair, contract
         b.qp.close()
 
 
+# ---------------------------------------------------------------- sends from caller memory
+
+FRAME = 4096        # send memory frames (the AF_XDP UMEM's size); frames start past a headroom, as there
+HEADROOM = 256
+
+
+def _memory(backend, frames=8):
+    memory = backend.register_send_memory(bytearray(frames * FRAME), frames, FRAME)
+    assert memory.count == frames and memory.size == FRAME and memory.in_flight == 0
+    return memory
+
+
+def _completed(memory, want: int, timeout=TIMEOUT) -> list[int]:
+    """Offsets `memory.completed()` hands back until `want` of them came (fail on timeout)."""
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"only {got} of {want} frames came back"
+        more = memory.completed()
+        got += more
+        if not more:
+            time.sleep(0.005)
+    return got
+
+
+def test_frames_sent_from_send_memory_arrive_and_come_back_once(ends, contract_fabric):
+    a, b = ends
+    memory = _memory(a.backend)
+    try:
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        for rnd in range(2):            # the second round rewrites the same frames: sends read them at post
+            frames = [payload(16 * rnd + i, 60 + 300 * i) for i in range(6)]
+            offs = [i * FRAME + HEADROOM for i in range(len(frames))]
+            for off, fr in zip(offs, frames, strict=True):
+                memory.write(off, fr)
+            copies = memory.copies
+            assert a.qp.post_send_memory(ah, b.qpn, b.qp.qkey, memory,
+                                         [(o, len(f), 0) for o, f in zip(offs, frames, strict=True)]) == 6
+            got = b.recv(len(frames))
+            assert [bytes(c.payload) for c in got] == frames
+            assert all(c.src_qp == a.qpn and c.status is CompletionStatus.SUCCESS for c in got)
+            assert sorted(_completed(memory, len(frames))) == offs
+            assert memory.completed() == [] and memory.in_flight == 0
+            assert memory.copies - copies == (0 if memory.zero_copy else len(frames))
+        b.nothing_more()
+    finally:
+        memory.close()
+
+
+def test_send_memory_oversize_frame_is_counted_and_comes_back(ends, contract_fabric):
+    a, b = ends
+    memory = _memory(a.backend)
+    try:
+        path = dataclasses.replace(contract_fabric.path(a.backend, b.backend), mtu=256)
+        ah = a.backend.create_ah(path)
+        memory.write(HEADROOM, payload(1, 257))
+        memory.write(FRAME + HEADROOM, payload(2, 256))
+        before = a.backend.counters()[FabricCounter.OVERSIZE]
+        assert a.qp.post_send_memory(ah, b.qpn, b.qp.qkey, memory,
+                                     [(HEADROOM, 257), (FRAME + HEADROOM, 256)]) == 2
+        (c,) = b.recv(1)
+        assert bytes(c.payload) == payload(2, 256)
+        assert sorted(_completed(memory, 2)) == [HEADROOM, FRAME + HEADROOM]
+        assert a.backend.counters()[FabricCounter.OVERSIZE] == before + 1
+        b.nothing_more()
+    finally:
+        memory.close()
+
+
+def test_send_memory_frames_come_back_when_the_qp_closes(backend_pair, contract_fabric):
+    a, b = End(backend_pair[0], contract_fabric), End(backend_pair[1], contract_fabric)
+    memory = _memory(a.backend)
+    try:
+        b.post(range(32))
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        frames = [(i * FRAME + HEADROOM, 64) for i in range(8)]
+        for off, n in frames:
+            memory.write(off, payload(off & 0xFF, n))
+        assert a.qp.post_send_memory(ah, b.qpn, b.qp.qkey, memory, frames) == 8
+        a.qp.close()                    # sent or flushed: every frame is the caller's again
+        assert sorted(_completed(memory, 8)) == [off for off, _ in frames]
+        assert memory.in_flight == 0
+    finally:
+        memory.close()
+        b.qp.close()
+
+
+def test_send_memory_refuses_frames_outside_it(ends, contract_fabric):
+    a, b = ends
+    memory = _memory(a.backend, frames=2)
+    try:
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        for bad in ([(2 * FRAME - 10, 64)], [(-1, 64)]):
+            with pytest.raises(FabricError):
+                a.qp.post_send_memory(ah, b.qpn, b.qp.qkey, memory, bad)
+        assert memory.in_flight == 0 and memory.completed() == []
+    finally:
+        memory.close()
+    with pytest.raises(FabricError):
+        a.qp.post_send_memory(ah, b.qpn, b.qp.qkey, memory, [(0, 64)])
+
+
 # ---------------------------------------------------------------- multicast
 
 @pytest.fixture

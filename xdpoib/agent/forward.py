@@ -2,7 +2,10 @@
 
 Two pollers on the event loop, each moving at most `budget` frames per call:
 - `from_eth`: the pump hands over one batch already grouped by destination (peer id or MGID, from
-  the BPF metadata); each group is one `post_send_to` call. Peers without a path and groups not yet
+  the BPF metadata); each group is one send: `pump.post_umem` when the frames are still in the UMEM
+  (the backend sends them from there; docs/datapath.md), else `post_send_to`. Copies of a frame's
+  bytes on the way are counted in `tx_copies` (the pump's copy out of the UMEM, the backend's into its
+  send buffers), next to `tx_frames`. Peers without a path and groups not yet
   joined queue at most 3 frames while the SA worker resolves them; oversize frames are answered with
   ICMP frag-needed / Packet Too Big; control frames (DHCP, IGMP/MLD) are looked into.
 - `from_fabric`: one `poll` of receive completions; loopback dropped, the sender looked up (cheap
@@ -58,9 +61,21 @@ class Forwarder:
         if not n:
             return 0
         a.stats["eth_rx_frames"] += n
+        try:
+            self._forward(b)
+        finally:
+            b.clear()
+            pump.tx_done()          # frames no send took go back to the UMEM's fill ring
+        if a.vif_learned and a.want_bpf and pump.name == "plain":
+            a.upgrade_pump()
+        return n
+
+    def _forward(self, b) -> None:
+        a = self.a
         if b.raw:
             self._ceiling_send(b.raw)
         vifs = a.vifs.by_id
+        descs = b.descs
         now = time.monotonic()
         for key, frames in b.peers.items():            # key: VID | VIF id << 32 | peer id << 64
             v = vifs.get((key >> 32) & 0xFFFFFFFF)
@@ -70,7 +85,7 @@ class Forwarder:
                         else R.VLAN_MISMATCH] += len(frames)
                 continue
             v.last_seen = now
-            self.send_peer(e, frames, qp=v.qp)
+            self.send_peer(e, frames, qp=v.qp, descs=descs.get(key))
         for key, frames in b.groups.items():           # key: VID (2), 0 (2), VIF id (4), group id (4), MGID
             v = vifs.get(int.from_bytes(key[4:8], "little"))
             if v is None or v.vid != int.from_bytes(key[:2], "little"):
@@ -78,14 +93,10 @@ class Forwarder:
                 continue
             v.last_seen = now
             if v.vif_id and frames[0][:2] == b"\x08\x06":
-                a.vifs.note(v, frames[0])               # a guest's ARP: its address, to announce
-            self.send_group(key[12:], frames, qp=v.qp)
+                a.vifs.note(v, bytes(frames[0]))        # a guest's ARP: its address, to announce
+            self.send_group(key[12:], frames, qp=v.qp, descs=descs.get(key))
         for o in b.other:
             self._other(o)
-        b.clear()
-        if a.vif_learned and a.want_bpf and pump.name == "plain":
-            a.upgrade_pump()
-        return n
 
     def _other(self, o) -> None:
         from xdpoib.abi import VIF_UNKNOWN
@@ -112,54 +123,75 @@ class Forwarder:
         else:
             a.drops[R.UNKNOWN_DESTINATION] += 1
 
-    def send_peer(self, e, frames: list[bytes], eth=b"", qp=None) -> None:
+    def send_peer(self, e, frames: list, eth=b"", qp=None, descs=None) -> None:
         """Frames to one peer from one of our QPs (a VIF's; default VIF 0's): sent if the peer's path
-        is resolved, else queued while it resolves."""
+        is resolved, else queued while it resolves. `descs`: the frames are views of the UMEM and these
+        their descriptors (`_post`)."""
         a = self.a
         qp = qp or a.qp
         if e.path_state != "resolved":
-            a.resolver.queue(e, frames, qp)
+            a.resolver.queue(e, self._own(frames, descs), qp)
             return
         mtu = e.path_mtu
         if any(len(fr) > mtu for fr in frames):
-            keep = []
-            for fr in frames:
-                if len(fr) > mtu:
-                    self._too_big(eth, fr, mtu, e.remac, e)
-                else:
-                    keep.append(fr)
-            frames = keep
+            frames, descs = self._fitting(frames, descs, mtu, eth, e.remac, e)
             if not frames:
                 return
         if a.capture is not None:
             a.capture.sent(e.ah, e.addr.qpn, frames, qp)
-        qp.post_send_to(e.ah, e.addr.qpn, qp.qkey, frames)
-        a.stats["tx_frames"] += len(frames)
+        self._post(qp, e.ah, e.addr.qpn, qp.qkey, frames, descs)
 
-    def send_group(self, mgid: bytes, frames: list[bytes], eth=b"", qp=None) -> None:
+    def send_group(self, mgid: bytes, frames: list, eth=b"", qp=None, descs=None) -> None:
         """Frames to one group from one of our QPs: sent once it is joined (send-only join on first use)."""
         a = self.a
         qp = qp or a.qp
         g = a.membership.groups.get(mgid)
         if g is None or g.ah is None:
             a.membership.join(mgid, "send", full=False)
-            a.membership.hold(mgid, frames, qp)
+            a.membership.hold(mgid, self._own(frames, descs), qp)
             return
         mtu = g.mtu or a.ib_mtu
         if any(len(fr) > mtu for fr in frames):
-            keep = []
-            for fr in frames:
-                if len(fr) > mtu:
-                    self._too_big(eth, fr, mtu, remac(a.port_attrs.gid, MCAST_QPN), None)
-                else:
-                    keep.append(fr)
-            frames = keep
+            frames, descs = self._fitting(frames, descs, mtu, eth, remac(a.port_attrs.gid, MCAST_QPN), None)
             if not frames:
                 return
         if a.capture is not None:
             a.capture.sent(g.ah, MCAST_QPN, frames, qp)
-        qp.post_send_to(g.ah, MCAST_QPN, g.qkey or a.qkey, frames)
-        a.stats["tx_frames"] += len(frames)
+        self._post(qp, g.ah, MCAST_QPN, g.qkey or a.qkey, frames, descs)
+
+    def _post(self, qp, ah, remote_qpn: int, qkey: int, frames: list, descs) -> None:
+        """One send of frames to one destination: from the UMEM without a copy when `descs` says where
+        they are (the pump hands them back once sent), else copied by the backend (`payload_copies`).
+        Frames the send queue could not take are dropped and counted (`send_queue_full`)."""
+        a = self.a
+        if descs is not None:
+            n = a.pump.post_umem(qp, ah, remote_qpn, qkey, descs)
+        else:
+            n = qp.post_send_to(ah, remote_qpn, qkey, frames)
+            a.stats["tx_copies"] += n * qp.payload_copies
+        a.stats["tx_frames"] += n
+        if n < len(frames):
+            a.drops["send_queue_full"] += len(frames) - n
+
+    def _own(self, frames: list, descs) -> list:
+        """Frames to keep past this turn (queued while a path or a join is pending): UMEM views are
+        copied, since their frames go back to the fill ring at the end of the turn."""
+        if descs is None:
+            return frames
+        self.a.stats["tx_copies"] += len(frames)
+        return [bytes(fr) for fr in frames]
+
+    def _fitting(self, frames: list, descs, mtu: int, eth, from_mac: bytes, peer):
+        """The frames within `mtu` (and their descriptors); each larger one is answered with ICMP."""
+        keep, kept = [], None if descs is None else []
+        for i, fr in enumerate(frames):
+            if len(fr) > mtu:
+                self._too_big(eth, bytes(fr), mtu, from_mac, peer)
+            else:
+                keep.append(fr)
+                if kept is not None:
+                    kept.append(descs[i])
+        return keep, kept
 
     def _too_big(self, eth, ipoib: bytes, ib_mtu: int, from_mac: bytes, peer) -> None:
         """Drop an oversize frame and tell its sender the MTU (ICMP frag-needed / Packet Too Big).

@@ -24,6 +24,15 @@ The model is a small subset of verbs:
   in error (LOC_LEN_ERR; rxe says LOC_QP_OP_ERR) and moves the QP to the error state, as hardware does,
   after which every posted buffer completes with WR_FLUSH_ERR and the QP must be recreated.
 
+Sends without copies (`SendMemory`): `Backend.register_send_memory(memory, count, size)` makes caller memory
+(the AF_XDP UMEM: `count` frames of `size` bytes) something QPs can send from, and
+`UdQp.post_send_memory(ah, qpn, qkey, memory, frames)` posts frames given as (offset, length) in it. Every
+accepted frame belongs to the backend until `SendMemory.completed()` hands its offset back, exactly once,
+after its send completed (or was dropped: oversize, QP in error, QP closed); the caller must not reuse
+it before. A backend that cannot send from caller memory (sim) copies at post time and hands the frames
+back at once; `SendMemory.zero_copy` says which, `SendMemory.copies` counts the frames it had to copy,
+and `UdQp.payload_copies` how often `post_send`/`post_send_to` copy each payload (once, on both backends).
+
 Integers are host-order Python ints; GIDs are 16 `bytes` in network order (helpers `gid_bytes` and
 `gid_str` convert). Everything here is plain data or small concrete helpers, so a backend only has to
 implement the abstract methods.
@@ -375,6 +384,65 @@ class MemoryPool(BufferPool):
         return self.memory[index * self.size:(index + 1) * self.size]
 
 
+class SendMemory(BufferPool):
+    """Caller memory QPs send from (`Backend.register_send_memory`; the module doc has the rules).
+
+    This base class is the copying implementation: `UdQp.post_send_memory` copies each frame out at post
+    time and its offset is completed at once. `view(i)` is frame i (`size` bytes at i * size); frames
+    are posted by (offset, length) anywhere in the memory. `write` fills memory from the caller's side
+    (for callers whose data is not already there, and for backends living in another process).
+    """
+
+    zero_copy = False
+
+    def __init__(self, memory, count: int, size: int) -> None:
+        mv = memoryview(memory)
+        if mv.readonly or mv.nbytes < count * size or count <= 0 or size <= 0:
+            raise QpError(f"send memory must be writable and hold {count} x {size} bytes")
+        self.count, self.size = count, size
+        self.memory = mv.cast("B")
+        self.copies = 0             # frames posted from here that had to be copied
+        self.in_flight = 0          # frames accepted whose offsets `completed` has not returned yet
+        self._done: list[int] = []
+        self.closed = False
+
+    def view(self, index: int) -> memoryview:
+        """Frame `index` (`size` bytes)."""
+        if not 0 <= index < self.count:
+            raise QpError(f"frame index {index} outside send memory of {self.count}")
+        return self.memory[index * self.size:(index + 1) * self.size]
+
+    def write(self, offset: int, data) -> None:
+        """Copy `data` into the memory at `offset`."""
+        if offset < 0 or offset + len(data) > self.count * self.size:
+            raise QpError(f"{len(data)} bytes at offset {offset} do not fit the send memory")
+        self.memory[offset:offset + len(data)] = data
+
+    def check(self, frames: Sequence) -> None:
+        """QpError unless every (offset, length) lies in the memory."""
+        end = self.count * self.size
+        for f in frames:
+            if f[0] < 0 or f[1] < 0 or f[0] + f[1] > end:
+                raise QpError(f"frame of {f[1]} bytes at offset {f[0]} lies outside the send memory")
+
+    def finished(self, offsets: Iterable[int]) -> None:
+        """Backends: these accepted frames are done (their sends completed or were dropped)."""
+        before = len(self._done)
+        self._done.extend(offsets)
+        self.in_flight -= len(self._done) - before
+
+    def completed(self) -> list[int]:
+        """Offsets of accepted frames whose sends are done since the last call: the caller owns them again."""
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        """Stop using the memory (the caller may unmap it after this); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.memory.release()
+
+
 # ---------------------------------------------------------------- counters
 
 class FabricCounter(StrEnum):
@@ -469,6 +537,25 @@ class UdQp(ABC):
         same rules and return value as `post_send`. Backends override it to work out the route once."""
         return self.post_send([SendRequest(ah, remote_qpn, remote_qkey, p) for p in payloads])
 
+    payload_copies = 1      # user-space copies `post_send` and `post_send_to` make of each payload
+
+    def post_send_memory(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
+                         frames: Sequence) -> int:
+        """Send frames that already lie in `memory` (from `register_send_memory`), given as (offset, length)
+        pairs (longer tuples allowed: AF_XDP descriptors), to one destination. Returns how many were
+        accepted, the first ones: each of those comes back once through `memory.completed()` (oversize
+        ones too, counted as OVERSIZE); the rest did not fit the send queue and stay the caller's.
+        This default copies (`post_send_to`) and completes the accepted frames at once."""
+        if memory.closed:
+            raise BackendClosedError("the send memory is closed")
+        memory.check(frames)
+        mv = memory.memory
+        n = self.post_send_to(ah, remote_qpn, remote_qkey, [mv[f[0]:f[0] + f[1]] for f in frames])
+        memory.copies += n
+        memory.in_flight += n
+        memory.finished(f[0] for f in frames[:n])
+        return n
+
     def busy(self) -> float:
         """Seconds for which sends would only be lost for lack of room (a full send queue, a destination
         that cannot take more); 0.0 when sending is worth it. The caller keeps frames where dropping them
@@ -522,6 +609,12 @@ class Backend(ABC):
     @abstractmethod
     def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> UdQp:
         """Create a UD QP for `pkey` (must be in the P_Key table) with Q_Key `qkey`, receiving into `pool`."""
+
+    def register_send_memory(self, memory, count: int, size: int) -> SendMemory:
+        """Make `memory` (writable, `count` frames of `size` bytes, e.g. the AF_XDP UMEM) something this
+        backend's QPs send from with `post_send_memory`. Close it before unmapping the memory. This
+        default copies at post time (`SendMemory`); a backend that can send from it directly overrides it."""
+        return SendMemory(memory, count, size)
 
     @abstractmethod
     def create_ah(self, path: Path) -> AddressHandle:

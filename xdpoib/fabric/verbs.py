@@ -19,6 +19,15 @@ own (1 and up, below the multicast range, stable for the backend's life, never o
 from that GID carry it as their SLID, `roce_route(gid)` hands it out for a path, `roce_gid(lid)` maps it
 back, and an address handle for a path without a GRH to such a LID is made as the GRH path to its GID.
 
+Sends without copies: `register_send_memory` registers caller memory (the agent's AF_XDP UMEM) as a memory
+region of the PD, and `VerbsQp.post_send_memory` points each send's scatter entry straight at the frame in
+it: the UMEM frame is the send buffer. A frame stays the backend's until its send completion is reaped
+(at the next post on that QP, or when the owner asks `VerbsSendMemory.completed()`), then its offset is
+handed back. At most half the memory's frames are in flight at once (beyond that a frame is copied into
+the QP's own send buffers and handed back at once), so the owner always keeps frames to receive into.
+Closing a QP hands back every frame it still held: flushed first (the QP is moved to ERR and its send
+queue drained), and whatever is left once the QP is destroyed (the device no longer reads it).
+
 A QP in the error state stays there: `VerbsQp.error` is set by the first error completion, and by an
 async QP error event (QP_FATAL, QP_REQ_ERR, QP_ACCESS_ERR, or CQ_ERR on one of its CQs), which also
 moves the QP to ERR explicitly so that its posted buffers complete with WR_FLUSH_ERR: the owner learns
@@ -37,6 +46,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 from xdpoib.fabric import _ibverbs as ib
@@ -60,6 +70,7 @@ from xdpoib.fabric.base import (
     PortEventKind,
     PortState,
     QpError,
+    SendMemory,
     SendRequest,
     UdQp,
     mtu_bytes,
@@ -77,6 +88,7 @@ _STATUSES = {s.value for s in CompletionStatus}
 _SEND_SLOT = 4096                # largest UD payload (IB MTU 4096)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 ROCE_HOP_LIMIT = 64              # unicast GRHs on RoCE (RoCEv2 may cross IP routers)
+CLOSE_DRAIN_S = 1.0              # how long closing waits for flushed sends to hand their frames back
 
 
 def _pyverbs():
@@ -140,6 +152,47 @@ class VerbsPool(BufferPool):
         self.region.close()
 
 
+class VerbsSendMemory(SendMemory):
+    """Caller memory registered as a memory region: QPs send from it without copying (module doc)."""
+
+    zero_copy = True
+
+    def __init__(self, backend: VerbsBackend, memory, count: int, size: int) -> None:
+        super().__init__(memory, count, size)
+        self.backend = backend
+        self.length = count * size
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        try:
+            self.mr = ib.Mr(backend._pd, self.addr, self.length)
+        except ib.VerbsCallError as exc:
+            super().close()
+            raise QpError(f"cannot register {self.length} bytes of send memory: {exc}") from None
+        self.lkey = self.mr.lkey
+        self.limit = max(1, count // 2)     # frames in flight at most; beyond that they are copied
+        self.holders: set[VerbsQp] = set()  # QPs with frames of this memory in flight
+
+    def completed(self) -> list[int]:
+        """Reap the send completions of every QP holding frames, then hand back the finished offsets."""
+        for qp in list(self.holders):
+            qp._reap_sends()
+        return super().completed()
+
+    def close(self) -> None:
+        """Wait (bounded) for frames in flight, then deregister; idempotent."""
+        if self.closed:
+            return
+        deadline = time.monotonic() + CLOSE_DRAIN_S
+        while self.in_flight and self.holders and time.monotonic() < deadline:
+            for qp in list(self.holders):
+                qp._reap_sends()
+            if self.in_flight:
+                time.sleep(0.001)
+        self.mr.close()
+        if self in self.backend._memories:
+            self.backend._memories.remove(self)
+        super().close()
+
+
 class VerbsAh(AddressHandle):
     """An AddressHandle holding the `ibv_ah` made for its path."""
 
@@ -181,6 +234,9 @@ class VerbsQp(UdQp):
         self._send_wrs = (ib.SendWr * send_depth)()
         self._send_sges = (ib.Sge * send_depth)()
         self._free_slots = list(range(send_depth - 1, -1, -1))
+        self._zc: list[VerbsSendMemory | None] = [None] * send_depth     # slot -> memory it sends from
+        self._zc_off = [0] * send_depth                                    # slot -> frame offset there
+        self._zc_count = 0                                                 # slots sending from memory
         for i in range(send_depth):
             self._send_sges[i].addr = self._send_region.addr + i * _SEND_SLOT
             self._send_sges[i].lkey = self._send_region.lkey
@@ -216,10 +272,34 @@ class VerbsQp(UdQp):
                 self._qp.to_error()
 
     def _reap_sends(self) -> None:
+        if self._closed:
+            return
+        zc, done = self._zc, []
         for wc in self._send_cq.poll(len(self._send_wrs)):
-            self._free_slots.append(wc.wr_id)
+            slot = wc.wr_id
+            self._free_slots.append(slot)
+            if zc[slot] is not None:
+                done.append(slot)
             if wc.status != CompletionStatus.SUCCESS:
                 self.error = True
+        if done:
+            self._hand_back(done)
+
+    def _hand_back(self, slots: Iterable[int]) -> None:
+        """These slots' sends from caller memory are over: give the frames back to their memory."""
+        zc, offs = self._zc, self._zc_off
+        by_memory: dict[VerbsSendMemory, list[int]] = {}
+        n = 0
+        for slot in slots:
+            memory = zc[slot]
+            zc[slot] = None
+            by_memory.setdefault(memory, []).append(offs[slot])
+            n += 1
+        self._zc_count -= n
+        for memory, done in by_memory.items():
+            memory.finished(done)
+            if not self._zc_count:
+                memory.holders.discard(self)
 
     def post_send(self, batch: Sequence[SendRequest]) -> int:
         """Copy and post a batch; oversize payloads are dropped and counted (they count as accepted), and so
@@ -245,7 +325,8 @@ class VerbsQp(UdQp):
                 break
             slot = self._free_slots.pop()
             self._send_mem[slot * _SEND_SLOT:slot * _SEND_SLOT + size] = req.payload
-            self._send_sges[slot].length = size
+            sge = self._send_sges[slot]
+            sge.addr, sge.length, sge.lkey = self._send_region.addr + slot * _SEND_SLOT, size, self._send_region.lkey
             ud = self._send_wrs[slot].wr.ud
             ud.ah, ud.remote_qpn, ud.remote_qkey = ah.ah.ptr, req.remote_qpn, req.remote_qkey
             slots.append(slot)
@@ -261,6 +342,83 @@ class VerbsQp(UdQp):
                 self._free_slots.extend(slots)
                 raise QpError(f"post_send on QP {self.qpn:#x}: {exc}") from None
         return accepted
+
+    def post_send_memory(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
+                         frames: Sequence) -> int:
+        """Post frames lying in registered `memory` without copying them (module doc): each scatter entry
+        points at its frame. The contract's rules (fabric/base.py): the first accepted frames come back
+        through `memory.completed()` once their sends complete; oversize ones, and all of them on a QP
+        in the error state, are counted and come back at once; past the memory's in-flight limit a frame
+        is copied into the QP's own send buffers (counted in `memory.copies`) and comes back at once."""
+        if not isinstance(memory, VerbsSendMemory):
+            return super().post_send_memory(ah, remote_qpn, remote_qkey, memory, frames)
+        self._check_open()
+        if memory.backend is not self.backend or memory.closed:
+            raise QpError("the send memory was not registered with this backend, or is closed")
+        if not isinstance(ah, VerbsAh) or ah.backend is not self.backend or not ah.ah.ptr:
+            raise QpError(f"address handle {ah!r} was not made by this backend")
+        memory.check(frames)
+        self._reap_sends()
+        n = len(frames)
+        if self.error:
+            self.backend._counters.add(FabricCounter.QP_ERROR, n)
+            memory.in_flight += n
+            memory.finished([f[0] for f in frames])
+            return n
+        limit = min(ah.path.mtu, self.backend._active_mtu)
+        base, lkey, room = memory.addr, memory.lkey, memory.limit - memory.in_flight
+        ah_ptr = ah.ah.ptr
+        free, sges, wrs, zc, zc_off = self._free_slots, self._send_sges, self._send_wrs, self._zc, self._zc_off
+        slots: list[int] = []
+        now: list[int] = []             # accepted frames handed back at once (oversize, copied)
+        taken = copied = 0
+        for f in frames:
+            off, size = f[0], f[1]
+            if size > limit:
+                now.append(off)
+                taken += 1
+                continue
+            if not free:
+                break
+            slot = free.pop()
+            sge = sges[slot]
+            if room > 0:
+                sge.addr, sge.length, sge.lkey = base + off, size, lkey
+                zc[slot], zc_off[slot] = memory, off
+                room -= 1
+            else:
+                start = slot * _SEND_SLOT
+                self._send_mem[start:start + size] = memory.memory[off:off + size]
+                sge.addr, sge.length, sge.lkey = self._send_region.addr + start, size, self._send_region.lkey
+                now.append(off)
+                copied += 1
+            ud = wrs[slot].wr.ud
+            ud.ah, ud.remote_qpn, ud.remote_qkey = ah_ptr, remote_qpn, remote_qkey
+            slots.append(slot)
+            taken += 1
+        oversize = len(now) - copied
+        if oversize:
+            self.backend._counters.add(FabricCounter.OVERSIZE, oversize)
+        if slots:
+            for this, nxt in itertools.pairwise(slots):
+                wrs[this].next = ctypes.cast(self._send_base + nxt * self._wr_size, ctypes.POINTER(ib.SendWr))
+            wrs[slots[-1]].next = None
+            try:
+                self._qp.post_send(wrs[slots[0]])
+            except ib.VerbsCallError as exc:
+                for slot in slots:
+                    zc[slot] = None
+                free.extend(slots)
+                raise QpError(f"post_send on QP {self.qpn:#x}: {exc}") from None
+        held = len(slots) - copied
+        if held:
+            self._zc_count += held
+            memory.holders.add(self)
+        memory.copies += copied
+        memory.in_flight += taken
+        if now:
+            memory.finished(now)
+        return taken
 
     def post_recv(self, indices: Iterable[int]) -> int:
         """Post receive buffers by pool index, linked into one call."""
@@ -337,13 +495,23 @@ class VerbsQp(UdQp):
         self._mcast("detach", mgid, mlid)
 
     def close(self) -> None:
-        """Detach the QP from its groups (the kernel refuses to destroy an attached QP: EBUSY), then
-        destroy it, its CQs, channel and send buffers; idempotent. QpError if the kernel kept any."""
+        """Detach the QP from its groups (the kernel refuses to destroy an attached QP: EBUSY), hand back
+        the caller's frames it still sends from (module doc), then destroy it, its CQs, channel and send
+        buffers; idempotent. QpError if the kernel kept any."""
         if self._closed:
             return
         for mgid, mlid in list(self._attached):
             with contextlib.suppress(QpError):
                 self.detach_mcast(mgid, mlid)
+        if self._zc_count:
+            # flush the send queue so that the frames come back as completions, whatever destroy says
+            with contextlib.suppress(ib.VerbsCallError):
+                self._qp.to_error()
+            deadline = time.monotonic() + CLOSE_DRAIN_S
+            while self._zc_count and time.monotonic() < deadline:
+                self._reap_sends()
+                if self._zc_count:
+                    time.sleep(0.001)
         self._closed = True
         self._send_mem.release()
         self.backend._qps.discard(self)
@@ -351,6 +519,8 @@ class VerbsQp(UdQp):
             self._stack.close()
         except ib.VerbsCallError as exc:
             raise QpError(f"destroying QP {self.qpn:#x}: {exc}") from None
+        if self._zc_count:          # destroyed: the device reads none of them any more
+            self._hand_back([i for i, m in enumerate(self._zc) if m is not None])
 
 
 def _grh_sgid(buf: memoryview) -> bytes:
@@ -370,6 +540,7 @@ class VerbsBackend(Backend):
         self._qps: set[VerbsQp] = set()
         self._ahs: dict[Path, VerbsAh] = {}
         self._pools: list[VerbsPool] = []
+        self._memories: list[VerbsSendMemory] = []
         self._groups: dict[bytes, socket.socket] = {}
         self._routes: dict[int, bytes] = {}        # RoCE local LID -> GID (module doc)
         self._route_of: dict[bytes, int] = {}
@@ -457,6 +628,13 @@ class VerbsBackend(Backend):
         pool = VerbsPool(self, count, size)
         self._pools.append(pool)
         return pool
+
+    def register_send_memory(self, memory, count: int, size: int) -> VerbsSendMemory:
+        """Register `memory` (e.g. the AF_XDP UMEM) as a memory region QPs send from without copying."""
+        self._check_open()
+        m = VerbsSendMemory(self, memory, count, size)
+        self._memories.append(m)
+        return m
 
     def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> VerbsQp:
         """A UD QP at RTS for `pkey` (PortError if not in the P_Key table) with Q_Key `qkey`."""
@@ -620,6 +798,8 @@ class VerbsBackend(Backend):
         for qp in list(self._qps):
             with contextlib.suppress(QpError):      # the device's close below frees what is left
                 qp.close()
+        for memory in list(self._memories):
+            memory.close()
         for ah in self._ahs.values():
             ah.ah.close()
         self._ahs.clear()
