@@ -296,7 +296,15 @@ class BpfPump(_Base):
         xsk = self.xsk
         self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
         self._state = bytearray(self._rx_frames)  # per receive frame: 0, _HELD or _POSTED
-        return backend.register_send_memory(xsk.umem, self._rx_frames, xsk.frame_size)
+        from xdpoib.errors import XdpoibError
+
+        try:
+            return backend.register_send_memory(xsk.umem, self._rx_frames, xsk.frame_size)
+        except XdpoibError as e:
+            import logging
+
+            logging.getLogger("xdpoib.agent").warning("sends are copied: %s", e)
+            return None
 
     def _reclaim(self) -> None:
         """Frames whose sends are over go back to the fill ring."""
@@ -491,6 +499,12 @@ class BpfPump(_Base):
     def counters(self) -> dict:
         out = self.maps.report()
         out["inject_mmap"] = getattr(self, "injector", None) is not None and self.injector.mmapped
+        m = getattr(self, "send_memory", None)
+        # sends: from the UMEM without a copy, from the UMEM copied by the backend (sim), or copied out
+        out["tx_from_umem"] = "copy" if m is None else "zero_copy" if m.zero_copy else "backend_copy"
+        if m is not None:       # receive frames not in the kernel's hands (taken this turn, or being sent)
+            out["tx_umem_frames_out"] = len(self._state) - self._state.count(0)
+            out["tx_in_flight"] = m.in_flight
         out.update(self.ring_counters())
         return out
 

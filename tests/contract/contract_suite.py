@@ -292,7 +292,7 @@ FRAME = 4096        # send memory frames (the AF_XDP UMEM's size); frames start 
 HEADROOM = 256
 
 
-def _memory(backend, frames=8):
+def _memory(backend, frames=16):
     memory = backend.register_send_memory(bytearray(frames * FRAME), frames, FRAME)
     assert memory.count == frames and memory.size == FRAME and memory.in_flight == 0
     return memory

@@ -7,6 +7,9 @@ IPoIB-framed ARP + IPv4 exchange built with the wire library, as two IPoIB hosts
 from __future__ import annotations
 
 import ipaddress
+import mmap
+import os
+import re
 import subprocess
 import time
 
@@ -277,6 +280,73 @@ def test_async_qp_error_flushes_buffers_and_an_attached_qp_is_destroyed(verbs_ba
     finally:
         qp.close()
         fabric.leave(backend, mgid)
+
+
+def kernel_mrs() -> list[int]:
+    """The lengths of the memory regions this process holds (`rdma resource show mr`)."""
+    out = subprocess.run(["rdma", "resource", "show", "mr"], capture_output=True, text=True, check=True).stdout
+    return [int(m[1]) for ln in out.splitlines() if re.search(rf"\bpid {os.getpid()}\b", ln)
+            for m in [re.search(r"mrlen (\d+)", ln)] if m]
+
+
+def _back(memory, want: int) -> list[int]:
+    got, deadline = [], time.monotonic() + TIMEOUT
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"only {len(got)} of {want} frames came back"
+        got += memory.completed() or ([], time.sleep(0.005))[0]
+    return got
+
+
+def test_send_memory_is_a_memory_region_sent_from_in_place(hosts):
+    """Registered memory (the agent registers its UMEM so) is one more MR, gone when it is closed; frames
+    go out of it without a copy up to the in-flight limit (half its frames), beyond it they are copied
+    into the QP's own buffers; every frame comes back once."""
+    a, b = hosts
+    frames = 16
+    umem = mmap.mmap(-1, frames * 4096)
+    before = kernel_mrs()
+    memory = a.backend.register_send_memory(umem, frames, 4096)
+    try:
+        assert memory.zero_copy and sorted(kernel_mrs()) == sorted([*before, frames * 4096])
+        ah = a.backend.create_ah(a.backend.roce_path(b.port.gid))
+        sent = [(i * 4096 + 256, 64 + i) for i in range(12)]          # more than the 8 allowed in flight
+        for off, n in sent:
+            umem[off:off + n] = frames_of(off, n)
+        assert a.qp.post_send_memory(ah, b.qp.qpn, a.fabric.qkey, memory, sent) == len(sent)
+        assert memory.copies == len(sent) - frames // 2
+        got = b.recv(len(sent))
+        assert [bytes(c.payload) for c in got] == [frames_of(off, n) for off, n in sent]
+        assert sorted(_back(memory, len(sent))) == [off for off, _ in sent] and memory.in_flight == 0
+    finally:
+        memory.close()
+    assert sorted(kernel_mrs()) == sorted(before)
+    umem.close()            # nothing holds the memory any more
+
+
+def frames_of(off: int, n: int) -> bytes:
+    """An IPoIB-looking frame of n bytes naming its offset."""
+    return (b"\x08\x00\x00\x00" + off.to_bytes(4, "big") * n)[:n]
+
+
+def test_frames_in_flight_come_back_after_an_async_qp_error(verbs_backends, fabric):
+    """Frames a QP sends from caller memory are the caller's again after an async error (sent or flushed),
+    and a QP in the error state hands frames back at once, counted as QP_ERROR."""
+    a, b = (Host(x, fabric) for x in verbs_backends)
+    memory = a.backend.register_send_memory(bytearray(8 * 4096), 8, 4096)
+    try:
+        ah = a.backend.create_ah(a.backend.roce_path(b.port.gid))
+        sent = [(i * 4096, 200) for i in range(6)]
+        assert a.qp.post_send_memory(ah, b.qp.qpn, fabric.qkey, memory, sent) == 6
+        a.qp.to_error()
+        assert sorted(_back(memory, 6)) == [off for off, _ in sent]
+        before = a.backend.counters()[FabricCounter.QP_ERROR]
+        assert a.qp.post_send_memory(ah, b.qp.qpn, fabric.qkey, memory, sent[:2]) == 2
+        assert sorted(memory.completed()) == [0, 4096] and memory.in_flight == 0
+        assert a.backend.counters()[FabricCounter.QP_ERROR] == before + 2
+    finally:
+        memory.close()
+        a.close()
+        b.close()
 
 
 def _wait_event(backend, kind: PortEventKind):
