@@ -60,12 +60,13 @@ def namespaces(prefix: str, count: int, lo: bool = False):
 
 
 @contextlib.contextmanager
-def attached(fab, hosts: list[str], net: str, prefix: str, lo: bool = False):
+def attached(fab, hosts: list[str], net: str, prefix: str, lo: bool = False, env: dict[str, str] | None = None):
     """One namespace per host of sim fabric `fab` (see `namespaces`), eth4 attached in each through the
-    CLI to its host, with NET.N/24 where N is the host's number (h3: NET.3); yields the names."""
+    CLI to its host (the agent started with `env` if given), with NET.N/24 where N is the host's number
+    (h3: NET.3); yields the names."""
     with namespaces(prefix, len(hosts), lo=lo) as names:
         for ns, host in zip(names, hosts, strict=True):
-            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{fab.name}:{host}")
+            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{fab.name}:{host}", env=env)
             subprocess.run(["ip", "-n", ns, "addr", "add", f"{net}.{int(host.lstrip('h'))}/24", "dev", "eth4"],
                            check=True)
         yield names

@@ -17,11 +17,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
+from labkit import attached
+from labkit import xdpoib as x
 from prereq import need_cmd
 from simraw import RawSender, Target, fake_gid, ipv4_to_nowhere
 
@@ -32,28 +32,11 @@ BOUNDS = {"XDPOIB_PEER_IDLE_S": "4", "XDPOIB_PATH_TTL_S": "3", "XDPOIB_MAX_PEERS
           "XDPOIB_MAX_RESERVED": "1000"}
 
 
-def x(*args, check=True, env=None):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert not check or r.returncode == 0, r.stderr
-    return r
-
-
 @pytest.fixture(scope="module")
 def pair(sim_fabric):
     need_cmd("ip", "ping")
-    names = [f"xg{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    env = dict(os.environ, **BOUNDS)
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}", env=env)
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.68.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.68.0", prefix="xg", env=dict(os.environ, **BOUNDS)) as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def status(ns):

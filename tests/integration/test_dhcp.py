@@ -25,17 +25,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
+from labkit import XDPOIB
+from labkit import xdpoib as x
 from prereq import need_cmd
 
 from xdpoib.wire import frames as f
 from xdpoib.wire.oracle import client_id_for_mac
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 2
 NET = "10.84.0"
 SERVER = f"{NET}.1"
@@ -62,13 +62,6 @@ case "$1" in
 esac
 exit 0
 """
-
-
-def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import pytest
+from labkit import attached
+from labkit import xdpoib as x
 from prereq import need_cmd
 from simraw import RawSender, Target, fake_gid, ipv4_to_nowhere
 
@@ -37,13 +38,6 @@ SA_RATE, SA_BURST = 20, 20
 BOUNDS = {"XDPOIB_MAX_PEERS": "300", "XDPOIB_SA_RATE": str(SA_RATE), "XDPOIB_SA_BURST": str(SA_BURST),
           "XDPOIB_GROUP_IDLE_S": "3"}
 H1_IP, H2_IP = "10.70.0.1", "10.70.0.2"
-
-
-def x(*args, check=True, env=None):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert not check or r.returncode == 0, r.stderr
-    return r
 
 
 SEND = r"""
@@ -89,20 +83,10 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     need_cmd("ip", "ping")
-    names = [f"xh{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    env = dict(os.environ, **BOUNDS)
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}", env=env)
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.70.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.70.0", prefix="xh", env=dict(os.environ, **BOUNDS)) as names:
         lab = Lab(sim_fabric, *names)
         yield lab
         lab.raw.close()
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 @pytest.fixture(scope="module")

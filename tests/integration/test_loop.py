@@ -16,26 +16,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import uuid
 
 import pytest
+from labkit import attached
 from prereq import need_cmd
 
 from xdpoib import control, state
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3
 STATUS_TIMEOUT_S = 2.0      # a liveness bound for the control socket, not a performance measurement
-
-
-def xdpoib(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 def nsexec(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,20 +44,8 @@ def status(ns: str) -> dict:
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     need_cmd("ip", "ping", "iperf3")
-    tag = uuid.uuid4().hex[:4]
-    names = [f"xl{tag}n{i}" for i in (1, 2, 3)]
-    for ns in names:
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    try:
-        for i, ns in enumerate(names, 1):
-            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.78.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2", "h3"], net="10.78.0", prefix="xl", lo=True) as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            xdpoib("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def _ping(ns: str, dst: str, count: int, interval: float = 0.1, wait: float = 2) -> tuple[int, int]:

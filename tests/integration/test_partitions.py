@@ -16,21 +16,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import pytest
+from labkit import namespaces
+from labkit import xdpoib as x
 from prereq import need_cmd
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 3
 VLAN_MAC = "52:54:00:83:00:01"
-
-
-def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -48,12 +41,7 @@ def ping(ns: str, dst: str, count: int = 3) -> bool:
 @pytest.fixture(scope="module")
 def lab(sim_fabric):
     need_cmd("ip", "ping", "saquery")
-    t = uuid.uuid4().hex[:4]
-    ns = [f"xp{t}n{i}" for i in (1, 2, 3)]
-    for n in ns:
-        sh("ip", "netns", "add", n)
-        sh("ip", "-n", n, "link", "set", "lo", "up")
-    try:
+    with namespaces("xp", 3, lo=True) as ns:
         x("attach", "eth4", "--netns", ns[0], "--sim", f"{sim_fabric.name}:h1", "--vlan", "3:0x8003")
         x("attach", "eth4", "--netns", ns[1], "--sim", f"{sim_fabric.name}:h2", "--pkey", "0x8003")
         x("attach", "eth4", "--netns", ns[2], "--sim", f"{sim_fabric.name}:h3")
@@ -61,10 +49,6 @@ def lab(sim_fabric):
         sh("ip", "-n", ns[1], "addr", "add", "10.83.0.2/24", "dev", "eth4")
         sh("ip", "-n", ns[2], "addr", "add", "10.83.0.3/24", "dev", "eth4")
         yield sim_fabric, ns
-    finally:
-        for n in ns:
-            x("detach", "eth4", "--netns", n, check=False)
-            sh("ip", "netns", "del", n, check=False)
 
 
 ENDPOINT = r"""

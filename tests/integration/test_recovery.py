@@ -15,29 +15,20 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from labkit import attached, xdpoib
 from prereq import need_cmd
 
 from xdpoib import control, state
 from xdpoib.fabric import simud_wire as wire
 from xdpoib.fabric.simud import qp_address
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 2
 IPS = ("10.79.0.1", "10.79.0.2")
 RECOVERY_S = 5.0
-
-
-def xdpoib(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 def nsexec(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,20 +81,8 @@ def wait_new_qpn(ns: str, old: int, timeout: float = RECOVERY_S) -> dict:
 @pytest.fixture(scope="module")
 def pair(sim_fabric):
     need_cmd("ip", "ping")
-    tag = uuid.uuid4().hex[:4]
-    names = [f"xr{tag}n{i}" for i in (1, 2)]
-    for ns in names:
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    try:
-        for i, ns in enumerate(names):
-            xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i + 1}")
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"{IPS[i]}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net=IPS[0].rsplit(".", 1)[0], prefix="xr", lo=True) as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            xdpoib("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_a_qp_in_error_is_replaced_and_traffic_resumes(pair):

@@ -6,23 +6,15 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
+from labkit import xdpoib
 
 from xdpoib.errors import UsageError
 from xdpoib.fabric import simfabric
 from xdpoib.fabric.simfabric import SimFabric, SimFabricError
-
-
-def xdpoib(*args, check=True):
-    """Run the real CLI in a fresh process."""
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 def wait_for(pred, timeout=10.0):

@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+from labkit import xdpoib as x
 
 from xdpoib.wire import frames as f
 from xdpoib.wire.addr import BROADCAST_MAC, ZERO_MAC
@@ -28,12 +29,6 @@ VNET = struct.Struct("<BBHHHH")          # flags, gso_type, hdr_len, gso_size, c
 GUEST_MAC = bytes.fromhex("525400aabbcc")
 GUEST_IP, PEER_IP = bytes([10, 56, 0, 1]), bytes([10, 56, 0, 2])
 PORT = 7000
-
-
-def x(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=120)
-    assert not check or r.returncode == 0, r.stderr
-    return r
 
 
 @pytest.fixture

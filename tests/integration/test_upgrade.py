@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from labkit import attached, xdpoib
 from prereq import need_cmd, need_module, need_root
 
 from xdpoib import abi, link, state
@@ -36,10 +37,7 @@ SIM_HOSTS = 2
 
 
 def x(*args, check=True, env=None):
-    r = subprocess.run([sys.executable, "-m", "xdpoib", *args], capture_output=True, text=True, timeout=180,
-                       env=env)
-    assert not check or r.returncode == 0, r.stderr
-    return r
+    return xdpoib(*args, check=check, env=env, timeout=180)
 
 
 def sh(*args: str) -> None:
@@ -176,17 +174,8 @@ def test_program_swap_under_traffic_loses_no_frame(figures):
 @pytest.fixture(scope="module")
 def pair(sim_fabric):
     need_cmd("ip", "ping")
-    names = [f"xu{uuid.uuid4().hex[:5]}{i}" for i in (1, 2)]
-    try:
-        for i, ns in enumerate(names, 1):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:h{i}", env=env_with(None))
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.67.0.{i}/24", "dev", "eth4"], check=True)
+    with attached(sim_fabric, ["h1", "h2"], net="10.67.0", prefix="xu", env=env_with(None)) as names:
         yield sim_fabric, names
-    finally:
-        for ns in names:
-            x("detach", "eth4", "--netns", ns, check=False)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def ping(ns: str, dst: str) -> bool:

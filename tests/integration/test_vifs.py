@@ -21,18 +21,11 @@ import time
 import uuid
 
 import pytest
+from labkit import xdpoib as x
 from prereq import need_cmd
 
-XDPOIB = [sys.executable, "-m", "xdpoib"]
 SIM_HOSTS = 2
 REMOTE = "10.81.0.2"
-
-
-def x(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*XDPOIB, *args], capture_output=True, text=True, timeout=120)
-    if check and r.returncode != 0:
-        raise AssertionError(f"xdpoib {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
