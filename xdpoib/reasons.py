@@ -63,6 +63,8 @@ class DropReason(IntEnum):
     RX_OVERRUN = 42             # TX (sim only): the receiver's socket queue was full
     BAD_DATAGRAM = 43           # RX: malformed transport header (sim only)
     QP_ERROR = 44               # TX/RX on a QP in the error state (after a length error)
+    # refused by the agent (appended)
+    SEND_QUEUE_FULL = 45        # TX: the UD QP's send queue could not take the frame
 
 
 class Kind(IntEnum):

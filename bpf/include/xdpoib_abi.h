@@ -114,6 +114,7 @@ enum xdpoib_drop_reason {
 	XDPOIB_DROP_RX_OVERRUN            = 42,
 	XDPOIB_DROP_BAD_DATAGRAM          = 43,
 	XDPOIB_DROP_QP_ERROR              = 44,
+	XDPOIB_DROP_SEND_QUEUE_FULL       = 45,     /* agent */
 };
 #define XDPOIB_DROP_SLOTS       64      /* size of the per-reason counter array */
 

@@ -162,7 +162,7 @@ class Forwarder:
     def _post(self, qp, ah, remote_qpn: int, qkey: int, frames: list, descs) -> None:
         """One send of frames to one destination: from the UMEM without a copy when `descs` says where
         they are (the pump hands them back once sent), else copied by the backend (`payload_copies`).
-        Frames the send queue could not take are lost, and counted (`tx_send_queue_full`)."""
+        Frames the send queue could not take are dropped and counted (`send_queue_full`)."""
         a = self.a
         if descs is not None:
             n = a.pump.post_umem(qp, ah, remote_qpn, qkey, descs)
@@ -171,7 +171,7 @@ class Forwarder:
             a.stats["tx_copies"] += n * qp.payload_copies
         a.stats["tx_frames"] += n
         if n < len(frames):
-            a.stats["tx_send_queue_full"] += len(frames) - n     # lost: the QP's send queue was full
+            a.drops[R.SEND_QUEUE_FULL] += len(frames) - n       # the QP's send queue was full
 
     def _own(self, frames: list, descs) -> list:
         """Frames to keep past this turn (queued while a path or a join is pending): UMEM views are
