@@ -8,6 +8,11 @@
 # The guest's /init runs tests/qemu/guest/run.sh from the project copy (/xdpoib) and powers off;
 # GUEST_ARGS reach it through the kernel command line (xdpoib.args=...). Everything the guest prints
 # on its serial console lands in SERIAL_LOG. qemu is killed by PID after TIMEOUT_SECONDS (default 600).
+# XDPOIB_GUEST_MODE: put on the kernel command line as xdpoib.mode=... (`vm`: the guest runs
+# tests/qemu/guest/vm_checks.sh instead of the Soft-RoCE runner, see guest-init.sh).
+# XDPOIB_QEMU_NICS: "TAP=MAC ...": one virtio-net NIC per existing host TAP, with qemu's default TAP
+# settings (`-netdev tap,ifname=TAP,script=no,downscript=no`: vnet headers on when the kernel has them,
+# the guest's checksum and segmentation offloads on); without it the guest has no NIC (-nic none).
 # Exit status: qemu's own, or 124 when the timeout killed it.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -20,6 +25,15 @@ guest_args="$*"
 
 command -v qemu-system-x86_64 >/dev/null || { echo "boot: qemu-system-x86_64 is not installed" >&2; exit 2; }
 [ -s "$image/vmlinuz" ] && [ -s "$image/rootfs.cpio" ] || { echo "boot: no image in $image" >&2; exit 2; }
+nics=()
+n=0
+for nic in ${XDPOIB_QEMU_NICS:-}; do
+    tap="${nic%%=*}" mac="${nic#*=}"
+    [ -n "$tap" ] && [ "$mac" != "$nic" ] && [ -e "/sys/class/net/$tap/tun_flags" ] \
+        || { echo "boot: bad NIC '$nic' (XDPOIB_QEMU_NICS: TAP=MAC, TAP an existing TAP)" >&2; exit 2; }
+    nics+=(-netdev "tap,id=nic$n,ifname=$tap,script=no,downscript=no" -device "virtio-net-pci,netdev=nic$n,mac=$mac")
+    n=$((n + 1))
+done
 
 tmp=$(mktemp -d)
 qemu_pid=""
@@ -44,8 +58,9 @@ cat "$image/rootfs.cpio" "$tmp/project.cpio" >"$tmp/initrd"
 
 : >"$log"
 append="console=ttyS0 panic=-1 quiet loglevel=4 xdpoib.args=${guest_args// /,}"
+[ -z "${XDPOIB_GUEST_MODE:-}" ] || append="$append xdpoib.mode=$XDPOIB_GUEST_MODE"
 # -cpu max: the guest needs PCLMULQDQ for crc32-pclmul (rdma_rxe's ICRC); TCG only (no KVM here).
-qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 1 -nic none -nographic -no-reboot \
+qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 1 -nic none "${nics[@]}" -nographic -no-reboot \
     -monitor none -serial "file:$log" \
     -kernel "$image/vmlinuz" -initrd "$tmp/initrd" -append "$append" </dev/null >"$tmp/qemu.out" 2>&1 &
 qemu_pid=$!

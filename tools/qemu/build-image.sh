@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build (once, cached) the qemu guest for the Soft-RoCE tier: a Debian bookworm rootfs with the Debian
-# kernel and its headers, rdma-core, pyverbs, bcc and the tools the product's end-to-end checks drive
-# (iperf3, ping, ethtool), packed as an uncompressed initramfs.
+# Build (once, cached) the qemu tier's guest: a Debian bookworm rootfs with the Debian kernel and its
+# headers, rdma-core, pyverbs, bcc and the tools the product's end-to-end checks drive (iperf3, ping,
+# ethtool), packed as an uncompressed initramfs. The same image boots as a plain VM on virtio-net
+# (xdpoib.mode=vm, tests/qemu/test_vm.py), where it gets its address with ISC dhclient.
 #
 # Usage: tools/qemu/build-image.sh [CACHE_DIR]        (default: .cache/qemu in the repo)
 # Prints the image directory (holding vmlinuz, rootfs.cpio, kver) on the last line of stdout.
@@ -16,13 +17,14 @@ cache="${1:-$repo/.cache/qemu}"
 # Packages in the guest. The kernel (linux-image-amd64) is unpacked separately: only its image and the
 # modules the tier needs are kept, and no initramfs generator runs.
 # python3-bpfcc compiles the XDP datapath in the guest (for the guest's own kernel: its headers are
-# unpacked below); iperf3, iputils-ping, ethtool and procps (sysctl) serve `xdpoib attach` end to end.
+# unpacked below); iperf3, iputils-ping, ethtool and procps (sysctl) serve `xdpoib attach` end to end;
+# isc-dhcp-client is the VM run's DHCP client (Debian's dhclient with its own dhclient-script).
 PACKAGES="python3 python3-pyverbs python3-pytest rdma-core ibverbs-providers iproute2 kmod python3-bpfcc
-iperf3 iputils-ping ethtool procps"
+iperf3 iputils-ping ethtool procps isc-dhcp-client"
 PACKAGES=$(echo $PACKAGES)      # one line
 KERNEL_PKG="linux-image-amd64"
-# Modules the guest loads (their dependencies are kept too).
-MODULES="crc32_generic crc32-pclmul rdma_rxe ib_uverbs veth"
+# Modules the guest loads (their dependencies are kept too): the rxe run's, and virtio-net for the VM run.
+MODULES="crc32_generic crc32-pclmul rdma_rxe ib_uverbs veth virtio_pci virtio_net"
 
 # The Debian mirror: whatever apt on this machine uses (XDPOIB_DEBIAN_MIRROR overrides).
 mirror="${XDPOIB_DEBIAN_MIRROR:-}"
