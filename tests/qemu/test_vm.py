@@ -357,7 +357,8 @@ def test_the_lease_is_dnsmasqs_under_the_guests_client_id(vm, way):
 def _served(vm, way: str, direction: str) -> dict:
     address = vm.detail(way, "dhcp_lease").get("address")
     got = [e for e in vm.served if e["peer"] == address and e["way"] == direction]
-    assert len(got) == 1, f"the remote served {len(got)} {direction} connections from {address}: {vm.served}"
+    seen = [{k: e.get(k) for k in ("way", "peer", "bytes", "error")} for e in vm.served]
+    assert len(got) == 1, f"the remote served {len(got)} {direction} connections from {address}: {seen}"
     return got[0]
 
 
