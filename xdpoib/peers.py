@@ -62,6 +62,8 @@ class PeerEntry:
     path: object = None                 # fabric.base.Path
     _ah: object = None                  # fabric.base.AddressHandle (`ah`)
     path_mtu: int = 0
+    path_from_wc: int = 0               # 1: `path` is the reverse of a datagram's (not asked yet), 2: asked
+    reverse_via: tuple | None = None    # (SLID, SL) of a datagram from it while it had no path
     first_seen: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     resolved_at: float = 0.0
@@ -240,7 +242,7 @@ class PeerTable(Tables):
     def forget_paths(self) -> None:
         """Mark every path stale (port event, LID change): they are resolved again on next use."""
         for e in self.entries.values():
-            e.path_state, e.path, e.ah = "unresolved", None, None
+            e.path_state, e.path, e.ah, e.reverse_via = "unresolved", None, None, None
 
     # --- the oracle's Tables interface, with dictionaries -----------------------------------------
 

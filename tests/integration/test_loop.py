@@ -2,9 +2,10 @@
 never starved by data.
 
 Three hosts attached with the real CLI over a sim fabric with a real OpenSM:
-- OpenSM stopped (SIGSTOP): pings between hosts whose paths are resolved keep flowing, a host never
-  resolved stays unreachable without stalling them, `status` keeps answering; after SIGCONT the new
-  host resolves (the path query retried with backoff);
+- OpenSM stopped (SIGSTOP): pings between hosts whose paths are resolved keep flowing, `status` keeps
+  answering, and a host never talked to is reached all the same: first contact needs no SA answer
+  (each side answers the other over the reverse of the path its datagrams came by, counted as
+  `paths_reversed`); after SIGCONT both keep reaching each other;
 - a UDP flood (iperf3, 64-byte frames, as fast as it goes) from h1 to h2: both agents answer `status`
   throughout; afterwards the frames lost are counted by reason where they were shed, and traffic and
   control work at once.
@@ -64,29 +65,23 @@ def test_opensm_stopped_resolved_peers_keep_flowing(lab):
     pid = fab.state["pids"]["opensm"][0]
     os.kill(pid, signal.SIGSTOP)
     try:
-        # a host never resolved: its ARP goes out, its reply needs a path the SM cannot give
-        unresolved = {}
-        t = threading.Thread(target=lambda: unresolved.update(r=_ping(ns[0], "10.78.0.3", 4, 0.5, 1)))
+        # a host never talked to: its ARP reply and our echo go over reverse paths, no SA needed
+        before = [status(n)["counters"].get("paths_reversed", 0) for n in (ns[0], ns[2])]
+        fresh = {}
+        t = threading.Thread(target=lambda: fresh.update(r=_ping(ns[0], "10.78.0.3", 4, 0.5, 1)))
         t.start()
         sent, got = _ping(ns[0], "10.78.0.2", 40, 0.05)
         answers = [status(n) for n in ns]
         t.join(timeout=60)
         assert got >= sent - 1, f"resolved peer lost {sent - got}/{sent} with OpenSM stopped"
         assert all(a["state"] == "running" for a in (x["attachment"] for x in answers))
-        # the path query to h1 from h3's agent (or h1's to h3) failed and backs off, counted
-        h3 = status(ns[2])
-        failed = h3["drops"].get("path_failed", 0) + status(ns[0])["drops"].get("path_failed", 0)
-        assert unresolved["r"][1] < unresolved["r"][0] or failed == 0
+        assert fresh["r"][1] >= fresh["r"][0] - 1, f"first contact with OpenSM stopped: {fresh['r']} (sent, got)"
+        after = [status(n)["counters"].get("paths_reversed", 0) for n in (ns[0], ns[2])]
+        assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
     finally:
         os.kill(pid, signal.SIGCONT)
-    # the SM is back: the new host resolves after the backoff (1 s, 2 s, 4 s ... between tries)
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        if _ping(ns[0], "10.78.0.3", 2, 0.2, 1)[1] > 0:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("h3 unreachable 40 s after OpenSM came back")
+    # the SM is back: the queries held meanwhile answer or time out; either way h3 stays reachable
+    assert _ping(ns[0], "10.78.0.3", 5, 0.2, 2)[1] == 5
 
 
 def _drops_total(st: dict, ns: str) -> dict:

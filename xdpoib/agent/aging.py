@@ -314,7 +314,7 @@ class Aging:
                     a.stats["path_lid_changes"] += 1
             if res.dlid and e.lid != res.dlid:
                 a.peers.learn(e.addr, lid=res.dlid)     # moves its LID index; counts the change
-            e.path, e.ah, e.path_mtu = path, ah, mtu
+            e.path, e.ah, e.path_mtu, e.path_from_wc = path, ah, mtu, 0
             e.path_state, e.resolved_at = "resolved", time.monotonic()
             a.stats["paths_refreshed"] += 1
         a.sa_worker.submit(key, call, done)

@@ -43,6 +43,12 @@ class Forwarder:
         self.ceiling_peer: tuple[int, bytes, int] | None = None     # (qpn, gid, lid) of the last sender
         self._ceiling_ahs: dict = {}
 
+    @property
+    def reverse_paths(self) -> bool:
+        """Peers without a path are answered over their datagrams' reverse paths (`Resolver.reverse`):
+        on InfiniBand; on RoCE a path is the port's own lookup, and a completion's LID is not one."""
+        return getattr(self.a.sa, "kind", "sa") != "roce"
+
     # ================================================================ eth4 -> fabric
 
     def from_eth(self, budget: int) -> int:
@@ -129,9 +135,11 @@ class Forwarder:
         their descriptors (`_post`)."""
         a = self.a
         qp = qp or a.qp
-        if e.path_state != "resolved":
+        if e.path_state != "resolved" and (e.reverse_via is None or not a.resolver.reverse(e)):
             a.resolver.queue(e, self._own(frames, descs), qp)
             return
+        if e.path_from_wc == 1:                 # a reverse path: the SA's is asked for now
+            a.resolver.refine(e, qp)
         mtu = e.path_mtu
         if any(len(fr) > mtu for fr in frames):
             frames, descs = self._fitting(frames, descs, mtu, eth, e.remac, e)
@@ -270,6 +278,7 @@ class Forwarder:
         view = qp.pool.view
         resolver = a.resolver
         ceiling = pump.name == "ceiling"
+        reverse = self.reverse_paths
         ovif = vif.ovif
         pkey = qp.pkey
         now = time.monotonic()
@@ -306,6 +315,8 @@ class Forwarder:
                 unknown += 1
                 continue
             peer.last_seen = now
+            if peer.path_state != "resolved" and reverse and c.slid:
+                peer.reverse_via = (c.slid, c.sl)       # answering it needs no query (`send_peer`)
             if ceiling:
                 self.ceiling_peer = (c.src_qp, peer.addr.gid, c.slid)
                 pump.rx_frame(p, peer, False, ovif, pkey)

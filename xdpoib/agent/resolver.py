@@ -6,6 +6,15 @@ it answers the AH is made and the queue flushed. A failed query drops the queue 
 the next try waits for the peer's backoff (1 s doubling to 16 s). Peers already resolved keep
 flowing whatever the SA does; port events mark every path stale, to be resolved again on next use.
 
+A peer we hear from needs no query before we answer it (`reverse`): on InfiniBand a datagram's own
+SLID and SL are a path back to its sender, which is how UD responders answer (an AH made from the work
+completion). The receive loop notes them on a peer that has no path (`reverse_via`, a tuple: senders
+we never answer cost nothing more); the first send to it makes that path, with the link's MTU (the
+broadcast group's, which every member's path supports), and sends what waited. The PathRecord query
+still runs, in the background from that first send (or as `from_arp`'s check), and its answer
+replaces it (the SA's SL and MTU); a failed query leaves the reverse path in place. This takes
+both SA round trips out of a first exchange (the replier's and the asker's: docs/design.md §8).
+
 Senders are learned from what their datagrams carry: the GRH's source GID (multicast, routed), the
 (SLID, source QPN) of a peer seen before, or the sender hardware address of an ARP it sent when that
 is the datagram's own source (`from_arp`: spoofed ARPs are dropped, first contacts checked with the
@@ -77,6 +86,10 @@ class Resolver:
                     ah = a.backend.create_ah(path)
                 except Exception as ex:
                     ok, res = False, ex
+            if not ok and e.path_from_wc and e.path_state == "resolved":
+                e.path_from_wc = 2          # the reverse path works: keep it, ask again on expiry
+                log.info("path to %s: %s (the reverse path stays)", gid_str(gid), res)
+                return
             if not ok:
                 e.path_state, e.resolved_at = "failed", now
                 delay = self.backoff.failed(key, now)
@@ -85,7 +98,7 @@ class Resolver:
                 log.warning("path to %s (retry in %.0f s): %s", gid_str(gid), delay, res)
                 return
             self.backoff.succeeded(key)
-            e.path_mtu, e.path, e.ah = mtu, path, ah
+            e.path_mtu, e.path, e.ah, e.path_from_wc = mtu, path, ah, 0
             e.lid = e.lid or res.dlid
             e.path_state, e.resolved_at = "resolved", now
             a.stats["paths_resolved"] += 1
@@ -95,6 +108,46 @@ class Resolver:
                 for qp, fr in queued:
                     a.forwarder.send_peer(e, [fr], qp=qp)
         a.sa_worker.submit(key, lambda: sa.path(gid, sgid=sgid, pkey=pkey), done)
+
+    def reverse(self, e: PeerEntry) -> bool:
+        """Something to send to e, which has no path but sent us a datagram meanwhile (from the
+        (SLID, SL) in `e.reverse_via`): send over that datagram's reverse path (the module doc) until
+        the PathRecord query answers; frames held for it go first. False: no AH could be made."""
+        from xdpoib.fabric.base import Path
+
+        a = self.a
+        slid, sl = e.reverse_via
+        e.reverse_via = None
+        path = Path(dlid=slid, sl=sl, mtu=a.ib_mtu)
+        try:
+            ah = a.backend.create_ah(path)
+        except Exception as ex:                 # resolving as before is still possible
+            log.warning("a reverse path to LID %d: %s", slid, ex)
+            return False
+        e.path_mtu, e.path, e.ah, e.path_from_wc = a.ib_mtu, path, ah, 1
+        e.path_state, e.resolved_at = "resolved", time.monotonic()
+        a.stats["paths_reversed"] += 1
+        if e.pending:
+            queued = list(e.pending)
+            e.pending.clear()
+            for qp, fr in queued:
+                a.forwarder.send_peer(e, [fr], qp=qp)
+        return True
+
+    def refine(self, e: PeerEntry, qp=None) -> None:
+        """The first send over a reverse path: ask the SA for the real one in the background (the
+        reverse path keeps sending until the answer replaces it; `resolve` does the rest)."""
+        e.path_from_wc = 2
+        if self.a.sa_worker.pending(("path", e.addr.key)):
+            return                              # `from_arp`'s check is that query
+        self.resolve_in_background(e, qp)
+
+    def resolve_in_background(self, e: PeerEntry, qp=None) -> None:
+        """`resolve` for a peer that has a path already (it stays resolved while the query runs)."""
+        state, pending = e.path_state, e.path_from_wc
+        self.resolve(e, qp)
+        if e.path_state == "resolving":
+            e.path_state, e.path_from_wc = state, pending
 
     # ---- learning
 
@@ -166,7 +219,7 @@ class Resolver:
             e = peers.entries.get(sha.key)
             if ok and (res.dlid == slid if by_path else bytes(res.dgid) == gid):
                 a.stats["arp_senders_verified"] += 1
-                if by_path and default and e is not None and e.path_state != "resolved":
+                if by_path and default and e is not None and (e.path_state != "resolved" or e.path_from_wc):
                     self._path_found(e, res)
                 return
             if not ok and getattr(res, "status", None) != 0x0300:
@@ -192,7 +245,7 @@ class Resolver:
             log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
             return
         self.backoff.succeeded(("path", e.addr.key))
-        e.path_mtu, e.path, e.ah = mtu, path, ah
+        e.path_mtu, e.path, e.ah, e.path_from_wc = mtu, path, ah, 0
         e.lid = e.lid or res.dlid
         e.path_state, e.resolved_at = "resolved", time.monotonic()
         a.stats["paths_resolved"] += 1

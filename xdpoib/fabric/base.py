@@ -355,6 +355,7 @@ class Completion:
     pkey_index: int
     index: int = -1
     payload: memoryview | bytes = field(default=b"", repr=False, compare=False)
+    sl: int = 0              # the service level it arrived on (the reverse path's, with `slid`)
 
 
 class BufferPool(ABC):

@@ -475,7 +475,7 @@ class SimQp(UdQp):
                 payload = mem[start:start + size]
                 payload[:] = body
                 cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid,
-                                     p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload))
+                                     p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload, p.sl))
         self._signal()
 
     def _signal(self) -> None:

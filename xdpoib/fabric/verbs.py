@@ -466,7 +466,7 @@ class VerbsQp(UdQp):
             slid = self.backend._local_lid(sgid)        # RoCE: the sender's local LID (module doc)
         return Completion(status=status, byte_len=byte_len, src_qp=wc.src_qp, slid=slid, sgid=sgid,
                           has_grh=has_grh, pkey_index=self.pkey_index, index=index,
-                          payload=buf[GRH_LEN:GRH_LEN + byte_len])
+                          payload=buf[GRH_LEN:GRH_LEN + byte_len], sl=wc.sl)
 
     def fileno(self) -> int:
         """The completion channel's descriptor (readable after a receive completion)."""
