@@ -87,6 +87,7 @@ class PeerEntry:
         now = time.monotonic()
         return {"remac": mac_str(self.remac), "gid": gid_str(self.addr.gid), "qpn": self.addr.qpn,
                 "lid": self.lid, "path": self.path_state, "path_mtu": self.path_mtu,
+                "path_source": "reverse" if self.path_from_wc else "sa" if self.path is not None else None,
                 "age_seconds": round(now - self.first_seen, 1), "idle_seconds": round(now - self.last_seen, 1),
                 "pending": len(self._pending or ())}
 

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -78,10 +79,26 @@ def test_opensm_stopped_resolved_peers_keep_flowing(lab):
         assert fresh["r"][1] >= fresh["r"][0] - 1, f"first contact with OpenSM stopped: {fresh['r']} (sent, got)"
         after = [status(n)["counters"].get("paths_reversed", 0) for n in (ns[0], ns[2])]
         assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+        h3_gid = answers[2]["port"]["gid"]
+        assert [p["path_source"] for p in _peers(ns[0]) if p["gid"] == h3_gid] == ["reverse"]
     finally:
         os.kill(pid, signal.SIGCONT)
-    # the SM is back: the queries held meanwhile answer or time out; either way h3 stays reachable
-    assert _ping(ns[0], "10.78.0.3", 5, 0.2, 2)[1] == 5
+    # the SM is back: h3 stays reachable, and the PathRecord asked for in the background (again after
+    # its backoff if it timed out meanwhile) replaces the reverse path
+    deadline = time.monotonic() + 40
+    while True:
+        assert _ping(ns[0], "10.78.0.3", 3, 0.2, 2)[1] == 3
+        mine = [p for p in _peers(ns[0]) if p["gid"] == h3_gid]
+        if mine and mine[0]["path_source"] == "sa":
+            break
+        assert time.monotonic() < deadline, f"h3's path still not the SA's 40 s after OpenSM came back: {mine}"
+        time.sleep(1)
+
+
+def _peers(ns: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "xdpoib", "peers", "eth4", "--netns", ns, "-j"], capture_output=True,
+                       text=True, timeout=30, check=True)
+    return json.loads(r.stdout)
 
 
 def _drops_total(st: dict, ns: str) -> dict:

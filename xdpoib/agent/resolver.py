@@ -87,8 +87,9 @@ class Resolver:
                 except Exception as ex:
                     ok, res = False, ex
             if not ok and e.path_from_wc and e.path_state == "resolved":
-                e.path_from_wc = 2          # the reverse path works: keep it, ask again on expiry
-                log.info("path to %s: %s (the reverse path stays)", gid_str(gid), res)
+                e.path_from_wc = 1          # the reverse path works: keep it, ask again after the backoff
+                delay = self.backoff.failed(key, now)
+                log.info("path to %s (retry in %.0f s): %s (the reverse path stays)", gid_str(gid), delay, res)
                 return
             if not ok:
                 e.path_state, e.resolved_at = "failed", now
@@ -135,19 +136,19 @@ class Resolver:
         return True
 
     def refine(self, e: PeerEntry, qp=None) -> None:
-        """The first send over a reverse path: ask the SA for the real one in the background (the
-        reverse path keeps sending until the answer replaces it; `resolve` does the rest)."""
+        """A send over a reverse path not asked for yet: ask the SA for the real one in the background
+        (the reverse path keeps sending until the answer replaces it; `resolve` does the rest). Not
+        while a query for it is in flight (`from_arp`'s check is one) or it is backing off."""
+        key = ("path", e.addr.key)
+        if self.a.sa_worker.pending(key) or not self.backoff.ready(key):
+            return
+        state = e.path_state
         e.path_from_wc = 2
-        if self.a.sa_worker.pending(("path", e.addr.key)):
-            return                              # `from_arp`'s check is that query
-        self.resolve_in_background(e, qp)
-
-    def resolve_in_background(self, e: PeerEntry, qp=None) -> None:
-        """`resolve` for a peer that has a path already (it stays resolved while the query runs)."""
-        state, pending = e.path_state, e.path_from_wc
         self.resolve(e, qp)
-        if e.path_state == "resolving":
-            e.path_state, e.path_from_wc = state, pending
+        if e.path_state == "resolving":         # it stays resolved while the query runs
+            e.path_state = state
+        if not self.a.sa_worker.pending(key):   # refused (the SA gate): ask on a later send
+            e.path_from_wc = 1
 
     # ---- learning
 
