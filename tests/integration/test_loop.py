@@ -17,25 +17,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from labkit import attached
+from labkit import attached, nsexec, xdpoib
 from prereq import need_cmd
 
 from xdpoib import control, state
 
 SIM_HOSTS = 3
 STATUS_TIMEOUT_S = 2.0      # a liveness bound for the control socket, not a performance measurement
-
-
-def nsexec(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} in {ns} failed: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return r
 
 
 def status(ns: str) -> dict:
@@ -96,9 +88,7 @@ def test_opensm_stopped_resolved_peers_keep_flowing(lab):
 
 
 def _peers(ns: str) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "xdpoib", "peers", "eth4", "--netns", ns, "-j"], capture_output=True,
-                       text=True, timeout=30, check=True)
-    return json.loads(r.stdout)
+    return json.loads(xdpoib("peers", "eth4", "--netns", ns, "-j").stdout)
 
 
 def _drops_total(st: dict, ns: str) -> dict:

@@ -307,3 +307,29 @@ def test_bad_input_is_a_clean_error_and_the_client_stays_up(sim_fabric, clients)
     with pytest.raises(UsageError):
         c.join(BCAST, join_state="full")
     assert c.port().active                                     # still serving
+
+
+def test_query_cli_asks_several_paths_at_once(sim_fabric):
+    """`python -m xdpoib.fabric.sa path DGID...` run as h1: one record per DGID, in order, each leading
+    to the LID saquery's PathRecord gives; a GID nobody has is an error entry and exit status 1."""
+    import json
+    import subprocess
+    import sys
+
+    h2, h3 = sim_fabric.host("h2"), sim_fabric.host("h3")
+    gids = [gid_str(h2.gid), gid_str(h3.gid), "fe80::dead:beef"]
+    p = sim_fabric.spawn("h1", [sys.executable, "-m", "xdpoib.fabric.sa", "path", *gids],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    got = json.loads(out)
+    assert [g.get("dgid") for g in got[:2]] == gids[:2]
+    for rec, h in zip(got[:2], (h2, h3), strict=True):
+        ref = saquery_fields(sim_fabric.saquery("h1", "PR", "--sgid-to-dgid",
+                                                f"{rec['sgid']}-{gid_str(h.gid)}").stdout)
+        assert ref and int(ref[0]["dlid"]) == rec["dlid"], (ref, rec)
+    assert set(got[2]) == {"error"} and got[2]["error"], got[2]
+    bad = sim_fabric.spawn("h1", [sys.executable, "-m", "xdpoib.fabric.sa", "path", gids[0], "not-a-gid"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = bad.communicate(timeout=60)
+    assert bad.returncode == 1 and not out and err.count("\n") == 1 and "not-a-gid" in err, (out, err)

@@ -7,7 +7,8 @@
 - `sa_remote.py`: `RemoteSAClient`, an SA client running as a simulated host in a child process
   (`SimFabric.sa_client(host)`), over `remote.py`'s child-process mechanism;
 - here: every name of those (`from xdpoib.fabric.sa import X` keeps working) and one-shot queries for
-  people: `python -m xdpoib.fabric.sa [--device DEV] [--port N] port|cpi|path DGID|member MGID [PORTGID]|group MGID`.
+  people: `python -m xdpoib.fabric.sa [--device DEV] [--port N] port|cpi|path DGID...|member MGID [PORTGID]|group MGID`
+  (several DGIDs are asked at once, `SAClient.paths`: a list, an error entry for each refused one).
 """
 
 from __future__ import annotations
@@ -190,7 +191,9 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m xdpoib.fabric.sa port|cpi|path DGID|member MGID [PORTGID]|group MGID`: one query, as JSON."""
+    """`python -m xdpoib.fabric.sa port|cpi|path DGID...|member MGID [PORTGID]|group MGID`: one query, as
+    JSON; `path` with several DGIDs asks them at once and prints a list (a refused one as {"error": ...},
+    and the exit status is then 1)."""
     ap = argparse.ArgumentParser(prog="python -m xdpoib.fabric.sa", description=__doc__.splitlines()[0])
     ap.add_argument("--device")
     ap.add_argument("--port", type=int)
@@ -198,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs="*")
     a = ap.parse_args(argv)
     try:
+        if a.op == "path" and len(a.args) > 1:
+            gids = [to_gid(g) for g in a.args]          # a malformed one is refused before any query
+            with SAClient.open(a.device, a.port) as c:
+                got = c.paths(gids)
+            print(json.dumps([{"error": str(r)} if isinstance(r, SAError) else as_dict(r) for r in got], indent=1))
+            return 1 if any(isinstance(r, SAError) for r in got) else 0
         with SAClient.open(a.device, a.port) as c:
             fn = {"port": c.port, "cpi": c.class_port_info, "path": c.path, "member": c.member,
                   "group": c.group}[a.op]
