@@ -1,5 +1,6 @@
 """Helpers the integration tests share (fixtures are in conftest.py; import these by name, as prereq):
-the real CLI, a command inside a network namespace, and labs of namespaces with eth4 attached.
+the real CLI, a command, a command inside a network namespace, labs of namespaces with eth4 attached,
+and the eIPoIB scenario's bridge (eth4 the uplink of br0, guests on veth ports).
 
     xdpoib("attach", "eth4", "--netns", ns, "--sim", f"{fab.name}:h1")     # AssertionError on failure
     nsexec(ns, "ping", "-c", "1", "10.0.0.2", check=False).returncode
@@ -13,6 +14,7 @@ the real CLI, a command inside a network namespace, and labs of namespaces with 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import uuid
@@ -70,3 +72,36 @@ def attached(fab, hosts: list[str], net: str, prefix: str, lo: bool = False, env
             subprocess.run(["ip", "-n", ns, "addr", "add", f"{net}.{int(host.lstrip('h'))}/24", "dev", "eth4"],
                            check=True)
         yield names
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run CMD; with `check`, a non-zero exit is an AssertionError with the end of its output."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}: {r.stdout[-300:]} {r.stderr[-300:]}")
+    return r
+
+
+def mac_of(ns: str, dev: str) -> str:
+    return json.loads(sh("ip", "-n", ns, "-j", "link", "show", dev).stdout)[0]["address"]
+
+
+def bridge_eth4(ns: str, addr: str | None = None) -> None:
+    """br0 in NS with the attached eth4 as its uplink, carrying eth4's MAC (the host itself is VIF 0),
+    up, with ADDR (CIDR) if given."""
+    sh("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", ns, "link", "set", "br0", "address", mac_of(ns, "eth4"))
+    sh("ip", "-n", ns, "link", "set", "eth4", "master", "br0")
+    sh("ip", "-n", ns, "link", "set", "br0", "up")
+    if addr:
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", "br0")
+
+
+def bridge_port(host_ns: str, guest_ns: str, index: int, addr: str | None = None) -> None:
+    """A guest behind host_ns's br0: veth port v<index> on the bridge, its peer eth0 in guest_ns (an
+    existing namespace), up, with ADDR (CIDR) if given."""
+    sh("ip", "-n", host_ns, "link", "add", f"v{index}", "type", "veth", "peer", "name", "eth0", "netns", guest_ns)
+    sh("ip", "-n", host_ns, "link", "set", f"v{index}", "master", "br0", "up")
+    if addr:
+        sh("ip", "-n", guest_ns, "addr", "add", addr, "dev", "eth0")
+    sh("ip", "-n", guest_ns, "link", "set", "eth0", "up")

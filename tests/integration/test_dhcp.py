@@ -29,7 +29,7 @@ import time
 import uuid
 
 import pytest
-from labkit import XDPOIB
+from labkit import XDPOIB, bridge_eth4, bridge_port, mac_of, sh
 from labkit import xdpoib as x
 from prereq import need_cmd
 
@@ -62,17 +62,6 @@ case "$1" in
 esac
 exit 0
 """
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {r.stdout[-300:]} {r.stderr[-300:]}")
-    return r
-
-
-def mac_of(ns: str, dev: str) -> str:
-    return json.loads(sh("ip", "-n", ns, "-j", "link", "show", dev).stdout)[0]["address"]
 
 
 def spawn(ns: str, argv: list[str], log) -> subprocess.Popen:
@@ -148,14 +137,9 @@ def lab(sim_fabric, tmp_path_factory):
         x("attach", "eth4", "--netns", server, "--sim", f"{sim_fabric.name}:h1")
         sh("ip", "-n", server, "addr", "add", f"{SERVER}/24", "dev", "eth4")
         x("attach", "eth4", "--netns", host, "--sim", f"{sim_fabric.name}:h2", "--learn-vifs", "2")
-        sh("ip", "-n", host, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", host, "link", "set", "br0", "address", mac_of(host, "eth4"))      # the host is VIF 0
-        sh("ip", "-n", host, "link", "set", "eth4", "master", "br0")
-        sh("ip", "-n", host, "link", "set", "br0", "up")
+        bridge_eth4(host)                                               # the host is VIF 0
         for i, g in enumerate((g1, g2), 1):
-            sh("ip", "-n", host, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", g)
-            sh("ip", "-n", host, "link", "set", f"v{i}", "master", "br0", "up")
-            sh("ip", "-n", g, "link", "set", "eth0", "up")
+            bridge_port(host, g, i)
         yield {"fab": sim_fabric, "server": server, "host": host, "g1": g1, "g2": g2,
                "dir": tmp_path_factory.mktemp("dhcp")}
     finally:

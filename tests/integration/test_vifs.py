@@ -21,18 +21,12 @@ import time
 import uuid
 
 import pytest
+from labkit import bridge_eth4, bridge_port, mac_of, sh
 from labkit import xdpoib as x
 from prereq import need_cmd
 
 SIM_HOSTS = 2
 REMOTE = "10.81.0.2"
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {r.stdout[-300:]} {r.stderr[-300:]}")
-    return r
 
 
 def ping(ns: str, dst: str = REMOTE, count: int = 3) -> bool:
@@ -49,18 +43,14 @@ def status(ns: str) -> dict:
     return st[0] if isinstance(st, list) else st
 
 
-def add_guest(host_ns: str, name: str, index: int) -> str:
+def add_guest(host_ns: str, name: str, index: int) -> None:
     sh("ip", "netns", "add", name)
-    sh("ip", "-n", host_ns, "link", "add", f"v{index}", "type", "veth", "peer", "name", "eth0", "netns", name)
-    sh("ip", "-n", host_ns, "link", "set", f"v{index}", "master", "br0", "up")
-    sh("ip", "-n", name, "addr", "add", f"10.81.0.{10 + index}/24", "dev", "eth0")
-    sh("ip", "-n", name, "link", "set", "eth0", "up")
     sh("ip", "-n", name, "link", "set", "lo", "up")
-    return sh("ip", "-n", name, "-j", "link", "show", "eth0").stdout
+    bridge_port(host_ns, name, index, f"10.81.0.{10 + index}/24")
 
 
 def guest_mac(name: str) -> str:
-    return json.loads(sh("ip", "-n", name, "-j", "link", "show", "eth0").stdout)[0]["address"]
+    return mac_of(name, "eth0")
 
 
 def qp_sockets(fabric: str) -> set[str]:
@@ -85,12 +75,7 @@ def lab(sim_fabric):
           "--vif-idle", "4")
         x("attach", "eth4", "--netns", remote, "--sim", f"{sim_fabric.name}:h2")
         sh("ip", "-n", remote, "addr", "add", f"{REMOTE}/24", "dev", "eth4")
-        eth4 = json.loads(sh("ip", "-n", host, "-j", "link", "show", "eth4").stdout)[0]["address"]
-        sh("ip", "-n", host, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", host, "link", "set", "br0", "address", eth4)      # the host itself is VIF 0
-        sh("ip", "-n", host, "link", "set", "eth4", "master", "br0")
-        sh("ip", "-n", host, "link", "set", "br0", "up")
-        sh("ip", "-n", host, "addr", "add", "10.81.0.1/24", "dev", "br0")
+        bridge_eth4(host, "10.81.0.1/24")                                # the host itself is VIF 0
         for i, g in enumerate(guests[:2], 1):
             made.append(g)
             add_guest(host, g, i)
