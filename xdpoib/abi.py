@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xdpoib.reasons import DropReason, Kind
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 META_VERSION = 1
 
 ETH_ALEN = 6
@@ -47,7 +47,7 @@ RX_F_ETHERNET = 0x02
 MAX_VIFS = 1024
 CFG_LEARN_VIFS = 0x1            # xdpoib_config.flags: unknown source MACs go to the agent (VIF learning)
 VIF_UNKNOWN = 0xFFFFFFFF        # tx metadata vif_id of such a frame
-MAX_PEERS = 1 << 20
+MAX_PEERS = 1 << 20             # peer ids are in [1, MAX_PEERS): the index of xo_peer_id
 MAX_ADDRS = (1 << 20) + 1024
 MAX_GROUPS = 65536
 MAX_VLANS = 4096

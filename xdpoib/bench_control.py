@@ -13,7 +13,7 @@ plane and memory targets), on a throwaway sim fabric (ibsim + a real OpenSM).
   plus the SA's median PathRecord time. Target: first packet <= 2x that.
 - **Maps** (`map_load_s`, `map_remove_s`, for 1e5 and 1e6 peers): the production build compiled in
   this process (bcc), peers installed and removed as packed batches (`Maps.add_peers` with a
-  `PeerBatch`: the three hashes and the two slot caches), median of 3. Target: 1e6 in <= 1 s.
+  `PeerBatch`: the two hashes, the id array and the REMAC slot cache), median of 3. Target: 1e6 in <= 1 s.
 - **Memory** (`agent_rss_mib_1e5`): one more attachment whose state file holds 1e5 peers (as an agent
   restarted on a busy fabric finds it); its RSS (VmRSS) once it is running. Target: <= 250 MiB.
 
@@ -208,7 +208,7 @@ def measure_maps(rounds: int = 3, log=lambda m: None) -> dict:
                 t = time.perf_counter()
                 m.add_peers(batch)
                 ts_load.append(time.perf_counter() - t)
-                got = m.peer_id.count() if n <= 100_000 else None
+                got = m.peer_count() if n <= 100_000 else None
                 t = time.perf_counter()
                 m.remove_peers(batch)
                 ts_remove.append(time.perf_counter() - t)

@@ -31,7 +31,7 @@ typedef __u64 xo_u64;
 
 /* ================================================================ versions and sizes */
 
-#define XDPOIB_ABI_VERSION      1       /* bump on any layout change below */
+#define XDPOIB_ABI_VERSION      2       /* bump on any layout change below */
 #define XDPOIB_META_VERSION     1       /* first byte of every metadata record */
 
 #define XDPOIB_ETH_ALEN         6
@@ -293,11 +293,11 @@ struct xdpoib_inject_slot {
 /* ================================================================ map names and sizes */
 
 #define XDPOIB_MAX_VIFS         1024
-#define XDPOIB_MAX_PEERS        (1 << 20)
+#define XDPOIB_MAX_PEERS        (1 << 20)     /* peer ids are in [1, XDPOIB_MAX_PEERS) */
 #define XDPOIB_MAX_ADDRS        ((1 << 20) + 1024)
 #define XDPOIB_MAX_GROUPS       65536
 #define XDPOIB_VIF_SLOTS        1024    /* direct-mapped caches in front of the VIF hashes */
-#define XDPOIB_PEER_SLOTS       65536   /* direct-mapped caches in front of the peer hashes */
+#define XDPOIB_PEER_SLOTS       65536   /* direct-mapped cache in front of the REMAC hash */
 #define XDPOIB_MAX_VLANS        4096    /* array indexed by VID */
 #define XDPOIB_MAX_PKEYS        32768   /* array indexed by P_Key & 0x7fff */
 #define XDPOIB_MAX_XSKS         64

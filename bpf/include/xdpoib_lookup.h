@@ -2,8 +2,8 @@
 /*
  * xdpoib_lookup.h - finding VIFs and peers in the maps (BPF only).
  *
- * Includes: xdpoib_maps.h. Offers: vif_by_mac, peer_by_mac, vif_by_id, peer_by_id (each its
- * direct-mapped cache slot first, then the hash), addr_by_mac (MAC -> IPoIB address) and
+ * Includes: xdpoib_maps.h. Offers: vif_by_mac, peer_by_mac, vif_by_id (each its direct-mapped
+ * cache slot first, then the hash), peer_by_id (an array index), addr_by_mac (MAC -> IPoIB address) and
  * mac_by_addr ((QPN, GID) -> MAC), for the ARP and ND translations.
  */
 #ifndef XDPOIB_LOOKUP_H
@@ -77,20 +77,19 @@ static __always_inline struct xdpoib_vif *vif_by_id(u32 id)
 }
 
 /**
- * Find a peer by id: its cache slot, else the hash.
+ * Find a peer by id: the id is its index in xo_peer_id (no cache in front: an array lookup is
+ * already inline). Id 0 is never a peer; an index nobody holds is zeroed, so not valid.
  *
  * @v id        peer id
  * @ret the peer, or NULL
  */
 static __always_inline struct xdpoib_peer *peer_by_id(u32 id)
 {
-	u32 slot = XDPOIB_ID_SLOT(id, XDPOIB_PEER_SLOTS);
-	struct xdpoib_peer *p = xo_peerid_slot.lookup(&slot);
-	struct xdpoib_u32_key k = { .id = id };
+	struct xdpoib_peer *p = xo_peer_id.lookup(&id);
 
 	if (p && (p->flags & XDPOIB_F_VALID) && p->peer_id == id)
 		return p;
-	return xo_peer_id.lookup(&k);
+	return NULL;
 }
 
 /**

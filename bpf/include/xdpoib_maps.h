@@ -21,15 +21,15 @@ BPF_PERCPU_ARRAY(xo_stats, struct xdpoib_stats, XDPOIB_DIR_SLOTS);
 BPF_HASH(xo_vif_mac, struct xdpoib_mac_key, struct xdpoib_vif, XDPOIB_MAX_VIFS);
 BPF_HASH(xo_vif_id, struct xdpoib_u32_key, struct xdpoib_vif, XDPOIB_MAX_VIFS);
 
-/* Remote peers by REMAC (TX) and by id (RX). */
+/* Remote peers by REMAC (TX), and by id (RX): an array indexed by peer id (the agent keeps ids dense
+ * in [1, XDPOIB_MAX_PEERS); an unused index holds a zeroed value, without XDPOIB_F_VALID). */
 BPF_HASH(xo_peer_mac, struct xdpoib_mac_key, struct xdpoib_peer, XDPOIB_MAX_PEERS);
-BPF_HASH(xo_peer_id, struct xdpoib_u32_key, struct xdpoib_peer, XDPOIB_MAX_PEERS);
+BPF_ARRAY(xo_peer_id, struct xdpoib_peer, XDPOIB_MAX_PEERS);
 
-/* Direct-mapped caches in front of the four hashes above (see XDPOIB_MAC_SLOT). */
+/* Direct-mapped caches in front of the three hashes above (see XDPOIB_MAC_SLOT). */
 BPF_ARRAY(xo_vifmac_slot, struct xdpoib_vif, XDPOIB_VIF_SLOTS);
 BPF_ARRAY(xo_vifid_slot, struct xdpoib_vif, XDPOIB_VIF_SLOTS);
 BPF_ARRAY(xo_peermac_slot, struct xdpoib_peer, XDPOIB_PEER_SLOTS);
-BPF_ARRAY(xo_peerid_slot, struct xdpoib_peer, XDPOIB_PEER_SLOTS);
 
 /* (QPN, GID) -> MAC of a VIF or peer (RX: ARP/ND translation). */
 BPF_HASH(xo_by_addr, struct xdpoib_addr_key, struct xdpoib_mac_value, XDPOIB_MAX_ADDRS);

@@ -51,16 +51,18 @@ def test_batched_peer_load_and_delete(maps):
     t0 = time.perf_counter()
     maps.add_peers(peers)
     loaded = time.perf_counter() - t0
-    assert maps.peer_id.count() == n
+    assert maps.peer_count() == maps.peer_id.count() == maps.peer_mac.count() == n
     _, mac, addr = peers[12345]
     assert bytes(maps.peer_mac.get(abi.mac_key(mac)).addr) == addr
     assert bytes(maps.by_addr.get(abi.addr_key(addr)).mac) == mac
     t0 = time.perf_counter()
     maps.remove_peers(peers[: n // 2])
     removed = time.perf_counter() - t0
-    assert maps.peer_mac.count() == n - n // 2
+    assert maps.peer_mac.count() == maps.peer_count() == n - n // 2
     assert maps.peer_mac.clear() == n - n // 2
     assert maps.peer_mac.count() == 0
+    assert maps.peer_id.clear() == n - n // 2
+    assert maps.peer_id.count() == maps.peer_count() == 0
     print(f"\nbatched: {n} peers loaded in {loaded * 1e3:.0f} ms, {n // 2} removed in {removed * 1e3:.0f} ms")
 
 
@@ -139,7 +141,7 @@ def test_slot_cache_collisions_fall_back_to_the_hash(datapath, maps):
     a_mac = bytes.fromhex("020000abcdef")
     b_mac = next(m for m in (bytes([2, 0, 0, 0, x >> 8, x & 0xFF]) for x in range(1 << 16))
                  if m != a_mac and abi.mac_slot(m, abi.PEER_SLOTS) == abi.mac_slot(a_mac, abi.PEER_SLOTS))
-    b_id = 500 + abi.PEER_SLOTS                  # same id slot as 500
+    b_id = 500 + abi.PEER_SLOTS                  # an id past the REMAC cache size
     a = (500, a_mac, b"\0\0\1\1" + bytes(15) + b"\x0a")
     b = (b_id, b_mac, b"\0\0\1\2" + bytes(15) + b"\x0b")
     maps.add_peers([a, b])

@@ -65,13 +65,13 @@ def until(pred, timeout, step=0.25):
 
 
 def map_peers(ns) -> int:
-    """Peers in the pinned BPF peer-by-id map of ns's attachment."""
+    """Peers in the pinned BPF peer-by-id array of ns's attachment (its valid entries)."""
     from xdpoib.datapath.maps import Maps
     from xdpoib.pump import pin_dir
 
     m = Maps.open_pinned(pin_dir(state.attachment_id("eth4", ns)))
     try:
-        return m.peer_id.count()
+        return m.peer_count()
     finally:
         m.close()
 

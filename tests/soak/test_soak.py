@@ -102,7 +102,7 @@ def map_peers(aid: str) -> int:
 
     m = Maps.open_pinned(pin_dir(aid))
     try:
-        return m.peer_id.count()
+        return m.peer_count()
     finally:
         m.close()
 

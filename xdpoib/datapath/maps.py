@@ -20,17 +20,16 @@ from xdpoib.errors import XdpoibError
 
 PIN_ROOT = Path("/sys/fs/bpf/xdpoib")
 
-# map name -> (key type, value type, per-CPU)
+# map name -> (key type, value type, per-CPU); the array maps (keys are indexes) are in ARRAYS
 LAYOUT: dict[str, tuple[type, type, bool]] = {
     "xo_stats": (ct.c_uint32, abi.Stats, True),
     "xo_vif_mac": (abi.MacKey, abi.Vif, False),
     "xo_vif_id": (abi.U32Key, abi.Vif, False),
     "xo_peer_mac": (abi.MacKey, abi.Peer, False),
-    "xo_peer_id": (abi.U32Key, abi.Peer, False),
+    "xo_peer_id": (ct.c_uint32, abi.Peer, False),
     "xo_vifmac_slot": (ct.c_uint32, abi.Vif, False),
     "xo_vifid_slot": (ct.c_uint32, abi.Vif, False),
     "xo_peermac_slot": (ct.c_uint32, abi.Peer, False),
-    "xo_peerid_slot": (ct.c_uint32, abi.Peer, False),
     "xo_by_addr": (abi.AddrKey, abi.MacValue, False),
     "xo_group": (abi.MgidKey, abi.Group, False),
     "xo_vlan": (ct.c_uint32, abi.Vlan, False),
@@ -41,6 +40,10 @@ LAYOUT: dict[str, tuple[type, type, bool]] = {
     "xo_inject": (ct.c_uint32, abi.InjectSlot, False),
     "xo_inject_idx": (ct.c_uint32, ct.c_uint32, True),
 }
+# array maps that are not per-CPU -> their size (every index always exists: "empty" is a zeroed value)
+ARRAYS = {"xo_peer_id": abi.MAX_PEERS, "xo_vifmac_slot": abi.VIF_SLOTS, "xo_vifid_slot": abi.VIF_SLOTS,
+          "xo_peermac_slot": abi.PEER_SLOTS, "xo_vlan": abi.MAX_VLANS, "xo_pkey": abi.MAX_PKEYS,
+          "xo_config": 1, "xo_inject": abi.INJECT_SLOTS}
 BATCH = 4096
 _ENTITY = struct.Struct("<I6sBx20s")   # struct xdpoib_vif / xdpoib_peer
 
@@ -108,6 +111,18 @@ def _addr_keys(np, addrs):
     return keys
 
 
+def _check_ids(ids) -> None:
+    """Peer ids index the xo_peer_id array: each must be in [1, MAX_PEERS)."""
+    bad = [i for i in ids if not 0 < i < abi.MAX_PEERS]
+    if bad:
+        raise MapError(f"peer id {bad[0]} is outside [1, {abi.MAX_PEERS})")
+
+
+def _check_ids_np(ids) -> None:
+    if len(ids) and (int(ids.min()) == 0 or int(ids.max()) >= abi.MAX_PEERS):
+        _check_ids(ids[(ids == 0) | (ids >= abi.MAX_PEERS)][:1].tolist())
+
+
 def _parallel(*calls) -> None:
     """Run (fn, *args) calls on threads at once (bpf(2) releases the GIL: the kernel's hash inserts
     into different maps overlap); the first error is raised after all have finished."""
@@ -141,10 +156,13 @@ def possible_cpus() -> int:
 
 
 class Map:
-    """One BPF map with typed keys and values."""
+    """One BPF map with typed keys and values. An array map (`size`: its number of indexes) always holds
+    every index: `count` and `clear` treat a zeroed value as an empty slot."""
 
-    def __init__(self, fd: int, key_type: type, value_type: type, percpu: bool = False, name: str = ""):
+    def __init__(self, fd: int, key_type: type, value_type: type, percpu: bool = False, name: str = "",
+                 size: int | None = None):
         self.fd, self.key_type, self.value_type, self.percpu, self.name = fd, key_type, value_type, percpu, name
+        self.size = size
         self._ncpu = possible_cpus() if percpu else 1
 
     def _key(self, key):
@@ -185,8 +203,26 @@ class Map:
             k, nk = nk, self.key_type()
 
     def count(self) -> int:
-        """Return the number of elements (walks the keys)."""
+        """Return the number of elements (walks the keys); of an array, the indexes holding a value
+        that is not all zeroes (one batched read of the whole array)."""
+        if self.size is not None:
+            return len(self.used_indexes())
         return sum(1 for _ in self.keys())
+
+    def used_indexes(self) -> list[int]:
+        """An array map's indexes whose value is not all zeroes, read in one batched lookup."""
+        vs = ct.sizeof(self.value_type)
+        _, raw, n = bpfsys.map_lookup_batch(self.fd, 4, vs, self.size)
+        np = _np()
+        if np is not None:
+            rows = np.frombuffer(raw, np.uint8).reshape(n, vs)
+            return np.flatnonzero(rows.any(axis=1)).tolist()
+        zero = bytes(vs)
+        return [i for i in range(n) if raw[i * vs:(i + 1) * vs] != zero]
+
+    def zero_raw(self, indexes: bytes) -> int:
+        """Write zeroed values at an array map's indexes given as packed u32 (batched); return how many."""
+        return self.update_batch_raw(indexes, bytes(ct.sizeof(self.value_type) * (len(indexes) // 4)))
 
     def update_batch(self, pairs: Iterable[tuple]) -> int:
         """Insert or replace many (key, value) pairs, BATCH per bpf(2) call; return how many."""
@@ -231,7 +267,10 @@ class Map:
         return done
 
     def clear(self) -> int:
-        """Delete every element with batched deletes; return how many."""
+        """Delete every element with batched deletes (an array: zero every used index); return how many."""
+        if self.size is not None:
+            used = self.used_indexes()
+            return self.zero_raw(struct.pack(f"<{len(used)}I", *used))
         return self.delete_batch(list(self.keys()))
 
 
@@ -242,7 +281,7 @@ class Maps:
         self._fds, self._owned = fds, owned
         for name, (kt, vt, percpu) in LAYOUT.items():
             if name in fds:
-                setattr(self, name[3:], Map(fds[name], kt, vt, percpu, name))
+                setattr(self, name[3:], Map(fds[name], kt, vt, percpu, name, ARRAYS.get(name)))
 
     @classmethod
     def of(cls, dp) -> Maps:
@@ -277,26 +316,31 @@ class Maps:
 
     # --------------------------------------------------------------------------------- entities
 
-    def _fill_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
-        """Put entries (id, mac, packed value) into the direct-mapped caches (last one wins a slot)."""
+    def _fill_slots(self, by_mac: Map, by_id: Map | None, nslots: int,
+                    entries: list[tuple[int, bytes, bytes]]) -> None:
+        """Put entries (id, mac, packed value) into the direct-mapped caches (last one wins a slot);
+        by_id None: there is no cache by id (peers: the id map is an array already)."""
         mask = nslots - 1
         mac_slots = {((x := int.from_bytes(m[2:6], "big") ^ int.from_bytes(m[0:2], "big")) ^ (x >> 16)) & mask: v
                      for _, m, v in entries}
-        id_slots = {i & mask: v for i, _, v in entries}
+        id_slots = {i & mask: v for i, _, v in entries} if by_id is not None else {}
         for cache, slots in ((by_mac, mac_slots), (by_id, id_slots)):
             if slots:
                 cache.update_batch_raw(struct.pack(f"<{len(slots)}I", *slots), b"".join(slots.values()))
 
-    def _clear_slots(self, by_mac: Map, by_id: Map, nslots: int, entries: list[tuple[int, bytes, bytes]]) -> None:
-        """Empty the cache slots that hold any of these entries (checked by MAC or id), writing back
-        only the changed slots. Many entries: both caches are read whole (one batched lookup each);
-        a few (an idle peer, an eviction): only their slots are read, one lookup each, instead of
-        the 2 MiB of a whole cache."""
+    def _clear_slots(self, by_mac: Map, by_id: Map | None, nslots: int,
+                     entries: list[tuple[int, bytes, bytes]]) -> None:
+        """Empty the cache slots that hold any of these entries (checked by MAC or id; by_id None: no
+        cache by id), writing back only the changed slots. Many entries: the caches are read whole (one
+        batched lookup each); a few (an idle peer, an eviction): only their slots are read, one lookup
+        each, instead of the 2 MiB of a whole cache."""
         vs = ct.sizeof(by_mac.value_type)
         few = len(entries) * 64 < nslots
-        for cache, slot_of, match in (
-                (by_mac, lambda e: abi.mac_slot(e[1], nslots), lambda e, v: v[4:10] == e[1]),
-                (by_id, lambda e: abi.id_slot(e[0], nslots), lambda e, v: int.from_bytes(v[0:4], "little") == e[0])):
+        caches = [(by_mac, lambda e: abi.mac_slot(e[1], nslots), lambda e, v: v[4:10] == e[1])]
+        if by_id is not None:
+            caches.append((by_id, lambda e: abi.id_slot(e[0], nslots),
+                           lambda e, v: int.from_bytes(v[0:4], "little") == e[0]))
+        for cache, slot_of, match in caches:
             if few:
                 slots = {slot_of(e) for e in entries}
                 vals, n = {}, nslots
@@ -350,12 +394,13 @@ class Maps:
         peers = self._packed(peers)
         if not peers:
             return
+        _check_ids(i for i, _, _ in peers)
         macs = b"".join(m + b"\0\0" for _, m, _ in peers)
         vals = b"".join(v for _, _, v in peers)
         self.peer_mac.update_batch_raw(macs, vals)
         self.peer_id.update_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)), vals)
         self.by_addr.update_batch_raw(b"".join(v[13:16] + b"\0" + v[16:32] for _, _, v in peers), macs)
-        self._fill_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
+        self._fill_slots(self.peermac_slot, None, abi.PEER_SLOTS, peers)
         self._reassert_vif_addrs()
 
     def _reassert_vif_addrs(self) -> None:
@@ -384,18 +429,20 @@ class Maps:
                 return
             peers = list(batch.tuples())
         peers = [(i, bytes(m), bytes(a)) for i, m, a in peers]
-        self._clear_slots(self.peermac_slot, self.peerid_slot, abi.PEER_SLOTS, peers)
+        _check_ids(i for i, _, _ in peers)
+        self._clear_slots(self.peermac_slot, None, abi.PEER_SLOTS, peers)
         self.peer_mac.delete_batch_raw(b"".join(m + b"\0\0" for _, m, _ in peers))
-        self.peer_id.delete_batch_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)))
+        self.peer_id.zero_raw(struct.pack(f"<{len(peers)}I", *(i for i, _, _ in peers)))
         self.by_addr.delete_batch_raw(b"".join(a[1:4] + b"\0" + a[4:20] for _, _, a in peers))
         self._reassert_vif_addrs()
 
-    # ---- big loads: packed with numpy, the three hashes written by three threads at once
+    # ---- big loads: packed with numpy, the two hashes and the id array written by three threads at once
 
     def _add_peers_big(self, b: PeerBatch) -> None:
         np = _np()
         n = len(b)
         ids = np.frombuffer(b.ids, "<u4")
+        _check_ids_np(ids)
         macs = np.frombuffer(b.macs, np.uint8).reshape(n, 6)
         addrs = np.frombuffer(b.addrs, np.uint8).reshape(n, 20)
         vals = np.zeros((n, 32), np.uint8)                  # struct xdpoib_peer
@@ -410,37 +457,44 @@ class Maps:
         mk = mackeys.tobytes()
         _parallel((self.peer_mac.update_batch_raw, mk, v), (self.peer_id.update_batch_raw, b.ids, v),
                   (self.by_addr.update_batch_raw, addrkeys.tobytes(), mk))
-        mask = abi.PEER_SLOTS - 1
-        for cache, slot in ((self.peermac_slot, _mac_slots(np, macs) & mask), (self.peerid_slot, ids & mask)):
-            _, first = np.unique(slot[::-1], return_index=True)       # the last entry wins a slot
-            last = n - 1 - first
-            cache.update_batch_raw(slot[last].astype("<u4").tobytes(), vals[last].tobytes())
+        slot = _mac_slots(np, macs) & (abi.PEER_SLOTS - 1)
+        _, first = np.unique(slot[::-1], return_index=True)           # the last entry wins a slot
+        last = n - 1 - first
+        self.peermac_slot.update_batch_raw(slot[last].astype("<u4").tobytes(), vals[last].tobytes())
         self._reassert_vif_addrs()
 
     def _remove_peers_big(self, b: PeerBatch) -> None:
         np = _np()
         n = len(b)
         ids = np.frombuffer(b.ids, "<u4")
+        _check_ids_np(ids)
         macs = np.frombuffer(b.macs, np.uint8).reshape(n, 6)
         addrs = np.frombuffer(b.addrs, np.uint8).reshape(n, 20)
         nslots, vs = abi.PEER_SLOTS, ct.sizeof(abi.Peer)
-        for cache, slot, match in ((self.peermac_slot, _mac_slots(np, macs) & (nslots - 1), (4, macs)),
-                                   (self.peerid_slot, ids & (nslots - 1), (0, ids.view(np.uint8).reshape(n, 4)))):
-            _, raw, got = bpfsys.map_lookup_batch(cache.fd, 4, vs, nslots)
-            rows = np.frombuffer(raw, np.uint8).reshape(got, vs)
-            ok = slot < got
-            slot, want = slot[ok], match[1][ok]
-            cur = rows[slot]
-            off, width = match[0], want.shape[1]
-            hit = (cur[:, 10] & abi.F_VALID).astype(bool) & (cur[:, off:off + width] == want).all(axis=1)
-            hits = np.unique(slot[hit]).astype("<u4")
-            if len(hits):
-                cache.update_batch_raw(hits.tobytes(), bytes(vs * len(hits)))
+        slot = _mac_slots(np, macs) & (nslots - 1)
+        _, raw, got = bpfsys.map_lookup_batch(self.peermac_slot.fd, 4, vs, nslots)
+        rows = np.frombuffer(raw, np.uint8).reshape(got, vs)
+        ok = slot < got
+        slot, want = slot[ok], macs[ok]
+        cur = rows[slot]
+        hit = (cur[:, 10] & abi.F_VALID).astype(bool) & (cur[:, 4:10] == want).all(axis=1)
+        hits = np.unique(slot[hit]).astype("<u4")
+        if len(hits):
+            self.peermac_slot.zero_raw(hits.tobytes())
         mackeys = np.zeros((n, 8), np.uint8)
         mackeys[:, :6] = macs
-        _parallel((self.peer_mac.delete_batch_raw, mackeys.tobytes()), (self.peer_id.delete_batch_raw, b.ids),
+        _parallel((self.peer_mac.delete_batch_raw, mackeys.tobytes()), (self.peer_id.zero_raw, b.ids),
                   (self.by_addr.delete_batch_raw, _addr_keys(np, addrs).tobytes()))
         self._reassert_vif_addrs()
+
+    def peer_count(self) -> int:
+        """Peers in the maps: valid entries of the id array (what RX finds; one batched read)."""
+        vs = ct.sizeof(abi.Peer)
+        _, raw, n = bpfsys.map_lookup_batch(self.peer_id.fd, 4, vs, abi.MAX_PEERS)
+        np = _np()
+        if np is not None:
+            return int(np.count_nonzero(np.frombuffer(raw, np.uint8).reshape(n, vs)[:, 10] & abi.F_VALID))
+        return sum(1 for i in range(n) if raw[i * vs + 10] & abi.F_VALID)
 
     def remove_vifs(self, vifs: Iterable[tuple[int, bytes, bytes]]) -> None:
         """Remove VIFs given as (vif_id, mac, addr20), batched."""
@@ -485,7 +539,7 @@ class Maps:
         for m in (self.vif_mac, self.vif_id, self.peer_mac, self.peer_id, self.by_addr, self.group):
             m.clear()
         for cache, n in ((self.vifmac_slot, abi.VIF_SLOTS), (self.vifid_slot, abi.VIF_SLOTS),
-                         (self.peermac_slot, abi.PEER_SLOTS), (self.peerid_slot, abi.PEER_SLOTS)):
+                         (self.peermac_slot, abi.PEER_SLOTS)):
             cache.update_batch_raw(struct.pack(f"<{n}I", *range(n)), bytes(ct.sizeof(cache.value_type) * n))
         self.clear_partitions()
 
