@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from xdpoib.abi import MAX_PEERS
 from xdpoib.wire.addr import IPoIBAddr, RemacTable, gid_str, mac_str, parse_gid
 from xdpoib.wire.oracle import Peer, Tables, Vif
 
@@ -134,6 +135,7 @@ class PeerTable(Tables):
         self._next_id = next_id
         self._ids: dict[tuple[int, bytes], int] = {}
         self._gone: OrderedDict[tuple[int, bytes], None] = OrderedDict()   # reserved, oldest first
+        self._free: list[int] = []  # ids below _next_id held by nobody (dropped reservations): used first
         self.on_new = None          # called with each new PeerEntry (the datapath installs it)
         self.on_removed = None      # called with (entries, why) when peers leave the table
         self.on_lid_change = None   # called with (entry, old_lid) when a known peer's LID changed
@@ -155,9 +157,7 @@ class PeerTable(Tables):
         if e is None:
             pid = self._ids.get(key)
             if pid is None:
-                pid = self._next_id
-                self._next_id += 1
-                self._ids[key] = pid
+                pid = self._ids[key] = self._new_id()
             e = PeerEntry(pid, self.remacs.assign(addr.gid, addr.qpn), addr)
             self._gone.pop(key, None)
             if self.max_peers is not None and len(self.entries) >= self.max_peers:
@@ -185,6 +185,26 @@ class PeerTable(Tables):
             self._by_lid[(lid, addr.qpn)] = e           # e.lid was set from a PathRecord, not indexed
         e.last_seen = time.monotonic()
         return e
+
+    def _new_id(self) -> int:
+        """An id for a new peer, in [1, MAX_PEERS) (the index of the BPF id array): a recycled one
+        first; with none left, the oldest reservation is dropped, or else a peer evicted, for its id."""
+        if self._free:
+            return self._free.pop()
+        if self._next_id < MAX_PEERS:
+            self._next_id += 1
+            return self._next_id - 1
+        if not self._gone:
+            self.evict(1)
+        self._drop_oldest()
+        return self._free.pop()
+
+    def _drop_oldest(self) -> None:
+        qpn, gid = self._gone.popitem(last=False)[0]
+        pid = self._ids.pop((qpn, gid), None)
+        if pid is not None:
+            self._free.append(pid)
+        self.remacs.forget(gid, qpn)
 
     def remove(self, entries, why: str = "idle") -> list[PeerEntry]:
         """Take peers out of the table (their REMAC and id stay reserved); returns those removed."""
@@ -222,9 +242,7 @@ class PeerTable(Tables):
         limit = self.max_reserved
         dropped = 0
         while limit is not None and len(self._gone) > limit:
-            qpn, gid = self._gone.popitem(last=False)[0]
-            self._ids.pop((qpn, gid), None)
-            self.remacs.forget(gid, qpn)
+            self._drop_oldest()
             dropped += 1
         return dropped
 
@@ -299,18 +317,37 @@ class PeerTable(Tables):
             self._ids[(int(r[1]), gid(r[0]))] = int(r[4])
         for r in kept:
             self._ids[(int(r[1]), gid(r[0]))] = int(r[2])
-        self._next_id = max(self._next_id, int(data.get("next_id", 1)), max(self._ids.values(), default=0) + 1)
+        self._renumber(int(data.get("next_id", 1)))
         for r in rows:                        # known peers come back at once (paths resolve on use)
             self.learn(IPoIBAddr(int(r[2]), int(r[1]), gid(r[0])), lid=r[3])
         gids.clear()
         for r in kept:
             self._gone[(int(r[1]), parse_gid(r[0]))] = None
 
+    def _renumber(self, saved_next: int) -> None:
+        """After restoring `_ids`: ids outside [1, MAX_PEERS) (a state file of an older version, whose
+        ids only grew) or held twice get new ones (ids are internal: REMACs stay); the free list is
+        every id below next_id nobody holds."""
+        used: set[int] = set()
+        bad = []
+        for key, pid in self._ids.items():
+            if 0 < pid < MAX_PEERS and pid not in used:
+                used.add(pid)
+            else:
+                bad.append(key)
+        self._next_id = min(MAX_PEERS, max(self._next_id, saved_next, max(used, default=0) + 1))
+        self._free = sorted(set(range(1, self._next_id)) - used, reverse=True)
+        for key in bad:
+            if not self._free and self._next_id >= MAX_PEERS:
+                del self._ids[key]            # no id left: this one is forgotten (its REMAC too, below)
+                continue
+            self._ids[key] = self._new_id()
+
     def _restore_v1(self, data: dict, vifs: set) -> None:
         self.remacs = RemacTable.from_json(data.get("remacs", []), reserved=vifs)
         for it in data.get("ids", []):
             self._ids[(int(it["qpn"]), parse_gid(it["gid"]))] = int(it["id"])
-        self._next_id = max([self._next_id, int(data.get("next_id", 1)), *[i + 1 for i in self._ids.values()]])
+        self._renumber(int(data.get("next_id", 1)))
         for it in data.get("peers", []):
             self.learn(IPoIBAddr(int(it.get("flags", 0)), int(it["qpn"]), parse_gid(it["gid"])), lid=it.get("lid"))
         for key in self._ids:                 # the rest are reservations of peers removed earlier

@@ -145,3 +145,37 @@ def test_state_of_the_earlier_format_is_read():
     u.restore(old)
     (f,) = u.entries.values()
     assert (f.peer_id, f.remac, f.lid) == (1, e.remac, 4)
+
+
+def test_ids_of_dropped_reservations_are_recycled():
+    t = PeerTable([], {0: 0xFFFF})
+    t.max_reserved = 0
+    es = [t.learn(IPoIBAddr(0, 0x100 + i, gid(i))) for i in range(1, 6)]
+    assert [e.peer_id for e in es] == [1, 2, 3, 4, 5]
+    t.remove(es[1:3])
+    assert t.reserved == 0
+    back = [t.learn(IPoIBAddr(0, 0x200 + i, gid(100 + i))).peer_id for i in range(3)]
+    assert sorted(back[:2]) == [2, 3] and back[2] == 6          # freed ids first, then new ones
+
+
+def test_bound_on_peers_plus_reservations():
+    from xdpoib import abi
+
+    with pytest.raises(AgingError, match="must stay below"):
+        AgingConfig.from_env({"XDPOIB_MAX_PEERS": str(abi.MAX_PEERS // 2),
+                              "XDPOIB_MAX_RESERVED": str(abi.MAX_PEERS // 2)})
+
+
+def test_restore_rebuilds_the_free_list_and_renumbers_big_ids():
+    from xdpoib import abi
+    t = PeerTable([], {0: 0xFFFF})
+    es = [t.learn(IPoIBAddr(0, 0x100 + i, gid(i))) for i in range(1, 5)]
+    data = t.to_json()
+    data["peers"] = [r for r in data["peers"] if r[4] != 2]           # id 2 held by nobody
+    data["peers"][-1][4] = abi.MAX_PEERS + 7                           # an older version's id
+    u = PeerTable([], {0: 0xFFFF})
+    u.restore(data)
+    ids = {e.remac: e.peer_id for e in u.entries.values()}
+    assert all(0 < i < abi.MAX_PEERS for i in ids.values()) and len(set(ids.values())) == 3
+    assert set(ids) == {e.remac for e in es if e.peer_id != 2}         # REMACs unchanged
+    assert u.learn(IPoIBAddr(0, 0x999, gid(99))).peer_id not in ids.values()

@@ -88,6 +88,13 @@ class AgingConfig:
             kw[f.name] = value
         return cls(**kw)
 
+    def __post_init__(self):
+        from xdpoib.abi import MAX_PEERS
+
+        if self.max_peers + self.max_reserved >= MAX_PEERS:
+            raise AgingError(f"XDPOIB_MAX_PEERS + XDPOIB_MAX_RESERVED must stay below {MAX_PEERS} (the peer ids "
+                             f"of the datapath), not {self.max_peers} + {self.max_reserved}")
+
 
 # ================================================================ the SA gate
 
