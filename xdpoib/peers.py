@@ -195,8 +195,9 @@ class PeerTable(Tables):
             self._next_id += 1
             return self._next_id - 1
         if not self._gone:
-            self.evict(1)
-        self._drop_oldest()
+            self.evict(1)                     # its reservation may be trimmed at once: then its id is free
+        if not self._free:
+            self._drop_oldest()
         return self._free.pop()
 
     def _drop_oldest(self) -> None:
