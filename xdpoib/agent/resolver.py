@@ -99,15 +99,8 @@ class Resolver:
                 log.warning("path to %s (retry in %.0f s): %s", gid_str(gid), delay, res)
                 return
             self.backoff.succeeded(key)
-            e.path_mtu, e.path, e.ah, e.path_from_wc = mtu, path, ah, 0
             e.lid = e.lid or res.dlid
-            e.path_state, e.resolved_at = "resolved", now
-            a.stats["paths_resolved"] += 1
-            if e.pending:
-                queued = list(e.pending)
-                e.pending.clear()
-                for qp, fr in queued:
-                    a.forwarder.send_peer(e, [fr], qp=qp)
+            self._use(e, path, ah, "paths_resolved")
         a.sa_worker.submit(key, lambda: sa.path(gid, sgid=sgid, pkey=pkey), done)
 
     def reverse(self, e: PeerEntry) -> bool:
@@ -125,15 +118,19 @@ class Resolver:
         except Exception as ex:                 # resolving as before is still possible
             log.warning("a reverse path to LID %d: %s", slid, ex)
             return False
-        e.path_mtu, e.path, e.ah, e.path_from_wc = a.ib_mtu, path, ah, 1
+        self._use(e, path, ah, "paths_reversed", from_wc=1)
+        return True
+
+    def _use(self, e: PeerEntry, path, ah, counter: str, from_wc: int = 0) -> None:
+        """e's path is now `path` (its AH `ah`): resolved, counted under `counter`, frames held sent."""
+        e.path_mtu, e.path, e.ah, e.path_from_wc = path.mtu, path, ah, from_wc
         e.path_state, e.resolved_at = "resolved", time.monotonic()
-        a.stats["paths_reversed"] += 1
+        self.a.stats[counter] += 1
         if e.pending:
             queued = list(e.pending)
             e.pending.clear()
             for qp, fr in queued:
-                a.forwarder.send_peer(e, [fr], qp=qp)
-        return True
+                self.a.forwarder.send_peer(e, [fr], qp=qp)
 
     def refine(self, e: PeerEntry, qp=None) -> None:
         """A send over a reverse path not asked for yet: ask the SA for the real one in the background
@@ -246,15 +243,8 @@ class Resolver:
             log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
             return
         self.backoff.succeeded(("path", e.addr.key))
-        e.path_mtu, e.path, e.ah, e.path_from_wc = mtu, path, ah, 0
         e.lid = e.lid or res.dlid
-        e.path_state, e.resolved_at = "resolved", time.monotonic()
-        a.stats["paths_resolved"] += 1
-        if e.pending:
-            queued = list(e.pending)
-            e.pending.clear()
-            for qp, fr in queued:
-                a.forwarder.send_peer(e, [fr], qp=qp)
+        self._use(e, path, ah, "paths_resolved")
 
     def who_is(self, slid: int, qpn: int) -> None:
         """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA
