@@ -1,13 +1,15 @@
-"""`xdpoib bench datapath|e2e|control`: the BPF programs' cost per packet as ratios to a no-op program,
+"""`xdpoib bench datapath|e2e|control|tap`: the BPF programs' cost per packet as ratios to a no-op program,
 xdpoib end to end against its plumbing ceiling, a naive Python translator, veth and VXLAN, measured in
-the same run (`xdpoib.bench_e2e`), and the control plane at scale (`xdpoib.bench_control`)."""
+the same run (`xdpoib.bench_e2e`), the control plane at scale (`xdpoib.bench_control`), and what tap
+mode's bridge + veth hop costs a guest's frames against XDP on the TAP (`xdpoib.bench_tap`)."""
 
 from __future__ import annotations
 
 import json
 
 NAME = "bench"
-HELP = "measure the BPF datapath (ns/packet vs a no-op), xdpoib end to end against its baselines, or the control plane"
+HELP = ("measure the BPF datapath (ns/packet vs a no-op), xdpoib end to end against its baselines, the control "
+        "plane, or tap mode's hop")
 EPILOG = """examples:
   xdpoib bench datapath                 table of ns/packet and ratios (repeat 1e6, 5 rounds)
   xdpoib bench datapath --json          one JSON object: noop_ns_per_packet, tx, rx, arp
@@ -18,24 +20,30 @@ EPILOG = """examples:
   xdpoib bench e2e --systems xdpoib,veth --sizes MTU
   xdpoib bench control                  SA path/join rates, first packet, 1e5/1e6-peer maps, agent RSS (~1 min)
   xdpoib bench control --json --queries 300 --joins 50 --new-peers 1    quick, noisy
+  xdpoib bench tap                      tap mode's hop vs XDP on the TAP: frames/s, CPU per frame (~40 s)
+  xdpoib bench tap --json --seconds 0.5 --rounds 1    quick, noisy
 """
 
 
 def configure(p):
+    from xdpoib import bench_tap
     from xdpoib.bench_control import DEFAULT_JOINS, DEFAULT_QUERIES, DEFAULT_ROUNDS
     from xdpoib.bench_e2e import DEFAULT_RATES, DEFAULT_SECONDS, DEFAULT_SIZES, DEFAULT_TCP_SECONDS, SYSTEMS
 
-    p.add_argument("what", choices=["datapath", "e2e", "control"], help="what to measure")
+    p.add_argument("what", choices=["datapath", "e2e", "control", "tap"], help="what to measure")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
     p.add_argument("--repeat", type=int, default=1_000_000, help="datapath: test_run repetitions per sample")
-    p.add_argument("--rounds", type=int, default=5, help="datapath: interleaved rounds, the median is reported")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="datapath, tap: interleaved rounds, the median is reported "
+                        f"(default 5; tap {bench_tap.DEFAULT_ROUNDS})")
     p.add_argument("--samples", type=int, default=20_000, help="datapath: single-shot calls per program")
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), metavar="LIST",
                    help="e2e: Ethernet frame sizes in bytes without FCS, MTU = eth4's MTU + 14 (default %(default)s)")
     p.add_argument("--rates", default=",".join(f"{r // 1000}k" if r else "0" for r in DEFAULT_RATES),
                    metavar="LIST", help="e2e: offered packets per second, 0 = unlimited (default %(default)s)")
-    p.add_argument("--seconds", type=int, default=DEFAULT_SECONDS,
-                   help="e2e: seconds per UDP sample (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"e2e: seconds per UDP sample, a whole number (default {DEFAULT_SECONDS}); "
+                        f"tap: seconds per sample (default {bench_tap.DEFAULT_SECONDS:g})")
     p.add_argument("--tcp-seconds", type=int, default=DEFAULT_TCP_SECONDS,
                    help="e2e: seconds of the TCP run (default %(default)s)")
     p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
@@ -56,6 +64,9 @@ def run(args) -> int:
         return run_e2e_cli(args)
     if args.what == "control":
         return run_control_cli(args)
+    if args.what == "tap":
+        return run_tap_cli(args)
+    args.rounds = 5 if args.rounds is None else args.rounds
     if args.repeat < 1 or args.rounds < 1 or args.samples < 1:
         raise UsageError("--repeat, --rounds and --samples must be positive")
     from xdpoib.datapath.bench import run_bench
@@ -81,6 +92,10 @@ def run_e2e_cli(args) -> int:
     from xdpoib.errors import PrerequisiteError, UsageError
 
     sizes, rates, systems = e2e.parse_sizes(args.sizes), e2e.parse_rates(args.rates), e2e.parse_systems(args.systems)
+    seconds = e2e.DEFAULT_SECONDS if args.seconds is None else args.seconds
+    if seconds != int(seconds):
+        raise UsageError("--seconds must be a whole number of seconds for e2e")
+    args.seconds = int(seconds)
     if args.seconds < 1 or args.tcp_seconds < 1:
         raise UsageError("--seconds and --tcp-seconds must be at least 1")
     if os.geteuid() != 0:
@@ -106,4 +121,21 @@ def run_control_cli(args) -> int:
     res = bc.run_control(args.queries, args.joins, args.new_peers,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(res) if args.json else bc.format_table(res))
+    return 0
+
+
+def run_tap_cli(args) -> int:
+    import os
+    import sys
+
+    from xdpoib import bench_tap as bt
+    from xdpoib.errors import PrerequisiteError
+
+    seconds = bt.DEFAULT_SECONDS if args.seconds is None else args.seconds
+    rounds = bt.DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    bt.check_settings(seconds, rounds)
+    if os.geteuid() != 0:
+        raise PrerequisiteError("xdpoib bench tap must be run as root (TAP, bridge, veth, XDP)")
+    res = bt.run_tap(seconds, rounds, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(res) if args.json else bt.format_table(res))
     return 0
