@@ -30,6 +30,10 @@ Method:
   IPv4 and TCP checksums (so partial checksums were completed and super-frames segmented on the way).
   Over the whole run the counter also says how many frames above 1514 bytes reached XDP behind the
   hop (`oversize`: 0 when the hop does its job). `checks` has the problems found per hop kind (none: []).
+  The checksums are the telling part: a veth whose peer runs XDP drops GSO from its own features, so
+  super-frames are segmented on the way even with the hop's offloads left on, but their checksums,
+  like those of partial frames, then reach XDP unfinished (tests/integration/test_bench_tap.py has
+  that negative control).
 
 Everything is named `xbt<tag>...` (the TAP `t`, the bridge `r`, the veth ends `s` and `o`) and removed
 on the way out, even on an error, Ctrl-C or SIGTERM; the TAP is not persistent, so it also goes with

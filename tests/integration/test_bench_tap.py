@@ -1,7 +1,8 @@
 """`xdpoib bench tap` through the real CLI with short samples: one JSON object with the expected keys,
 every rate and CPU figure positive, the frames behind the hop MTU-sized with valid checksums (none above
-1514 bytes reached XDP, TSO super-frames included), and no `xbt*` link left. Figures are printed,
-never asserted against a target."""
+1514 bytes reached XDP, TSO super-frames included), and no `xbt*` link left; and, as a negative
+control, the check does flag a hop whose veth end kept its offloads. Figures are printed, never
+asserted against a target."""
 
 from __future__ import annotations
 
@@ -50,3 +51,27 @@ def test_bench_tap_refuses_bad_settings_before_creating_anything():
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert args[0] in r.stderr
     assert not links_left()
+
+
+def test_the_check_sees_a_hop_with_its_offloads_left_on(monkeypatch):
+    """Negative control: with tx checksum, TSO and USO left on at the bridge's veth end (as the agent
+    does not leave them), the partial checksums reach XDP unfinished and the bench says so."""
+    need_root()
+    need_cmd("ip", "ethtool")
+    need_module("bcc")
+    need_file("/dev/net/tun")
+    from xdpoib import bench_tap, link
+
+    real = link.set_offloads
+
+    def left_on(ifname, netns=None, **wanted):
+        if ifname.startswith("xbt") and ifname.endswith("s"):
+            wanted = {"tx": True, "tso": True, "uso": True, "gro": True}
+        return real(ifname, netns, **wanted)
+
+    monkeypatch.setattr(link, "set_offloads", left_on)
+    res = bench_tap.run_tap(0.2, 1)
+    assert res["checks"]["hop_complete"] == []
+    assert "bad TCP checksum" in res["checks"]["hop_partial"], res["checks"]
+    assert "bad TCP checksum" in res["checks"]["hop_tso"], res["checks"]
+    assert not links_left(), links_left()
