@@ -60,6 +60,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.teardown import Teardown
 
 SYSTEMS = ("xdpoib", "ceiling", "naive", "veth", "vxlan")
 AGENT_DATAPATHS = {"xdpoib": None, "ceiling": "ceiling"}     # XDPOIB_DATAPATH for the attach command
@@ -241,7 +242,8 @@ class Testbed:
         self.fabrics: list[str] = []
         self.mtu = FALLBACK_MTU
         self.log = log or (lambda msg: None)
-        self._stack = contextlib.ExitStack()
+        self._undo = Teardown("xdpoib bench e2e")
+        self._later = self._undo.later
         self._tmp: str | None = None
 
     # ---- lifetime
@@ -252,27 +254,9 @@ class Testbed:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _later(self, fn, *args) -> None:
-        """Undo a step on close, whatever happens to the others."""
-        def quietly():
-            try:
-                fn(*args)
-            except Exception as e:          # cleanup goes on and says what it could not do
-                print(f"xdpoib bench e2e: cleanup: {e}", file=sys.stderr)
-        self._stack.callback(quietly)
-
     def close(self) -> None:
         """Remove everything, with Ctrl-C and SIGTERM held off until it is done."""
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        with contextlib.suppress(ValueError):               # not the main thread: nothing to hold off
-            for s in old:
-                signal.signal(s, signal.SIG_IGN)
-        try:
-            self._stack.close()
-        finally:
-            with contextlib.suppress(ValueError):
-                for s, h in old.items():
-                    signal.signal(s, h)
+        self._undo.close()
 
     def spawn(self, argv: list[str], **kw) -> subprocess.Popen:
         """A child in its own session (Ctrl-C reaches only the bench), stopped by PID on close."""

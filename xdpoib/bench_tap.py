@@ -54,6 +54,7 @@ import time
 import uuid
 
 from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.teardown import Teardown
 
 DEFAULT_SECONDS, DEFAULT_ROUNDS = 3.0, 3
 FRAME = 1514                                  # Ethernet frame without FCS at MTU 1500
@@ -151,7 +152,8 @@ class Bench:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
         self.tap, self.bridge, self.side, self.far = (f"xbt{tag}{c}" for c in "trso")
-        self._stack = contextlib.ExitStack()
+        self._undo = Teardown("xdpoib bench tap")
+        self._later = self._undo.later
         self.fd = -1
         self.prog = None
         self.on: str | None = None            # where the counter is attached: tap or hop
@@ -162,28 +164,9 @@ class Bench:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _later(self, fn, *args) -> None:
-        def quietly():
-            try:
-                fn(*args)
-            except Exception as e:                  # cleanup goes on and says what it could not do
-                import sys
-
-                print(f"xdpoib bench tap: cleanup: {e}", file=sys.stderr)
-        self._stack.callback(quietly)
-
     def close(self) -> None:
         """Remove everything, with Ctrl-C and SIGTERM held off until it is done."""
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        with contextlib.suppress(ValueError):
-            for s in old:
-                signal.signal(s, signal.SIG_IGN)
-        try:
-            self._stack.close()
-        finally:
-            with contextlib.suppress(ValueError):
-                for s, h in old.items():
-                    signal.signal(s, h)
+        self._undo.close()
 
     def setup(self) -> None:
         """The TAP (held by this process, as qemu holds it), the hop built as the agent builds it, and
