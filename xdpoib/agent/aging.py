@@ -287,8 +287,6 @@ class Aging:
     def refresh_path(self, e) -> None:
         """Ask the SA again for a resolved peer's path (fresh, not from the client's cache); the old AH
         keeps sending until the answer, which replaces path and AH (and the LID if it moved)."""
-        from xdpoib.fabric.base import Path
-
         a = self.a
         key = ("path", e.addr.key)
         if a.sa_worker.pending(key):
@@ -309,9 +307,7 @@ class Aging:
                 e.resolved_at = time.monotonic() - self.cfg.path_ttl_s + 5.0     # again in ~5 s
                 return
             try:
-                mtu = min(res.mtu_bytes or a.ib_mtu, a.ib_mtu)
-                path = Path(dlid=res.dlid, sl=res.sl, mtu=mtu)
-                ah = a.backend.create_ah(path)
+                path, ah = a.resolver.path_of(res)
             except XdpoibError as ex:
                 log.warning("refreshing the path to %s: %s", e.addr, ex)
                 return
@@ -321,9 +317,7 @@ class Aging:
                     a.stats["path_lid_changes"] += 1
             if res.dlid and e.lid != res.dlid:
                 a.peers.learn(e.addr, lid=res.dlid)     # moves its LID index; counts the change
-            e.path, e.ah, e.path_mtu, e.path_from_wc = path, ah, mtu, 0
-            e.path_state, e.resolved_at = "resolved", time.monotonic()
-            a.stats["paths_refreshed"] += 1
+            a.resolver.use_path(e, path, ah, "paths_refreshed")
         a.sa_worker.submit(key, call, done)
 
     def sweep(self) -> None:

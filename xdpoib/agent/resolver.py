@@ -64,8 +64,6 @@ class Resolver:
     def resolve(self, e: PeerEntry, qp=None) -> None:
         """Ask the SA worker for a PathRecord (unless one is in flight or the peer is backing off), in
         the partition of the QP the frames go out from (a VLAN's, or the attachment's)."""
-        from xdpoib.fabric.base import Path
-
         a = self.a
         key = ("path", e.addr.key)
         if a.sa_worker.pending(key) or not self.backoff.ready(key):
@@ -81,9 +79,7 @@ class Resolver:
             now = time.monotonic()
             if ok:
                 try:
-                    mtu = min(res.mtu_bytes or a.ib_mtu, a.ib_mtu)
-                    path = Path(dlid=res.dlid, sl=res.sl, mtu=mtu)
-                    ah = a.backend.create_ah(path)
+                    path, ah = self.path_of(res)
                 except Exception as ex:
                     ok, res = False, ex
             if not ok and e.path_from_wc and e.path_state == "resolved":
@@ -100,7 +96,7 @@ class Resolver:
                 return
             self.backoff.succeeded(key)
             e.lid = e.lid or res.dlid
-            self._use(e, path, ah, "paths_resolved")
+            self.use_path(e, path, ah, "paths_resolved")
         a.sa_worker.submit(key, lambda: sa.path(gid, sgid=sgid, pkey=pkey), done)
 
     def reverse(self, e: PeerEntry) -> bool:
@@ -118,10 +114,19 @@ class Resolver:
         except Exception as ex:                 # resolving as before is still possible
             log.warning("a reverse path to LID %d: %s", slid, ex)
             return False
-        self._use(e, path, ah, "paths_reversed", from_wc=1)
+        self.use_path(e, path, ah, "paths_reversed", from_wc=1)
         return True
 
-    def _use(self, e: PeerEntry, path, ah, counter: str, from_wc: int = 0) -> None:
+    def path_of(self, res):
+        """The path and AH a PathRecord answer gives (its MTU capped at the link's); raises what
+        making the AH raises."""
+        from xdpoib.fabric.base import Path
+
+        a = self.a
+        path = Path(dlid=res.dlid, sl=res.sl, mtu=min(res.mtu_bytes or a.ib_mtu, a.ib_mtu))
+        return path, a.backend.create_ah(path)
+
+    def use_path(self, e: PeerEntry, path, ah, counter: str, from_wc: int = 0) -> None:
         """e's path is now `path` (its AH `ah`): resolved, counted under `counter`, frames held sent."""
         e.path_mtu, e.path, e.ah, e.path_from_wc = path.mtu, path, ah, from_wc
         e.path_state, e.resolved_at = "resolved", time.monotonic()
@@ -232,19 +237,14 @@ class Resolver:
 
     def _path_found(self, e: PeerEntry, res) -> None:
         """A PathRecord answered for e (as `resolve` records one): AH, state, the frames held."""
-        from xdpoib.fabric.base import Path
-
-        a = self.a
         try:
-            mtu = min(res.mtu_bytes or a.ib_mtu, a.ib_mtu)
-            path = Path(dlid=res.dlid, sl=res.sl, mtu=mtu)
-            ah = a.backend.create_ah(path)
+            path, ah = self.path_of(res)
         except Exception as ex:
             log.warning("path to %s: %s", gid_str(e.addr.gid), ex)
             return
         self.backoff.succeeded(("path", e.addr.key))
         e.lid = e.lid or res.dlid
-        self._use(e, path, ah, "paths_resolved")
+        self.use_path(e, path, ah, "paths_resolved")
 
     def who_is(self, slid: int, qpn: int) -> None:
         """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA
