@@ -25,6 +25,7 @@ import select
 import time
 from typing import Protocol
 
+import numpy as np
 import pytest
 
 from xdpoib.fabric.base import (
@@ -38,6 +39,7 @@ from xdpoib.fabric.base import (
     LoopbackFilter,
     Path,
     PortState,
+    RecvBatch,
     SendRequest,
 )
 
@@ -110,6 +112,30 @@ class End:
         """Nothing else is waiting right now."""
         extra = self.qp.poll(16)
         assert extra == [], f"unexpected completions: {extra}"
+
+    def recv_batch(self, n, timeout=TIMEOUT, repost=True) -> RecvBatch:
+        """Wait for n completions through `poll_batch` (fail on timeout); repost their buffers (as one
+        array); return them as one batch."""
+        parts, got = [], 0
+        deadline = time.monotonic() + timeout
+        while got < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out with {got} of {n} completions"
+            b = self.qp.poll_batch(n - got)
+            assert isinstance(b.status, np.ndarray) and len(b) <= n - got
+            if not len(b):
+                self.qp.wait(min(left, 0.2))
+                continue
+            parts.append(b)
+            got += len(b)
+            if repost:
+                self.qp.post_recv(b.index.copy())
+        return RecvBatch.concat(parts)
+
+    def payloads(self, b: RecvBatch) -> list[bytes]:
+        """The payloads of a batch's rows, read from the pool."""
+        return [bytes(self.pool.view(int(i)))[GRH_LEN:GRH_LEN + int(n)]
+                for i, n in zip(b.index, b.byte_len, strict=True)]
 
 
 def payload(tag: int, size: int) -> bytes:
@@ -370,6 +396,140 @@ def test_send_memory_frames_come_back_when_the_qp_closes(backend_pair, contract_
         assert memory.in_flight == 0
     finally:
         memory.close()
+        b.qp.close()
+
+
+# ---------------------------------------------------------------- columnar batches
+
+def _write(memory, frames):
+    """Frames into send memory frames 0, 1, ... past the headroom: (offsets, lengths) arrays."""
+    offs = np.array([i * FRAME + HEADROOM for i in range(len(frames))], np.int64)
+    for off, fr in zip(offs.tolist(), frames, strict=True):
+        memory.write(off, fr)
+    return offs, np.array([len(f) for f in frames], np.int64)
+
+
+def _offsets_back(memory, want: int, timeout=TIMEOUT) -> list[int]:
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"only {got} of {want} frames came back"
+        more = memory.completed_offsets()
+        assert isinstance(more, np.ndarray)
+        got += more.tolist()
+        if not len(more):
+            time.sleep(0.005)
+    return got
+
+
+def test_post_send_batch_and_poll_batch_carry_frames_and_columns(ends, contract_fabric):
+    a, b = ends
+    memory = _memory(a.backend)
+    try:
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        frames = [payload(40 + i, 64 if i % 3 else 60 + 200 * i) for i in range(12)]
+        offs, lens = _write(memory, frames)
+        assert a.qp.post_send_batch(ah, b.qpn, b.qp.qkey, memory, offs, lens) == len(frames)
+        got = b.recv_batch(len(frames))
+        assert b.payloads(got) == frames
+        assert (got.status == 0).all() and got.byte_len.tolist() == lens.tolist()
+        assert (got.src_qp == a.qpn).all() and got.pkey_index == b.qp.pkey_index
+        assert (got.grh == contract_fabric.unicast_grh).all()
+        if a.port.link_layer is LinkLayer.INFINIBAND:
+            assert (got.slid == a.port.lid).all()
+        assert sorted(_offsets_back(memory, len(frames))) == offs.tolist()
+        assert memory.in_flight == 0
+        b.nothing_more()
+    finally:
+        memory.close()
+
+
+def test_poll_batch_mixes_grh_and_no_grh_rows(ends, contract_fabric):
+    a, b = ends
+    plain = contract_fabric.path(a.backend, b.backend)
+    with_grh = contract_fabric.path(a.backend, b.backend, grh=True)
+    a.send(plain, b, [payload(1, 80)])
+    a.send(with_grh, b, [payload(2, 90), payload(3, 100)])
+    a.send(plain, b, [payload(4, 110)])
+    got = b.recv_batch(4)
+    assert b.payloads(got) == [payload(1, 80), payload(2, 90), payload(3, 100), payload(4, 110)]
+    grh = got.grh.tolist()
+    assert grh[1:3] == [True, True]
+    assert grh[0] == grh[3] == contract_fabric.unicast_grh
+    for row in range(4):
+        want = a.port.gid if grh[row] else bytes(16)
+        assert got.sgid[row].tobytes() == want
+        c = got.completion(row)
+        assert c.has_grh is grh[row] and (c.sgid is not None) is grh[row]
+
+
+def test_post_send_batch_partial_when_the_send_queue_is_full(backend_pair, contract_fabric):
+    """More frames than the send queue holds: the first n are accepted and come back once; the rest
+    stay the caller's (a backend whose queue never fills accepts them all)."""
+    a = End(backend_pair[0], contract_fabric)
+    b = End(backend_pair[1], contract_fabric, bufs=64)
+    memory = _memory(a.backend, frames=64)
+    try:
+        b.post(range(64))
+        qp = a.backend.create_qp(contract_fabric.pkey, contract_fabric.qkey, a.pool, send_depth=8)
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        frames = [payload(i, 64) for i in range(40)]
+        offs, lens = _write(memory, frames)
+        n = qp.post_send_batch(ah, b.qpn, b.qp.qkey, memory, offs, lens)
+        assert 1 <= n <= len(frames)
+        assert sorted(_offsets_back(memory, n)) == offs[:n].tolist()
+        got = b.recv_batch(n)
+        assert b.payloads(got) == frames[:n]
+        assert memory.in_flight == 0 and memory.completed_offsets().size == 0
+        qp.close()
+    finally:
+        memory.close()
+        a.qp.close()
+        b.qp.close()
+
+
+def test_poll_batch_reports_errors_inside_a_batch(backend_pair, contract_fabric):
+    """A datagram longer than its buffer in the middle of a batch: rows before it succeed, its row is a
+    length error, the QP is in the error state and the buffers still posted flush."""
+    a = End(backend_pair[0], contract_fabric)
+    b = End(backend_pair[1], contract_fabric, bufs=4, size=GRH_LEN + 128)
+    try:
+        b.post(range(4))
+        a.send(contract_fabric.path(a.backend, b.backend), b, [payload(1, 64), payload(2, 200), payload(3, 64)])
+        got = b.recv_batch(4, repost=False)
+        st = got.status.tolist()
+        assert st[0] == CompletionStatus.SUCCESS
+        assert st[1] in (CompletionStatus.LOC_LEN_ERR, CompletionStatus.LOC_QP_OP_ERR)
+        assert st[2:] == [CompletionStatus.WR_FLUSH_ERR] * 2
+        assert b.payloads(got.take(slice(0, 1))) == [payload(1, 64)]
+        assert sorted(got.index.tolist()) == [0, 1, 2, 3]
+    finally:
+        a.qp.close()
+        b.qp.close()
+
+
+def test_post_send_batch_on_a_qp_in_the_error_state_hands_frames_back(backend_pair, contract_fabric):
+    """A QP gone to the error state mid-traffic: its sends are counted (qp_error on backends that count
+    them) and every frame comes back at once."""
+    a = End(backend_pair[0], contract_fabric, bufs=2, size=GRH_LEN + 64)
+    b = End(backend_pair[1], contract_fabric)
+    memory = _memory(b.backend)
+    try:
+        a.post(range(2))
+        b.post(range(4))
+        b.send(contract_fabric.path(b.backend, a.backend), a, [payload(1, 100)])
+        a.recv_batch(2, repost=False)                   # a length error, then a flush: a's QP is in error
+        ah = a.backend.create_ah(contract_fabric.path(a.backend, b.backend))
+        ma = _memory(a.backend)
+        try:
+            offs, lens = _write(ma, [payload(i, 64) for i in range(3)])
+            assert a.qp.post_send_batch(ah, b.qpn, b.qp.qkey, ma, offs, lens) == 3
+            assert sorted(_offsets_back(ma, 3)) == offs.tolist()
+        finally:
+            ma.close()
+    finally:
+        memory.close()
+        a.qp.close()
         b.qp.close()
 
 

@@ -33,6 +33,15 @@ it before. A backend that cannot send from caller memory (sim) copies at post ti
 back at once; `SendMemory.zero_copy` says which, `SendMemory.copies` counts the frames it had to copy,
 and `UdQp.payload_copies` how often `post_send`/`post_send_to` copy each payload (once, on both backends).
 
+Columnar batches (the data plane's hot path; docs/datapath.md): `UdQp.poll_batch(max_entries)` returns a
+`RecvBatch`, receive completions as numpy columns (status, byte length, source QPN, SLID, SL, GRH flag,
+buffer index, the SGIDs of GRH completions), never one object per completion; `UdQp.post_send_batch(ah,
+qpn, qkey, memory, offsets, lengths)` sends frames of a `SendMemory` given as two arrays, with
+`post_send_memory`'s rules, and `SendMemory.completed_offsets()` hands accepted frames back as an array.
+The defaults here build them from `poll` and `post_send_memory`; both backends override them.
+A pool may also lie in caller memory (`Backend.alloc_pool(..., memory=, stride=)`): buffer i at
+i * stride, e.g. the agent's inject slots, so a received frame is injected where the fabric put it.
+
 Integers are host-order Python ints; GIDs are 16 `bytes` in network order (helpers `gid_bytes` and
 `gid_str` convert). Everything here is plain data or small concrete helpers, so a backend only has to
 implement the abstract methods.
@@ -49,6 +58,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
+
+import numpy as np
 
 from xdpoib.errors import AddressError, XdpoibError
 
@@ -122,6 +133,7 @@ def has_pkey(pkeys: Sequence[int], pkey: int) -> bool:
     return any((p & 0x7FFF) == (pkey & 0x7FFF) and p & 0x7FFF for p in pkeys)
 
 
+_NO_OFFSETS = np.zeros(0, np.int64)
 _MTU_ENUM = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}
 
 
@@ -358,31 +370,133 @@ class Completion:
     sl: int = 0              # the service level it arrived on (the reverse path's, with `slid`)
 
 
+class RecvBatch:
+    """Receive completions as columns: one numpy array per field, all of one length (`UdQp.poll_batch`).
+
+    status (uint8, `CompletionStatus`), byte_len (uint32, GRH excluded), src_qp (uint32), slid (uint16),
+    sl (uint8), grh (bool), index (int32: the receive buffer, payload at `GRH_LEN` in it), sgid (n x 16
+    uint8; zero rows where there is no GRH), pkey_index (one int: a batch comes from one QP). Rows are in
+    completion order. `completion(i, pool)` is the object form of one row, for the slow path.
+    """
+
+    __slots__ = ("byte_len", "grh", "index", "pkey_index", "sgid", "sl", "slid", "src_qp", "status")
+
+    def __init__(self, status, byte_len, src_qp, slid, sl, grh, index, sgid, pkey_index: int = 0) -> None:
+        self.status, self.byte_len, self.src_qp = status, byte_len, src_qp
+        self.slid, self.sl, self.grh, self.index, self.sgid = slid, sl, grh, index, sgid
+        self.pkey_index = pkey_index
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    @classmethod
+    def empty(cls, pkey_index: int = 0) -> RecvBatch:
+        return cls.of_length(0, pkey_index)
+
+    @classmethod
+    def of_length(cls, n: int, pkey_index: int = 0) -> RecvBatch:
+        """A zeroed batch of n rows (backends fill it)."""
+        return cls(np.zeros(n, np.uint8), np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, np.uint16),
+                   np.zeros(n, np.uint8), np.zeros(n, bool), np.zeros(n, np.int32), np.zeros((n, 16), np.uint8),
+                   pkey_index)
+
+    @classmethod
+    def from_completions(cls, comps: Sequence[Completion], pkey_index: int | None = None) -> RecvBatch:
+        """The columns of completion objects (the default `poll_batch`)."""
+        n = len(comps)
+        b = cls.of_length(n, comps[0].pkey_index if n and pkey_index is None else pkey_index or 0)
+        if n:
+            b.status[:] = [int(c.status) for c in comps]
+            b.byte_len[:] = [c.byte_len for c in comps]
+            b.src_qp[:] = [c.src_qp for c in comps]
+            b.slid[:] = [c.slid for c in comps]
+            b.sl[:] = [c.sl for c in comps]
+            b.grh[:] = [c.has_grh for c in comps]
+            b.index[:] = [c.index for c in comps]
+            for i, c in enumerate(comps):
+                if c.has_grh and c.sgid is not None:
+                    b.sgid[i] = np.frombuffer(bytes(c.sgid), np.uint8)
+        return b
+
+    @classmethod
+    def concat(cls, parts: Sequence[RecvBatch]) -> RecvBatch:
+        """One batch of several, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("status", "byte_len", "src_qp", "slid", "sl", "grh", "index", "sgid")),
+                   parts[0].pkey_index)
+
+    def take(self, rows) -> RecvBatch:
+        """The rows selected by a boolean mask or an index array."""
+        return RecvBatch(self.status[rows], self.byte_len[rows], self.src_qp[rows], self.slid[rows], self.sl[rows],
+                         self.grh[rows], self.index[rows], self.sgid[rows], self.pkey_index)
+
+    def completion(self, i: int, pool: BufferPool | None = None) -> Completion:
+        """Row i as a `Completion` (payload viewed in `pool` when given)."""
+        grh = bool(self.grh[i])
+        n = int(self.byte_len[i])
+        index = int(self.index[i])
+        payload = b""
+        if pool is not None and self.status[i] == 0 and index >= 0:
+            payload = pool.view(index)[GRH_LEN:GRH_LEN + n]
+        return Completion(CompletionStatus(int(self.status[i])), n, int(self.src_qp[i]), int(self.slid[i]),
+                          self.sgid[i].tobytes() if grh else None, grh, self.pkey_index, index, payload,
+                          int(self.sl[i]))
+
+    def completions(self, pool: BufferPool | None = None) -> list[Completion]:
+        """Every row as a `Completion`."""
+        return [self.completion(i, pool) for i in range(len(self))]
+
+
 class BufferPool(ABC):
-    """`count` registered buffers of `size` bytes each, addressed by index."""
+    """`count` registered buffers of `size` bytes each, addressed by index; buffer i starts at i * `stride`
+    (`stride` >= `size`; equal unless the pool lies in caller memory with its own layout)."""
 
     count: int
     size: int
+    stride: int = 0
 
     @abstractmethod
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index` (its full `size` bytes)."""
 
+    def rows(self) -> np.ndarray:
+        """The pool as a (count, stride) uint8 array: buffer i is row i (columns past `size` are not its)."""
+        arr = getattr(self, "_rows", None)
+        if arr is None:
+            stride = self.stride or self.size
+            arr = self._rows = np.frombuffer(self.memory, np.uint8, self.count * stride).reshape(self.count, stride)
+        return arr
+
 
 class MemoryPool(BufferPool):
-    """A BufferPool over one anonymous bytearray: enough for backends that copy (sim)."""
+    """A BufferPool over one anonymous bytearray, or over caller memory (`memory`, buffer i at i * `stride`
+    + `offset`): enough for backends that copy (sim)."""
 
-    def __init__(self, count: int, size: int) -> None:
-        if count <= 0 or size <= GRH_LEN:
-            raise QpError(f"buffer pool needs count > 0 and size > {GRH_LEN} (got {count} x {size})")
-        self.count, self.size = count, size
-        self.memory = memoryview(bytearray(count * size))   # buffer i at [i * size, (i + 1) * size)
+    def __init__(self, count: int, size: int, memory=None, stride: int | None = None, offset: int = 0) -> None:
+        stride = size if stride is None else stride
+        if count <= 0 or size <= GRH_LEN or stride < size or offset < 0:
+            raise QpError(f"buffer pool needs count > 0, size > {GRH_LEN} and stride >= size "
+                          f"(got {count} x {size}, stride {stride})")
+        self.count, self.size, self.stride = count, size, stride
+        if memory is None:
+            self.memory = memoryview(bytearray(count * stride))   # buffer i at [i * stride, i * stride + size)
+        else:
+            mv = memoryview(memory).cast("B")
+            if mv.readonly or mv.nbytes < offset + count * stride:
+                raise QpError(f"pool memory must be writable and hold {count} buffers {stride} bytes apart "
+                              f"from offset {offset}")
+            self.memory = mv[offset:offset + count * stride]
 
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index`."""
         if not 0 <= index < self.count:
             raise QpError(f"buffer index {index} outside pool of {self.count}")
-        return self.memory[index * self.size:(index + 1) * self.size]
+        start = index * self.stride
+        return self.memory[start:start + self.size]
 
 
 class SendMemory(BufferPool):
@@ -405,6 +519,7 @@ class SendMemory(BufferPool):
         self.copies = 0             # frames posted from here that had to be copied
         self.in_flight = 0          # frames accepted whose offsets `completed` has not returned yet
         self._done: list[int] = []
+        self._done_arrays: list[np.ndarray] = []
         self.closed = False
 
     def view(self, index: int) -> memoryview:
@@ -426,21 +541,51 @@ class SendMemory(BufferPool):
             if f[0] < 0 or f[1] < 0 or f[0] + f[1] > end:
                 raise QpError(f"frame of {f[1]} bytes at offset {f[0]} lies outside the send memory")
 
-    def finished(self, offsets: Iterable[int]) -> None:
-        """Backends: these accepted frames are done (their sends completed or were dropped)."""
+    def finished(self, offsets) -> None:
+        """Backends: these accepted frames are done (their sends completed or were dropped); a list of
+        offsets or an integer array."""
+        if isinstance(offsets, np.ndarray):
+            if len(offsets):
+                self._done_arrays.append(offsets.astype(np.int64, copy=False))
+                self.in_flight -= len(offsets)
+            return
         before = len(self._done)
         self._done.extend(offsets)
         self.in_flight -= len(self._done) - before
 
     def completed(self) -> list[int]:
         """Offsets of accepted frames whose sends are done since the last call: the caller owns them again."""
-        done, self._done = self._done, []
-        return done
+        return self.completed_offsets().tolist()
+
+    def completed_offsets(self) -> np.ndarray:
+        """`completed()` as an int64 array (the columnar pump's form)."""
+        parts = self._done_arrays
+        if self._done:
+            parts.append(np.array(self._done, np.int64))
+            self._done = []
+        if not parts:
+            return _NO_OFFSETS
+        self._done_arrays = []
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def array(self) -> np.ndarray:
+        """The memory as a uint8 array (for gathers by offset)."""
+        arr = getattr(self, "_array", None)
+        if arr is None:
+            arr = self._array = np.frombuffer(self.memory, np.uint8)
+        return arr
+
+    def check_arrays(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """QpError unless every (offset, length) lies in the memory (vectorized `check`)."""
+        if len(offsets) and (offsets.min() < 0 or lengths.min() < 0
+                             or (offsets + lengths).max() > self.count * self.size):
+            raise QpError("a frame lies outside the send memory")
 
     def close(self) -> None:
         """Stop using the memory (the caller may unmap it after this); idempotent."""
         if not self.closed:
             self.closed = True
+            self._array = None
             self.memory.release()
 
 
@@ -557,6 +702,14 @@ class UdQp(ABC):
         memory.finished(f[0] for f in frames[:n])
         return n
 
+    def post_send_batch(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
+                        offsets: np.ndarray, lengths: np.ndarray) -> int:
+        """`post_send_memory` with the frames as two integer arrays (UMEM offsets and lengths): the columnar
+        pump's send. Same rules and return value (the first n are accepted; each comes back once through
+        `memory.completed_offsets()`). This default goes through `post_send_memory`."""
+        return self.post_send_memory(ah, remote_qpn, remote_qkey, memory,
+                                     list(zip(offsets.tolist(), lengths.tolist(), strict=True)))
+
     def busy(self) -> float:
         """Seconds for which sends would only be lost for lack of room (a full send queue, a destination
         that cannot take more); 0.0 when sending is worth it. The caller keeps frames where dropping them
@@ -570,6 +723,12 @@ class UdQp(ABC):
     @abstractmethod
     def poll(self, max_entries: int = 64) -> list[Completion]:
         """Up to `max_entries` receive completions, oldest first, without blocking."""
+
+    def poll_batch(self, max_entries: int = 256) -> RecvBatch:
+        """Up to `max_entries` receive completions as columns (`RecvBatch`), oldest first, without
+        blocking. Payloads are read from `pool` at `GRH_LEN` in buffer `index`. Same completions as `poll`
+        (use one or the other). This default builds the columns from `poll`."""
+        return RecvBatch.from_completions(self.poll(max_entries), self.pkey_index)
 
     @abstractmethod
     def fileno(self) -> int:
@@ -604,8 +763,11 @@ class Backend(ABC):
         """Read the port's attributes now."""
 
     @abstractmethod
-    def alloc_pool(self, count: int, size: int) -> BufferPool:
-        """Allocate and register `count` receive buffers of `size` bytes (GRH_LEN + largest payload)."""
+    def alloc_pool(self, count: int, size: int, memory=None, stride: int | None = None,
+                   offset: int = 0) -> BufferPool:
+        """Allocate and register `count` receive buffers of `size` bytes (GRH_LEN + largest payload); with
+        `memory`, register the caller's instead: buffer i at `offset` + i * `stride` (QpError if this
+        backend cannot receive into it)."""
 
     @abstractmethod
     def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> UdQp:

@@ -31,9 +31,11 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
+
+import numpy as np
 
 from xdpoib.errors import XdpoibError
 from xdpoib.fabric import simud_wire as wire
@@ -57,6 +59,8 @@ from xdpoib.fabric.base import (
     PortEventKind,
     PortState,
     QpError,
+    RecvBatch,
+    SendMemory,
     SendRequest,
     UdQp,
     gid_str,
@@ -197,7 +201,7 @@ def _bound(name: bytes) -> socket.socket:
 @dataclass(frozen=True)
 class _Flow:
     limit: int                       # largest payload: min(path MTU, port active MTU)
-    prefix: bytes                    # the shared header, length excluded
+    prefix: bytes                    # the flow's version 2 header (count and stride excluded)
     dests: Sequence[bytes]           # socket addresses to copy each packet to
     drop: FabricCounter | None = None
 
@@ -231,11 +235,13 @@ class SimQp(UdQp):
             raise QpError("cannot find a free QPN")
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, opt, SEND_SOCKBUF)
-        self._posted: deque[int] = deque()
-        self._cq: deque[Completion] = deque()
+        self._ring = np.zeros(pool.count, np.int32)      # posted receive buffers, oldest at _head
+        self._head = self._nposted = 0
+        self._cq: deque[RecvBatch] = deque()             # completions, a bundle's worth per entry
+        self._cq_len = 0
         self._attached: dict[bytes, _Attachment] = {}
         self._rbuf = bytearray(RECV_BUFSIZE)
-        self._memory = pool.memory
+        self._rows = pool.rows()
         self._lock = threading.Lock()
         # readable while the socket has data or completions wait in the CQ
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -256,99 +262,120 @@ class SimQp(UdQp):
 
     # ---- send
 
-    def post_send(self, batch: Sequence[SendRequest]) -> int:
-        """Send a batch: each destination QP gets its packets in one or a few datagrams."""
-        self._check_open()
-        b = self.backend
-        port = b.attrs
-        count = b._counters.add
+    def _send_ready(self, n: int) -> bool:
+        """Count n sends as lost if the QP or the port cannot send; True if they may go."""
+        count = self.backend._counters.add
         if self.error:
-            count(FabricCounter.QP_ERROR, len(batch))
+            count(FabricCounter.QP_ERROR, n)
+            return False
+        if self.backend.attrs.state is not PortState.ACTIVE:
+            count(FabricCounter.PORT_DOWN, n)
+            return False
+        return True
+
+    def post_send(self, batch: Sequence[SendRequest]) -> int:
+        """Send a batch: the requests of each flow (AH, QPN, Q_Key) go as version 2 bundles."""
+        self._check_open()
+        if not self._send_ready(len(batch)):
             return len(batch)
-        if port.state is not PortState.ACTIVE:
-            count(FabricCounter.PORT_DOWN, len(batch))
-            return len(batch)
-        out: dict[bytes, list[bytes]] = {}
-        flows: dict[tuple, _Flow] = {}
-        groups = None
+        flows: dict[tuple, tuple[_Flow, list]] = {}
+        port, groups = self.backend.attrs, None
         for req in batch:
             key = (id(req.ah), req.remote_qpn, req.remote_qkey)
-            flow = flows.get(key)
-            if flow is None:
+            hit = flows.get(key)
+            if hit is None:
                 if req.ah.path.multicast and groups is None:
-                    groups = b.registry(fresh=True)[1]
-                flow = flows[key] = self._flow(req, port, groups)
-            size = len(req.payload)
-            if size > flow.limit:
-                count(FabricCounter.OVERSIZE)
-                continue
-            if flow.drop is not None:
-                count(flow.drop)
-                continue
-            pkt = b"".join((flow.prefix, size.to_bytes(2, "big"), req.payload))
-            for d in flow.dests:
-                q = out.get(d)
-                if q is None:
-                    q = out[d] = []
-                q.append(pkt)
-        for dest, pkts in out.items():
-            for datagram, n in wire.bundles(pkts):
-                try:
-                    self.sock.sendto(datagram, dest)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    count(FabricCounter.NO_DESTINATION, n)
-                except BlockingIOError:
-                    count(FabricCounter.RX_OVERRUN, n)
+                    groups = self.backend.registry(fresh=True)[1]
+                hit = flows[key] = (self._flow(req, port, groups), [])
+            hit[1].append(req.payload)
+        for flow, payloads in flows.values():
+            self._send_flow(flow, payloads)
         return len(batch)
 
     def post_send_to(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, payloads: Sequence) -> int:
-        """Send many payloads to one destination: the flow is worked out once, the bundle built in one go."""
+        """Send many payloads to one destination: the flow is worked out once."""
         self._check_open()
-        b = self.backend
-        port = b.attrs
-        count = b._counters.add
         n = len(payloads)
-        if self.error:
-            count(FabricCounter.QP_ERROR, n)
+        if not self._send_ready(n):
             return n
-        if port.state is not PortState.ACTIVE:
-            count(FabricCounter.PORT_DOWN, n)
-            return n
+        b = self.backend
         groups = b.registry(fresh=True)[1] if ah.path.multicast else None
-        flow = self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), port, groups)
+        self._send_flow(self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), b.attrs, groups), payloads)
+        return n
+
+    def _send_flow(self, flow: _Flow, payloads: Sequence) -> None:
+        count = self.backend._counters.add
         if flow.drop is not None:
-            count(flow.drop, n)
+            count(flow.drop, len(payloads))
+            return
+        kept = [p for p in payloads if len(p) <= flow.limit]
+        if len(kept) < len(payloads):
+            count(FabricCounter.OVERSIZE, len(payloads) - len(kept))
+        if kept:
+            self._send_datagrams(flow.dests, [([d], k) for d, k in wire.encode_bundles(flow.prefix, kept)])
+
+    def post_send_batch(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
+                        offsets: np.ndarray, lengths: np.ndarray) -> int:
+        """Frames of `memory` to one destination as version 2 bundles: gathered into the bundle's payload
+        block with one array copy (the sim's only copy: `memory.copies`), header and lengths in front,
+        one `sendmsg` per bundle; every frame is handed back at once."""
+        self._check_open()
+        if memory.closed:
+            raise BackendClosedError("the send memory is closed")
+        memory.check_arrays(offsets, lengths)
+        n = len(offsets)
+        if not n:
+            return 0
+        memory.in_flight += n
+        every = offsets
+        try:
+            if not self._send_ready(n):
+                return n
+            b = self.backend
+            groups = b.registry(fresh=True)[1] if ah.path.multicast else None
+            flow = self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), b.attrs, groups)
+            if flow.drop is not None:
+                b._counters.add(flow.drop, n)
+                return n
+            fits = lengths <= flow.limit
+            if not fits.all():
+                b._counters.add(FabricCounter.OVERSIZE, int(n - fits.sum()))
+                offsets, lengths = offsets[fits], lengths[fits]
+            m = len(offsets)
+            if not m:
+                return n
+            stride = int(lengths.max()) or 1
+            size = memory.size
+            col = offsets % size
+            c0 = int(col[0])
+            if (col == c0).all() and c0 + stride <= size:
+                block = memory.rows()[offsets // size, c0:c0 + stride]
+            else:                       # frames at different places in their UMEM frames: one by one
+                mv = memory.memory
+                block = np.frombuffer(b"".join(bytes(mv[o:o + ln]).ljust(stride, b"\0") for o, ln in
+                                               zip(offsets.tolist(), lengths.tolist(), strict=True)),
+                                      np.uint8).reshape(m, stride)
+            memory.copies += m
+            per = wire.bundle_limit(stride)
+            self._send_datagrams(flow.dests, [(wire.bundle_parts(flow.prefix, lengths[i:i + per], block[i:i + per]),
+                                               min(per, m - i)) for i in range(0, m, per)])
             return n
-        limit, head = flow.limit, flow.prefix
-        # one join per datagram: [prefix, length, payload] * k, cut at BUNDLE_MAX bytes
-        datagrams: list[tuple[bytes, int]] = []
-        parts: list = []
-        size = k = oversize = 0
-        step = wire.HEADER.size
-        for p in payloads:
-            plen = len(p)
-            if plen > limit:
-                oversize += 1
-                continue
-            if k and size + step + plen > wire.BUNDLE_MAX:
-                datagrams.append((b"".join(parts), k))
-                parts, size, k = [], 0, 0
-            parts += (head, plen.to_bytes(2, "big"), p)
-            size += step + plen
-            k += 1
-        if k:
-            datagrams.append((b"".join(parts), k))
-        if oversize:
-            count(FabricCounter.OVERSIZE, oversize)
-        for dest in flow.dests:
+        finally:
+            memory.finished(every)      # copied (or dropped) at post time: the caller's again at once
+
+    def _send_datagrams(self, dests: Sequence[bytes], datagrams: list[tuple[list, int]]) -> None:
+        """Each datagram (its buffers, and how many packets it holds) to every destination; a full
+        destination is counted (RX_OVERRUN) and watched (`busy`), a gone one counted (NO_DESTINATION)."""
+        count = self.backend._counters.add
+        for dest in dests:
             watched = self._blocked.get(dest)
             conn = watched[0] if watched is not None else None
-            for datagram, k in datagrams:
+            for parts, k in datagrams:
                 try:
                     if conn is None:
-                        self.sock.sendto(datagram, dest)
+                        self.sock.sendmsg(parts, (), 0, dest)
                     else:
-                        conn.send(datagram)
+                        conn.sendmsg(parts)
                 except (ConnectionRefusedError, FileNotFoundError):
                     count(FabricCounter.NO_DESTINATION, k)
                     self._unwatch(dest)
@@ -359,7 +386,6 @@ class SimQp(UdQp):
                         conn = self._connect(dest)
                     if conn is not None:
                         self._blocked[dest] = (conn, time.monotonic())
-        return n
 
     def busy(self) -> float:
         """While a destination that was found full is still congested, a short hold: the caller should
@@ -412,7 +438,7 @@ class SimQp(UdQp):
         limit = min(path.mtu, port.active_mtu)
         sgid = port.gids[path.sgid_index] if path.grh else bytes(16)
         dgid = path.dgid if path.grh else bytes(16)
-        head = wire.prefix(wire.Packet(
+        head = wire.flow_header(wire.Packet(
             slid=port.lid, dlid=path.dlid, sl=path.sl, pkey=self.pkey, src_qpn=self.qpn, dst_qpn=req.remote_qpn,
             qkey=wire.effective_qkey(req.remote_qkey, self.qkey), grh=path.grh, sgid=sgid, dgid=dgid,
             payload=b""))
@@ -429,61 +455,110 @@ class SimQp(UdQp):
 
     def _drain(self) -> None:
         """Take every datagram that arrived and match it against the buffers posted now (as an HCA does)."""
-        b = self.backend
-        count = b._counters.add
+        count = self.backend._counters.add
         view = memoryview(self._rbuf)
         verdicts: dict[bytes, tuple[FabricCounter | None, wire.Packet]] = {}
-        posted, cq = self._posted, self._cq
-        mem, stride = self._memory, self.pool.size
-        room = stride - wire.GRH_LEN
         # Read only while buffers are posted and the CQ is not backed up: what we do not read stays in
         # the socket queue, and a full queue makes the sender's sendto fail (counted there as
         # RX_OVERRUN), so overload is shed before any work is spent on it (no receive livelock).
-        while (posted or self.error) and len(cq) < CQ_HIGH_WATER:
+        while (self._nposted or self.error) and self._cq_len < CQ_HIGH_WATER:
             try:
                 n = self.sock.recv_into(self._rbuf)
             except (BlockingIOError, InterruptedError):
                 break
-            parts, junk = wire.split(view[:n])
+            if view[:2] == wire.BUNDLE_MAGIC:
+                got = wire.decode_bundle(view[:n])
+                if got is None:
+                    count(FabricCounter.BAD_DATAGRAM)
+                    continue
+                head, lengths, block = got
+                seen = verdicts.get(head)
+                if seen is None:
+                    seen = verdicts[head] = self._judge(wire.parse_flow(head))
+                if seen[0] is not None:
+                    count(seen[0], len(lengths))
+                    continue
+                self._deliver(seen[1], lengths, block)
+                continue
+            parts, junk = wire.split(view[:n])       # version 1: one header per packet
             if junk:
                 count(FabricCounter.BAD_DATAGRAM)
             for head, body in parts:
-                if self.error:
-                    count(FabricCounter.QP_ERROR)
-                    continue
                 seen = verdicts.get(head)
                 if seen is None:
                     seen = verdicts[head] = self._judge(wire.parse_prefix(head))
-                verdict, p = seen
-                if verdict is not None:
-                    count(verdict)
+                if seen[0] is not None:
+                    count(seen[0])
                     continue
-                if not posted:
-                    count(FabricCounter.NO_RECV_BUFFER)
-                    continue
-                index = posted.popleft()
                 size = len(body)
-                if size > room:
-                    cq.append(Completion(CompletionStatus.LOC_LEN_ERR, 0, p.src_qpn, p.slid,
-                                         p.sgid if p.grh else None, p.grh, self.pkey_index, index, b""))
-                    self._to_error()
-                    continue
-                start = index * stride
-                if p.grh:
-                    mem[start:start + wire.GRH_LEN] = wire.grh(p, length=size)
-                start += wire.GRH_LEN
-                payload = mem[start:start + size]
-                payload[:] = body
-                cq.append(Completion(CompletionStatus.SUCCESS, size, p.src_qpn, p.slid,
-                                     p.sgid if p.grh else None, p.grh, self.pkey_index, index, payload, p.sl))
+                block = np.frombuffer(bytes(body) or b"\0", np.uint8).reshape(1, max(size, 1))
+                self._deliver(seen[1], np.array([size], np.int64), block)
         self._signal()
+
+    def _deliver(self, p: wire.Packet, lengths: np.ndarray, block: np.ndarray) -> None:
+        """Packets of one flow (lengths, count x stride payloads) into posted buffers, as one CQ entry."""
+        count = self.backend._counters.add
+        n = len(lengths)
+        if self.error:
+            count(FabricCounter.QP_ERROR, n)
+            return
+        k = min(n, self._nposted)
+        if k < n:
+            count(FabricCounter.NO_RECV_BUFFER, n - k)
+        if not k:
+            return
+        lengths = lengths[:k]
+        room = self.pool.size - wire.GRH_LEN
+        big = lengths > room
+        if big.any():
+            j = int(big.argmax())
+            if j:
+                self._deliver(p, lengths[:j], block[:j])
+            failed = self._completions(p, self._take_posted(1), np.zeros(1, np.int64))
+            failed.status[:] = CompletionStatus.LOC_LEN_ERR
+            self._cq_put(failed)
+            self._to_error()
+            if k - j - 1:
+                count(FabricCounter.QP_ERROR, k - j - 1)
+            return
+        idx = self._take_posted(k)
+        rows = self._rows
+        width = min(block.shape[1], room)
+        rows[idx, wire.GRH_LEN:wire.GRH_LEN + width] = block[:k, :width]
+        if p.grh:
+            rows[idx, :wire.GRH_LEN] = np.frombuffer(wire.grh(p, length=0), np.uint8)
+            rows[idx, 4] = lengths >> 8
+            rows[idx, 5] = lengths & 0xFF
+        self._cq_put(self._completions(p, idx, lengths))
+
+    def _completions(self, p: wire.Packet, idx: np.ndarray, lengths: np.ndarray) -> RecvBatch:
+        k = len(idx)
+        b = RecvBatch(np.zeros(k, np.uint8), lengths.astype(np.uint32), np.full(k, p.src_qpn, np.uint32),
+                      np.full(k, p.slid, np.uint16), np.full(k, p.sl, np.uint8), np.full(k, p.grh, bool), idx,
+                      np.zeros((k, 16), np.uint8), self.pkey_index)
+        if p.grh:
+            b.sgid[:] = np.frombuffer(p.sgid, np.uint8)
+        return b
+
+    def _cq_put(self, b: RecvBatch) -> None:
+        self._cq.append(b)
+        self._cq_len += len(b)
+
+    def _take_posted(self, k: int) -> np.ndarray:
+        """The k oldest posted buffers, no longer posted."""
+        ring, h = self._ring, self._head
+        c = len(ring)
+        idx = ring[h:h + k].copy() if h + k <= c else np.concatenate((ring[h:], ring[:h + k - c]))
+        self._head = (h + k) % c
+        self._nposted -= k
+        return idx
 
     def _signal(self) -> None:
         """Keep the eventfd readable exactly while completions wait."""
-        if self._cq and not self._signalled:
+        if self._cq_len and not self._signalled:
             os.eventfd_write(self._ready, 1)
             self._signalled = True
-        elif not self._cq and self._signalled:
+        elif not self._cq_len and self._signalled:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._ready)
             self._signalled = False
@@ -491,13 +566,15 @@ class SimQp(UdQp):
     def _to_error(self) -> None:
         """Move to the error state: every posted buffer completes with WR_FLUSH_ERR."""
         self.error = True
-        self._flush(list(self._posted))
-        self._posted.clear()
+        self._flush(self._take_posted(self._nposted))
 
-    def _flush(self, indices: list[int]) -> None:
-        for index in indices:
-            self._cq.append(Completion(CompletionStatus.WR_FLUSH_ERR, 0, 0, 0, None, False, self.pkey_index,
-                                       index, b""))
+    def _flush(self, indices: np.ndarray) -> None:
+        k = len(indices)
+        if k:
+            b = RecvBatch.of_length(k, self.pkey_index)
+            b.status[:] = CompletionStatus.WR_FLUSH_ERR
+            b.index[:] = indices
+            self._cq_put(b)
 
     def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
         """Why this QP drops packets with p's header (None: accept them)."""
@@ -510,30 +587,52 @@ class SimQp(UdQp):
             verdict = FabricCounter.NOT_MEMBER
         return verdict, p
 
-    def post_recv(self, indices: Iterable[int]) -> int:
-        """Post receive buffers (after matching what already arrived against the earlier ones)."""
+    def post_recv(self, indices) -> int:
+        """Post receive buffers (after matching what already arrived against the earlier ones); a list
+        or an integer array of pool indices."""
         self._check_open()
-        indices = list(indices)
-        for i in indices:
-            if not 0 <= i < self.pool.count:
-                raise QpError(f"buffer index {i} outside the pool of {self.pool.count}")
+        idx = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), np.int32)
+        k = len(idx)
+        if k and (idx.min() < 0 or idx.max() >= self.pool.count):
+            bad = int(idx[(idx < 0) | (idx >= self.pool.count)][0])
+            raise QpError(f"buffer index {bad} outside the pool of {self.pool.count}")
         with self._lock:
             self._drain()
             if self.error:
-                self._flush(indices)
+                self._flush(idx)
                 self._signal()
-            else:
-                self._posted.extend(indices)
-        return len(indices)
+                return k
+            ring = self._ring
+            c = len(ring)
+            if self._nposted + k > c:
+                raise QpError(f"posting {k} buffers would post more than the pool's {c}")
+            t = (self._head + self._nposted) % c
+            first = min(k, c - t)
+            ring[t:t + first] = idx[:first]
+            ring[:k - first] = idx[first:]
+            self._nposted += k
+        return k
 
-    def poll(self, max_entries: int = 64) -> list[Completion]:
-        """Up to max_entries completions, oldest first."""
+    def poll_batch(self, max_entries: int = 256) -> RecvBatch:
+        """Up to max_entries completions as columns, oldest first."""
         self._check_open()
         with self._lock:
             self._drain()
-            out = [self._cq.popleft() for _ in range(min(max_entries, len(self._cq)))]
+            parts, want, cq = [], max_entries, self._cq
+            while cq and want > 0:
+                b = cq.popleft()
+                if len(b) > want:
+                    cq.appendleft(b.take(slice(want, None)))
+                    b = b.take(slice(0, want))
+                parts.append(b)
+                want -= len(b)
+            self._cq_len -= max_entries - want
             self._signal()
-            return out
+        return RecvBatch.concat(parts) if parts else RecvBatch.empty(self.pkey_index)
+
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        """Up to max_entries completions, oldest first."""
+        return self.poll_batch(max_entries).completions(self.pool)
 
     def fileno(self) -> int:
         """An epoll descriptor: readable while datagrams or completions wait."""
@@ -581,8 +680,9 @@ class SimQp(UdQp):
             self.sock.close()
             for dest in list(self._blocked):
                 self._unwatch(dest)
-            self._posted.clear()
+            self._nposted = 0
             self._cq.clear()
+            self._cq_len = 0
         self.backend._forget(self)
 
 
@@ -775,10 +875,11 @@ class SimUdBackend(Backend):
         self.refresh()
         return self.attrs
 
-    def alloc_pool(self, count: int, size: int) -> BufferPool:
-        """Plain memory: the sim copies into it."""
+    def alloc_pool(self, count: int, size: int, memory=None, stride: int | None = None,
+                   offset: int = 0) -> BufferPool:
+        """Plain memory, ours or the caller's (the sim copies into it)."""
         self._check_open()
-        return MemoryPool(count, size)
+        return MemoryPool(count, size, memory, stride, offset)
 
     def create_qp(self, pkey: int, qkey: int, pool: BufferPool, send_depth: int = 256) -> UdQp:
         """A UD QP for a P_Key of our table."""

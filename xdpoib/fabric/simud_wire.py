@@ -11,13 +11,24 @@ Everything but the length is the same for every packet of one (sender QP, addres
 so both ends handle that prefix once per batch (`prefix`, `split`).
 
 `flags` bit 0: a GRH is present (then sgid/dgid are meaningful). All integers big-endian.
+
+Version 2 (what senders write; receivers take both): one datagram is one *bundle* of `count` packets of
+one flow, its header written once, then the packets' lengths, then their payloads at a fixed `stride`
+(the longest payload; shorter ones padded), so both ends move a bundle with a few array operations and
+no work per packet (docs/datapath.md):
+
+    magic "XB" (2) | version 2 (1) | flags (1) | sl (1) | 0 (1) | slid (2) | dlid (2) | pkey (2) |
+    src_qpn (4) | dst_qpn (4) | qkey (4) | sgid (16) | dgid (16) | count (2) | stride (2) |
+    lengths (2 x count) | payloads (stride x count)
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from xdpoib.fabric.base import GRH_LEN, MCAST_QPN, FabricCounter, pkey_matches
 
@@ -27,6 +38,11 @@ MAGIC = b"XU"
 FLAG_GRH = 0x01
 BUNDLE_MAX = 160 * 1024        # bytes per unix datagram (below the default socket send buffer)
 GRH_NEXT_HEADER = 0x1B         # IBA: the next header after a GRH is the BTH
+
+BUNDLE = struct.Struct("!2sBBBxHHHIII16s16sHH")      # version 2 header (count and stride last)
+BUNDLE_MAGIC = b"XB"
+VERSION = 2
+FLOW_LEN = BUNDLE.size - 4                           # the header without count and stride: one flow
 
 
 @dataclass(frozen=True)
@@ -137,3 +153,64 @@ def receive_verdict(p: Packet, qpn: int, qkey: int, qp_pkey: int, port_pkeys: tu
 def fits(payload_len: int, buffer_size: int) -> bool:
     """True if a payload fits a receive buffer after its GRH area."""
     return payload_len <= buffer_size - GRH_LEN
+
+
+# ---------------------------------------------------------------- version 2: bundles
+
+def flow_header(p: Packet) -> bytes:
+    """The version 2 header of `p`'s flow, without count and stride (`FLOW_LEN` bytes)."""
+    return BUNDLE.pack(BUNDLE_MAGIC, VERSION, FLAG_GRH if p.grh else 0, p.sl, p.slid, p.dlid, p.pkey, p.src_qpn,
+                       p.dst_qpn, p.qkey, p.sgid, p.dgid, 0, 0)[:FLOW_LEN]
+
+
+def parse_flow(head) -> Packet:
+    """The packet fields of a version 2 flow header (no payload)."""
+    _m, _v, flags, sl, slid, dlid, pkey, src, dst, qkey, sgid, dgid, _c, _s = BUNDLE.unpack(
+        bytes(head[:FLOW_LEN]) + bytes(4))
+    return Packet(slid, dlid, sl, pkey, src, dst, qkey, bool(flags & FLAG_GRH), sgid, dgid, b"")
+
+
+def bundle_limit(stride: int) -> int:
+    """Packets of `stride` bytes one bundle holds (at least 1)."""
+    return max(1, (BUNDLE_MAX - BUNDLE.size) // (stride + 2))
+
+
+def bundle_parts(flow: bytes, lengths: np.ndarray, block) -> list:
+    """The buffers of one bundle: header, lengths, then `block` (count x stride payload bytes, any buffer)."""
+    n = len(lengths)
+    stride = (len(memoryview(block).cast("B")) // n) if n else 0
+    return [flow + struct.pack("!HH", n, stride), lengths.astype(">u2").tobytes(), block]
+
+
+def encode_bundles(flow: bytes, payloads: Sequence) -> Iterator[tuple[bytes, int]]:
+    """Version 2 datagrams carrying `payloads` (the object path): (datagram, packets in it)."""
+    i, n = 0, len(payloads)
+    while i < n:
+        stride, k = 1, 0
+        while i + k < n:
+            wider = max(stride, len(payloads[i + k]))
+            if k and BUNDLE.size + (k + 1) * (wider + 2) > BUNDLE_MAX:
+                break
+            stride, k = wider, k + 1
+        chunk = payloads[i:i + k]
+        lengths = np.fromiter((len(p) for p in chunk), np.uint16, k)
+        body = b"".join(bytes(p).ljust(stride, b"\0") for p in chunk)
+        yield b"".join(bundle_parts(flow, lengths, body)), k
+        i += k
+
+
+def decode_bundle(datagram) -> tuple[bytes, np.ndarray, np.ndarray] | None:
+    """A version 2 datagram as (flow header, lengths, count x stride uint8 payload block), or None if it is
+    malformed (short, wrong magic or version, lengths past the stride, a size that does not add up)."""
+    mv = memoryview(datagram)
+    if len(mv) < BUNDLE.size or bytes(mv[:2]) != BUNDLE_MAGIC or mv[2] != VERSION:
+        return None
+    n, stride = struct.unpack_from("!HH", mv, FLOW_LEN)
+    body = BUNDLE.size + 2 * n
+    if n == 0 or stride == 0 or len(mv) != body + n * stride:
+        return None
+    lengths = np.frombuffer(mv, ">u2", n, BUNDLE.size).astype(np.int64)
+    if lengths.max() > stride:
+        return None
+    block = np.frombuffer(mv, np.uint8, n * stride, body).reshape(n, stride)
+    return bytes(mv[:FLOW_LEN]), lengths, block

@@ -136,9 +136,10 @@ class VerbsPool(BufferPool):
     def __init__(self, backend: VerbsBackend, count: int, size: int) -> None:
         if count <= 0 or size <= GRH_LEN:
             raise QpError(f"buffer pool needs count > 0 and size > {GRH_LEN} (got {count} x {size})")
-        self.backend, self.count, self.size = backend, count, size
+        self.backend, self.count, self.size, self.stride = backend, count, size, size
         self.region = _Region(backend._pd, count * size)
         self._view = memoryview(self.region.mem)
+        self.memory = self._view
 
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index`."""
@@ -622,9 +623,12 @@ class VerbsBackend(Backend):
         if self._closed:
             raise BackendClosedError(f"verbs backend {self.device} is closed")
 
-    def alloc_pool(self, count: int, size: int) -> VerbsPool:
-        """Allocate and register `count` receive buffers of `size` bytes."""
+    def alloc_pool(self, count: int, size: int, memory=None, stride: int | None = None,
+                   offset: int = 0) -> VerbsPool:
+        """Allocate and register `count` receive buffers of `size` bytes (caller memory: not yet)."""
         self._check_open()
+        if memory is not None:
+            raise QpError("the verbs backend does not receive into caller memory yet")
         pool = VerbsPool(self, count, size)
         self._pools.append(pool)
         return pool
