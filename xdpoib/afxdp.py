@@ -19,6 +19,8 @@ import select
 import socket
 import struct
 
+import numpy as np
+
 from xdpoib.errors import XdpoibError
 
 AF_XDP = 44
@@ -31,12 +33,16 @@ PGOFF_RX, PGOFF_TX = 0, 0x80000000
 PGOFF_FILL, PGOFF_COMPLETION = 0x100000000, 0x180000000
 _DESC = struct.Struct("=QII")
 _ADDR = struct.Struct("=Q")
+DESC_DTYPE = np.dtype([("addr", "=u8"), ("len", "=u4"), ("options", "=u4")])   # struct xdp_desc
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class XskError(XdpoibError):
     """An AF_XDP socket could not be set up or used."""
+
+
+_NO_DESCS = np.zeros(0, DESC_DTYPE)
 
 
 class _Ring:
@@ -50,6 +56,8 @@ class _Ring:
         self.u32 = self.mv.cast("I")
         self.prod_i, self.cons_i, self.flags_i = prod // 4, cons // 4, flags // 4
         self.desc, self.size, self.mask, self.esize = desc, size, size - 1, esize
+        # the descriptors as an array (RX/TX: struct xdp_desc; fill/completion: u64 addresses)
+        self.array = np.frombuffer(self.map, DESC_DTYPE if esize == _DESC.size else np.uint64, size, desc)
 
     @property
     def producer(self) -> int:
@@ -75,6 +83,7 @@ class _Ring:
         return self.desc + (idx & self.mask) * self.esize
 
     def close(self) -> None:
+        self.array = None
         self.u32.release()
         self.mv.release()
         self.map.close()
@@ -171,6 +180,44 @@ class XskSocket:
         if n > first:
             descs += _DESC.iter_unpack(mv[d:d + (n - first) * 16])
         return descs
+
+    def rx_desc_array(self, max_frames: int = 256) -> np.ndarray:
+        """`rx_descs` as a structured array (fields addr, len, options; a copy of the ring's entries);
+        consume them with `rx_consume_n`."""
+        r = self.rx
+        cons = r.consumer
+        n = min((r.producer - cons) & 0xFFFFFFFF, max_frames)
+        if not n:
+            return _NO_DESCS
+        start = cons & r.mask
+        first = min(n, r.size - start)
+        if n == first:
+            return r.array[start:start + n].copy()
+        return np.concatenate((r.array[start:], r.array[:n - first]))
+
+    def rx_consume_n(self, n: int) -> None:
+        """Consume n received descriptors (their frames stay ours until `fill_array` gives them back)."""
+        if n:
+            self.rx.consumer = self.rx.consumer + n
+            self.stats["rx_frames"] += n
+
+    def fill_array(self, addrs: np.ndarray) -> None:
+        """Give frames back to the fill ring: an integer array of addresses (any address inside each frame)."""
+        n = len(addrs)
+        if not n:
+            return
+        r = self.fill
+        prod = r.producer
+        start = prod & r.mask
+        first = min(n, r.size - start)
+        fs = self.frame_size
+        a = addrs - addrs % fs
+        r.array[start:start + first] = a[:first]
+        if n > first:
+            r.array[:n - first] = a[first:]
+        r.producer = prod + n
+        if r.needs_wakeup:
+            self._wake_rx()
 
     def rx_release(self, descs: list[tuple[int, int, int]]) -> None:
         """Consume the descriptors `rx_descs` returned and give their frames back to the fill ring."""

@@ -40,7 +40,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from xdpoib import link, state
+from xdpoib.abi import INJECT_MAX
 from xdpoib.errors import FrameError
 from xdpoib.reasons import DropReason, Kind
 from xdpoib.wire import frames as f
@@ -85,6 +88,33 @@ class TxBatch:
         self.descs.clear()
         self.other.clear()
         self.raw.clear()
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+_ZERO_START = np.zeros(1, np.int64)
+
+
+class TxColumns:
+    """One turn's frames from eth4 to peers and groups as columns, sorted by destination
+    (`BpfPump.receive_columns`): `addr` and `length` (UMEM offsets and lengths; group g is rows
+    starts[g]:starts[g + 1], their order kept), and `meta`, the 32-byte TX metadata of each group's first
+    frame (kind at [1], VID at [4:6], VIF id at [8:12], dest id at [12:16], MGID at [16:32])."""
+
+    __slots__ = ("addr", "fs", "length", "meta", "rows", "starts")
+
+    def __init__(self, addr, length, starts, meta, rows, fs) -> None:
+        self.addr, self.length, self.starts, self.meta, self.rows, self.fs = addr, length, starts, meta, rows, fs
+
+    def groups(self):
+        """(meta, offsets, lengths) per destination."""
+        ends = [*self.starts[1:].tolist(), len(self.addr)]
+        for g, (s, e) in enumerate(zip(self.starts.tolist(), ends, strict=True)):
+            yield self.meta[g], self.addr[s:e], self.length[s:e]
+
+    def frames(self, offsets: np.ndarray, lengths: np.ndarray) -> list[memoryview]:
+        """Views of frames in the UMEM (the slow path: oversize, queueing, capture)."""
+        flat = memoryview(self.rows.reshape(-1))
+        return [flat[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)]
 
 
 def _is_dhcp_reply(data) -> bool:
@@ -295,7 +325,9 @@ class BpfPump(_Base):
             return None
         xsk = self.xsk
         self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
-        self._state = bytearray(self._rx_frames)  # per receive frame: 0, _HELD or _POSTED
+        self._state = np.zeros(self._rx_frames, np.uint8)  # per receive frame: 0, _HELD or _POSTED
+        self._umem_rows = np.frombuffer(xsk.umem, np.uint8).reshape(xsk.frames, xsk.frame_size)
+        self._turn_rows = _NO_ROWS
         from xdpoib.errors import XdpoibError
 
         try:
@@ -308,44 +340,121 @@ class BpfPump(_Base):
 
     def _reclaim(self) -> None:
         """Frames whose sends are over go back to the fill ring."""
-        done = self.send_memory.completed()
-        if done:
-            st, fs = self._state, self.xsk.frame_size
-            back = []
-            for off in done:
-                i = off // fs
-                if st[i] == _POSTED:
-                    st[i] = 0
-                    back.append(off)
-            self.xsk.fill_frames(back)
+        done = self.send_memory.completed_offsets()
+        if len(done):
+            rows = done // self.xsk.frame_size
+            rows = rows[self._state[rows] == _POSTED]
+            self._state[rows] = 0
+            self.xsk.fill_array(rows * self.xsk.frame_size)
 
     def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
         """Send frames of this turn straight from the UMEM (their descriptors, from `TxBatch.descs`);
         the accepted ones go back to the fill ring once their sends are over, the others at `tx_done`."""
-        n = qp.post_send_memory(ah, remote_qpn, remote_qkey, self.send_memory, descs)
-        st, fs = self._state, self.xsk.frame_size
-        for i in range(n):
-            st[descs[i][0] // fs] = _POSTED
+        offs = np.fromiter((d[0] for d in descs), np.int64, len(descs))
+        lens = np.fromiter((d[1] for d in descs), np.int64, len(descs))
+        return self.post_columns(qp, ah, remote_qpn, remote_qkey, offs, lens)
+
+    def post_columns(self, qp, ah, remote_qpn: int, remote_qkey: int, offsets: np.ndarray,
+                     lengths: np.ndarray) -> int:
+        """Send this turn's frames at `offsets` (UMEM) to one destination without copying them out
+        (`UdQp.post_send_batch`); the accepted ones return to the fill ring once sent, the others at
+        `tx_done`."""
+        n = qp.post_send_batch(ah, remote_qpn, remote_qkey, self.send_memory, offsets, lengths)
+        if n:
+            self._state[offsets[:n] // self.xsk.frame_size] = _POSTED
         return n
 
     def tx_done(self) -> None:
         """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, and
         the copies the backend had to make are counted."""
         turn, self._turn = self._turn, []
-        if not turn:
-            return
-        st, fs = self._state, self.xsk.frame_size
-        back = []
-        for d in turn:
-            i = d[0] // fs
-            if st[i] == _HELD:
-                st[i] = 0
-                back.append(d[0])
-        self.xsk.fill_frames(back)
+        rows, self._turn_rows = self._turn_rows, _NO_ROWS
+        if turn:
+            rows = np.concatenate((rows, np.fromiter((d[0] for d in turn), np.int64, len(turn))
+                                   // self.xsk.frame_size))
+        if len(rows):
+            held = rows[self._state[rows] == _HELD]
+            self._state[held] = 0
+            self.xsk.fill_array(held * self.xsk.frame_size)
         m = self.send_memory
         if m.copies != self._copies_seen:
             self.agent.stats["tx_copies"] += m.copies - self._copies_seen
             self._copies_seen = m.copies
+
+    def receive_columns(self, budget: int, batch: TxBatch) -> TxColumns | None:
+        """Frames from eth4 as columns, grouped by destination with one sort (`TxColumns`); frames to peers
+        and groups stay in the UMEM (sent from there: `post_columns`), the others (control, unresolved)
+        go into `batch.other` as objects, as before. None when no frame to a peer or group came."""
+        from xdpoib import abi
+
+        a = self.agent
+        xsk = self.xsk
+        if self._turn or len(self._turn_rows):      # a turn that did not end (an exception in the forwarder)
+            self.tx_done()
+        self._reclaim()
+        d = xsk.rx_desc_array(budget)
+        n = len(d)
+        if not n:
+            return None
+        fs = xsk.frame_size
+        addr = d["addr"].astype(np.int64)
+        length = d["len"].astype(np.int64)
+        rows = addr // fs
+        col = addr - rows * fs
+        c0 = int(col[0])
+        if c0 >= META_LEN and (col == c0).all():
+            meta = self._umem_rows[rows, c0 - META_LEN:c0]
+        else:
+            meta = self._umem_rows.reshape(-1)[(addr - META_LEN)[:, None] + np.arange(META_LEN)]
+        self._state[rows] = _HELD
+        xsk.rx_consume_n(n)
+        self._turn_rows = rows
+        a.stats["eth_rx_frames"] += n
+        kind = meta[:, 1]
+        good = meta[:, 0] == abi.META_VERSION
+        fast = good & ((kind == _KIND_PEER) | (kind == _KIND_GROUP))
+        if not fast.all():
+            bad = int(n - np.count_nonzero(good))
+            if bad:
+                a.drops[DropReason.BAD_METADATA] += bad
+            slow = np.flatnonzero(good & ~fast)
+            if len(slow):
+                self._slow_descs(addr[slow].tolist(), length[slow].tolist(), batch)
+            keep = np.flatnonzero(fast)
+            addr, length, meta, kind = addr[keep], length[keep], meta[keep], kind[keep]
+            if not len(addr):
+                return None
+        words = meta.view("<u4")                # (n, 8): [1] vid (low 16 bits), [2] VIF id, [3] dest id
+        key = ((kind == _KIND_GROUP).astype(np.uint64) << np.uint64(63)) \
+            | ((words[:, 1] & 0xFFFF).astype(np.uint64) << np.uint64(48)) \
+            | ((words[:, 2] & 0xFFFF).astype(np.uint64) << np.uint64(32)) | words[:, 3].astype(np.uint64)
+        if len(key) > 1 and (key[1:] != key[:-1]).any():
+            order = np.argsort(key, kind="stable")
+            key, addr, length, meta = key[order], addr[order], length[order], meta[order]
+            starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1))
+        else:
+            starts = _ZERO_START
+        return TxColumns(addr, length, starts, meta[starts], self._umem_rows, fs)
+
+    def _slow_descs(self, addrs: list[int], lengths: list[int], batch: TxBatch) -> None:
+        """Control and unresolved frames (rare): copied out and handed over as `Outgoing` objects."""
+        from xdpoib import abi
+
+        a, um = self.agent, self.xsk.umem_view
+        a.stats["tx_copies"] += len(addrs)
+        for addr, length in zip(addrs, lengths, strict=True):
+            m = addr - META_LEN
+            frame = bytes(um[addr:addr + length])
+            if um[m + 1] == _KIND_CONTROL:
+                if um[m + 8:m + 12] == _VIF_UNKNOWN:
+                    batch.other.append(Outgoing(Kind.CONTROL, frame, eth=frame, control=True, vif_id=abi.VIF_UNKNOWN))
+                else:
+                    o = self.control(frame)
+                    if o is not None:
+                        batch.other.append(o)
+            else:
+                batch.other.append(Outgoing(Kind.UNRESOLVED, frame, vid=int.from_bytes(um[m + 4:m + 6], "little"),
+                                            vif_id=int.from_bytes(um[m + 8:m + 12], "little")))
 
     def receive(self, budget: int, batch: TxBatch) -> int:
         """Frames from eth4, grouped by their metadata's destination. With a send memory, frames to peers
@@ -468,6 +577,29 @@ class BpfPump(_Base):
         else:
             self._add(payload, self._meta_for(peer.peer_id, multicast, vif.vif_id, pkey))
 
+    def rx_columns(self, rows: np.ndarray, idx: np.ndarray, lengths: np.ndarray, peer_ids: np.ndarray,
+                   multicast: np.ndarray, vif_id: int, pkey: int) -> int:
+        """Queue ordinary frames received by one QP for eth4, as columns: frame i is `lengths[i]` bytes at
+        GRH_LEN in row `idx[i]` of the QP's pool (`rows`). Their RX metadata is written with array
+        assignments (`Injector.add_columns`); runts and frames too big to inject are counted and left
+        out. Returns how many were queued. False (0) and nothing done when the inject map is not mmapped:
+        then the caller takes the object path."""
+        from xdpoib.fabric.base import GRH_LEN
+
+        a = self.agent
+        ok = (lengths >= 14) & (lengths <= INJECT_MAX)
+        if not ok.all():
+            runts = int(np.count_nonzero(lengths < 14))
+            if runts:
+                a.drops[DropReason.RUNT] += runts
+            if len(lengths) - runts - int(np.count_nonzero(ok)):
+                a.drops[DropReason.INJECT_TOO_BIG] += len(lengths) - runts - int(np.count_nonzero(ok))
+            idx, lengths, peer_ids, multicast = idx[ok], lengths[ok], peer_ids[ok], multicast[ok]
+        if len(idx):
+            self.injector.add_columns(rows, idx, lengths, peer_ids, multicast.astype(np.uint8), vif_id,
+                                      pkey | 0x8000, GRH_LEN)
+        return len(idx)
+
     def rx_ethernet(self, frame: bytes) -> None:
         from xdpoib import abi
 
@@ -503,7 +635,7 @@ class BpfPump(_Base):
         # sends: from the UMEM without a copy, from the UMEM copied by the backend (sim), or copied out
         out["tx_from_umem"] = "copy" if m is None else "zero_copy" if m.zero_copy else "backend_copy"
         if m is not None:       # receive frames not in the kernel's hands (taken this turn, or being sent)
-            out["tx_umem_frames_out"] = len(self._state) - self._state.count(0)
+            out["tx_umem_frames_out"] = int(np.count_nonzero(self._state))
             out["tx_in_flight"] = m.in_flight
         out.update(self.ring_counters())
         return out
@@ -519,6 +651,7 @@ class BpfPump(_Base):
         memory = getattr(self, "send_memory", None)
         if memory is not None:
             memory.close()          # before the UMEM is unmapped (it waits for sends in flight)
+        self._umem_rows = None          # numpy's hold on the UMEM, before it is unmapped
         xsk = getattr(self, "xsk", None)
         if xsk is not None:
             xsk.close()

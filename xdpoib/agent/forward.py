@@ -20,9 +20,12 @@ buffers run out so that the sender's send fails (`rx_overrun` at the sender).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
-from xdpoib.fabric.base import MCAST_QPN, FabricCounter, Path
+import numpy as np
+
+from xdpoib.fabric.base import GRH_LEN, MCAST_QPN, FabricCounter, LinkLayer, Path
 from xdpoib.reasons import DropReason as R
 from xdpoib.reasons import Kind
 from xdpoib.wire import frames as f
@@ -30,6 +33,7 @@ from xdpoib.wire.addr import IPoIBAddr, remac
 from xdpoib.wire.oracle import too_big_reply
 
 log = logging.getLogger("xdpoib.agent")
+_KIND_GROUP = int(Kind.GROUP)
 
 
 class Forwarder:
@@ -42,6 +46,7 @@ class Forwarder:
         self.batch = TxBatch()
         self.ceiling_peer: tuple[int, bytes, int] | None = None     # (qpn, gid, lid) of the last sender
         self._ceiling_ahs: dict = {}
+        self._columns_on = os.environ.get("XDPOIB_COLUMNAR") != "0"
 
     @property
     def reverse_paths(self) -> bool:
@@ -63,6 +68,19 @@ class Forwarder:
             return 0
         pump = a.pump
         b = self.batch
+        if self.columnar(pump):
+            try:
+                cols = pump.receive_columns(budget, b)
+                n = 0 if cols is None else len(cols.addr)
+                if cols is not None:
+                    self._forward_columns(cols)
+                n += len(b.other)
+                for o in b.other:
+                    self._other(o)
+            finally:
+                b.clear()
+                pump.tx_done()
+            return n
         n = pump.receive(budget, b)
         if not n:
             return 0
@@ -75,6 +93,88 @@ class Forwarder:
         if a.vif_learned and a.want_bpf and pump.name == "plain":
             a.upgrade_pump()
         return n
+
+    def columnar(self, pump) -> bool:
+        """Whether frames move as columns (docs/datapath.md): the translating pump sending from its UMEM,
+        no capture running (a capture looks at every frame), not turned off (XDPOIB_COLUMNAR=0)."""
+        return (pump.name == "bpf" and pump.send_memory is not None and self.a.capture is None
+                and self._columns_on)
+
+    def _forward_columns(self, cols) -> None:
+        """Each destination's frames in one send (`TxColumns.groups`): a few dictionary hits per
+        destination, nothing per frame."""
+        a = self.a
+        vifs = a.vifs.by_id
+        now = time.monotonic()
+        for meta, offs, lens in cols.groups():
+            kind, vid = int(meta[1]), int(meta[4]) | int(meta[5]) << 8
+            vif_id = int.from_bytes(meta[8:12].tobytes(), "little")
+            v = vifs.get(vif_id)
+            if v is None or v.vid != vid:
+                a.drops[R.UNKNOWN_VIF if v is None else R.VLAN_MISMATCH] += len(offs)
+                continue
+            v.last_seen = now
+            if kind == _KIND_GROUP:
+                if v.vif_id:
+                    flat = cols.rows.reshape(-1)
+                    arp = (flat[offs] == 0x08) & (flat[offs + 1] == 0x06)
+                    if arp.any():
+                        for fr in cols.frames(offs[arp], lens[arp]):
+                            a.vifs.note(v, bytes(fr))       # a guest's ARP: its address, to announce
+                self._send_group_columns(meta[16:32].tobytes(), offs, lens, v.qp, cols)
+            else:
+                e = a.peers.by_id(int.from_bytes(meta[12:16].tobytes(), "little"))
+                if e is None:
+                    a.drops[R.UNKNOWN_DESTINATION] += len(offs)
+                    continue
+                self._send_peer_columns(e, offs, lens, v.qp, cols)
+
+    def _send_peer_columns(self, e, offs, lens, qp, cols) -> None:
+        """`send_peer` for frames still in the UMEM, given as columns."""
+        a = self.a
+        if e.path_state != "resolved" and (e.reverse_via is None or not a.resolver.reverse(e)):
+            a.resolver.queue(e, self._copied(cols, offs, lens), qp)
+            return
+        if e.path_from_wc == 1:                 # a reverse path: the SA's is asked for now
+            a.resolver.refine(e, qp)
+        big = lens > e.path_mtu
+        if big.any():
+            for fr in cols.frames(offs[big], lens[big]):
+                self._too_big(b"", bytes(fr), e.path_mtu, e.remac, e)
+            offs, lens = offs[~big], lens[~big]
+            if not len(offs):
+                return
+        self._post_columns(qp, e.ah, e.addr.qpn, qp.qkey, offs, lens)
+
+    def _send_group_columns(self, mgid: bytes, offs, lens, qp, cols) -> None:
+        """`send_group` for frames still in the UMEM, given as columns."""
+        a = self.a
+        g = a.membership.groups.get(mgid)
+        if g is None or g.ah is None:
+            a.membership.join(mgid, "send", full=False)
+            a.membership.hold(mgid, self._copied(cols, offs, lens), qp)
+            return
+        mtu = g.mtu or a.ib_mtu
+        big = lens > mtu
+        if big.any():
+            for fr in cols.frames(offs[big], lens[big]):
+                self._too_big(b"", bytes(fr), mtu, remac(a.port_attrs.gid, MCAST_QPN), None)
+            offs, lens = offs[~big], lens[~big]
+            if not len(offs):
+                return
+        self._post_columns(qp, g.ah, MCAST_QPN, g.qkey or a.qkey, offs, lens)
+
+    def _post_columns(self, qp, ah, remote_qpn: int, qkey: int, offs, lens) -> None:
+        a = self.a
+        n = a.pump.post_columns(qp, ah, remote_qpn, qkey, offs, lens)
+        a.stats["tx_frames"] += n
+        if n < len(offs):
+            a.drops[R.SEND_QUEUE_FULL] += len(offs) - n       # the QP's send queue was full
+
+    def _copied(self, cols, offs, lens) -> list[bytes]:
+        """Frames to keep past this turn (queued while a path or a join is pending): copied out of the UMEM."""
+        self.a.stats["tx_copies"] += len(offs)
+        return [bytes(fr) for fr in cols.frames(offs, lens)]
 
     def _forward(self, b) -> None:
         a = self.a
@@ -265,16 +365,164 @@ class Forwarder:
 
     def _from_qp(self, qp, vif, budget: int) -> int:
         a = self.a
+        if not self.columnar(a.pump) or not a.pump.injector.mmapped:
+            return self._from_qp_objects(qp, vif, budget)
+        b = qp.poll_batch(budget)
+        n = len(b)
+        if not n:
+            return 0
+        pump = a.pump
+        ok = b.status == 0
+        errors = n - int(np.count_nonzero(ok))
+        lb = a.loopback
+        if lb.qpns:
+            mine = ok & np.isin(b.src_qp, np.fromiter(lb.qpns, np.uint32, len(lb.qpns)))
+            if mine.any():
+                own = self._own_rows(b, mine, lb.port)
+                if own.any():
+                    lb.counters.add(FabricCounter.LOOPBACK, int(np.count_nonzero(own)))
+                    ok &= ~own
+        sel = np.flatnonzero(ok)
+        delivered = unknown = 0
+        if len(sel):
+            rows = qp.pool.rows()
+            idx = b.index[sel]
+            lengths = b.byte_len[sel].astype(np.int64)
+            slow = _slow_rows(rows[idx, GRH_LEN:GRH_LEN + _HEAD], lengths)
+            if slow.any():
+                part = b.take(sel[slow])
+                d, u = self._deliver_objects(part.completions(qp.pool), qp, vif)
+                delivered += d
+                unknown += u
+                fast = ~slow
+                sel, idx, lengths = sel[fast], idx[fast], lengths[fast]
+            if len(sel):
+                peer_ids = self._senders(b, sel)
+                known = peer_ids != 0
+                if not known.all():
+                    unknown += len(sel) - int(np.count_nonzero(known))
+                    sel, idx, lengths, peer_ids = sel[known], idx[known], lengths[known], peer_ids[known]
+                if len(sel):
+                    mcast = b.grh[sel] & (rows[idx, 24] == 0xFF)       # the GRH's DGID is an MGID
+                    delivered += pump.rx_columns(rows, idx, lengths, peer_ids, mcast, vif.ovif.vif_id, qp.pkey)
+        pump.rx_flush()
+        if errors:
+            a.drops[R.COMPLETION_ERROR] += errors
+            if qp is not a.qp and getattr(qp, "error", False):
+                a.vifs.replace_qp(vif)          # a guest's QP in the error state: a new one, no repost
+                return n
+            if qp is a.qp and a.on_completion_errors(errors):
+                return n                        # the QP is in the error state: being replaced, no repost
+        qp.post_recv(b.index)
+        if unknown:
+            a.drops[R.UNKNOWN_PEER] += unknown
+        a.stats["rx_frames"] += delivered
+        return n
+
+    @staticmethod
+    def _own_rows(b, mine, port) -> np.ndarray:
+        """Rows (among `mine`: one of our QPNs) sent by our own port: loopback (docs/design.md §3.10)."""
+        own = np.zeros(len(b), bool)
+        g = mine & b.grh
+        if g.any():
+            for gid in port.gids:
+                own |= g & (b.sgid == np.frombuffer(gid, np.uint8)).all(axis=1)
+        if port.link_layer is LinkLayer.INFINIBAND:
+            own |= mine & ~b.grh & (b.slid == port.lid)
+        return own
+
+    def _senders(self, b, sel) -> np.ndarray:
+        """The peer id of each selected row's sender (0: unknown), looked up once per distinct sender
+        in the batch: (SLID, source QPN) without a GRH, (source QPN, SGID) with one (learned on first
+        sight, as the object path does)."""
+        a = self.a
+        peers, resolver = a.peers, a.resolver
+        reverse = self.reverse_paths
+        now = time.monotonic()
+        out = np.zeros(len(sel), np.uint32)
+        grh = b.grh[sel]
+        slid, src, sl = b.slid[sel], b.src_qp[sel], b.sl[sel]
+        if not grh.all():
+            ng = np.flatnonzero(~grh)
+            keys = slid[ng].astype(np.uint64) << np.uint64(24) | src[ng].astype(np.uint64)
+            uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+            ids = np.zeros(len(uniq), np.uint32)
+            for j, (k, i) in enumerate(zip(uniq.tolist(), first.tolist(), strict=True)):
+                lid, qpn = k >> 24, k & 0xFFFFFF
+                peer = peers.by_lid(lid, qpn)
+                if peer is None:
+                    resolver.who_is(lid, qpn)
+                    continue
+                ids[j] = peer.peer_id
+                self._seen(peer, lid, int(sl[ng[i]]), reverse, now)
+            out[ng] = ids[inv]
+        if grh.any():
+            g = np.flatnonzero(grh)
+            comb = np.empty((len(g), 20), np.uint8)
+            comb[:, :16] = b.sgid[sel[g]]
+            comb[:, 16:] = src[g].astype(">u4").view(np.uint8).reshape(-1, 4)
+            uniq, first, inv = np.unique(comb.view("V20").ravel(), return_index=True, return_inverse=True)
+            ids = np.zeros(len(uniq), np.uint32)
+            entries = peers.entries
+            for j, i in enumerate(first.tolist()):
+                raw = comb[i].tobytes()
+                key = (int.from_bytes(raw[16:], "big"), raw[:16])
+                lid = int(slid[g[i]])
+                peer = entries.get(key)
+                if peer is None:
+                    peer = peers.learn(IPoIBAddr(0, key[0], key[1]), lid=lid)
+                ids[j] = peer.peer_id
+                self._seen(peer, lid, int(sl[g[i]]), reverse, now)
+            out[g] = ids[inv]
+        return out
+
+    @staticmethod
+    def _seen(peer, slid: int, sl: int, reverse: bool, now: float) -> None:
+        peer.last_seen = now
+        if peer.path_state != "resolved" and reverse and slid:
+            peer.reverse_via = (slid, sl)           # answering it needs no query (`send_peer`)
+
+    def _from_qp_objects(self, qp, vif, budget: int) -> int:
+        """The object path (a capture running, the plain or ceiling pump): one `Completion` per frame."""
+        a = self.a
         comps = qp.poll(budget)
         if not comps:
             return 0
         if a.capture is not None:
             a.capture.received(comps, qp.pool)
+        lb = a.loopback
+        own = lb.qpns
+        errors = 0
+        kept = []
+        for c in comps:
+            if c.status:
+                errors += 1
+            elif c.src_qp in own and lb.is_own(c):
+                lb.counters.add(FabricCounter.LOOPBACK)
+            else:
+                kept.append(c)
+        delivered, unknown = self._deliver_objects(kept, qp, vif)
+        a.pump.rx_flush()
+        if errors:
+            a.drops[R.COMPLETION_ERROR] += errors
+        if errors and qp is not a.qp and getattr(qp, "error", False):
+            a.vifs.replace_qp(vif)          # a guest's QP in the error state: a new one, no repost
+            return len(comps)
+        if errors and qp is a.qp and a.on_completion_errors(errors):
+            return len(comps)               # the QP is in the error state: being replaced, no repost
+        qp.post_recv([c.index for c in comps])
+        if unknown:
+            a.drops[R.UNKNOWN_PEER] += unknown
+        a.stats["rx_frames"] += delivered
+        return len(comps)
+
+    def _deliver_objects(self, comps, qp, vif) -> tuple[int, int]:
+        """Successful completions, loopback already dropped, one at a time: the sender looked up (or
+        learned), ARP/RARP and ND learned from, each frame queued on the pump. (delivered, unknown)."""
+        a = self.a
         pump = a.pump
         peers = a.peers
         entries, by_lid = peers.entries, peers.by_lid
-        own = a.loopback.qpns
-        lb = a.loopback
         view = qp.pool.view
         resolver = a.resolver
         ceiling = pump.name == "ceiling"
@@ -282,15 +530,9 @@ class Forwarder:
         ovif = vif.ovif
         pkey = qp.pkey
         now = time.monotonic()
-        errors = unknown = delivered = 0
+        unknown = delivered = 0
         last_key = last_peer = None
         for c in comps:
-            if c.status:
-                errors += 1
-                continue
-            if c.src_qp in own and lb.is_own(c):
-                lb.counters.add(FabricCounter.LOOPBACK)
-                continue
             p = c.payload
             grh = c.has_grh
             if grh:
@@ -323,16 +565,21 @@ class Forwarder:
             else:
                 pump.rx_frame(p, peer, grh and view(c.index)[24] == 0xFF, ovif, pkey)
             delivered += 1
-        pump.rx_flush()
-        if errors:
-            a.drops[R.COMPLETION_ERROR] += errors
-        if errors and qp is not a.qp and getattr(qp, "error", False):
-            a.vifs.replace_qp(vif)          # a guest's QP in the error state: a new one, no repost
-            return len(comps)
-        if errors and qp is a.qp and a.on_completion_errors(errors):
-            return len(comps)               # the QP is in the error state: being replaced, no repost
-        qp.post_recv([c.index for c in comps])
-        if unknown:
-            a.drops[R.UNKNOWN_PEER] += unknown
-        a.stats["rx_frames"] += delivered
-        return len(comps)
+        return delivered, unknown
+
+
+_HEAD = 48      # payload bytes the columnar path looks at: IPoIB header, IPv4/IPv6 header, ports, ICMPv6 type
+
+
+def _slow_rows(head: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Which received frames take the object path, from their first `_HEAD` payload bytes (bytes past a
+    frame's length are stale; a wrong guess only sends an ordinary frame the slow way): ARP and RARP
+    (the sender's address is learned), IPv6 ND (133-137), DHCP replies (rewritten per RFC 4390), IPv4
+    UDP with IP options (ports not at a fixed place) and runts."""
+    et0, et1 = head[:, 0], head[:, 1]
+    arp = ((et0 == 0x08) & (et1 == 0x06)) | ((et0 == 0x80) & (et1 == 0x35))
+    nd = (et0 == 0x86) & (et1 == 0xDD) & (head[:, 10] == 58) & (head[:, 44] >= 133) & (head[:, 44] <= 137)
+    udp4 = (et0 == 0x08) & (et1 == 0x00) & (head[:, 13] == 17)
+    plain = (head[:, 4] & 0x0F) == 5
+    dhcp = udp4 & plain & (head[:, 24] == 0) & (head[:, 25] == 67) & (head[:, 26] == 0) & (head[:, 27] == 68)
+    return arp | nd | dhcp | (udp4 & ~plain) | (lengths < 14)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import mmap
 import struct
 
+import numpy as np
+
 from xdpoib import abi
 from xdpoib.datapath import testrun
 
@@ -21,6 +23,11 @@ _DUMMY = bytes(64)  # what each live frame holds before xdpoib_rx_batch swaps it
 
 SLOT_SIZE = 24 + 4096   # struct xdpoib_inject_slot: len, reserved, 16-byte RX metadata, frame
 _SLOT_HEAD = struct.Struct("<II16s")
+#: struct xdpoib_inject_slot as numpy sees it: the columnar path writes lengths and RX metadata of a whole
+#: batch with one assignment per field
+SLOT_DTYPE = np.dtype([("len", "<u4"), ("reserved", "<u4"), ("version", "u1"), ("flags", "u1"), ("pkey", "<u2"),
+                       ("peer_id", "<u4"), ("vif_id", "<u4"), ("meta_reserved", "<u4"), ("frame", "u1", (4096,))])
+assert SLOT_DTYPE.itemsize == SLOT_SIZE
 
 
 class Injector:
@@ -42,6 +49,7 @@ class Injector:
             self._mmap = mmap.mmap(maps._fds["xo_inject"], MAX_BATCH * SLOT_SIZE, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
             self._mv = memoryview(self._mmap)
+            self._slots = np.frombuffer(self._mmap, SLOT_DTYPE, MAX_BATCH)
         except (OSError, ValueError, KeyError):
             self._mmap = None
         self._live = testrun.LiveRun(self._batch_fd, _DUMMY)
@@ -85,6 +93,34 @@ class Injector:
         self._pending = n + 1
         return True
 
+    def add_columns(self, rows: np.ndarray, idx: np.ndarray, lengths: np.ndarray, peer_ids: np.ndarray,
+                    flags: np.ndarray, vif_id: int, pkey: int, offset: int) -> None:
+        """Queue frames that lie in `rows` (a (count, stride) uint8 array: frame i is row idx[i] from
+        column `offset`, lengths[i] bytes) with their RX metadata, as columns: a few array assignments
+        per batch whatever its size (flushing when the slots fill). Needs the mmapped slots; every
+        length must be <= INJECT_MAX."""
+        n, i = len(idx), 0
+        while i < n:
+            if self._pending >= MAX_BATCH:
+                self.flush()
+            start = self._pending
+            k = min(n - i, MAX_BATCH - start)
+            sl = self._slots[start:start + k]
+            part = slice(i, i + k)
+            ln = lengths[part]
+            sl["len"] = ln
+            sl["reserved"] = 0
+            sl["version"] = abi.META_VERSION
+            sl["flags"] = flags[part]
+            sl["pkey"] = pkey
+            sl["peer_id"] = peer_ids[part]
+            sl["vif_id"] = vif_id
+            sl["meta_reserved"] = 0
+            w = int(ln.max())
+            sl["frame"][:, :w] = rows[idx[part], offset:offset + w]
+            self._pending = start + k
+            i += k
+
     def flush(self) -> int:
         """Inject every queued frame with one live-frames call; returns how many went."""
         n = self._pending
@@ -111,6 +147,7 @@ class Injector:
 
     def close(self) -> None:
         """Unmap the slots (idempotent)."""
+        self._slots = None
         if self._mv is not None:
             self._mv.release()
             self._mv = None

@@ -585,7 +585,7 @@ class SendMemory(BufferPool):
         """Stop using the memory (the caller may unmap it after this); idempotent."""
         if not self.closed:
             self.closed = True
-            self._array = None
+            self._array = self._rows = None
             self.memory.release()
 
 
