@@ -296,6 +296,7 @@ class Agent:
             self.wire_qp(qp)
         lp.add_poller(None, self.forwarder.from_eth)
         lp.add_poller(None, self._kick)
+        lp.pause_wait = lambda t: self.qp.wait_writable(t)     # held back by the fabric: wait on it
         lp.add_reader(self.backend.events.fileno(), self.on_port_events)
         lp.add_reader(self.control.fileno(), self.control.handle)
         lp.every(MCAST_SYNC_S, self._sync_eth4)

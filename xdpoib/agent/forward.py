@@ -417,6 +417,7 @@ class Forwarder:
         if unknown:
             a.drops[R.UNKNOWN_PEER] += unknown
         a.stats["rx_frames"] += delivered
+        a.stats["rx_copies"] += delivered       # receive buffer -> inject slot, one array copy per batch
         return n
 
     @staticmethod
@@ -514,6 +515,7 @@ class Forwarder:
         if unknown:
             a.drops[R.UNKNOWN_PEER] += unknown
         a.stats["rx_frames"] += delivered
+        a.stats["rx_copies"] += delivered       # each payload copied into the inject map or the TX ring
         return len(comps)
 
     def _deliver_objects(self, comps, qp, vif) -> tuple[int, int]:

@@ -9,6 +9,13 @@ A poller that used its whole budget reports "more work", and the next turn's wai
 peek, so timers, port events and the control socket are served between every two batches however
 hard the data plane is pushed, and an idle agent sleeps in epoll.
 
+Busy polling (NAPI's busy poll): after a turn that moved frames, the loop keeps peeking instead of
+sleeping for `busy_poll` seconds (XDPOIB_BUSY_POLL_US, default 100 us; 0 turns it off), so a reply that
+comes back within that window is picked up without a wakeup. The window is adaptive: it only opens
+while the previous one caught traffic or traffic just came, and it never opens for an idle agent, which
+keeps sleeping in epoll (~0% CPU). A poller held back by the fabric (`pause_until`) waits on the
+fabric (`pause_wait`), not for a fixed time.
+
 `Worker` runs blocking calls (SA queries: paths, joins, leaves, membership checks, who-is; reading
 eth4's multicast list with a subprocess) on its own thread. The loop submits `(key, fn, done)`; the
 worker runs `fn()` and hands `(done, ok, value)` back through a deque and an eventfd that the loop
@@ -33,6 +40,7 @@ from collections.abc import Callable
 log = logging.getLogger("xdpoib.agent")
 
 BUDGET = 256                # frames per direction per turn (the inject batch's size)
+BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "100")) / 1e6
 
 
 class EventLoop:
@@ -47,7 +55,10 @@ class EventLoop:
         self._seq = itertools.count()
         self.stopping = False
         self.pause_until = 0.0      # set by a poller that must wait (see run)
-        self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0, "paused": 0}
+        self.pause_wait: Callable[[float], None] = time.sleep     # how to wait for the fabric (see run)
+        self.busy_poll = BUSY_POLL_S
+        self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0, "paused": 0, "busy_polls": 0,
+                      "busy_poll_hits": 0}
 
     def add_reader(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() on the loop whenever fd is readable."""
@@ -93,10 +104,16 @@ class EventLoop:
     def run(self) -> None:
         """Serve until `stopping` is set."""
         busy = False
+        spin_until = 0.0            # busy polling: peek instead of sleeping until then
         handlers, pollers, budget, stats = self._handlers, self._pollers, self.budget, self.stats
+        window = self.busy_poll
         while not self.stopping:
+            spinning = False
             if busy:
                 timeout = 0.0
+            elif spin_until and time.monotonic() < spin_until:
+                timeout, spinning = 0.0, True
+                stats["busy_polls"] += 1
             elif self._timers:
                 timeout = min(0.5, max(0.0, self._timers[0][0] - time.monotonic()))
             else:
@@ -122,14 +139,19 @@ class EventLoop:
             stats["turns"] += 1
             if busy:
                 stats["busy_turns"] += 1
-            elif self.pause_until:
+                if spinning:
+                    stats["busy_poll_hits"] += 1
+                spin_until = time.monotonic() + window if window else 0.0
+            elif not spinning:
+                spin_until = 0.0
+            if not busy and self.pause_until:
                 # a poller is held back (the fabric cannot take more): its descriptor stays readable,
                 # so epoll would return at once; give the CPU away until the hold ends instead
                 rest = self.pause_until - time.monotonic()
                 self.pause_until = 0.0
                 if rest > 0:
                     stats["paused"] += 1
-                    time.sleep(rest)
+                    self.pause_wait(rest)
             if self._timers and self._timers[0][0] <= time.monotonic():
                 self._run_timers()
 

@@ -52,7 +52,8 @@ def status(a) -> dict:
         "counters": dict(a.stats),
         "drops": counts(drops),
         "fabric_drops": counts(a.backend.counters()),
-        "datapath": {"kind": a.pump.name, **a.pump.counters()},
+        "datapath": {"kind": a.pump.name, **a.pump.counters(), "columnar": a.forwarder.columnar(a.pump),
+                     "copies_per_frame": _copies(a.stats)},
         "groups_by_state": a.membership.by_state(),
         "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},
         "partitions": a.partitions.describe(),
@@ -65,6 +66,15 @@ def status(a) -> dict:
                            for k, v in _copy(a.sa.stats).items()},
                "latency": _latency(a.sa)},
     }
+
+
+def _copies(stats) -> dict:
+    """Copies of a frame's bytes the agent made (or had its backend make) per frame, each way: `tx` from
+    eth4 to the fabric (`tx_copies` / `tx_frames`), `rx` from the fabric to eth4 (`rx_copies` /
+    `rx_frames`); None before the first frame."""
+    def ratio(copies, frames):
+        return round(stats.get(copies, 0) / stats[frames], 3) if stats.get(frames) else None
+    return {"tx": ratio("tx_copies", "tx_frames"), "rx": ratio("rx_copies", "rx_frames")}
 
 
 def _latency(sa) -> dict:

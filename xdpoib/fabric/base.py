@@ -716,6 +716,13 @@ class UdQp(ABC):
         costs least meanwhile. Default 0.0."""
         return 0.0
 
+    def wait_writable(self, timeout: float) -> None:
+        """Block up to `timeout` seconds, returning early once sending is worth it again (`busy()` would
+        say 0.0). Default: sleep."""
+        import time
+
+        time.sleep(timeout)
+
     @abstractmethod
     def post_recv(self, indices: Iterable[int]) -> int:
         """Hand receive buffers (indices into `pool`) to the receive queue; returns how many were posted."""

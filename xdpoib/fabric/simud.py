@@ -412,6 +412,15 @@ class SimQp(UdQp):
             return 0.0
         return 0.0 if len(writable) == len(socks) else BLOCKED_S
 
+    def wait_writable(self, timeout: float) -> None:
+        """Wait until every congested destination takes datagrams again (its connected socket writable),
+        at most `timeout` seconds."""
+        socks = [c for c, _t in self._blocked.values()]
+        if not socks:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            select.select([], socks, [], timeout)
+
     def _unwatch(self, dest: bytes) -> None:
         hit = self._blocked.pop(dest, None)
         if hit is not None:
