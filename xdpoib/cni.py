@@ -135,8 +135,8 @@ def parse_config(conf) -> NetConf:
 def container_mac(prev, ifname: str, netns: str) -> str:
     """The MAC of interface IFNAME in sandbox NETNS as the previous plugin reported it (CniError 7)."""
     if not isinstance(prev, dict):
-        raise CniError(INVALID_CONFIG, "no prevResult",
-                       "xdpoib-cni is a chained plugin: put it after an interface plugin such as bridge")
+        raise CniError(INVALID_CONFIG, "invalid network config",
+                       "no prevResult: xdpoib-cni is a chained plugin, put it after an interface plugin such as bridge")
     for itf in prev.get("interfaces") or []:
         if isinstance(itf, dict) and itf.get("name") == ifname and itf.get("sandbox") == netns:
             mac = itf.get("mac")
