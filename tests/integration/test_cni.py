@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -329,3 +330,115 @@ def test_check_fails_once_the_vif_is_gone_and_del_still_succeeds(lab, containers
     assert typ == "xdpoib-cni" and rc != 0 and out["code"] == 101 and mac in out["details"], out
     assert chain.run("DEL", cid, f"/run/netns/{c}", res) == [("xdpoib-cni", 0, None), ("bridge", 0, None)]
     assert mac not in vifs(lab["uplink"])
+
+
+# ---- (b) rootful podman on a CNI network
+
+CONTAINERS_CONF = """\
+# podman for this test only: its own storage, runtime files and CNI configuration under {tmp}
+[containers]
+# this machine's root lacks CAP_SYS_RESOURCE: podman's default limits (above the hard limits) are refused
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+cgroup_manager = "cgroupfs"           # no systemd as PID 1 here
+events_logger = "file"
+events_logfile_path = "{tmp}/events.log"
+runtime = "runc"                      # crun 1.8 refuses a hybrid cgroup v1/v2 host
+tmp_dir = "{tmp}/libpod"
+
+[network]
+network_backend = "cni"
+network_config_dir = "{tmp}/net.d"
+cni_plugin_dirs = ["{tmp}/bin", "/usr/lib/cni"]
+"""
+
+STORAGE_CONF = """\
+[storage]
+driver = "vfs"
+graphroot = "{tmp}/storage"
+runroot = "{tmp}/run"
+"""
+
+
+def busybox_rootfs(root: Path) -> None:
+    """A root filesystem with Debian's busybox, the libraries it links and the applets the test uses."""
+    busybox = Path("/bin/busybox")
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "ping", "sleep", "cat", "ip"):
+        (root / "bin" / applet).symlink_to("busybox")
+    for line in sh("ldd", str(busybox)).stdout.splitlines():
+        path = next((w for w in line.split() if w.startswith("/")), None)
+        if path:
+            dst = root / path.lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(path), dst)
+    for d in ("proc", "sys", "dev", "etc", "tmp"):
+        (root / d).mkdir(exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def podman(lab, tmp_path_factory):
+    """run(*args): podman with this test's own configuration (AssertionError on failure); yields
+    (run, network name, image)."""
+    need_cmd("podman", "runc", "ldd")
+    need_file("/bin/busybox")
+    tmp = tmp_path_factory.mktemp("podman")
+    for d in ("net.d", "libpod", "bin"):
+        (tmp / d).mkdir()
+    (tmp / "bin" / "xdpoib-cni").symlink_to(Path(lab["cni_path"].split(":")[0]) / "xdpoib-cni")
+    (tmp / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=tmp))
+    (tmp / "storage.conf").write_text(STORAGE_CONF.format(tmp=tmp))
+    network = f"xcp{lab['tag']}"
+    (tmp / "net.d" / f"{network}.conflist").write_text(json.dumps(conflist(lab, network, 50, 59), indent=1))
+    env = {**os.environ, "CONTAINERS_CONF": str(tmp / "containers.conf"),
+           "CONTAINERS_STORAGE_CONF": str(tmp / "storage.conf")}
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, env=env)
+        if check and r.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}): {r.stderr[-800:]}")
+        return r
+
+    busybox_rootfs(tmp / "rootfs")
+    sh("tar", "-C", str(tmp / "rootfs"), "-cf", str(tmp / "rootfs.tar"), ".")
+    image = f"localhost/xdpoib-busybox:{lab['tag']}"
+    t0 = time.monotonic()
+    run("import", str(tmp / "rootfs.tar"), image)
+    import_s = time.monotonic() - t0
+    try:
+        yield run, network, image, import_s
+    finally:
+        run("rm", "--all", "--force", "--time", "0", check=False)
+        run("rmi", "--all", "--force", check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_podman_containers_are_vifs_and_podman_rm_releases_them(lab, podman, figures):
+    run, network, image, import_s = podman
+    up = lab["uplink"]
+    before = set(vifs(up))
+    names = [f"xcpc{lab['tag']}{i}" for i in (1, 2)]
+    t0 = time.monotonic()
+    for n in names:
+        run("run", "--detach", "--name", n, "--network", network, image, "sleep", "600")
+    run_s = time.monotonic() - t0
+    macs = {n: run("exec", n, "cat", "/sys/class/net/eth0/address").stdout.strip() for n in names}
+    got = vifs(up)
+    assert set(macs.values()) <= set(got), f"podman's containers are not VIFs: {macs} {got}"
+    qpns = {n: got[m]["qpn"] for n, m in macs.items()}
+    assert len(set(qpns.values()) | {got[m]["qpn"] for m in before}) == len(before) + 2, got
+    for n in names:
+        r = run("exec", n, "ping", "-c", "3", "-i", "0.2", "-W", "2", REMOTE, check=False)
+        assert r.returncode == 0, f"container {n} cannot reach the remote host: {r.stdout} {r.stderr}"
+    seen = remote_qpns(lab["remote"])
+    assert set(qpns.values()) <= seen, f"the remote does not see each container's QPN: {qpns} {seen}"
+    t0 = time.monotonic()
+    run("rm", "--force", "--time", "0", *names)
+    rm_s = time.monotonic() - t0
+    assert set(vifs(up)) == before, "podman rm did not release the containers' VIFs"
+    live = qp_sockets(lab["fabric"])
+    assert not set(qpns.values()) & live, "a released VIF's QP is still on the fabric"
+    figures(f"podman: import {import_s:.2f} s, two `podman run -d` {run_s:.2f} s, `podman rm` of both {rm_s:.2f} s; "
+            f"QPNs {', '.join(f'{q:#x}' for q in qpns.values())}")
