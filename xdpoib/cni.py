@@ -325,9 +325,56 @@ def _config_version(raw_conf) -> str:
     return v if v in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
 
 
+def install(directory: str, python: str = "/usr/bin/python3") -> Path:
+    """Write the plugin into DIRECTORY (a runtime's CNI bin directory, e.g. /opt/cni/bin) as one
+    self-contained file: a zipapp of the xdpoib package run by PYTHON, so a node needs python3 but not
+    xdpoib installed (what the Kubernetes DaemonSet's init container does). Replaced atomically."""
+    import shutil
+    import tempfile
+    import zipapp
+
+    import xdpoib
+
+    pkg = Path(xdpoib.__file__).resolve().parent
+    target = Path(directory) / "xdpoib-cni"
+    with tempfile.TemporaryDirectory() as stage:
+        for src in pkg.rglob("*.py"):
+            dst = Path(stage) / "xdpoib" / src.relative_to(pkg)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        (Path(stage) / "__main__.py").write_text("import sys\n\nfrom xdpoib.cni import main\n\nsys.exit(main())\n")
+        tmp = target.with_name(f".xdpoib-cni.{os.getpid()}")
+        zipapp.create_archive(stage, tmp, interpreter=python)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return target
+
+
+def _admin(args: list[str]) -> int:
+    """Arguments are not part of CNI: `xdpoib-cni --install DIR` (or --help) for an operator."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="xdpoib-cni",
+        description="A chained CNI plugin (spec 1.0.0) registering a container's MAC as a VIF of an xdpoib "
+                    "attachment. Runtimes run it without arguments (CNI_COMMAND and the network config on stdin).",
+        epilog="example: xdpoib-cni --install /opt/cni/bin   (a self-contained copy for a runtime's CNI bin dir)")
+    p.add_argument("--install", metavar="DIR", required=True, help="write the plugin into DIR as one zipapp file")
+    p.add_argument("--python", default="/usr/bin/python3", metavar="PATH", help="its interpreter (default %(default)s)")
+    a = p.parse_args(args)
+    try:
+        print(f"installed {install(a.install, a.python)}")
+    except OSError as e:
+        print(f"xdpoib-cni: error: cannot install into {a.install}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The plugin's entry point: the CNI protocol on the environment, stdin and stdout."""
-    del argv                                     # CNI passes everything in the environment
+    """The plugin's entry point: the CNI protocol on the environment, stdin and stdout (arguments: `_admin`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        return _admin(args)
     env = dict(os.environ)
     data = _Tee(sys.stdin)
     try:

@@ -12,8 +12,9 @@ with its own QPN, the container pings the remote, the remote sees that QPN; CHEC
 releases (the QP leaves the fabric) and is idempotent; a bad configuration is refused with the
 spec's error codes and changes nothing.
 (b) Rootful podman on a CNI network of the same two plugins (its own storage and configuration under
-a temporary directory; an image imported from a busybox root filesystem): two containers reach the
-remote, each under its own QPN, and `podman rm` releases both VIFs.
+a temporary directory; an image imported from a busybox root filesystem; the plugin installed with
+`xdpoib-cni --install`, as a self-contained file): two containers reach the remote, each under its
+own QPN, and `podman rm` releases both VIFs.
 """
 
 from __future__ import annotations
@@ -387,7 +388,8 @@ def podman(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("podman")
     for d in ("net.d", "libpod", "bin"):
         (tmp / d).mkdir()
-    (tmp / "bin" / "xdpoib-cni").symlink_to(Path(lab["cni_path"].split(":")[0]) / "xdpoib-cni")
+    # the plugin as the Kubernetes DaemonSet installs it: one zipapp file run by Debian's python3
+    sh(str(Path(lab["cni_path"].split(":")[0]) / "xdpoib-cni"), "--install", str(tmp / "bin"))
     (tmp / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=tmp))
     (tmp / "storage.conf").write_text(STORAGE_CONF.format(tmp=tmp))
     network = f"xcp{lab['tag']}"
