@@ -122,9 +122,9 @@ def qp_sockets(fabric: str) -> set[int]:
     return {int(n.rsplit("/", 1)[1], 16) for n in names if n.startswith(f"@xdpoib-sim/{fabric}/q/")}
 
 
-def ping(ns: str, count: int = 3) -> bool:
-    return sh("ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", REMOTE,
-              check=False).returncode == 0
+def ping(ns: str, count: int = 3, size: int = 56) -> bool:
+    return sh("ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", "-s", str(size),
+              "-M", "do", REMOTE, check=False).returncode == 0
 
 
 def link_mac(ns: str, dev: str) -> str:
@@ -170,7 +170,7 @@ def conflist(lab, name: str, first: int, last: int, **xdpoib_conf) -> dict:
     own = {"type": "xdpoib-cni", "attachment": {"ifname": lab["uplink"]}, "dataDir": str(lab["tmp"] / "cni")}
     own.update(xdpoib_conf)
     return {"cniVersion": "1.0.0", "name": name, "plugins": [
-        {"type": "bridge", "bridge": lab["bridge"], "isGateway": False, "ipMasq": False,
+        {"type": "bridge", "bridge": lab["bridge"], "isGateway": False, "ipMasq": False, "mtu": 2044,
          "ipam": {"type": "host-local", "dataDir": str(lab["tmp"] / "ipam"),
                   "ranges": [[{"subnet": f"{NET}.0/24", "rangeStart": f"{NET}.{first}",
                                "rangeEnd": f"{NET}.{last}"}]]}},
@@ -219,6 +219,7 @@ def test_chain_add_check_del(lab, containers, figures):
     t0 = time.monotonic()
     assert ping(c1) and ping(c2), "a container cannot reach the remote host"
     ping_s = time.monotonic() - t0
+    assert ping(c1, count=1, size=2044 - 28), "a full-MTU (2044, eth4's) ping from the container does not pass"
     seen = remote_qpns(lab["remote"])
     assert {got[mac1]["qpn"], got[mac2]["qpn"]} <= seen, f"the remote does not see the containers' QPNs: {seen}"
     assert all(rc == 0 for _, rc, _ in chain.run("CHECK", "xcid1" + lab["tag"], f"/run/netns/{c1}", res1))
