@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -330,6 +331,29 @@ def test_check_fails_once_the_vif_is_gone_and_del_still_succeeds(lab, containers
     x("vif", "del", lab["uplink"], mac)                       # released behind the plugin's back
     _, (typ, rc, out) = chain.run("CHECK", cid, f"/run/netns/{c}", res)
     assert typ == "xdpoib-cni" and rc != 0 and out["code"] == 101 and mac in out["details"], out
+    assert chain.run("DEL", cid, f"/run/netns/{c}", res) == [("xdpoib-cni", 0, None), ("bridge", 0, None)]
+    assert mac not in vifs(lab["uplink"])
+
+
+def test_del_while_the_agent_is_down_asks_to_try_again_and_keeps_the_record(lab, containers):
+    """A recorded VIF whose agent is down is not forgotten (the agent restores it from its state file):
+    DEL answers 11 (try again later); once the agent is back the same DEL releases it."""
+    chain = Chain(conflist(lab, f"xcd{lab['tag']}", 60, 69), lab["cni_path"])
+    own = chain.conflist["plugins"][1]
+    (c,) = containers(1)
+    cid = f"xcdown{lab['tag']}"
+    res, _ = chain.add(cid, f"/run/netns/{c}")
+    mac = link_mac(c, "eth0")
+    st = json.loads(x("status", lab["uplink"], "-j").stdout)
+    os.kill((st[0] if isinstance(st, list) else st)["attachment"]["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    try:
+        rc, out, err = chain.exec(own, "DEL", cid, f"/run/netns/{c}", "eth0", res)
+        assert rc != 0 and out["code"] == 11, f"{out} {err}"
+        assert list((lab["tmp"] / "cni").rglob(f"{cid}-*")), "the record was dropped with the agent down"
+    finally:
+        x("attach", lab["uplink"], "--sim", f"{lab['fabric']}:h1")       # adopts the links, restores the VIFs
+    assert mac in vifs(lab["uplink"])
     assert chain.run("DEL", cid, f"/run/netns/{c}", res) == [("xdpoib-cni", 0, None), ("bridge", 0, None)]
     assert mac not in vifs(lab["uplink"])
 
