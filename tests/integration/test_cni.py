@@ -335,6 +335,26 @@ def test_check_fails_once_the_vif_is_gone_and_del_still_succeeds(lab, containers
     assert mac not in vifs(lab["uplink"])
 
 
+def test_add_takes_over_a_mac_that_is_a_vif_already(lab, containers):
+    """A MAC made a VIF before the plugin runs (by hand here; `--learn-vifs` from the container's first
+    frame alike) is taken over, not refused: ADD succeeds with that VIF, DEL releases it."""
+    chain = Chain(conflist(lab, f"xct{lab['tag']}", 70, 79), lab["cni_path"])
+    bridge, own = chain.conflist["plugins"]
+    (c,) = containers(1)
+    cid = f"xctake{lab['tag']}"
+    rc, res, err = chain.exec(bridge, "ADD", cid, f"/run/netns/{c}", "eth0", None)
+    assert rc == 0, err
+    mac = link_mac(c, "eth0")
+    x("vif", "add", lab["uplink"], mac)
+    qpn = vifs(lab["uplink"])[mac]["qpn"]
+    rc, out, err = chain.exec(own, "ADD", cid, f"/run/netns/{c}", "eth0", res)
+    assert (rc, out) == (0, res), f"{out} {err}"
+    assert vifs(lab["uplink"])[mac]["qpn"] == qpn
+    assert ping(c, count=1)
+    assert chain.run("DEL", cid, f"/run/netns/{c}", res) == [("xdpoib-cni", 0, None), ("bridge", 0, None)]
+    assert mac not in vifs(lab["uplink"])
+
+
 def test_del_while_the_agent_is_down_asks_to_try_again_and_keeps_the_record(lab, containers):
     """A recorded VIF whose agent is down is not forgotten (the agent restores it from its state file):
     DEL answers 11 (try again later); once the agent is back the same DEL releases it."""
