@@ -414,7 +414,7 @@ def busybox_rootfs(root: Path) -> None:
     shutil.copy2(busybox, root / "bin" / "busybox")
     for applet in ("sh", "ping", "sleep", "cat", "ip"):
         (root / "bin" / applet).symlink_to("busybox")
-    for line in sh("ldd", str(busybox)).stdout.splitlines():
+    for line in sh("ldd", str(busybox), check=False).stdout.splitlines():     # none if it is static
         path = next((w for w in line.split() if w.startswith("/")), None)
         if path:
             dst = root / path.lstrip("/")
