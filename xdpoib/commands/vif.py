@@ -38,13 +38,19 @@ def configure(p):
     q.add_argument("-j", "--json", action="store_true", help="JSON output")
 
 
-def _ask(args, cmd: str, **kw) -> dict:
-    spec = state.find(args.ifname, args.netns)
+def ask(ifname: str, netns: str | None, cmd: str, **kw) -> dict:
+    """One control request (`vifs`, `vif_add`, `vif_del`) to the agent of an attachment, its answer
+    without `ok`: UsageError if IFNAME is not attached, ControlError if its agent is down or refuses."""
+    spec = state.find(ifname, netns)
     if not state.pid_alive(spec.pid):
         raise control.ControlError(f"the agent of {spec.where} (pid {spec.pid}) is not running")
     answer = control.request(state.socket_path(spec.id), cmd, **kw)
     answer.pop("ok", None)
     return answer
+
+
+def _ask(args, cmd: str, **kw) -> dict:
+    return ask(args.ifname, args.netns, cmd, **kw)
 
 
 def run(args) -> int:
