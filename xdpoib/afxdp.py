@@ -181,6 +181,10 @@ class XskSocket:
             descs += _DESC.iter_unpack(mv[d:d + (n - first) * 16])
         return descs
 
+    def rx_pending(self) -> int:
+        """Frames waiting on the RX ring."""
+        return (self.rx.producer - self.rx.consumer) & 0xFFFFFFFF
+
     def rx_desc_array(self, max_frames: int = 256) -> np.ndarray:
         """`rx_descs` as a structured array (fields addr, len, options; a copy of the ring's entries);
         consume them with `rx_consume_n`."""

@@ -298,6 +298,7 @@ class BpfPump(_Base):
             self.add_peers(agent.peers.entries.values())
             super().__init__(agent, ifname, ifindex)
             self._turn: list = []
+            self._turn_rows = _NO_ROWS
             self._copies_seen = 0
             self.send_memory = self._send_memory(agent)
             self.maps.xsks.set(0, self.xsk.fileno())
@@ -327,7 +328,6 @@ class BpfPump(_Base):
         self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
         self._state = np.zeros(self._rx_frames, np.uint8)  # per receive frame: 0, _HELD or _POSTED
         self._umem_rows = np.frombuffer(xsk.umem, np.uint8).reshape(xsk.frames, xsk.frame_size)
-        self._turn_rows = _NO_ROWS
         from xdpoib.errors import XdpoibError
 
         try:
@@ -349,10 +349,13 @@ class BpfPump(_Base):
 
     def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
         """Send frames of this turn straight from the UMEM (their descriptors, from `TxBatch.descs`);
-        the accepted ones go back to the fill ring once their sends are over, the others at `tx_done`."""
-        offs = np.fromiter((d[0] for d in descs), np.int64, len(descs))
-        lens = np.fromiter((d[1] for d in descs), np.int64, len(descs))
-        return self.post_columns(qp, ah, remote_qpn, remote_qkey, offs, lens)
+        the accepted ones go back to the fill ring once their sends are over, the others at `tx_done`.
+        The object path (a few frames a turn); `post_columns` is the columnar one."""
+        n = qp.post_send_memory(ah, remote_qpn, remote_qkey, self.send_memory, descs)
+        st, fs = self._state, self.xsk.frame_size
+        for i in range(n):
+            st[descs[i][0] // fs] = _POSTED
+        return n
 
     def post_columns(self, qp, ah, remote_qpn: int, remote_qkey: int, offsets: np.ndarray,
                      lengths: np.ndarray) -> int:
@@ -367,6 +370,8 @@ class BpfPump(_Base):
     def tx_done(self) -> None:
         """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, and
         the copies the backend had to make are counted."""
+        if self.send_memory is None:        # frames were copied out and went back at once
+            return
         turn, self._turn = self._turn, []
         rows, self._turn_rows = self._turn_rows, _NO_ROWS
         if turn:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from xdpoib.wire.oracle import too_big_reply
 
 log = logging.getLogger("xdpoib.agent")
 _KIND_GROUP = int(Kind.GROUP)
+#: batches of at most this many frames take the object path: below it, a numpy call costs more than
+#: the Python it replaces (latency: a ping is a batch of one at every hop)
+SMALL_BATCH = int(os.environ.get("XDPOIB_SMALL_BATCH", "8"))
 
 
 class Forwarder:
@@ -47,6 +51,7 @@ class Forwarder:
         self.ceiling_peer: tuple[int, bytes, int] | None = None     # (qpn, gid, lid) of the last sender
         self._ceiling_ahs: dict = {}
         self._columns_on = os.environ.get("XDPOIB_COLUMNAR") != "0"
+        self._rx_busy: weakref.WeakSet = weakref.WeakSet()  # QPs whose last poll found many frames
 
     @property
     def reverse_paths(self) -> bool:
@@ -68,7 +73,7 @@ class Forwarder:
             return 0
         pump = a.pump
         b = self.batch
-        if self.columnar(pump):
+        if self.columnar(pump) and pump.xsk.rx_pending() > SMALL_BATCH:
             try:
                 cols = pump.receive_columns(budget, b)
                 n = 0 if cols is None else len(cols.addr)
@@ -367,10 +372,21 @@ class Forwarder:
         a = self.a
         if not self.columnar(a.pump) or not a.pump.injector.mmapped:
             return self._from_qp_objects(qp, vif, budget)
+        if qp not in self._rx_busy:
+            # the last poll of this QP found a few frames: poll objects (a numpy call costs more than the
+            # Python it replaces for a handful; a ping is a batch of one); switch to columns after a
+            # poll that found more than a few
+            n = self._from_qp_objects(qp, vif, budget)
+            if n > SMALL_BATCH:
+                self._rx_busy.add(qp)
+            return n
         b = qp.poll_batch(budget)
         n = len(b)
         if not n:
             return 0
+        if n <= SMALL_BATCH:
+            self._rx_busy.discard(qp)
+            return self._from_qp_objects(qp, vif, budget, b.completions(qp.pool))
         pump = a.pump
         ok = b.status == 0
         errors = n - int(np.count_nonzero(ok))
@@ -483,10 +499,12 @@ class Forwarder:
         if peer.path_state != "resolved" and reverse and slid:
             peer.reverse_via = (slid, sl)           # answering it needs no query (`send_peer`)
 
-    def _from_qp_objects(self, qp, vif, budget: int) -> int:
-        """The object path (a capture running, the plain or ceiling pump): one `Completion` per frame."""
+    def _from_qp_objects(self, qp, vif, budget: int, comps=None) -> int:
+        """The object path (a capture running, the plain or ceiling pump, or a batch of a few frames):
+        one `Completion` per frame."""
         a = self.a
-        comps = qp.poll(budget)
+        if comps is None:
+            comps = qp.poll(budget)
         if not comps:
             return 0
         if a.capture is not None:

@@ -206,6 +206,33 @@ class _Flow:
     drop: FabricCounter | None = None
 
 
+class _Entry:
+    """Completions of one flow in the CQ: one status, the packet header (None for flushed buffers), the
+    buffer indices and the payload lengths (arrays); made into columns or objects when polled."""
+
+    __slots__ = ("idx", "lengths", "p", "status")
+
+    def __init__(self, status: int, p: wire.Packet | None, idx: np.ndarray, lengths: np.ndarray) -> None:
+        self.status, self.p, self.idx, self.lengths = int(status), p, idx, lengths
+
+    def part(self, start: int, end: int | None) -> _Entry:
+        return _Entry(self.status, self.p, self.idx[start:end], self.lengths[start:end])
+
+    def columns(self, pkey_index: int) -> RecvBatch:
+        k, p = len(self.idx), self.p
+        b = RecvBatch(np.full(k, self.status, np.uint8), self.lengths.astype(np.uint32), np.zeros(k, np.uint32),
+                      np.zeros(k, np.uint16), np.zeros(k, np.uint8), np.zeros(k, bool), self.idx.astype(np.int32),
+                      np.zeros((k, 16), np.uint8), pkey_index)
+        if p is not None:
+            b.src_qp[:], b.slid[:], b.sl[:] = p.src_qpn, p.slid, p.sl
+            if p.grh:
+                b.grh[:] = True
+                b.sgid[:] = np.frombuffer(p.sgid, np.uint8)
+        if self.status:
+            b.byte_len[:] = 0
+        return b
+
+
 @dataclass
 class _Attachment:
     mlid: int
@@ -237,7 +264,7 @@ class SimQp(UdQp):
             self.sock.setsockopt(socket.SOL_SOCKET, opt, SEND_SOCKBUF)
         self._ring = np.zeros(pool.count, np.int32)      # posted receive buffers, oldest at _head
         self._head = self._nposted = 0
-        self._cq: deque[RecvBatch] = deque()             # completions, a bundle's worth per entry
+        self._cq: deque[_Entry] = deque()                # completions, a bundle's worth per entry
         self._cq_len = 0
         self._attached: dict[bytes, _Attachment] = {}
         self._rbuf = bytearray(RECV_BUFSIZE)
@@ -523,9 +550,7 @@ class SimQp(UdQp):
             j = int(big.argmax())
             if j:
                 self._deliver(p, lengths[:j], block[:j])
-            failed = self._completions(p, self._take_posted(1), np.zeros(1, np.int64))
-            failed.status[:] = CompletionStatus.LOC_LEN_ERR
-            self._cq_put(failed)
+            self._cq_put(_Entry(CompletionStatus.LOC_LEN_ERR, p, self._take_posted(1), np.zeros(1, np.int64)))
             self._to_error()
             if k - j - 1:
                 count(FabricCounter.QP_ERROR, k - j - 1)
@@ -538,20 +563,11 @@ class SimQp(UdQp):
             rows[idx, :wire.GRH_LEN] = np.frombuffer(wire.grh(p, length=0), np.uint8)
             rows[idx, 4] = lengths >> 8
             rows[idx, 5] = lengths & 0xFF
-        self._cq_put(self._completions(p, idx, lengths))
+        self._cq_put(_Entry(CompletionStatus.SUCCESS, p, idx, lengths))
 
-    def _completions(self, p: wire.Packet, idx: np.ndarray, lengths: np.ndarray) -> RecvBatch:
-        k = len(idx)
-        b = RecvBatch(np.zeros(k, np.uint8), lengths.astype(np.uint32), np.full(k, p.src_qpn, np.uint32),
-                      np.full(k, p.slid, np.uint16), np.full(k, p.sl, np.uint8), np.full(k, p.grh, bool), idx,
-                      np.zeros((k, 16), np.uint8), self.pkey_index)
-        if p.grh:
-            b.sgid[:] = np.frombuffer(p.sgid, np.uint8)
-        return b
-
-    def _cq_put(self, b: RecvBatch) -> None:
-        self._cq.append(b)
-        self._cq_len += len(b)
+    def _cq_put(self, e: _Entry) -> None:
+        self._cq.append(e)
+        self._cq_len += len(e.idx)
 
     def _take_posted(self, k: int) -> np.ndarray:
         """The k oldest posted buffers, no longer posted."""
@@ -578,12 +594,9 @@ class SimQp(UdQp):
         self._flush(self._take_posted(self._nposted))
 
     def _flush(self, indices: np.ndarray) -> None:
-        k = len(indices)
-        if k:
-            b = RecvBatch.of_length(k, self.pkey_index)
-            b.status[:] = CompletionStatus.WR_FLUSH_ERR
-            b.index[:] = indices
-            self._cq_put(b)
+        if len(indices):
+            self._cq_put(_Entry(CompletionStatus.WR_FLUSH_ERR, None, np.asarray(indices, np.int32),
+                                np.zeros(len(indices), np.int64)))
 
     def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
         """Why this QP drops packets with p's header (None: accept them)."""
@@ -622,26 +635,45 @@ class SimQp(UdQp):
             self._nposted += k
         return k
 
-    def poll_batch(self, max_entries: int = 256) -> RecvBatch:
-        """Up to max_entries completions as columns, oldest first."""
+    def _take_entries(self, max_entries: int) -> list[_Entry]:
+        """Up to max_entries completions off the CQ, as entries (the last one split if needed)."""
         self._check_open()
         with self._lock:
             self._drain()
             parts, want, cq = [], max_entries, self._cq
             while cq and want > 0:
-                b = cq.popleft()
-                if len(b) > want:
-                    cq.appendleft(b.take(slice(want, None)))
-                    b = b.take(slice(0, want))
-                parts.append(b)
-                want -= len(b)
+                e = cq.popleft()
+                if len(e.idx) > want:
+                    cq.appendleft(e.part(want, None))
+                    e = e.part(0, want)
+                parts.append(e)
+                want -= len(e.idx)
             self._cq_len -= max_entries - want
             self._signal()
-        return RecvBatch.concat(parts) if parts else RecvBatch.empty(self.pkey_index)
+        return parts
+
+    def poll_batch(self, max_entries: int = 256) -> RecvBatch:
+        """Up to max_entries completions as columns, oldest first."""
+        parts = self._take_entries(max_entries)
+        if not parts:
+            return RecvBatch.empty(self.pkey_index)
+        return RecvBatch.concat([e.columns(self.pkey_index) for e in parts])
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
-        """Up to max_entries completions, oldest first."""
-        return self.poll_batch(max_entries).completions(self.pool)
+        """Up to max_entries completions, oldest first (made from the entries without columns)."""
+        out: list[Completion] = []
+        mem, stride, grh_len = self.pool.memory, self.pool.stride, wire.GRH_LEN
+        for e in self._take_entries(max_entries):
+            p = e.p
+            status = CompletionStatus(e.status)
+            for i, n in zip(e.idx.tolist(), e.lengths.tolist(), strict=True):
+                if p is None:
+                    out.append(Completion(status, 0, 0, 0, None, False, self.pkey_index, i, b""))
+                    continue
+                start = i * stride + grh_len
+                out.append(Completion(status, n if not status else 0, p.src_qpn, p.slid, p.sgid if p.grh else None,
+                                      p.grh, self.pkey_index, i, mem[start:start + n] if not status else b"", p.sl))
+        return out
 
     def fileno(self) -> int:
         """An epoll descriptor: readable while datagrams or completions wait."""
