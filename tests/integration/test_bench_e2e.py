@@ -11,7 +11,7 @@ from pathlib import Path
 from prereq import need_cmd, need_file, need_module
 
 from xdpoib import state
-from xdpoib.bench_e2e import KEYS, SYSTEMS
+from xdpoib.bench.e2e import KEYS, SYSTEMS
 from xdpoib.fabric import simfabric
 from xdpoib.pump import pin_dir
 

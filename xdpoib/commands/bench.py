@@ -1,7 +1,8 @@
-"""`xdpoib bench datapath|e2e|control|tap`: the BPF programs' cost per packet as ratios to a no-op program,
-xdpoib end to end against its plumbing ceiling, a naive Python translator, veth and VXLAN, measured in
-the same run (`xdpoib.bench_e2e`), the control plane at scale (`xdpoib.bench_control`), and what tap
-mode's bridge + veth hop costs a guest's frames against XDP on the TAP (`xdpoib.bench_tap`)."""
+"""`xdpoib bench datapath|e2e|control|tap`: the BPF programs' cost per packet as ratios to a no-op program
+(`xdpoib.bench.datapath`), xdpoib end to end against its plumbing ceiling, a naive Python translator,
+veth and VXLAN, measured in the same run (`xdpoib.bench.e2e`), the control plane at scale
+(`xdpoib.bench.control`), and what tap mode's bridge + veth hop costs a guest's frames against XDP on
+the TAP (`xdpoib.bench.tap`)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ EPILOG = """examples:
 
 
 def configure(p):
-    from xdpoib import bench_tap
-    from xdpoib.bench_control import DEFAULT_JOINS, DEFAULT_QUERIES, DEFAULT_ROUNDS
-    from xdpoib.bench_e2e import DEFAULT_RATES, DEFAULT_SECONDS, DEFAULT_SIZES, DEFAULT_TCP_SECONDS, SYSTEMS
+    from xdpoib.bench import tap as bench_tap
+    from xdpoib.bench.control import DEFAULT_JOINS, DEFAULT_QUERIES, DEFAULT_ROUNDS
+    from xdpoib.bench.e2e import DEFAULT_RATES, DEFAULT_SECONDS, DEFAULT_SIZES, DEFAULT_TCP_SECONDS, SYSTEMS
 
     p.add_argument("what", choices=["datapath", "e2e", "control", "tap"], help="what to measure")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
@@ -69,17 +70,10 @@ def run(args) -> int:
     args.rounds = 5 if args.rounds is None else args.rounds
     if args.repeat < 1 or args.rounds < 1 or args.samples < 1:
         raise UsageError("--repeat, --rounds and --samples must be positive")
-    from xdpoib.datapath.bench import run_bench
+    from xdpoib.bench import datapath
 
-    res = run_bench(repeat=args.repeat, rounds=args.rounds, samples=args.samples)
-    if args.json:
-        print(json.dumps(res.as_json()))
-        return 0
-    print(f"no-op XDP program: {res.noop_ns:7.1f} ns/packet   (repeat {res.repeat}, median of {res.rounds})")
-    print(f"  restore harness: {res.harness_ns:7.1f} ns/packet   (included in each program below)")
-    for k, v in res.ns.items():
-        print(f"{k:>17}: {v:7.1f} ns/packet   {v / res.noop_ns:5.2f}x no-op   "
-              f"(single shot, no restore: {res.single[k]:.0f} ns, {res.single[k] / res.single['noop']:.2f}x)")
+    res = datapath.measure(repeat=args.repeat, rounds=args.rounds, samples=args.samples)
+    print(json.dumps(datapath.as_json(res)) if args.json else datapath.format_table(res))
     return 0
 
 
@@ -88,7 +82,7 @@ def run_e2e_cli(args) -> int:
     import os
     import sys
 
-    from xdpoib import bench_e2e as e2e
+    from xdpoib.bench import e2e
     from xdpoib.errors import PrerequisiteError, UsageError
 
     sizes, rates, systems = e2e.parse_sizes(args.sizes), e2e.parse_rates(args.rates), e2e.parse_systems(args.systems)
@@ -113,7 +107,7 @@ def run_e2e_cli(args) -> int:
 def run_control_cli(args) -> int:
     import sys
 
-    from xdpoib import bench_control as bc
+    from xdpoib.bench import control as bc
     from xdpoib.errors import UsageError
 
     if args.queries < 1 or args.joins < 1 or not 1 <= args.new_peers <= 5:
@@ -128,7 +122,7 @@ def run_tap_cli(args) -> int:
     import os
     import sys
 
-    from xdpoib import bench_tap as bt
+    from xdpoib.bench import tap as bt
     from xdpoib.errors import PrerequisiteError
 
     seconds = bt.DEFAULT_SECONDS if args.seconds is None else args.seconds

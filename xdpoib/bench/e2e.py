@@ -9,7 +9,7 @@ set up at once before anything is measured:
              Ethernet frames over the same pump and sim transport), on a second fabric so that neither
              pair sees the other's broadcasts. An agent that does not run that datapath (its status names
              another) is an error for this system, reported instead of its numbers;
-- `naive`    `xdpoib.bench_naive`: a TAP per side, the oracle in Python per frame, unix datagrams between;
+- `naive`    `xdpoib.bench.naive`: a TAP per side, the oracle in Python per frame, unix datagrams between;
 - `veth`     a kernel veth pair between the namespaces (what the traffic generator reaches here);
 - `vxlan`    VXLAN (VNI 42, port 4789) over a veth underlay, the overlay subnet on vx0.
 
@@ -401,7 +401,7 @@ class Testbed:
     def _sweep(nss: tuple[str, str]) -> None:
         """Remove what an agent stopped in the middle of its attach left: files, pins, links."""
         from xdpoib import state
-        from xdpoib.commands.detach import detach
+        from xdpoib.teardown import detach
 
         for ns in nss:
             aid = state.attachment_id("eth4", ns)
@@ -420,7 +420,7 @@ class Testbed:
         for i in (0, 1):
             tap = f"{self.tag}n{i}"
             with open(os.path.join(self._tmp, f"naive{i}.log"), "wb") as errf:
-                p = self.spawn([sys.executable, "-m", "xdpoib.bench_naive", str(i), tap, self._tmp],
+                p = self.spawn([sys.executable, "-m", "xdpoib.bench.naive", str(i), tap, self._tmp],
                                stdout=subprocess.PIPE, stderr=errf)
             procs.append((p, tap))
         for i, (p, tap) in enumerate(procs):

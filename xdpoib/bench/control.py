@@ -104,7 +104,7 @@ def sa_child(dgid_text: str, queries: int, joins: int) -> dict:
 def measure_sa(fab, queries: int, joins: int) -> dict:
     from xdpoib.wire.addr import gid_str
 
-    argv = [sys.executable, "-m", "xdpoib.bench_control", "sa", gid_str(fab.host("h2").gid), str(queries), str(joins)]
+    argv = [sys.executable, "-m", "xdpoib.bench.control", "sa", gid_str(fab.host("h2").gid), str(queries), str(joins)]
     p = fab.spawn("h1", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=60 + queries * 0.05 + joins * 0.2)
@@ -323,9 +323,9 @@ def format_table(res: dict) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m xdpoib.bench_control sa DGID QUERIES JOINS`: the SA part, as a fabric host."""
+    """`python -m xdpoib.bench.control sa DGID QUERIES JOINS`: the SA part, as a fabric host."""
     if len(argv) != 4 or argv[0] != "sa":
-        print("usage: python -m xdpoib.bench_control sa DGID QUERIES JOINS", file=sys.stderr)
+        print("usage: python -m xdpoib.bench.control sa DGID QUERIES JOINS", file=sys.stderr)
         return 2
     try:
         print(json.dumps(sa_child(argv[1], int(argv[2]), int(argv[3]))))
