@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import statistics
@@ -64,7 +65,7 @@ def _xdpoib(*args, env=None, check=True) -> subprocess.CompletedProcess:
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0..100) of xs, nearest rank."""
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 # ================================================================ SA (child process, as host h1)
