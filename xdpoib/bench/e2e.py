@@ -893,7 +893,7 @@ def format_table(res: dict) -> str:
                   f"  {'system':<8} {'p50':>9} {'p99':>9} {'replies':>8}"]
         lines += [f"  {n:<8} {num(v['p50'], '9.1f')} {num(v['p99'], '9.1f')} {p['replies'].get(n, 0):>8}"
                   for n, v in res["rtt_us"].items()]
-    lines += ["", "targets"]
+    lines += ["", "targets" if res["ratios"] else "targets: none (they need xdpoib and its baselines)"]
     for r in res["ratios"]:
         where = {"tcp": "TCP", "rtt": "ping"}.get(r.get("where"), "")
         where = where or f"{res['frames'][r['size']]['frame_bytes']} B"
