@@ -1,11 +1,17 @@
-"""`Teardown`: the undo steps of a bench (or any throwaway setup), run last first on `close()`, each
-whatever happens to the others, with Ctrl-C and SIGTERM held off until all have run."""
+"""Undoing things: `Teardown`, the undo steps of a bench (or any throwaway setup), run last first on
+`close()`, each whatever happens to the others, with Ctrl-C and SIGTERM held off until all have run;
+and `detach`, undoing one attachment (what `xdpoib detach`, `down`, a failed attach and the benches
+call)."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xdpoib.state import AttachSpec
 
 
 class Teardown:
@@ -37,3 +43,24 @@ class Teardown:
             with contextlib.suppress(ValueError):
                 for s, h in old.items():
                     signal.signal(s, h)
+
+
+def detach(spec: AttachSpec, keep_state: bool = False) -> None:
+    """Ask the agent to stop (it undoes everything in reverse), wait, and clean up after a dead one."""
+    from xdpoib import control, link, state
+
+    if state.pid_alive(spec.pid):
+        try:
+            control.request(state.socket_path(spec.id), "stop", timeout=5.0)
+        except control.ControlError:
+            pass
+        state.stop_pid(spec.pid, timeout=20.0)
+    # an agent that died without cleaning up leaves its links behind: remove them here
+    if spec.mode == "veth" and spec.internal and link.link_exists(spec.internal):
+        link.delete_link(spec.internal)
+    if not keep_state:                       # a dead agent's pinned datapath goes too
+        from xdpoib.datapath.loader import unpin
+        from xdpoib.pump import pin_dir
+
+        unpin(pin_dir(spec.id))
+    state.remove_files(spec.id, keep_state=keep_state, keep_log=False)

@@ -10,7 +10,7 @@ import sys
 
 from prereq import need_cmd, need_module
 
-from xdpoib.bench_control import KEYS, MAP_SIZES, format_table
+from xdpoib.bench.control import KEYS, MAP_SIZES, format_table
 
 
 def test_bench_control_smoke(sim_prereqs, tmp_path, figures):

@@ -1,6 +1,8 @@
 """`xdpoib bench e2e` through the real CLI with tiny settings (64-byte frames, two offered rates, 1 s per
-sample): one JSON object with every system and every key, a number from every system, a PNG, and
-nothing of what the bench created left behind. Speed is reported, never asserted."""
+sample, 40 pings): one JSON object with every system and every key, a number from every system (CPU
+split into the translating processes' and the softirq share, round trips with p50 <= p99), the
+4096-byte MTU probe's answer, the targets, a PNG, and nothing of what the bench created left behind.
+Speed is reported, never asserted."""
 
 import json
 import os
@@ -11,7 +13,7 @@ from pathlib import Path
 from prereq import need_cmd, need_file, need_module
 
 from xdpoib import state
-from xdpoib.bench_e2e import KEYS, SYSTEMS
+from xdpoib.bench.e2e import AGENT_DATAPATHS, KEYS, RTT_KEYS, SYSTEMS
 from xdpoib.fabric import simfabric
 from xdpoib.pump import pin_dir
 
@@ -24,28 +26,58 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
     need_file("/dev/net/tun")
     plot = tmp_path / "e2e.png"
     r = subprocess.run([sys.executable, "-m", "xdpoib", "bench", "e2e", "--sizes", "64", "--rates", "2000,0",
-                        "--seconds", "1", "--tcp-seconds", "1", "--json", "--plot", str(plot)],
+                        "--seconds", "1", "--tcp-seconds", "1", "--pings", "40", "--json", "--plot", str(plot)],
                        capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)                   # exactly one object: anything else on stdout fails here
     figures(f"\nbench e2e (tiny): sizes {json.dumps(res['sizes'])}\ntcp_mbps {res['tcp_mbps']}\n"
+            f"rtt_us {res['rtt_us']}\nib_mtu_4096 {res['ib_mtu_4096']}\n"
             f"ratios {res['ratios']}\nerrors {res['errors']}")
 
     assert set(res["sizes"]) == {"64"}
     assert set(res["sizes"]["64"]) == set(SYSTEMS) and set(res["tcp_mbps"]) == set(SYSTEMS)
     for name, row in res["sizes"]["64"].items():
         assert set(KEYS) <= set(row), (name, row)
-    assert {x["name"] for x in res["ratios"]} >= {"xdpoib peak / naive peak", "xdpoib peak / ceiling peak"}
+    assert set(res["rtt_us"]) == set(SYSTEMS) and res["pings"]["count"] == 40
+    for name, rtt in res["rtt_us"].items():
+        assert set(rtt) == set(RTT_KEYS), (name, rtt)
+    assert {x["name"] for x in res["ratios"]} >= {
+        "xdpoib peak / veth peak", "xdpoib peak / naive peak", "xdpoib CPU / vxlan CPU", "xdpoib agent CPU us/frame",
+        "xdpoib overload / xdpoib peak", "xdpoib peak / ceiling peak", "xdpoib TCP / veth TCP",
+        "xdpoib RTT p50 / naive RTT p50"}
+    for x in res["ratios"]:
+        assert x["op"] in (">=", "<=") and x["target"] > 0
+        assert x["met"] is None if x["value"] is None else x["met"] == (
+            x["value"] >= x["target"] if x["op"] == ">=" else x["value"] <= x["target"])
+    # the probe asked the real OpenSM on ibsim for a 4096-byte broadcast group and says what it got;
+    # the TCP runs used the MTU that follows from it
+    assert isinstance(res["ib_mtu_4096"]["usable"], bool) and res["ib_mtu_4096"]["detail"]
+    assert res["tcp_mtu"] == res["mtu"] == (4092 if res["ib_mtu_4096"]["usable"] else 2044)
 
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
     assert_nothing_left(res["setup"])
 
     def numbers(name):
-        row = res["sizes"]["64"][name]
-        return [row[k] for k in KEYS] + [res["tcp_mbps"][name]]
+        """The figures that must be positive: every rate, CPU, TCP and round trip; the translating
+        processes' CPU only where there are such processes (veth and VXLAN have none: 0)."""
+        row, rtt = res["sizes"]["64"][name], res["rtt_us"][name]
+        keys = [k for k in KEYS if k != "kernel_us_per_frame" and (k != "agent_us_per_frame" or translated(name))]
+        return [row[k] for k in keys] + [res["tcp_mbps"][name], rtt["p50"], rtt["p99"]]
+
+    def translated(name):
+        return name in AGENT_DATAPATHS or name == "naive"
 
     for name in SYSTEMS:
+        row, rtt = res["sizes"]["64"][name], res["rtt_us"][name]
+        if row["cpu_us_per_frame"] is not None:
+            assert row["kernel_us_per_frame"] >= 0 and row["agent_us_per_frame"] >= 0, (name, row)
+            assert abs(row["agent_us_per_frame"] + row["kernel_us_per_frame"] - row["cpu_us_per_frame"]) < 0.02
+            if not translated(name):
+                assert row["agent_us_per_frame"] == 0, (name, row)
+        if rtt["p50"] is not None:
+            assert 0 < rtt["p50"] <= rtt["p99"], (name, rtt)
+            assert 0 < res["pings"]["replies"][name] <= 40
         if name != "ceiling":
             assert name not in res["errors"], f"{name}: {res['errors'][name]}"
             assert all(v is not None and v > 0 for v in numbers(name)), (name, numbers(name))

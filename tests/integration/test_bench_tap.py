@@ -12,7 +12,7 @@ import sys
 
 from prereq import need_cmd, need_file, need_module, need_root
 
-from xdpoib.bench_tap import KEYS, PATH_KEYS, PATHS, format_table
+from xdpoib.bench.tap import KEYS, PATH_KEYS, PATHS, format_table
 
 
 def links_left() -> list[str]:
@@ -60,7 +60,8 @@ def test_the_check_sees_a_hop_with_its_offloads_left_on(monkeypatch):
     need_cmd("ip", "ethtool")
     need_module("bcc")
     need_file("/dev/net/tun")
-    from xdpoib import bench_tap, link
+    from xdpoib import link
+    from xdpoib.bench import tap as bench_tap
 
     real = link.set_offloads
 

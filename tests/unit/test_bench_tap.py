@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from xdpoib import bench_tap as bt
+from xdpoib.bench import tap as bt
 from xdpoib.errors import UsageError
 
 

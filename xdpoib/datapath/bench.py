@@ -1,5 +1,6 @@
-"""`xdpoib bench datapath`: ns per packet of each program via BPF_PROG_TEST_RUN, as ratios to a no-op
-XDP program measured in the same run (interleaved rounds, medians).
+"""The measuring core of `xdpoib bench datapath` (its front, the JSON and the table, is
+`xdpoib.bench.datapath`): ns per packet of each program via BPF_PROG_TEST_RUN, and of a no-op XDP
+program measured in the same run (interleaved rounds, medians).
 
 `restore_harness_ns_per_packet` is what the restore build alone costs (count, save, restore, no
 translation): the share of each program's time that production frames do not pay. `single_shot_*`
@@ -59,18 +60,6 @@ class BenchResult:
     repeat: int
     rounds: int
     single: dict[str, float]
-
-    def as_json(self) -> dict:
-        """The JSON object `xdpoib bench datapath --json` prints."""
-        out: dict = {"noop_ns_per_packet": round(self.noop_ns, 2),
-                     "restore_harness_ns_per_packet": round(self.harness_ns, 2)}
-        for k, v in self.ns.items():
-            out[k] = {"ns_per_packet": round(v, 2), "ratio_to_noop": round(v / self.noop_ns, 2),
-                      "single_shot_ns": round(self.single[k], 2),
-                      "single_shot_ratio": round(self.single[k] / self.single["noop"], 2)}
-        out["noop_single_shot_ns"] = round(self.single["noop"], 2)
-        out["repeat"], out["rounds"] = self.repeat, self.rounds
-        return out
 
 
 def _setup(dp):

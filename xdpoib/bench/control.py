@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import statistics
@@ -64,7 +65,7 @@ def _xdpoib(*args, env=None, check=True) -> subprocess.CompletedProcess:
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0..100) of xs, nearest rank."""
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 # ================================================================ SA (child process, as host h1)
@@ -104,7 +105,7 @@ def sa_child(dgid_text: str, queries: int, joins: int) -> dict:
 def measure_sa(fab, queries: int, joins: int) -> dict:
     from xdpoib.wire.addr import gid_str
 
-    argv = [sys.executable, "-m", "xdpoib.bench_control", "sa", gid_str(fab.host("h2").gid), str(queries), str(joins)]
+    argv = [sys.executable, "-m", "xdpoib.bench.control", "sa", gid_str(fab.host("h2").gid), str(queries), str(joins)]
     p = fab.spawn("h1", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=60 + queries * 0.05 + joins * 0.2)
@@ -323,9 +324,9 @@ def format_table(res: dict) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m xdpoib.bench_control sa DGID QUERIES JOINS`: the SA part, as a fabric host."""
+    """`python -m xdpoib.bench.control sa DGID QUERIES JOINS`: the SA part, as a fabric host."""
     if len(argv) != 4 or argv[0] != "sa":
-        print("usage: python -m xdpoib.bench_control sa DGID QUERIES JOINS", file=sys.stderr)
+        print("usage: python -m xdpoib.bench.control sa DGID QUERIES JOINS", file=sys.stderr)
         return 2
     try:
         print(json.dumps(sa_child(argv[1], int(argv[2]), int(argv[3]))))

@@ -9,7 +9,7 @@ set up at once before anything is measured:
              Ethernet frames over the same pump and sim transport), on a second fabric so that neither
              pair sees the other's broadcasts. An agent that does not run that datapath (its status names
              another) is an error for this system, reported instead of its numbers;
-- `naive`    `xdpoib.bench_naive`: a TAP per side, the oracle in Python per frame, unix datagrams between;
+- `naive`    `xdpoib.bench.naive`: a TAP per side, the oracle in Python per frame, unix datagrams between;
 - `veth`     a kernel veth pair between the namespaces (what the traffic generator reaches here);
 - `vxlan`    VXLAN (VNI 42, port 4789) over a veth underlay, the overlay subnet on vx0.
 
@@ -24,17 +24,35 @@ For each size, for each offered rate (iperf3 -u -b computed from a target pps; 0
 for each system, one sample: an iperf3 server (`-s -1 -J`) in the receiving namespace, polled with `ss`
 until it listens, and a client in the sending one for `seconds`. The loop order size -> rate -> system
 means the machine's noise hits every system alike. The server's count (packets - lost) over its own
-seconds is the received rate; the client's count is the offered one. CPU per received frame is the
-translating processes' utime + stime (/proc/PID/stat: both agents, or both naive translators; none for
-veth and VXLAN) plus the machine's softirq time (/proc/stat), over the sample, divided by the frames
-received; /proc counts in clock ticks (10 ms), so it is coarse for short, slow samples. Then TCP: one
-iperf3 stream of `tcp_seconds` per system, the server's received Mbit/s. Before measuring, each system
-must pass a ping (ARP, and for the agents the first path query); a system that cannot be set up, or
-whose translating process dies, keeps an `error` and nulls instead of numbers, and the run goes on.
+seconds is the received rate; the client's count is the offered one. Over each sample, divided by the
+frames received: `agent_us_per_frame`, the translating processes' utime + stime (/proc/PID/stat, all
+their threads: both agents, or both naive translators; 0 for veth and VXLAN, which have none), and
+`kernel_us_per_frame`, the machine's softirq time (/proc/stat, every CPU); `cpu_us_per_frame` is their
+sum. /proc counts in clock ticks (10 ms), so these are coarse for short, slow samples. Then TCP: one
+iperf3 stream of `tcp_seconds` per system, the server's received Mbit/s.
+
+Round trips: before the UDP samples, `pings` pings per system (ping -i 0.002 -W 1, 56-byte payload,
+from the first namespace to the second), in PING_ROUNDS rounds that go through the systems in turn;
+each reply's `time=` is taken (duplicates left out), and `rtt_us` is its p50 and p99 (nearest rank).
+ping's `time=` is stamped by the kernel on receipt (SO_TIMESTAMP), so ping's own wake-up is not in it;
+no CPU figure is taken while the pings run, so none includes ping's CPU.
+
+MTU: before the agents' fabrics, a probe asks OpenSM on ibsim for a 4096-byte broadcast group (a
+one-host fabric, `mtu=5` in partitions.conf) and joins it from that host. If the join is granted at
+4096, the agents' fabrics use that partitions.conf, so eth4's MTU, every system's MTU and the TCP runs
+are the largest the sim fabric gives; if not (ibsim's ports have an MTU capability of 2048, and OpenSM
+refuses a member below the group's MTU), they keep the default 2048, and `ib_mtu_4096` says why.
+
+Before measuring, each system must pass a ping (ARP, and for the agents the first path query); a system
+that cannot be set up, or whose translating process dies, keeps an `error` and nulls instead of
+numbers, and the run goes on.
 
 Per system and size: `peak_pps` (the highest received rate over the offered rates), `overload_pps`
-(received at the highest offered rate, the last), `mbps` (Ethernet frame bits per second at the peak)
-and `cpu_us_per_frame` (of the peak's sample). The ratios the targets name are computed from these.
+(received at the highest offered rate, the last), `mbps` (Ethernet frame bits per second at the peak),
+and `cpu_us_per_frame`, `agent_us_per_frame`, `kernel_us_per_frame` (of the peak's sample). Per system:
+`tcp_mbps` and `rtt_us` {"p50", "p99"}. `ratios` holds the targets, each with its value from this run,
+which side of the target it should be on (`op`) and whether it is (`met`); they are printed, never
+asserted.
 
 Everything the bench creates is named `xe2e<tag>...` (namespaces, TAPs, fabrics; `setup` in the result
 names them) and is removed on the way out, in reverse order of creation, even on an error, Ctrl-C or
@@ -47,8 +65,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -75,7 +95,12 @@ MIN_FRAME = 60                      # 64 bytes on the wire with the FCS
 FALLBACK_MTU = 1500                 # when no agent attached to tell eth4's MTU
 PORT = 5201
 READY_PING_SECONDS = 20.0
-KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame")
+DEFAULT_PINGS = 1000
+PING_INTERVAL = 0.002               # seconds between pings (below 0.2 s needs root)
+PING_ROUNDS = 4                     # the pings of each system come in this many interleaved rounds
+KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame")
+RTT_KEYS = ("p50", "p99")
+LARGE_IB_MTU = 4096                 # what the probe asks the sim fabric for (partitions.conf mtu=5)
 
 
 class BenchError(XdpoibError):
@@ -177,16 +202,59 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """The machine's softirq time plus the utime + stime of `pids`, in clock ticks."""
+def softirq_ticks() -> int:
+    """The machine's softirq time (every CPU), in clock ticks."""
     with open("/proc/stat") as f:
-        total = int(f.readline().split()[7])            # cpu user nice system idle iowait irq softirq
+        return int(f.readline().split()[7])             # cpu user nice system idle iowait irq softirq
+
+
+def process_ticks(pids: list[int]) -> int:
+    """utime + stime of `pids` (all their threads), in clock ticks."""
+    total = 0
     for pid in pids:
         with contextlib.suppress(OSError, IndexError):
             with open(f"/proc/{pid}/stat") as f:
                 rest = f.read().rsplit(")", 1)[1].split()
             total += int(rest[11]) + int(rest[12])
     return total
+
+
+_PING_REPLY = re.compile(r"\bicmp_seq=(\d+)\b.*\btime[=<]([0-9.]+) ms")
+
+
+def parse_ping(text: str) -> list[float]:
+    """The round trips of `ping`'s output in microseconds, one per answered sequence number, in order of
+    arrival: `64 bytes from A: icmp_seq=N ttl=64 time=0.045 ms` (duplicates, marked `(DUP!)`, and
+    every other line, such as errors and the summary, are left out)."""
+    seen, out = set(), []
+    for line in text.splitlines():
+        m = _PING_REPLY.search(line)
+        if m is None or "DUP!" in line or m.group(1) in seen:
+            continue
+        seen.add(m.group(1))
+        out.append(float(m.group(2)) * 1000.0)
+    return out
+
+
+def group_mtu(saquery_g: str) -> int | None:
+    """The IB MTU in bytes of the first group in `saquery -g` output (`Mtu....0x85`: selector 2 bits,
+    then the MTU code, 5 = 4096)."""
+    m = re.search(r"^\s*Mtu\.+0x([0-9a-fA-F]+)", saquery_g, re.M)
+    code = int(m.group(1), 16) & 0x3F if m else 0
+    return 128 << code if 1 <= code <= 5 else None
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of xs, nearest rank."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def rtt_summary(rtts: list[float]) -> dict:
+    """`{"p50", "p99"}` in microseconds (nulls without a reply)."""
+    if not rtts:
+        return dict.fromkeys(RTT_KEYS)
+    return {"p50": round(percentile(rtts, 50), 1), "p99": round(percentile(rtts, 99), 1)}
 
 
 def machine() -> dict:
@@ -216,16 +284,26 @@ class System:
 
 @dataclass
 class Sample:
-    """One measurement: offered and received packets per second, CPU per received frame."""
+    """One measurement: offered and received packets per second; CPU per received frame of the
+    translating processes (`agent`) and of the machine's softirq (`kernel`)."""
 
     offered_pps: float
     received_pps: float
-    cpu_us_per_frame: float | None
+    agent_us_per_frame: float | None
+    kernel_us_per_frame: float | None
+
+    @property
+    def cpu_us_per_frame(self) -> float | None:
+        if self.agent_us_per_frame is None or self.kernel_us_per_frame is None:
+            return None
+        return self.agent_us_per_frame + self.kernel_us_per_frame
 
     def as_json(self) -> dict:
-        cpu = None if self.cpu_us_per_frame is None else round(self.cpu_us_per_frame, 2)
+        def r(v):
+            return None if v is None else round(v, 2)
         return {"offered_pps": round(self.offered_pps), "received_pps": round(self.received_pps),
-                "cpu_us_per_frame": cpu}
+                "cpu_us_per_frame": r(self.cpu_us_per_frame), "agent_us_per_frame": r(self.agent_us_per_frame),
+                "kernel_us_per_frame": r(self.kernel_us_per_frame)}
 
 
 class Testbed:
@@ -245,6 +323,8 @@ class Testbed:
         self._undo = Teardown("xdpoib bench e2e")
         self._later = self._undo.later
         self._tmp: str | None = None
+        self.ib_mtu_4096: dict | None = None       # the probe's answer (None: no agent system asked for)
+        self._partitions: str | None = None        # the agents' fabrics' partitions.conf (None: the default)
 
     # ---- lifetime
 
@@ -294,9 +374,17 @@ class Testbed:
 
     # ---- setup
 
+    def tmpdir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix=f"{self.tag}-")
+            self._later(shutil.rmtree, self._tmp, True)
+        return self._tmp
+
     def setup(self) -> None:
         """Create every system; the agents' attaches run side by side."""
         agents = [n for n in self.names if n in AGENT_DATAPATHS]
+        if agents:
+            self.probe_large_mtu()
         for name in self.names:
             self._pair(name)
         pending = {}
@@ -331,11 +419,50 @@ class Testbed:
             if s.error:
                 self.log(f"{s.name}: not measured: {s.error}")
 
+    def probe_large_mtu(self) -> None:
+        """Whether the sim fabric gives a 4096-byte broadcast group: a one-host fabric whose default
+        partition asks for it (`mtu=5`), and one full-member join of its broadcast group from that host.
+        If the join is granted at 4096, the agents' fabrics get that partitions.conf (so eth4, every
+        system's MTU and the TCP runs use the larger MTU); if not, they keep the default (2048), and the
+        result says why."""
+        from xdpoib.fabric.simfabric import SimFabric
+
+        conf = os.path.join(self.tmpdir(), "partitions-mtu5.conf")
+        with open(conf, "w") as f:
+            f.write("Default=0x7fff, ipoib, mtu=5 : ALL=full;\n")
+        self.fabrics.append(f"{self.tag}m")
+        try:
+            with SimFabric.up(f"{self.tag}m", hosts=1, partitions=conf) as fab:
+                p = fab.spawn("h1", [sys.executable, "-m", "xdpoib.bench.e2e", "join"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                try:
+                    out, err = p.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    _kill(p)
+                    raise BenchError("the join did not finish in 60 s") from None
+                group = group_mtu(fab.saquery("h1", "-g").stdout)
+            why = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+            answer = json.loads(out) if p.returncode == 0 else {"error": why}
+        except (XdpoibError, ValueError) as e:
+            answer, group = {"error": str(e)}, None
+        mtu = answer.get("mtu")
+        usable = mtu == LARGE_IB_MTU
+        made = f"OpenSM on ibsim made the broadcast group {group or '?'} bytes for mtu=5"
+        if usable:
+            detail = f"{made}, a host joined it at {mtu}: the agents' fabrics use mtu=5"
+            self._partitions = conf
+        elif mtu:
+            detail = f"{made}, a host joined it at {mtu}: the default (2048) is kept"
+        else:
+            detail = f"{made} but refused a host's join ({answer['error']}): the largest usable IB MTU is 2048"
+        self.ib_mtu_4096 = {"usable": usable, "detail": detail}
+        self.log(f"IB MTU {LARGE_IB_MTU}: {detail}")
+
     def _start_agents(self, s: System) -> list[subprocess.Popen]:
         from xdpoib.fabric.simfabric import SimFabric
 
         self._later(self._sweep, s.ns)               # after the fabric is down: whatever an agent left
-        fab = SimFabric.up(f"{self.tag}{CODES[s.name]}", hosts=2)
+        fab = SimFabric.up(f"{self.tag}{CODES[s.name]}", hosts=2, partitions=self._partitions)
         self._later(fab.down)                         # stops every agent the fabric recorded
         self.fabrics.append(fab.name)
         env = dict(os.environ)
@@ -401,7 +528,7 @@ class Testbed:
     def _sweep(nss: tuple[str, str]) -> None:
         """Remove what an agent stopped in the middle of its attach left: files, pins, links."""
         from xdpoib import state
-        from xdpoib.commands.detach import detach
+        from xdpoib.teardown import detach
 
         for ns in nss:
             aid = state.attachment_id("eth4", ns)
@@ -413,14 +540,12 @@ class Testbed:
             _run(["ip", "link", "del", "xa" + tag], check=False)
 
     def _naive(self, s: System) -> None:
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix=f"{self.tag}-")
-            self._later(shutil.rmtree, self._tmp, True)
+        self.tmpdir()
         procs = []
         for i in (0, 1):
             tap = f"{self.tag}n{i}"
             with open(os.path.join(self._tmp, f"naive{i}.log"), "wb") as errf:
-                p = self.spawn([sys.executable, "-m", "xdpoib.bench_naive", str(i), tap, self._tmp],
+                p = self.spawn([sys.executable, "-m", "xdpoib.bench.naive", str(i), tap, self._tmp],
                                stdout=subprocess.PIPE, stderr=errf)
             procs.append((p, tap))
         for i, (p, tap) in enumerate(procs):
@@ -503,9 +628,9 @@ class Testbed:
         """Offer `rate` pps (0: as fast as iperf3 goes) of `frame`-byte frames for `seconds`."""
         payload = frame - ETH_HLEN - IP_UDP_HLEN
         bits = str(rate * payload * 8) if rate else "0"
-        t0 = cpu_ticks(s.pids)
+        a0, k0 = process_ticks(s.pids), softirq_ticks()
         c, srv = self._iperf(s, ["-u", "-b", bits, "-l", str(payload), "-t", str(seconds)], seconds)
-        used = cpu_ticks(s.pids) - t0
+        agent, kernel = process_ticks(s.pids) - a0, softirq_ticks() - k0
         try:
             got, sent = srv["end"]["sum"], c["end"]["sum"]
             received = got["packets"] - got["lost_packets"]
@@ -513,8 +638,21 @@ class Testbed:
             tx_pps = sent["packets"] / sent["seconds"] if sent["seconds"] else 0.0
         except (KeyError, TypeError):
             raise BenchError("iperf3 gave no UDP totals") from None
-        cpu = used / os.sysconf("SC_CLK_TCK") * 1e6 / received if received > 0 else None
-        return Sample(tx_pps, rx_pps, cpu)
+        if received <= 0:
+            return Sample(tx_pps, rx_pps, None, None)
+        us = 1e6 / os.sysconf("SC_CLK_TCK") / received
+        return Sample(tx_pps, rx_pps, agent * us, kernel * us)
+
+    def ping(self, s: System, count: int) -> list[float]:
+        """`count` pings from s.ns[0] to s.ns[1], PING_INTERVAL apart: the replies' round trips in us.
+        ping's own time= is what the kernel timestamped (SO_TIMESTAMP), not when ping got to run."""
+        r = _run(_ns(s.ns[0], "ping", "-n", "-c", str(count), "-i", f"{PING_INTERVAL:g}", "-W", "1", s.addr[1]),
+                 timeout=count * PING_INTERVAL * 3 + 30, check=False)
+        rtts = parse_ping(r.stdout)
+        if not rtts:
+            why = (r.stderr.strip() or r.stdout.strip()).splitlines()
+            raise BenchError(f"ping {s.addr[1]}: no reply ({why[-1] if why else f'exit {r.returncode}'})")
+        return rtts
 
     def tcp(self, s: System, seconds: int) -> float:
         """Received Mbit/s of one TCP stream over `seconds`."""
@@ -534,7 +672,7 @@ def frame_bytes(size: str, mtu: int) -> int:
 
 
 def run_e2e(sizes=DEFAULT_SIZES, rates=DEFAULT_RATES, seconds: int = DEFAULT_SECONDS,
-            tcp_seconds: int = DEFAULT_TCP_SECONDS, systems=SYSTEMS, log=None) -> dict:
+            tcp_seconds: int = DEFAULT_TCP_SECONDS, systems=SYSTEMS, log=None, pings: int = DEFAULT_PINGS) -> dict:
     """Set everything up, measure, tear down; return the result object (see the module doc)."""
     for cmd in ("ip", "ss", "iperf3", "ping"):
         if shutil.which(cmd) is None:
@@ -549,7 +687,7 @@ def run_e2e(sizes=DEFAULT_SIZES, rates=DEFAULT_RATES, seconds: int = DEFAULT_SEC
         with Testbed(list(systems), log) as tb:
             log(f"setting up {', '.join(systems)} ({tb.tag}*)")
             tb.setup()
-            return _measure(tb, list(sizes), list(rates), seconds, tcp_seconds, log)
+            return _measure(tb, list(sizes), list(rates), seconds, tcp_seconds, pings, log)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -559,7 +697,8 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
-def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_seconds: int, log) -> dict:
+def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_seconds: int, pings: int,
+             log) -> dict:
     frames = {sz: frame_bytes(sz, tb.mtu) for sz in sizes}
     for sz, fb in frames.items():
         if fb > tb.mtu + ETH_HLEN:
@@ -568,6 +707,7 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
     names = list(tb.systems)
     samples: dict[str, dict[str, list[Sample | None]]] = {sz: {n: [] for n in names} for sz in sizes}
     failures: dict[str, list[str]] = {n: [] for n in names}
+    rtts = _measure_rtt(tb, names, pings, failures, log)
     for sz in sizes:
         for rate in rates:
             for n in names:
@@ -600,7 +740,38 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
             except XdpoibError as e:
                 failures[n].append(f"TCP: {e}")
                 log(f"  TCP {n:>7}: failed: {e}")
-    return _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_seconds)
+    res = _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_seconds)
+    res["rtt_us"] = {n: rtt_summary(rtts[n]) for n in names}
+    res["pings"] = {"count": pings, "interval_ms": PING_INTERVAL * 1000, "replies": {n: len(rtts[n]) for n in names}}
+    res["ratios"] = ratios(res)
+    return res
+
+
+def _measure_rtt(tb: Testbed, names: list[str], pings: int, failures: dict, log) -> dict[str, list[float]]:
+    """`pings` round trips per system, in PING_ROUNDS interleaved rounds (the noise hits all alike), on
+    quiet systems: no iperf3 runs meanwhile, and no CPU figure is taken over them."""
+    rtts: dict[str, list[float]] = {n: [] for n in names}
+    per_round = -(-pings // PING_ROUNDS) if pings > 0 else 0
+    done, failed = 0, set()
+    while done < pings:
+        count = min(per_round, pings - done)
+        for n in names:
+            s = tb.systems[n]
+            tb.check_alive(s)
+            if s.error or n in failed:
+                continue
+            try:
+                rtts[n] += tb.ping(s, count)
+            except XdpoibError as e:
+                failed.add(n)
+                failures[n].append(f"ping: {e}")
+                log(f"  ping {n:>7}: failed: {e}")
+        done += count
+    for n in names:
+        if rtts[n]:
+            x = rtt_summary(rtts[n])
+            log(f"  ping {n:>7}: {len(rtts[n])} replies, p50 {x['p50']:.1f} us, p99 {x['p99']:.1f} us")
+    return rtts
 
 
 def _summary(xs: list[Sample | None], frame: int, error: str | None) -> dict:
@@ -611,8 +782,9 @@ def _summary(xs: list[Sample | None], frame: int, error: str | None) -> dict:
     last = xs[-1]
     out = {"peak_pps": round(peak.received_pps),
            "overload_pps": round(last.received_pps) if last is not None else None,
-           "mbps": round(peak.received_pps * frame * 8 / 1e6, 1),
-           "cpu_us_per_frame": None if peak.cpu_us_per_frame is None else round(peak.cpu_us_per_frame, 2)}
+           "mbps": round(peak.received_pps * frame * 8 / 1e6, 1)}
+    j = peak.as_json()
+    out.update((k, j[k]) for k in ("cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame"))
     if error:
         out["error"] = error
     return out
@@ -631,6 +803,8 @@ def _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_secon
         "frames": {sz: {"frame_bytes": fb, "udp_payload": fb - ETH_HLEN - IP_UDP_HLEN} for sz, fb in frames.items()},
         "mtu": tb.mtu,
         "mtus": {n: s.mtu for n, s in systems.items() if s.mtu},
+        "tcp_mtu": tb.mtu,
+        "ib_mtu_4096": tb.ib_mtu_4096,
         "rates": rates,
         "seconds": seconds,
         "tcp_seconds": tcp_seconds,
@@ -642,31 +816,46 @@ def _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_secon
         "setup": {"prefix": tb.tag, "netns": [ns for s in systems.values() for ns in s.ns],
                   "fabrics": list(tb.fabrics)},
     }
-    res["ratios"] = ratios(res)
     return res
 
 
 def ratios(res: dict) -> list[dict]:
-    """The ratios the targets name: at the smallest frame, at the MTU (or largest) one, and on TCP."""
+    """The targets, each with its value from this run: ratios between systems (or, for the agents' CPU,
+    a figure) at the smallest frame, at the MTU (or largest) one, on TCP and on the pings' p50. `op` says
+    which side of `target` the value should be on, `met` whether it is (None: a figure is missing)."""
     by_frame = sorted(res["sizes"], key=lambda sz: res["frames"][sz]["frame_bytes"])
     small, large = by_frame[0], "MTU" if "MTU" in res["sizes"] else by_frame[-1]
 
-    def get(sz, system, key):
-        return res["sizes"][sz].get(system, {}).get(key) if sz else res["tcp_mbps"].get(system)
+    def get(where, system, key):
+        if where == "tcp":
+            return res["tcp_mbps"].get(system)
+        if where == "rtt":
+            return (res.get("rtt_us", {}).get(system) or {}).get(key)
+        return res["sizes"][where].get(system, {}).get(key)
 
-    wanted = [("xdpoib peak / naive peak", small, "xdpoib", "peak_pps", "naive", "peak_pps", 5.0),
-              ("xdpoib peak / veth peak", small, "xdpoib", "peak_pps", "veth", "peak_pps", 0.5),
-              ("xdpoib overload / xdpoib peak", small, "xdpoib", "overload_pps", "xdpoib", "peak_pps", 0.9),
-              ("xdpoib peak / ceiling peak", small, "xdpoib", "peak_pps", "ceiling", "peak_pps", 0.8)]
+    wanted = [("xdpoib peak / veth peak", small, "xdpoib", "peak_pps", "veth", "peak_pps", ">=", 0.8),
+              ("xdpoib peak / naive peak", small, "xdpoib", "peak_pps", "naive", "peak_pps", ">=", 4.0),
+              ("xdpoib CPU / vxlan CPU", small, "xdpoib", "cpu_us_per_frame", "vxlan", "cpu_us_per_frame", "<=", 3.0),
+              ("xdpoib agent CPU us/frame", small, "xdpoib", "agent_us_per_frame", None, None, "<=", 2.0),
+              ("xdpoib overload / xdpoib peak", small, "xdpoib", "overload_pps", "xdpoib", "peak_pps", ">=", 0.9),
+              ("xdpoib peak / ceiling peak", small, "xdpoib", "peak_pps", "ceiling", "peak_pps", ">=", 0.8)]
     if large != small:
-        wanted.append(("xdpoib Mbit/s / veth Mbit/s", large, "xdpoib", "mbps", "veth", "mbps", 0.5))
-    wanted.append(("xdpoib TCP / veth TCP", None, "xdpoib", None, "veth", None, 0.5))
+        wanted.append(("xdpoib Mbit/s / veth Mbit/s", large, "xdpoib", "mbps", "veth", "mbps", ">=", 0.5))
+    wanted += [("xdpoib TCP / veth TCP", "tcp", "xdpoib", None, "veth", None, ">=", 0.3),
+               ("xdpoib RTT p50 / naive RTT p50", "rtt", "xdpoib", "p50", "naive", "p50", "<=", 0.5)]
     out = []
-    for name, sz, a, ka, b, kb, target in wanted:
-        if a not in res["tcp_mbps"] or b not in res["tcp_mbps"]:
+    for name, where, a, ka, b, kb, op, target in wanted:
+        if a not in res["tcp_mbps"] or (b and b not in res["tcp_mbps"]):
             continue                                # a system that was not asked for
-        x, y = get(sz, a, ka), get(sz, b, kb)
-        out.append({"name": name, "size": sz, "value": round(x / y, 2) if x and y else None, "target": target})
+        x = get(where, a, ka)
+        if b is None:
+            value = None if x is None else round(x, 2)
+        else:
+            y = get(where, b, kb)
+            value = round(x / y, 2) if x is not None and y else None
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"name": name, "size": where if where not in ("tcp", "rtt") else None, "where": where,
+                    "value": value, "op": op, "target": target, "met": met})
     return out
 
 
@@ -685,25 +874,40 @@ def format_table(res: dict) -> str:
         fr = res["frames"][sz]
         lines += ["", f"{fr['frame_bytes']}-byte frames{' (MTU)' if sz == 'MTU' else ''}, "
                   f"UDP payload {fr['udp_payload']} B",
-                  f"  {'system':<8} {'peak kpps':>10} {'overload kpps':>14} {'Mbit/s':>9} {'CPU us/frame':>13}"]
+                  f"  {'system':<8} {'peak kpps':>10} {'overload kpps':>14} {'Mbit/s':>9} "
+                  f"{'CPU us/frame':>13} {'agent us':>9} {'kernel us':>10}"]
         for n, v in row.items():
             pk = None if v["peak_pps"] is None else v["peak_pps"] / 1000
             ov = None if v["overload_pps"] is None else v["overload_pps"] / 1000
             lines.append(f"  {n:<8} {num(pk, '10.1f')} {num(ov, '14.1f')} {num(v['mbps'], '9.1f')} "
-                         f"{num(v['cpu_us_per_frame'], '13.2f')}")
-    lines += ["", f"TCP (iperf3, {res['tcp_seconds']} s), Mbit/s received"]
+                         f"{num(v['cpu_us_per_frame'], '13.2f')} {num(v.get('agent_us_per_frame'), '9.2f')} "
+                         f"{num(v.get('kernel_us_per_frame'), '10.2f')}")
+    lines += ["", f"TCP (iperf3, {res['tcp_seconds']} s, MTU {res.get('tcp_mtu', res['mtu'])}), Mbit/s received"]
     lines += [f"  {n:<8} {num(v, '10.1f')}" for n, v in res["tcp_mbps"].items()]
-    lines += ["", "ratios (target)"]
+    big = res.get("ib_mtu_4096")
+    if big:
+        lines.append(f"  IB MTU 4096: {big['detail']}")
+    if res.get("rtt_us"):
+        p = res["pings"]
+        lines += ["", f"ping round trip (us; {p['count']} pings, {p['interval_ms']:g} ms apart)",
+                  f"  {'system':<8} {'p50':>9} {'p99':>9} {'replies':>8}"]
+        lines += [f"  {n:<8} {num(v['p50'], '9.1f')} {num(v['p99'], '9.1f')} {p['replies'].get(n, 0):>8}"
+                  for n, v in res["rtt_us"].items()]
+    lines += ["", "targets" if res["ratios"] else "targets: none (they need xdpoib and its baselines)"]
     for r in res["ratios"]:
-        where = f"{res['frames'][r['size']]['frame_bytes']} B" if r["size"] else "TCP"
-        lines.append(f"  {where:>7}  {r['name']:<32} {num(r['value'], '6.2f')}   (>= {r['target']:g})")
+        where = {"tcp": "TCP", "rtt": "ping"}.get(r.get("where"), "")
+        where = where or f"{res['frames'][r['size']]['frame_bytes']} B"
+        met = {True: "met", False: "not met", None: "-"}[r.get("met")]
+        lines.append(f"  {where:>7}  {r['name']:<32} {num(r['value'], '6.2f')}   "
+                     f"({r.get('op', '>=')} {r['target']:g}: {met})")
     for n, e in res["errors"].items():
         lines.append(f"  note: {n}: {e}")
     return "\n".join(lines)
 
 
 def write_plot(res: dict, path: str) -> None:
-    """Offered vs received pps per system, one panel per size, as a PNG (matplotlib, Agg backend)."""
+    """Offered vs received pps per system, one panel per size, and the ping round trips (p50 and p99 per
+    system) in a last panel, as a PNG (matplotlib, Agg backend)."""
     try:
         import matplotlib
     except ImportError:
@@ -712,8 +916,9 @@ def write_plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(res["samples"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.5), squeeze=False)
-    for ax, sz in zip(axes[0], sizes, strict=True):
+    rtt = res.get("rtt_us") or {}
+    fig, axes = plt.subplots(1, len(sizes) + 1, figsize=(5 * (len(sizes) + 1), 4.5), squeeze=False)
+    for ax, sz in zip(axes[0], sizes, strict=False):
         top = 1.0
         for n, pts in res["samples"][sz].items():
             xy = [(p["offered_pps"], p["received_pps"]) for p in pts if p and p["offered_pps"] > 0]
@@ -728,8 +933,47 @@ def write_plot(res: dict, path: str) -> None:
         ax.set_ylabel("received pps")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
+    ax = axes[0][-1]
+    names = list(rtt)
+    for i, (key, shade) in enumerate((("p50", 0.9), ("p99", 0.5))):
+        vals = [rtt[n][key] or 0 for n in names]
+        ax.bar([j + (i - 0.5) * 0.4 for j in range(len(names))], vals, width=0.4, label=key, alpha=shade)
+    ax.set_xticks(range(len(names)), names)
+    if any(v and v > 0 for x in rtt.values() for v in x.values()):
+        ax.set_yscale("log")
+    ax.set_ylabel("round trip, us")
+    p = res.get("pings") or {}
+    ax.set_title(f"ping round trip ({p.get('count', 0)} pings, {p.get('interval_ms', 0):g} ms apart)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize="small")
     m = res["machine"]
     fig.suptitle(f"xdpoib bench e2e, {res['date'][:10]}, {m['cpu']}, {m['cpus']} CPUs", fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def join_child() -> int:
+    """`python -m xdpoib.bench.e2e join`, run as a fabric host: join the broadcast group as a full
+    member and print `{"mtu": BYTES}` (the group's IB MTU), or the SA's refusal on stderr, exit 1."""
+    from xdpoib.fabric.sa import JOIN_FULL, SAClient
+    from xdpoib.wire.mgid import broadcast_mgid
+
+    try:
+        sa = SAClient.open()
+        try:
+            rec = sa.join(broadcast_mgid(), JOIN_FULL)
+            sa.leave(broadcast_mgid(), JOIN_FULL)
+        finally:
+            sa.close()
+    except XdpoibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"mtu": rec.mtu_bytes}))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["join"]:
+        sys.exit("usage: python -m xdpoib.bench.e2e join")
+    sys.exit(join_child())

@@ -13,7 +13,7 @@ translated as on the fabric. Frames the oracle refuses, control frames (IGMP/MLD
 that find the send buffer full (the socket never blocks, so two sides sending to each other cannot
 deadlock) are dropped and counted.
 
-    python -m xdpoib.bench_naive SIDE TAPNAME SOCKDIR
+    python -m xdpoib.bench.naive SIDE TAPNAME SOCKDIR
 
 creates TAPNAME (in the caller's namespace), binds `SOCKDIR/SIDE`, connects to the other side's socket,
 prints `ready` and serves until killed; the caller moves the TAP into its namespace and configures it
