@@ -57,6 +57,8 @@ class EventLoop:
         self.pause_until = 0.0      # set by a poller that must wait (see run)
         self.pause_wait: Callable[[float], None] = time.sleep     # how to wait for the fabric (see run)
         self.busy_poll = BUSY_POLL_S
+        self.work_times: deque[float] = deque(maxlen=4096)  # seconds from wakeup to the pollers' end, turns
+        #                                                     that moved frames (the agent's share of latency)
         self.stats = {"turns": 0, "busy_turns": 0, "budget_exhausted": 0, "paused": 0, "busy_polls": 0,
                       "busy_poll_hits": 0}
 
@@ -107,11 +109,12 @@ class EventLoop:
         spin_until = 0.0            # busy polling: peek instead of sleeping until then
         handlers, pollers, budget, stats = self._handlers, self._pollers, self.budget, self.stats
         window = self.busy_poll
+        work = self.work_times
         while not self.stopping:
             spinning = False
             if busy:
                 timeout = 0.0
-            elif spin_until and time.monotonic() < spin_until:
+            elif spin_until > time.monotonic():
                 timeout, spinning = 0.0, True
                 stats["busy_polls"] += 1
             elif self._timers:
@@ -122,6 +125,7 @@ class EventLoop:
                 ready = self._ep.poll(timeout)
             except InterruptedError:
                 continue
+            woke = time.perf_counter()
             for fd, _ev in ready:
                 h = handlers.get(fd)
                 if h is not None:
@@ -138,12 +142,11 @@ class EventLoop:
                         stats["budget_exhausted"] += 1
             stats["turns"] += 1
             if busy:
+                work.append(time.perf_counter() - woke)
                 stats["busy_turns"] += 1
                 if spinning:
                     stats["busy_poll_hits"] += 1
                 spin_until = time.monotonic() + window if window else 0.0
-            elif not spinning:
-                spin_until = 0.0
             if not busy and self.pause_until:
                 # a poller is held back (the fabric cannot take more): its descriptor stays readable,
                 # so epoll would return at once; give the CPU away until the hold ends instead
@@ -154,6 +157,16 @@ class EventLoop:
                     self.pause_wait(rest)
             if self._timers and self._timers[0][0] <= time.monotonic():
                 self._run_timers()
+
+    def work_us(self) -> dict:
+        """p50 / p99 / max microseconds from a wakeup to the end of its pollers, over the last 4096 turns
+        that moved frames: what one hop through this agent adds to a frame's latency, wakeups aside."""
+        xs = sorted(self.work_times)
+        if not xs:
+            return {"p50": None, "p99": None, "max": None, "turns": 0}
+        def at(q):
+            return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6, 1)
+        return {"p50": at(0.5), "p99": at(0.99), "max": round(xs[-1] * 1e6, 1), "turns": len(xs)}
 
     def close(self) -> None:
         self._ep.close()

@@ -58,7 +58,7 @@ def status(a) -> dict:
         "vifs": {"count": a.vifs.count(), "learned": a.vifs.learned_count(), "learn_max": a.vifs.learn_max},
         "partitions": a.partitions.describe(),
         "capture": a.capture.summary() if getattr(a, "capture", None) is not None else None,
-        "loop": {**a.loop.stats, "budget": a.loop.budget,
+        "loop": {**a.loop.stats, "budget": a.loop.budget, "work_us": a.loop.work_us(),
                  "sa_worker": {**a.sa_worker.stats, "queued": a.sa_worker.queued,
                                "busy_seconds": round(time.monotonic() - a.sa_worker.busy_since, 3)
                                if a.sa_worker.busy_since else 0.0}},
