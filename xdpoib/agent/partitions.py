@@ -116,23 +116,26 @@ class Partitions:
                 for p in sorted(self.by_pkey.values(), key=lambda p: p.vid)]
 
 
-NOT_YET = 0x0200              # OpenSM's answer to a join of a group it has not created (yet)
+# OpenSM's answers to a join of a group it has not created (yet): 0x0200 (request invalid), or 0x0600
+# (insufficient components: a plain join cannot create the group)
+NOT_YET = (0x0200, 0x0600)
 FIRST_RETRY_S, MAX_RETRY_S = 1.0, 16.0
 
 
 def no_group_line(pkey: int, mgid: bytes, wait: float, last) -> str:
     """The one line a partition that never got its broadcast group ends with."""
-    if getattr(last, "status", 0) == NOT_YET:
+    status = getattr(last, "status", 0)
+    if status in NOT_YET:
         return (f"partition {pkey:#06x} has no broadcast group {gid_str(mgid)} after {wait:g} s (the SM refuses "
-                f"the join: status 0x0200): likely the partition lacks the `ipoib` flag in OpenSM's partitions.conf "
+                f"the join: status {status:#06x}): likely the partition lacks the `ipoib` flag in OpenSM's partitions.conf "
                 f"(e.g. `P{pkey & 0x7FFF:04x}={pkey:#06x}, ipoib : ...`; then `kill -HUP` OpenSM)")
     return f"cannot join the broadcast group {gid_str(mgid)} of partition {pkey:#06x} after {wait:g} s: {last}"
 
 
 def join_with_retry(sa, mgid: bytes, deadline: float, wait: float, say=None):
-    """A blocking broadcast join at bring-up, as Linux ipoib does it: a refusal (status 0x0200: the SM has
-    not created the group yet, as at its first sweeps, after a restart or a failover) or no answer is "not
-    yet", tried again after 1 s, doubling to 16 s, until `deadline` (monotonic; `wait` is its length, for
+    """A blocking broadcast join at bring-up, as Linux ipoib does it: a refusal (status 0x0200 or 0x0600:
+    the SM has not created the group yet, as at its first sweeps, after a restart or a failover) or no
+    answer is "not yet", tried again after 1 s, doubling to 16 s, until `deadline` (monotonic; `wait` is its length, for
     the message). `say(text)` is told once what we wait for. Raises AgentError with one line at the end."""
     from xdpoib.agent.core import AgentError
 
