@@ -196,6 +196,33 @@ def test_detach_after_the_sm_stopped_under_pings_leaves_nothing(fabric):
         fab.free_dead_clients()
 
 
+@timed
+def test_detach_of_an_agent_that_does_not_stop_removes_everything_and_keeps_its_log(fabric):
+    """An agent that cannot stop by itself (SIGSTOPped here) is killed by detach, which then removes what
+    attach created (eth4, the internal end, the anchor pair with the RX batch program, the pins) and keeps
+    the agent's log, saying so."""
+    fab = fabric
+    with attached(fab, ["h1"], net="10.75.0", prefix="xk") as (ns,):
+        spec = state.find("eth4", ns)
+        tag = state.link_tag(spec.id)
+        assert f": xa{tag}@" in sh("ip", "-o", "link").stdout          # the anchor is there to be left behind
+        os.kill(spec.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = x("detach", "eth4", "--netns", ns)
+        took = time.monotonic() - t0
+        log = state.log_path(spec.id)
+        try:
+            print(f"[figure] detach of a stopped agent: {took:.1f} s; {r.stderr.strip()}")
+            assert "detached" in r.stdout
+            assert "did not stop" in r.stderr and str(log) in r.stderr and f"xa{tag}" in r.stderr, r.stderr
+            assert log.exists() and "attached" in log.read_text()
+            assert leftovers(spec, spec.pid) == []
+            assert not state.spec_path(spec.id).exists() and not state.socket_path(spec.id).exists()
+        finally:
+            log.unlink(missing_ok=True)
+    fab.free_dead_clients()
+
+
 # ---------------------------------------------------------------------------------------------- failover
 
 @pytest.fixture(scope="module")
