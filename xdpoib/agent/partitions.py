@@ -127,8 +127,8 @@ def no_group_line(pkey: int, mgid: bytes, wait: float, last) -> str:
     status = getattr(last, "status", 0)
     if status in NOT_YET:
         return (f"partition {pkey:#06x} has no broadcast group {gid_str(mgid)} after {wait:g} s (the SM refuses "
-                f"the join: status {status:#06x}): likely the partition lacks the `ipoib` flag in OpenSM's partitions.conf "
-                f"(e.g. `P{pkey & 0x7FFF:04x}={pkey:#06x}, ipoib : ...`; then `kill -HUP` OpenSM)")
+                f"the join: status {status:#06x}): likely the partition lacks the `ipoib` flag in OpenSM's "
+                f"partitions.conf (e.g. `P{pkey:04x}={pkey:#06x}, ipoib : ...`; then `kill -HUP` OpenSM)")
     return f"cannot join the broadcast group {gid_str(mgid)} of partition {pkey:#06x} after {wait:g} s: {last}"
 
 
