@@ -286,3 +286,45 @@ def test_sm_failover_under_pings(standby_fabric):
         assert f"from {lladdr2}%eth4" in r.stdout, r.stdout
         nsexec(ns1, "ip", "-6", "neigh", "flush", "dev", "eth4")
         nsexec(ns1, "ping", "-6", "-c", "2", "-W", "2", f"{lladdr2}%eth4")
+
+
+@timed
+def test_a_running_agent_that_loses_its_broadcast_group_waits_with_carrier_off(sim_prereqs):
+    """A failover to an SM whose partitions file lacks `ipoib` for 0x8003 (only the standby re-read it):
+    the new master has no broadcast group for the partition, so the agent's rejoin is refused; eth4's
+    carrier goes off and `status` says what it waits for, until the flag is back (file re-read): then
+    the group is created, joined again, and the carrier comes back."""
+    hosts = make_hosts(3)
+    fab = SimFabric.up(sim_prereqs("lg"), hosts=3, standby="h3")
+    try:
+        with namespaces("xl", 1, lo=True) as (ns,):
+            x("attach", "eth4", "--netns", ns, "--sim", f"{fab.name}:h1", "--pkey", "0x8003")
+            path = fab.workdir / "partitions.conf"
+            path.write_text(default_partitions(hosts).replace("0x8003, ipoib,", "0x8003,"))
+            os.kill(fab.state["pids"]["opensm-standby"][0], signal.SIGHUP)       # the standby re-reads it
+            time.sleep(1)
+            os.kill(fab.state["pids"]["opensm"][0], signal.SIGKILL)
+            assert until(lambda: fab.sm_state("h3") == "master", 10, 0.05)
+
+            def status():
+                return json.loads(x("status", "eth4", "--netns", ns, "-j").stdout)
+
+            def carrier() -> bool:
+                return "LOWER_UP" in nsexec(ns, "ip", "link", "show", "eth4").stdout.split(">")[0]
+
+            st = until(lambda: (s := status())["broadcast"]["waiting_for"] and s, 20, 0.3)
+            assert st, status()
+            assert "ff12:401b:8003::ffff:ffff" in st["broadcast"]["waiting_for"]
+            assert st["counters"].get("broadcast_lost") == 1
+            assert "waiting" in x("status", "eth4", "--netns", ns).stdout
+            assert until(lambda: not carrier(), 3), "carrier still on without a broadcast group"
+            t0 = time.monotonic()
+            fab.reload_partitions(default_partitions(hosts))                      # the flag is back
+            assert until(lambda: status()["broadcast"]["waiting_for"] is None, 40, 0.3), status()
+            assert until(carrier, 3), "carrier still off with the broadcast group back"
+            print(f"[figure] broadcast group back and joined {time.monotonic() - t0:.1f} s after the SM re-read "
+                  "its partitions")
+            assert gid(fab, "h1") in until(lambda: members(fab, "ff12:401b:8003::ffff:ffff", "h2"), 10)
+        fab.free_dead_clients()
+    finally:
+        fab.down()
