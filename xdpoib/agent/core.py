@@ -235,6 +235,9 @@ class Agent:
         """What bring-up (or a lost broadcast group) waits for: logged (`attach` echoes it), and in `status`."""
         self.waiting_for = text
         log.warning("%s", text)
+        internal = links.internal_name(self.spec)
+        if self.state == "starting" and link.link_exists(internal):    # an eth4 left by an agent that died
+            link.set_link(internal, None, up=False)                     # (adopted later): no carrier meanwhile
 
     def _create_qp(self) -> None:
         from xdpoib.fabric.base import LoopbackFilter
