@@ -59,6 +59,11 @@ def members(fab, mgid: str, asker: str = SM_NODE) -> set[str]:
     return set(re.findall(r"PortGid\.+(\S+)", r.stdout)) if r.returncode == 0 else set()
 
 
+def path_answers(status: dict) -> int:
+    """How many PathRecord queries the SA answered for an agent (its `status`)."""
+    return sum(v for k, v in status["sa"]["queries"].items() if k.startswith("path") and k.endswith(" ok"))
+
+
 def gid(fab, host: str) -> str:
     from xdpoib.wire.addr import gid_str
 
@@ -266,6 +271,12 @@ def test_sm_failover_under_pings(standby_fabric, figures):
             for mgid in full:
                 assert until(lambda m=mgid, h=host: gid(fab, h) in members(fab, m), 10), (host, mgid)
         assert {gid(fab, "h1"), gid(fab, "h2")} <= members(fab, BCAST)
+        # paths were dropped at the reregister and asked again of the new master
+        for n, b, other in ((ns1, before[0], "h2"), (ns2, before[1], "h1")):
+            st = json.loads(x("status", "eth4", "--netns", n, "-j").stdout)
+            assert path_answers(st) > path_answers(b), (b["sa"]["queries"], st["sa"]["queries"])
+            peers = json.loads(x("peers", "eth4", "--netns", n, "-j").stdout)
+            assert [p["path"] for p in peers if p["gid"] == gid(fab, other)] == ["resolved"], peers
         # broadcast (ARP), multicast and IPv6 ND after the failover
         nsexec(ns1, "ip", "neigh", "flush", "dev", "eth4")
         nsexec(ns1, "ping", "-c", "2", "-W", "2", "10.74.0.2")
