@@ -192,6 +192,29 @@ def test_detach_after_the_sm_stopped_under_pings_leaves_nothing(fabric, figures)
         fab.free_dead_clients()
 
 
+def test_detach_while_the_sm_is_stopped_is_bounded_and_leaves_nothing(fabric, figures):
+    """With OpenSM stopped (and the agents' membership checks timing out), an agent asked to stop leaves its
+    groups best effort, bounded, and removes everything itself (no kill, its log goes with it)."""
+    fab = fabric
+    osm = fab.state["pids"]["opensm"][0]
+    with attached(fab, ["h1", "h2"], net="10.76.0", prefix="xt") as ns:
+        specs = [state.find("eth4", n) for n in ns]
+        nsexec(ns[0], "ping", "-c", "2", "-W", "2", "10.76.0.2")
+        os.kill(osm, signal.SIGSTOP)
+        try:
+            time.sleep(6)                   # a membership check (every 5 s) is waiting on the SA now
+            for n, spec in zip(ns, specs, strict=True):
+                t0 = time.monotonic()
+                r = x("detach", "eth4", "--netns", n)
+                took = time.monotonic() - t0
+                figures(f"detach with the SM stopped: {took:.1f} s")
+                assert r.stderr.strip() == "", r.stderr             # it stopped by itself
+                assert took < 15, took
+                assert leftovers(spec, spec.pid) == [] and not state.log_path(spec.id).exists()
+        finally:
+            os.kill(osm, signal.SIGCONT)
+
+
 def test_detach_of_an_agent_that_does_not_stop_removes_everything_and_keeps_its_log(fabric, figures):
     """An agent that cannot stop by itself (SIGSTOPped here) is killed by detach, which then removes what
     attach created (eth4, the internal end, the anchor pair with the RX batch program, the pins) and keeps
@@ -219,6 +242,23 @@ def test_detach_of_an_agent_that_does_not_stop_removes_everything_and_keeps_its_
 
 
 # ---------------------------------------------------------------------------------------------- failover
+
+def test_sim_up_standby_sm_from_the_cli(sim_prereqs):
+    """`xdpoib sim up --standby-sm HOST`: two SMs, the standby's in STANDBY; a host that is not there is
+    one line."""
+    name = sim_prereqs("cs")
+    r = x("sim", "up", name, "--hosts", "2", "--standby-sm", "h9", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "--standby-sm" in r.stderr, r.stderr
+    out = json.loads(x("sim", "up", name, "--hosts", "2", "--standby-sm", "h2", "-j").stdout)
+    try:
+        assert out["standby_sm"] == "h2" and {"opensm", "opensm-standby"} <= set(out["pids"])
+        fab = SimFabric.attach(name)
+        assert fab.sm_state("h2") == "standby"
+        assert sum(c["sm"] for c in fab.clients()) >= 1          # ibsim marks the master's client
+        assert "standby opensm pid" in x("sim", "show", name).stdout
+    finally:
+        x("sim", "down", name)
+
 
 @pytest.fixture(scope="module")
 def standby_fabric():
