@@ -237,7 +237,10 @@ class Agent:
         log.warning("%s", text)
         internal = links.internal_name(self.spec)
         if self.state == "starting" and link.link_exists(internal):    # an eth4 left by an agent that died
-            link.set_link(internal, None, up=False)                     # (adopted later): no carrier meanwhile
+            try:                                                        # (adopted later): no carrier meanwhile
+                link.set_link(internal, None, up=False)
+            except (XdpoibError, OSError) as e:
+                log.warning("carrier off on %s: %s", internal, e)
 
     def _create_qp(self) -> None:
         from xdpoib.fabric.base import LoopbackFilter
