@@ -68,6 +68,7 @@ class AttachSpec:
     learn_vifs: int = 0                 # learn up to this many guest MACs behind eth4 as VIFs
     vif_idle: float = 300.0             # release a learned VIF idle this long (seconds; 0: never)
     mac_form: str = "lemac"             # eth4's MAC from the port GUID: lemac | mellanox (wire.addr.MAC_FORMS)
+    wait: float = 60.0                  # bring-up waits this long for the partition and its broadcast group
 
     @property
     def id(self) -> str:

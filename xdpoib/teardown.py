@@ -1,17 +1,25 @@
 """Undoing things: `Teardown`, the undo steps of a bench (or any throwaway setup), run last first on
 `close()`, each whatever happens to the others, with Ctrl-C and SIGTERM held off until all have run;
 and `detach`, undoing one attachment (what `xdpoib detach`, `down`, a failed attach and the benches
-call)."""
+call). The agent undoes what it made itself, in reverse (its groups are left best effort, bounded: a
+slow or stopped SM does not hold it up). An agent that does not stop within STOP_TIMEOUT_S is killed,
+and detach removes what attach created in its place: the internal veth end (eth4 goes with it), the
+anchor pair `xa<tag>`/`xb<tag>` that holds the RX batch program, the TAP mode bridge and veth hop, and
+the pinned datapath. The agent's log is then kept (it says why the agent did not stop)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from xdpoib.state import AttachSpec
+
+STOP_TIMEOUT_S = 20.0       # how long the agent may take to undo everything itself
 
 
 class Teardown:
@@ -45,22 +53,74 @@ class Teardown:
                     signal.signal(s, h)
 
 
-def detach(spec: AttachSpec, keep_state: bool = False) -> None:
-    """Ask the agent to stop (it undoes everything in reverse), wait, and clean up after a dead one."""
+def _wait_gone(pid: int, timeout: float) -> bool:
+    from xdpoib import state
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not state.pid_alive(pid):
+            return True
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return not state.pid_alive(pid)
+
+
+def own_links(spec: AttachSpec) -> list[str]:
+    """The root-namespace links attach creates for `spec` (named by `state.link_tag`): the internal veth
+    end `xo` (in TAP mode also the bridge `xr` and the hop `xs`) and the anchor `xa`/`xb`."""
+    from xdpoib import state
+
+    tag = state.link_tag(spec.id)
+    names = ["xo" + tag, "xa" + tag, "xb" + tag]
+    if spec.mode == "tap":
+        names += ["xr" + tag, "xs" + tag]
+    if spec.internal and spec.internal not in names:
+        names.insert(0, spec.internal)
+    return names
+
+
+def detach(spec: AttachSpec, keep_state: bool = False) -> str | None:
+    """Ask the agent to stop (it undoes everything in reverse), wait, and clean up after one that died or
+    did not stop in time. Returns None after a clean stop, else one line saying what happened (the log
+    is then kept)."""
     from xdpoib import control, link, state
 
+    note = None
     if state.pid_alive(spec.pid):
         try:
             control.request(state.socket_path(spec.id), "stop", timeout=5.0)
         except control.ControlError:
             pass
-        state.stop_pid(spec.pid, timeout=20.0)
-    # an agent that died without cleaning up leaves its links behind: remove them here
-    if spec.mode == "veth" and spec.internal and link.link_exists(spec.internal):
-        link.delete_link(spec.internal)
+        try:
+            os.kill(spec.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _wait_gone(spec.pid, STOP_TIMEOUT_S):
+            try:
+                os.kill(spec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(spec.pid, 5.0)
+            note = f"the agent (pid {spec.pid}) did not stop within {STOP_TIMEOUT_S:g} s and was killed"
+    elif spec.pid:
+        note = f"the agent (pid {spec.pid}) had died"
+    # an agent that died or was killed leaves its links behind: remove them here. Only a veth attachment's
+    # links are ours to remove after a clean stop too (an adopted eth4 of a dead agent).
+    removed = []
+    for name in own_links(spec) if (note or spec.mode == "veth") else []:
+        if link.link_exists(name):
+            link.delete_link(name)
+            removed.append(name)
     if not keep_state:                       # a dead agent's pinned datapath goes too
         from xdpoib.datapath.loader import unpin
         from xdpoib.pump import pin_dir
 
         unpin(pin_dir(spec.id))
-    state.remove_files(spec.id, keep_state=keep_state, keep_log=False)
+    state.remove_files(spec.id, keep_state=keep_state, keep_log=note is not None)
+    if note is None:
+        return None
+    return (f"{note}; removed what it left ({', '.join(removed) or 'no links'}, pins); "
+            f"its log is kept: {state.log_path(spec.id)}")

@@ -168,7 +168,7 @@ def test_attach_twice_fails_and_changes_nothing(lab):
     (["attach", "eth9", "--sim", "{fab}:h9"], "no host"),
     (["attach", "eth9", "--sim", "nofabric:h1"], "nofabric"),
     (["attach", "eth9", "--sim", "justaname"], "FABRIC:HOST"),
-    (["attach", "eth9", "--sim", "{fab}:h3", "--pkey", "0x8003"], "not a member of partition 0x8003"),
+    (["attach", "eth9", "--sim", "{fab}:h3", "--pkey", "0x8003", "--wait", "0"], "not a member of partition 0x8003"),
     (["attach", "eth9", "--sim", "{fab}:h1", "--port", "2"], "--port applies to --device"),
 ])
 def test_bad_cli_input_is_one_clear_line_and_changes_nothing(lab, args, message):

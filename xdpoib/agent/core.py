@@ -37,13 +37,13 @@ from xdpoib.agent import links, service
 from xdpoib.agent.forward import Forwarder
 from xdpoib.agent.groups import JOIN_FULL, MEMBERSHIP_CHECK_S, Membership
 from xdpoib.agent.loop import EventLoop, Worker
-from xdpoib.agent.partitions import Partitions, join_with_retry
+from xdpoib.agent.partitions import Partitions, join_with_retry, wait_for_pkey
 from xdpoib.agent.resolver import Resolver
 from xdpoib.agent.vifs import IDLE_CHECK_S, Vifs
 from xdpoib.errors import XdpoibError
 from xdpoib.fabric.base import GRH_LEN
 from xdpoib.peers import PeerTable
-from xdpoib.wire.addr import IPoIBAddr, gid_str, mac_str
+from xdpoib.wire.addr import IPoIBAddr, mac_str
 from xdpoib.wire.mgid import broadcast_mgid, full_pkey
 from xdpoib.wire.oracle import Vif
 
@@ -85,6 +85,7 @@ class Agent:
         self.partitions = Partitions(self)
         self._saved_peers = 0
         self.capture = None             # an xdpoib capture in progress (xdpoib/capture.py), else None
+        self.waiting_for: str | None = None     # what the attachment waits for (a partition, a broadcast group)
 
     @property
     def stopping(self) -> bool:
@@ -114,9 +115,10 @@ class Agent:
         self.sa = self._open_sa()
         self.stack.callback(self.sa.close)
         self.port = self._wait_active(30.0)
-        if not self.port.has_pkey(self.pkey):
-            table = ", ".join(f"{k:#06x}" for k in self.port.pkeys if k & 0x7FFF) or "empty"
-            raise AgentError(f"the port is not a member of partition {self.pkey:#06x} (its P_Key table: {table})")
+        # the partition and its broadcast group are waited for up to --wait (partitions.py)
+        wait = float(getattr(s, "wait", 60.0))
+        until = time.monotonic() + wait
+        self.port = wait_for_pkey(self.sa, self.port, self.pkey, until, wait, self._say)
         Partitions.check(self.port, self.pkey, getattr(s, "vlans", []))
         self.backend = self._open_backend()
         self.stack.callback(self.backend.close)
@@ -129,7 +131,7 @@ class Agent:
 
         # the broadcast group: its parameters are the template of every other group (docs/design.md §3.5)
         self.bcast_mgid = broadcast_mgid(self.pkey)
-        self.bcast = self._join_broadcast(20.0)
+        self.bcast = join_with_retry(self.sa, self.bcast_mgid, until, wait, self._say)
         self.qkey = self.bcast.qkey
         self.ib_mtu = min(self.bcast.mtu_bytes or 2048, self.port_attrs.active_mtu)
         self._create_qp()
@@ -138,7 +140,9 @@ class Agent:
         g = self.membership.group(self.bcast_mgid, "broadcast")
         self.membership.record_join(g, self.bcast, JOIN_FULL)
         self.stack.callback(self.membership.leave_all)
-        self.partitions.bring_up(getattr(s, "vlans", []), lambda mgid: join_with_retry(self.sa, mgid, 20.0))
+        self.partitions.bring_up(getattr(s, "vlans", []),
+                                 lambda mgid: join_with_retry(self.sa, mgid, until, wait, self._say))
+        self.waiting_for = None
 
         # links
         self.mac = s.port_mac(self.port_attrs.port_guid.to_bytes(8, "big"))
@@ -227,15 +231,16 @@ class Agent:
                 raise AgentError(f"port is {p.state_name} (LID {p.lid}) after {timeout:.0f} s")
             time.sleep(0.2)
 
-    def _join_broadcast(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.sa.join(self.bcast_mgid, JOIN_FULL)
-            except XdpoibError as e:
-                if time.monotonic() > deadline or getattr(e, "status", 0) == 0x0200:   # refused: final
-                    raise AgentError(f"cannot join the broadcast group {gid_str(self.bcast_mgid)}: {e}") from None
-                time.sleep(0.5)
+    def _say(self, text: str) -> None:
+        """What bring-up (or a lost broadcast group) waits for: logged (`attach` echoes it), and in `status`."""
+        self.waiting_for = text
+        log.warning("%s", text)
+        internal = links.internal_name(self.spec)
+        if self.state == "starting" and link.link_exists(internal):    # an eth4 left by an agent that died
+            try:                                                        # (adopted later): no carrier meanwhile
+                link.set_link(internal, None, up=False)
+            except (XdpoibError, OSError) as e:
+                log.warning("carrier off on %s: %s", internal, e)
 
     def _create_qp(self) -> None:
         from xdpoib.fabric.base import LoopbackFilter

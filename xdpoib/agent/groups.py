@@ -31,6 +31,8 @@ log = logging.getLogger("xdpoib.agent")
 
 JOIN_FULL = 1
 MEMBERSHIP_CHECK_S = 5.0
+LEAVE_BUDGET_S = 2.0        # teardown: how long leaving every group may take in all
+STOP_QUERY_S = 0.5          # teardown: how long one SA query may take
 
 
 class Membership:
@@ -42,6 +44,7 @@ class Membership:
         self._next_group_id = 1
         self.backoff = Backoff()
         self._pending: dict[bytes, deque] = {}
+        self._lost: set[bytes] = set()          # broadcast groups lost and not joined again yet
 
     # ---- table
 
@@ -108,6 +111,8 @@ class Membership:
                     a.drops[R.NO_GROUP] += len(q)
                 if full and mgid in self.groups and self._wanted(self.groups[mgid]):
                     a.loop.call_later(delay, lambda: self._retry(mgid, why))
+                    if a.partitions.is_broadcast(mgid):
+                        self._broadcast_lost(mgid, res)
                 return
             self.backoff.succeeded(key)
             g2 = self.groups.get(mgid)
@@ -119,12 +124,54 @@ class Membership:
             except XdpoibError as e:
                 log.warning("attaching to %s: %s", gid_str(mgid), e)
                 return
+            if full and a.partitions.is_broadcast(mgid):
+                self._broadcast_back(mgid, rec)
             a.stats["joins"] += 1
             q = self._pending.pop(mgid, None)
             for qp, fr in q or ():
                 a.forwarder.send_group(mgid, [fr], qp=qp)
         a.sa_worker.submit(key, call, done)
         return g
+
+    # ---- the broadcast group lost and found again (a running agent; bring-up waits in partitions.py)
+
+    def _broadcast_lost(self, mgid: bytes, err) -> None:
+        """A broadcast group could not be rejoined (the SM has not created it again yet, as after a
+        failover, or its partition lost the `ipoib` flag): carrier off on eth4 while it is retried with
+        backoff (1 s doubling to 16 s), as Linux ipoib does; said once in the log and in `status`."""
+        a = self.a
+        if mgid in self._lost:
+            return
+        self._lost.add(mgid)
+        a.stats["broadcast_lost"] += 1
+        pkey = int.from_bytes(mgid[4:6], "big")
+        a._say(f"waiting for the broadcast group {gid_str(mgid)} of partition {pkey:#06x} (lost; rejoining "
+               f"with backoff, carrier off): {err}")
+        self._carrier(False)
+
+    def _broadcast_back(self, mgid: bytes, rec) -> None:
+        """A broadcast group joined again: its parameters become the partition's template; carrier on."""
+        a = self.a
+        part = a.partitions.of_mgid(mgid)
+        part.bcast = rec
+        if mgid == a.bcast_mgid:
+            a.bcast = rec
+        if mgid not in self._lost:
+            return
+        self._lost.discard(mgid)
+        if not self._lost:
+            a.waiting_for = None
+            self._carrier(True)
+        log.warning("broadcast group %s is back (MLID %#x): carrier on", gid_str(mgid), rec.mlid)
+
+    def _carrier(self, up: bool) -> None:
+        from xdpoib import link
+
+        internal = self.a.spec.internal       # eth4's carrier follows its internal end (links.py)
+        try:
+            link.set_link(internal, None, up=up)
+        except (XdpoibError, OSError) as e:
+            log.warning("carrier %s on %s: %s", "on" if up else "off", internal, e)
 
     def _wanted(self, g: GroupEntry) -> bool:
         return bool(g.why - {"send"})
@@ -172,9 +219,47 @@ class Membership:
             a.sa_worker.submit(("leave", mgid), lambda: sa.leave(mgid, state), done)
 
     def leave_all(self) -> None:
-        """Teardown: leave every group, waiting for the SA (bounded)."""
+        """Teardown: detach from every group at once, then leave them in the SA, best effort and bounded
+        (LEAVE_BUDGET_S in all, each SA query while stopping at most STOP_QUERY_S): an SA that is slow,
+        stopped or behind on retries is not waited for, since OpenSM drops a gone port's memberships
+        itself, and everything else the agent made must still be removed before `detach` gives up on it."""
+        a = self.a
+        client = getattr(a.sa, "client", None)
+        if client is not None and hasattr(client, "policy"):       # queries still queued end quickly too
+            from xdpoib.fabric.sa_client import RetryPolicy
+
+            client.policy = RetryPolicy(timeout=0.1, max_timeout=0.2, retries=2, deadline=STOP_QUERY_S)
+        gone = []
         for g in list(self.groups.values()):
-            self.leave(g, wait=True)
+            if g.attached:
+                with contextlib.suppress(XdpoibError):
+                    a.partitions.of_mgid(g.mgid).qp.detach_mcast(g.mgid, g.mlid)
+                g.attached = False
+            if g.join_state:
+                gone.append((g.mgid, g.join_state))
+            g.join_state = 0
+        self.groups.clear()
+        self._pending.clear()
+        if not gone:
+            return
+        sa, until = a.sa, time.monotonic() + LEAVE_BUDGET_S
+
+        def call():
+            left = 0
+            for mgid, st in gone:
+                if time.monotonic() >= until:
+                    break
+                with contextlib.suppress(XdpoibError):
+                    sa.leave(mgid, st)
+                    left += 1
+            return left
+        try:
+            left = a.sa_worker.call(call, timeout=LEAVE_BUDGET_S + 1.0)
+        except (TimeoutError, XdpoibError, OSError):
+            left = 0
+        if left < len(gone):
+            log.warning("left %d of %d groups in the SA (not waited for longer: the SM drops a gone port's "
+                        "memberships itself)", left, len(gone))
 
     # ---- eth4's list, snooping, checks
 

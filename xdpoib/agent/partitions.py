@@ -14,6 +14,7 @@ eth4's MTU follows the smallest broadcast-group MTU of its partitions.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -115,15 +116,64 @@ class Partitions:
                 for p in sorted(self.by_pkey.values(), key=lambda p: p.vid)]
 
 
-def join_with_retry(sa, mgid: bytes, timeout: float):
-    """A blocking broadcast join at bring-up (refused: at once; no answer: retried until timeout)."""
+# OpenSM's answers to a join of a group it has not created (yet): 0x0200 (request invalid), or 0x0600
+# (insufficient components: a plain join cannot create the group)
+NOT_YET = (0x0200, 0x0600)
+FIRST_RETRY_S, MAX_RETRY_S = 1.0, 16.0
+
+
+def no_group_line(pkey: int, mgid: bytes, wait: float, last) -> str:
+    """The one line a partition that never got its broadcast group ends with."""
+    status = getattr(last, "status", 0)
+    if status in NOT_YET:
+        return (f"partition {pkey:#06x} has no broadcast group {gid_str(mgid)} after {wait:g} s (the SM refuses "
+                f"the join: status {status:#06x}): likely the partition lacks the `ipoib` flag in OpenSM's "
+                f"partitions.conf (e.g. `P{pkey:04x}={pkey:#06x}, ipoib : ...`; then `kill -HUP` OpenSM)")
+    return f"cannot join the broadcast group {gid_str(mgid)} of partition {pkey:#06x} after {wait:g} s: {last}"
+
+
+def join_with_retry(sa, mgid: bytes, deadline: float, wait: float, say=None):
+    """A blocking broadcast join at bring-up, as Linux ipoib does it: a refusal (status 0x0200 or 0x0600:
+    the SM has not created the group yet, as at its first sweeps, after a restart or a failover) or no
+    answer is "not yet", tried again after 1 s, doubling to 16 s, until `deadline` (monotonic; `wait` is its length, for
+    the message). `say(text)` is told once what we wait for. Raises AgentError with one line at the end."""
     from xdpoib.agent.core import AgentError
 
-    deadline = time.monotonic() + timeout
+    delay = FIRST_RETRY_S
+    pkey = int.from_bytes(mgid[4:6], "big")
     while True:
         try:
             return sa.join(mgid, 1)
         except XdpoibError as e:
-            if time.monotonic() > deadline or getattr(e, "status", 0) == 0x0200:
-                raise AgentError(f"cannot join the broadcast group {gid_str(mgid)}: {e}") from None
-            time.sleep(0.5)
+            rest = deadline - time.monotonic()
+            if rest <= 0:
+                raise AgentError(no_group_line(pkey, mgid, wait, e)) from None
+            if say is not None:
+                say(f"waiting for the broadcast group {gid_str(mgid)} of partition {pkey:#06x} "
+                    f"(up to {wait:g} s, --wait): {e}")
+                say = None
+            time.sleep(min(delay, rest))
+            delay = min(MAX_RETRY_S, delay * 2)
+
+
+def wait_for_pkey(sa, port, pkey: int, deadline: float, wait: float, say=None):
+    """Bring-up: a P_Key not (yet) in the port's table is waited for as ipoib does (the SM may add the
+    port to the partition later: partitions.conf edited, OpenSM HUPed); the port is re-read with the same
+    backoff as the broadcast join. Returns the port that has it; raises AgentError at the deadline."""
+    from xdpoib.agent.core import AgentError
+
+    delay = FIRST_RETRY_S
+    while not port.has_pkey(pkey):
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            table = ", ".join(f"{k:#06x}" for k in port.pkeys if k & 0x7FFF) or "empty"
+            raise AgentError(f"the port is not a member of partition {pkey:#06x} (its P_Key table: {table})"
+                             + (f" after {wait:g} s" if wait > 0 else ""))
+        if say is not None:
+            say(f"waiting for partition {pkey:#06x} in the port's P_Key table (up to {wait:g} s, --wait)")
+            say = None
+        time.sleep(min(delay, rest))
+        delay = min(MAX_RETRY_S, delay * 2)
+        with contextlib.suppress(XdpoibError):
+            port = sa.port()
+    return port

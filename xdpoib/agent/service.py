@@ -44,7 +44,7 @@ def status(a) -> dict:
                  "active_mtu": p.active_mtu, "guid": f"{p.port_guid:#018x}",
                  "pkeys": [f"{k:#06x}" for k in p.pkeys if k & 0x7FFF]},
         "broadcast": {"mgid": gid_str(a.bcast_mgid), "qkey": f"{a.qkey:#x}", "mtu": a.bcast.mtu_bytes,
-                      "mlid": a.bcast.mlid},
+                      "mlid": a.bcast.mlid, "waiting_for": getattr(a, "waiting_for", None)},
         "eth": {"ifname": s.ifname, "mac": mac_str(a.mac), "mtu": a.eth_mtu},
         "qpn": a.qp.qpn,
         "peers": len(a.peers.entries),

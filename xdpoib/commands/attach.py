@@ -70,6 +70,9 @@ def configure(p):
     p.add_argument("--mac-form", choices=("lemac", "mellanox"), default="lemac",
                    help="IFNAME's MAC from the port GUID: lemac, GUID bytes 0,1,2,5,6,7 as eIPoIB (default); "
                         "mellanox, the Mellanox form of iPXE (00 or 02, then GUID bytes 1,2,5,6,7)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="wait this long for the partition and its broadcast group, which the SM may not have "
+                        "created yet (retried after 1 s, doubling to 16 s, as Linux ipoib; default 60, 0: no wait)")
     p.add_argument("--ebpf", action=_PrintEbpf, help="print the BPF C the agent compiles and exit (attaches nothing)")
     p.add_argument("--force", action="store_true", help="replace an existing attachment of IFNAME")
     p.add_argument("-j", "--json", action="store_true", help="print the result as JSON")
@@ -95,9 +98,12 @@ def build_spec(args) -> state.AttachSpec:
         raise UsageError(f"bad --learn-vifs {args.learn_vifs}: 0..1023 (the datapath holds 1024 VIFs)")
     if args.vif_idle < 0:
         raise UsageError(f"bad --vif-idle {args.vif_idle:g}: seconds, 0 for never")
+    if not 0 <= args.wait <= 3600:
+        raise UsageError(f"bad --wait {args.wait:g}: seconds, 0..3600")
     vlans = parse_vlans(args.vlan, pkey)
     spec = state.AttachSpec(args.ifname, args.netns, args.mode, pkey, port=args.port or 1, vlans=vlans,
-                            learn_vifs=args.learn_vifs, vif_idle=args.vif_idle, mac_form=args.mac_form)
+                            learn_vifs=args.learn_vifs, vif_idle=args.vif_idle, mac_form=args.mac_form,
+                            wait=args.wait)
     if args.sim:
         fabric, sep, host = args.sim.partition(":")
         if not sep or not fabric or not host:
@@ -178,9 +184,15 @@ def start_agent(spec: state.AttachSpec) -> int:
                                     start_new_session=True, umask=AGENT_UMASK)
     finally:
         logf.close()
-    deadline = time.monotonic() + READY_TIMEOUT
+    ready_timeout = READY_TIMEOUT + spec.wait          # bring-up may wait for the SM (--wait)
+    deadline = time.monotonic() + ready_timeout
     sock = state.socket_path(spec.id)
+    said = set()
     while time.monotonic() < deadline:
+        for line in waiting_lines(spec.id):             # what the agent waits for, said once
+            if line not in said:
+                said.add(line)
+                print(f"xdpoib: {spec.where}: {line}", file=sys.stderr, flush=True)
         if proc.poll() is not None:
             why = last_error(spec.id)
             state.remove_files(spec.id, keep_state=True, keep_log=False)   # a refused attach leaves nothing
@@ -194,8 +206,17 @@ def start_agent(spec: state.AttachSpec) -> int:
                 pass
         time.sleep(0.1)
     state.stop_pid(proc.pid)
-    raise XdpoibError(f"the agent for {spec.where} was not ready after {READY_TIMEOUT:.0f} s: "
+    raise XdpoibError(f"the agent for {spec.where} was not ready after {ready_timeout:.0f} s: "
                       f"{last_error(spec.id)}")
+
+
+def waiting_lines(aid: str) -> list[str]:
+    """The agent log's "waiting for ..." lines (bring-up waits for the partition or its broadcast group)."""
+    try:
+        text = state.log_path(aid).read_text(errors="replace")
+    except OSError:
+        return []
+    return [ln.split("WARNING ", 1)[-1].split(": ", 1)[0] for ln in text.splitlines() if " waiting for " in ln]
 
 
 def last_error(aid: str) -> str:

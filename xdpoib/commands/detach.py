@@ -1,9 +1,19 @@
-"""`xdpoib detach`: undo an attachment (groups left, XDP removed, links deleted, agent stopped)."""
+"""`xdpoib detach`: undo an attachment (groups left, XDP removed, links deleted, agent stopped).
+
+The agent undoes what it made itself, in reverse (its groups are left best effort, bounded: a slow or
+stopped SM does not hold it up). An agent that does not stop within STOP_TIMEOUT_S is killed, and
+detach removes what attach created in its place: the internal veth end (eth4 goes with it), the
+anchor pair `xa<tag>`/`xb<tag>` that holds the RX batch program, the TAP mode bridge and veth hop,
+and the pinned datapath. The agent's log is then kept (it says why the agent did not stop), and
+detach says so on stderr.
+"""
 
 from __future__ import annotations
 
+import sys
+
 from xdpoib import state
-from xdpoib.teardown import detach
+from xdpoib.teardown import STOP_TIMEOUT_S, detach, own_links  # noqa: F401  (the command's own names)
 
 NAME = "detach"
 HELP = "detach an interface: stop its agent and remove everything attach created"
@@ -21,6 +31,8 @@ def configure(p):
 
 def run(args) -> int:
     spec = state.find(args.ifname, args.netns)
-    detach(spec)
+    note = detach(spec)
+    if note:
+        print(f"xdpoib: {spec.where}: {note}", file=sys.stderr)
     print(f"{spec.where}: detached")
     return 0

@@ -10,6 +10,7 @@ HELP = "simulated InfiniBand fabric for tests and demos: ibsim with a real OpenS
 EPILOG = """examples:
   xdpoib sim up lab --hosts 3                start ibsim + OpenSM; prints each host's port GUID
   xdpoib sim up lab --partitions parts.conf  use your own OpenSM partitions file
+  xdpoib sim up lab --hosts 3 --standby-sm h3  a standby OpenSM on h3's port (kill the master: it takes over)
   xdpoib sim show lab --json                 hosts, GUIDs, LIDs and PIDs
   eval "$(xdpoib sim env lab h1)"; saquery   become host h1's umad client in this shell
   xdpoib sim fault lab unlink h2 --wait      take h2's port down, until OpenSM noticed (relink undoes)
@@ -31,6 +32,8 @@ def configure(p):
     up.add_argument("--hosts", type=int, default=2, help="number of hosts h1..hN (default 2, at most 8)")
     up.add_argument("--partitions", metavar="FILE", help="OpenSM partitions file (default: the default "
                     "partition plus 0x8003 without the last host)")
+    up.add_argument("--standby-sm", metavar="HOST", help="also run a standby OpenSM (lower priority) on HOST's "
+                    "port; it takes over within about a second when the master dies")
     up.add_argument("-j", "--json", action="store_true", help="print JSON")
     down = sub.add_parser("down", help="stop a fabric and remove its files")
     down.add_argument("name")
@@ -64,7 +67,7 @@ def configure(p):
 def _summary(fab, live: bool) -> dict:
     extra = {"clients": fab.clients()} if live else {}
     return {**extra, "name": fab.name, "sockname": fab.sockname, "workdir": str(fab.workdir),
-            "pids": {k: v[0] for k, v in fab.state["pids"].items()},
+            "pids": {k: v[0] for k, v in fab.state["pids"].items()}, "standby_sm": fab.standby,
             "hosts": [{"name": h.name, "guid": f"{h.guid:#018x}", "nodeid": h.nodeid, "node_desc": h.node_desc,
                        **({"lid": fab.lid(h)} if live else {})} for h in fab.hosts]}
 
@@ -75,7 +78,7 @@ def run(args) -> int:
     from xdpoib.fabric.simfabric import SimFabric
 
     if args.action == "up":
-        fab = SimFabric.up(args.name, hosts=args.hosts, partitions=args.partitions)
+        fab = SimFabric.up(args.name, hosts=args.hosts, partitions=args.partitions, standby=args.standby_sm)
         if args.json:
             print(json.dumps(_summary(fab, False), indent=1))
         else:

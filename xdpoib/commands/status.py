@@ -46,6 +46,8 @@ def run(args) -> int:
     print(f"  eth      MAC {e['mac']}  MTU {e['mtu']}  mode {a['mode']}  P_Key {a['pkey']}")
     print(f"  port     GID {p['gid']}  LID {p['lid']}  SM LID {p['sm_lid']}  state {p['state']}")
     print(f"  bcast    MGID {b['mgid']}  Q_Key {b['qkey']}  MTU {b['mtu']}  MLID {b['mlid']:#x}")
+    if b.get("waiting_for"):
+        print(f"  waiting  {b['waiting_for']}")
     print(f"  qp       QPN {st['qpn']:#x}  peers {st['peers']}  groups {st['groups']}")
     print("  counters " + ", ".join(f"{k} {v}" for k, v in sorted(st["counters"].items())))
     drops = {**st["drops"], **{f"fabric.{k}": v for k, v in st["fabric_drops"].items()}}

@@ -11,6 +11,12 @@ so `down()` also ends any that were left running. ibsim serves at most 10 client
 client killed with SIGKILL holds its slot until `free_dead_clients()`), so `up` keeps room for helper
 tools: at most 8 hosts. `clients()` lists the attached clients (ibsim console `Attached`).
 
+`up(name, standby="h3")` also runs a standby OpenSM on that host's port, at a lower priority than the
+master (`-p`), polling the master every STANDBY_POLL_MS x STANDBY_POLL_RETRIES (opensm.conf; OpenSM's
+defaults, 10 s x 4, would make a takeover take 40 s): kill the master and the standby takes over,
+sweeps, creates the IPoIB broadcast groups again and becomes every port's SM (a new SM LID: the ports'
+clients see CLIENT_REREGISTER). It takes one more ibsim client slot.
+
 Faults go through ibsim's console, a FIFO that ibsim holds open for writing itself (so it never sees
 EOF): `unlink(host)`, `relink(host)`, `drop(host, percent)` (MADs to the host's port are lost).
 """
@@ -46,6 +52,8 @@ SM_NODE_GUID = GUID_BASE | 0x00F00000
 SWITCH_GUID = GUID_BASE | 0x00E00000
 PARTITION_8003 = 0x8003
 SM_NODE = "sm"                             # the SM's own HCA: never faulted, so tools run there
+MASTER_PRIORITY, STANDBY_PRIORITY = 8, 1     # OpenSM `-p` when a standby runs (higher wins)
+STANDBY_POLL_MS, STANDBY_POLL_RETRIES = 250, 2  # the standby declares the master dead after ~0.5-0.75 s
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 
@@ -171,12 +179,19 @@ class SimFabric:
 
     @classmethod
     def up(cls, name: str, hosts: int = 2, partitions: str | os.PathLike | None = None,
-           workdir: str | os.PathLike | None = None, timeout: float = 30.0) -> SimFabric:
+           workdir: str | os.PathLike | None = None, timeout: float = 30.0,
+           standby: str | None = None) -> SimFabric:
         """Start ibsim and OpenSM for `hosts` hosts and wait until the SA answers; see the module doc."""
         if not NAME_RE.match(name or ""):
             raise UsageError(f"bad fabric name {name!r}: letters, digits, '-' and '_', at most 32")
         if not 1 <= hosts <= MAX_HOSTS:
             raise UsageError(f"--hosts must be 1..{MAX_HOSTS} (ibsim serves {IBSIM_MAX_CLIENTS} clients)")
+        if standby is not None:
+            if standby not in {h.name for h in make_hosts(hosts)}:
+                raise UsageError(f"--standby-sm {standby!r}: not a host of this fabric (h1..h{hosts}; the master "
+                                 f"runs on the SM's own node)")
+            if hosts > MAX_HOSTS - 1:
+                raise UsageError(f"--standby-sm takes an ibsim client slot: at most {MAX_HOSTS - 1} hosts with it")
         for cmd in ("ibsim", "opensm", "saquery"):
             if shutil.which(cmd) is None:
                 raise PrerequisiteError(f"command {cmd!r} not found: install ibsim-utils, opensm, "
@@ -209,7 +224,7 @@ class SimFabric:
                                  "XDPOIB_RUN_DIR to a writable directory)") from None
         host_list = make_hosts(hosts)
         state = {"name": name, "workdir": str(wd), "owned_workdir": owned, "sockname": f"xdpoib-{name}",
-                 "hosts": [asdict(h) for h in host_list], "pids": {}}
+                 "hosts": [asdict(h) for h in host_list], "pids": {}, "standby": standby}
         fab = cls(name, statedir, state)
         try:
             fab._start(part_text or default_partitions(host_list), timeout)
@@ -251,12 +266,58 @@ class SimFabric:
         empty_conf = osm / "opensm.conf"
         empty_conf.write_text("# defaults; see xdpoib.fabric.simfabric\n")
         with open(osm / "stdout.log", "wb") as out:
+            prio = ["-p", str(MASTER_PRIORITY)] if self.standby else []
             p = subprocess.Popen(["opensm", "-F", str(empty_conf), "-f", str(osm / "opensm.log"),
-                                  "-P", str(wd / "partitions.conf"), "-g", f"{SM_NODE_GUID + 1:#018x}"],
+                                  "-P", str(wd / "partitions.conf"), "-g", f"{SM_NODE_GUID + 1:#018x}", *prio],
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=osm,
                                  env=dict(os.environ, **env), start_new_session=True)
         self._record("opensm", p)
         self._wait_ready(deadline)
+        if self.standby:
+            self._start_standby(self.host(self.standby), deadline)
+
+    def _start_standby(self, h: SimHost, deadline: float) -> None:
+        """A second OpenSM on `h`'s port at a lower priority, polling the master often; returns once it
+        reports STANDBY (its SMInfo, read with `sminfo` from the SM's node)."""
+        d = self.workdir / "osm-standby"
+        d.mkdir(exist_ok=True)
+        conf = d / "opensm.conf"
+        conf.write_text("# a standby that notices a dead master quickly (xdpoib.fabric.simfabric)\n"
+                        f"sminfo_polling_timeout {STANDBY_POLL_MS}\npolling_retry_number {STANDBY_POLL_RETRIES}\n")
+        env = dict(os.environ, **self.client_env(h), OSM_TMP_DIR=str(d), OSM_CACHE_DIR=str(d))
+        with open(d / "stdout.log", "wb") as out:
+            p = subprocess.Popen(["opensm", "-F", str(conf), "-f", str(d / "opensm.log"),
+                                  "-P", str(self.workdir / "partitions.conf"), "-g", f"{h.guid:#018x}",
+                                  "-p", str(STANDBY_PRIORITY)],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=d, env=env,
+                                 start_new_session=True)
+        self._record("opensm-standby", p)
+        while self.sm_state(h) != "standby":
+            if not _alive(self.state["pids"]["opensm-standby"]):
+                raise SimFabricError(f"the standby opensm exited: {self._tail('osm-standby/stdout.log')}")
+            if time.monotonic() > deadline:
+                raise SimFabricError(f"the standby opensm on {h.name} did not reach STANDBY")
+            time.sleep(0.1)
+
+    @property
+    def standby(self) -> str | None:
+        """The host whose port runs the standby OpenSM (`up(standby=...)`), or None."""
+        return self.state.get("standby")
+
+    def sm_state(self, host: SimHost | str) -> str | None:
+        """The state of the SM on `host`'s port ("master", "standby", "discovering", "notactive"), or None
+        when nothing answers there: its SMInfo (`sminfo LID`, run on the SM's node)."""
+        lid = self.lid(host)
+        if not lid:
+            return None
+        env = dict(os.environ, **self.client_env(SM_NODE))
+        try:
+            r = subprocess.run(["sminfo", str(lid)], env=env, cwd=self.client_cwd(SM_NODE), capture_output=True,
+                               text=True, timeout=3)
+        except subprocess.TimeoutExpired:
+            return None
+        m = re.search(r"SMINFO_(\w+)", r.stdout)
+        return m.group(1).lower() if r.returncode == 0 and m else None
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll `saquery -c` until the SA answers, then until every host port has a LID."""
@@ -301,9 +362,10 @@ class SimFabric:
         return cls(name, statedir, state)
 
     def running(self) -> bool:
-        """Whether ibsim and OpenSM are both still running."""
+        """Whether ibsim and an OpenSM (the master, or the standby after a failover) are running."""
         pids = self.state["pids"]
-        return all(k in pids and _alive(pids[k]) for k in ("ibsim", "opensm"))
+        return "ibsim" in pids and _alive(pids["ibsim"]) and any(
+            k in pids and _alive(pids[k]) for k in ("opensm", "opensm-standby"))
 
     def down(self) -> None:
         """Stop recorded clients, OpenSM and ibsim by PID, then remove the fabric's directories."""
@@ -312,7 +374,7 @@ class SimFabric:
             self.state["pids"] = {**on_disk.get("pids", {}), **self.state.get("pids", {})}
         pids = self.state.get("pids", {})
         clients = [tuple(v) for k, v in pids.items() if k.startswith("client-")]
-        order = [clients, [tuple(pids["opensm"])] if "opensm" in pids else [],
+        order = [clients, [tuple(pids[k]) for k in ("opensm", "opensm-standby") if k in pids],
                  [tuple(pids["ibsim"])] if "ibsim" in pids else []]
         for group in order:
             self._stop(group)
@@ -326,7 +388,7 @@ class SimFabric:
             for sub in ("net", "partitions.conf", "console", "ibsim.log", "state.json"):
                 with contextlib.suppress(OSError):
                     (self.workdir / sub).unlink()
-            for sub in ("osm", "clients"):
+            for sub in ("osm", "osm-standby", "clients"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)
         shutil.rmtree(self.statedir, ignore_errors=True)
 
@@ -528,12 +590,16 @@ class SimFabric:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-        os.kill(self.state["pids"]["opensm"][0], signal.SIGHUP)
+        for k in ("opensm", "opensm-standby"):       # both SMs read it (a standby takes it over)
+            if k in self.state["pids"] and _alive(self.state["pids"][k]):
+                os.kill(self.state["pids"][k][0], signal.SIGHUP)
 
     def describe(self) -> str:
         """Human-readable summary: name, socket name, hosts and their GUIDs."""
         lines = [f"fabric {self.name}: ibsim pid {self.state['pids'].get('ibsim', ['?'])[0]}, "
-                 f"opensm pid {self.state['pids'].get('opensm', ['?'])[0]}, IBSIM_SOCKNAME={self.sockname}",
+                 f"opensm pid {self.state['pids'].get('opensm', ['?'])[0]}"
+                 + (f", standby opensm pid {self.state['pids'].get('opensm-standby', ['?'])[0]} on {self.standby}"
+                    if self.standby else "") + f", IBSIM_SOCKNAME={self.sockname}",
                  f"  workdir {self.workdir}"]
         for h in self.hosts:
             lines.append(f"  {h.name:<4} guid {h.guid:#018x}  nodeid {h.nodeid!r}  desc {h.node_desc!r}")
