@@ -119,6 +119,11 @@ class Forwarder:
                 a.drops[R.UNKNOWN_VIF if v is None else R.VLAN_MISMATCH] += len(offs)
                 continue
             v.last_seen = now
+            if v.vif_id and kind != _KIND_GROUP:
+                # a guest's source address, from the first frame to each destination in a turn (one per
+                # destination, not per frame): a VIF learned again after idling out (maybe by an IPv6
+                # frame) announces its IPv4 address from its first unicast
+                a.vifs.note(v, bytes(cols.frames(offs[:1], lens[:1])[0][:48]))
             if kind == _KIND_GROUP:
                 if v.vif_id:
                     flat = cols.rows.reshape(-1)
@@ -196,6 +201,8 @@ class Forwarder:
                         else R.VLAN_MISMATCH] += len(frames)
                 continue
             v.last_seen = now
+            if v.vif_id:
+                a.vifs.note(v, bytes(frames[0][:48]))    # its source address (see `_forward_columns`)
             self.send_peer(e, frames, qp=v.qp, descs=descs.get(key))
         for key, frames in b.groups.items():           # key: VID (2), 0 (2), VIF id (4), group id (4), MGID
             v = vifs.get(int.from_bytes(key[4:8], "little"))
