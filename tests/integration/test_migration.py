@@ -1,0 +1,159 @@
+"""A guest moved between two bridge hosts while a third host pings it: its traffic comes back fast.
+
+Hosts h1 and h2: eth4 the uplink of br0 (`--learn-vifs`), as hypervisors run guests; host h3: a plain
+attachment that pings the guest every 20 ms. The guest is a network namespace (MAC and IPv4 address
+unchanged, IPv6 off so it sends nothing unasked) whose veth port is deleted on one host and made on
+the other, as a live migration moves a VM. At its new place it announces itself:
+- as qemu does by default: 5 RARP frames (EtherType 0x8035, op 3, sender = target = its MAC, no IP),
+  50, 150, 250, 350 ms apart, written with a raw socket from the guest's namespace;
+- as a guest with virtio-net's announce does: one gratuitous ARP.
+Measured: the time from the guest's first frame at its new place to the third host's first ping reply
+(target 0.5 s; without xdpoib's migration handling it was 5.8 s with RARP), and the whole gap in the
+replies. Checked: the old host released the guest's VIF at once (`xdpoib vif list`), looked for the
+guest and announced it on its behalf (its counters).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from labkit import bridge_eth4, mac_of, sh
+from labkit import xdpoib as x
+from prereq import need_cmd
+
+SIM_HOSTS = 3
+NET = "10.82.0"
+GUEST_IP = f"{NET}.50"
+LIMIT_S = 2.0           # asserted (the target is 0.5 s: printed; a loaded 2-core machine may be slower)
+
+ANNOUNCE = r"""
+import socket, struct, subprocess, sys, time
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+ip = socket.inet_aton(sys.argv[3])
+if sys.argv[2] == "rarp":       # qemu's self-announce: RARP request reverse, no IP, 50/150/250/350 ms apart
+    et, body, gaps = 0x8035, struct.pack("!HHBBH", 1, 0x800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4), \
+        [0, 0.05, 0.15, 0.25, 0.35]
+else:                           # a gratuitous ARP (request, sender = target = its address)
+    et, body, gaps = 0x806, struct.pack("!HHBBH", 1, 0x800, 6, 4, 1) + mac + ip + bytes(6) + ip, [0]
+frame = (b"\xff" * 6 + mac + struct.pack("!H", et) + body).ljust(60, b"\0")
+# the guest runs again (its port, plugged in before, becomes its eth0): what follows is its first frame
+subprocess.run(["ip", "link", "set", "dev", sys.argv[4], "name", "eth0", "up"], check=True)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for i, gap in enumerate(gaps):
+    time.sleep(gap)
+    s.send(frame)
+    if i == 0:
+        print(repr(time.time()), flush=True)
+"""
+
+
+def vif_macs(ns: str) -> set[str]:
+    return {v["mac"] for v in json.loads(x("vif", "list", "eth4", "--netns", ns, "-j").stdout)}
+
+
+def counters(ns: str) -> dict:
+    st = json.loads(x("status", "eth4", "--netns", ns, "-j").stdout)
+    return (st[0] if isinstance(st, list) else st)["counters"]
+
+
+def plug(host: str, guest: str, mac: str, ifname: str = "eth0", up: bool = True) -> None:
+    """The guest's port on host's br0: veth v1 there, IFNAME (with mac and the guest's address) in guest,
+    up unless asked otherwise (a migrated guest that does not run yet)."""
+    sh("ip", "-n", host, "link", "add", "v1", "type", "veth", "peer", "name", ifname, "address", mac, "netns", guest)
+    sh("ip", "-n", host, "link", "set", "v1", "master", "br0", "up")
+    sh("ip", "-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", ifname)
+    if up:
+        sh("ip", "-n", guest, "link", "set", ifname, "up")
+
+
+@pytest.fixture(scope="module")
+def lab(sim_fabric):
+    need_cmd("ip", "ping")
+    t = uuid.uuid4().hex[:4]
+    a, b, c, g = (f"xm{r}{t}" for r in "abcg")
+    made = []
+    try:
+        for ns in (a, b, c, g):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for key in ("all", "default"):
+            sh("ip", "netns", "exec", g, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+        for ns, host in ((a, "h1"), (b, "h2")):
+            x("attach", "eth4", "--netns", ns, "--sim", f"{sim_fabric.name}:{host}", "--learn-vifs", "4")
+            bridge_eth4(ns)
+        x("attach", "eth4", "--netns", c, "--sim", f"{sim_fabric.name}:h3")
+        sh("ip", "-n", c, "addr", "add", f"{NET}.3/24", "dev", "eth4")
+        sh("ip", "-n", a, "link", "add", "v1", "type", "veth", "peer", "name", "eth0", "netns", g)
+        mac = mac_of(g, "eth0")
+        sh("ip", "-n", a, "link", "del", "v1")
+        plug(a, g, mac)
+        deadline = time.monotonic() + 20
+        while sh("ip", "netns", "exec", c, "ping", "-c", "1", "-W", "1", GUEST_IP, check=False).returncode:
+            assert time.monotonic() < deadline, "the third host cannot reach the guest before any move"
+        yield {"old": a, "new": b, "third": c, "guest": g, "mac": mac}
+    finally:
+        for ns in (a, b, c):
+            x("detach", "eth4", "--netns", ns, check=False)
+        for ns in made:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def replies(path: str) -> list[float]:
+    """The times (`ping -D`) of the echo replies ping wrote to path so far."""
+    with open(path) as fh:
+        return [float(ln[1:ln.index("]")]) for ln in fh if ln.startswith("[") and "bytes from" in ln]
+
+
+def migrate(lab: dict, announce: str, log: str) -> dict:
+    """Move the guest from lab['old'] to lab['new'] under pings from the third host; swap old and new."""
+    old, new, guest, mac = lab["old"], lab["new"], lab["guest"], lab["mac"]
+    assert mac in vif_macs(old)
+    before = counters(old)
+    with open(log, "w") as out:
+        pinger = subprocess.Popen(["ip", "netns", "exec", lab["third"], "stdbuf", "-oL", "ping", "-D", "-n", "-i",
+                                   "0.02", GUEST_IP], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.0)
+        plug(new, guest, mac, "mig0", up=False)     # plugged in at the new host, not running yet: no frame
+        t0 = time.time()
+        sh("ip", "-n", old, "link", "del", "v1")       # gone from the old host; it runs at the new one:
+        first = float(sh("ip", "netns", "exec", guest, sys.executable, "-c", ANNOUNCE, mac, announce,
+                         GUEST_IP, "mig0").stdout.split()[0])
+        released = mac not in vif_macs(old)
+        released_check = time.time() - t0
+        deadline = time.monotonic() + 15
+        while not any(r > first for r in replies(log)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        pinger.wait(timeout=10)
+    got = replies(log)
+    after = [r for r in got if r > first]
+    before_move = [r for r in got if r < t0]
+    d = {k: v - before.get(k, 0) for k, v in counters(old).items() if v != before.get(k, 0)}
+    lab["old"], lab["new"] = new, old
+    assert before_move, "no ping reply before the move"
+    assert after, f"no ping reply after the move ({announce}); old host's counters moved: {d}"
+    return {"outage_s": after[0] - first, "gap_s": after[0] - max(before_move), "released": released,
+            "released_check_s": released_check, "first_frame_after_unplug_s": first - t0, "old_counters": d}
+
+
+@pytest.mark.parametrize("announce", ["rarp", "garp"])
+def test_migrated_guest_is_reached_again_fast(lab, announce, figures, tmp_path):
+    t = time.monotonic()
+    r = migrate(lab, announce, str(tmp_path / "ping.log"))
+    figures(f"\nmigration ({announce}): third host's pings back {r['outage_s'] * 1000:.0f} ms after the guest's "
+            f"first frame at its new place (target 500 ms), gap {r['gap_s'] * 1000:.0f} ms; first frame "
+            f"{r['first_frame_after_unplug_s'] * 1000:.0f} ms after the unplug; old host: {r['old_counters']}; "
+            f"test {time.monotonic() - t:.1f} s")
+    assert r["released"], "the old host still lists the departed guest's VIF"
+    assert r["old_counters"].get("vifs_left", 0) == 1
+    assert r["outage_s"] < LIMIT_S, r
