@@ -283,7 +283,7 @@ _CLONE_NEWNET = 0x40000000
 @dataclass(frozen=True)
 class BridgeEvent:
     """One event `BridgeWatch.read` returns: `fdb_del` / `fdb_new` (a MAC's forwarding entry, on
-    port `ifindex`), `port_gone` (link `ifindex` deleted, or down)."""
+    port `ifindex`), `port_gone` (link `ifindex` deleted, or down), `port_up` (link `ifindex` is up)."""
 
     kind: str
     ifindex: int
@@ -361,8 +361,8 @@ class BridgeWatch:
                         events.append(BridgeEvent("fdb_new" if mtype == RTM_NEWNEIGH else "fdb_del", ifindex, mac))
                 elif mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
                     ifindex, flags = struct.unpack_from("=iI", body, 4)
-                    if mtype == RTM_DELLINK or not flags & _IFF_UP:
-                        events.append(BridgeEvent("port_gone", ifindex))
+                    gone = mtype == RTM_DELLINK or not flags & _IFF_UP
+                    events.append(BridgeEvent("port_gone" if gone else "port_up", ifindex))
                 o += (length + 3) & ~3
 
     def close(self) -> None:

@@ -14,8 +14,9 @@ did:
 - The old host then asks the fabric where the guest's addresses are now: ARP probes (sender IP
   0.0.0.0, sent from VIF 0) for its IPv4 addresses, DAD-style neighbour solicitations (source ::,
   to the solicited-node group) for its IPv6 ones. eIPoIB sent 5 probes 0.5 s apart; these start at
-  once and back off (`PROBE_AT`), so a guest that is already running elsewhere is found within tens
-  of milliseconds of its first frame there.
+  once and back off (`PROBE_AT`), and every RARP heard from the fabric meanwhile (qemu's announce of a
+  guest that just arrived somewhere) brings the next probe forward (`arrival`), so a guest running
+  elsewhere is found within milliseconds of its first frame there.
 - When the guest answers from another (QPN, GID) (any ARP or NA naming one of its addresses), the
   old host broadcasts gratuitous ARPs and unsolicited NAs on its behalf, naming the guest's new
   IPoIB address, so every peer's neighbour entry moves to the new place. The receiving agents take
@@ -23,7 +24,7 @@ did:
 - The new host learns the guest as a VIF from its first frame (a RARP self-announce included) and
   announces each address of it as soon as it knows one: from the guest's own ARP, from an
   announcement on its behalf that names the VIF (`on_behalf`), or because the guest comes back to a
-  host that still remembers its addresses (`DEPARTED_S`).
+  host that still remembers its addresses (`DEPARTED_S`: one it left without being found elsewhere).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ log = logging.getLogger("xdpoib.agent")
 #: When the probes for a departed guest go out, in seconds after it left: at once, then backing off
 #: to eIPoIB's 0.5 s spacing; after the last one the guest is given up.
 PROBE_AT = (0.0, 0.05, 0.15, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+#: A RARP heard from the fabric (a guest announcing itself somewhere) probes at once, at most this often.
+HINT_GAP_S = 0.02
 #: Gratuitous ARPs / unsolicited NAs sent on a found guest's behalf (eIPoIB: 3), this far apart.
 ANNOUNCE_COUNT, ANNOUNCE_GAP_S = 3, 0.1
 #: How long a departed guest's addresses are remembered (it may come back here).
@@ -63,6 +66,7 @@ class Departed:
     old_key: tuple                          # its IPoIB address here (QPN, GID): answers from it do not count
     left: float = field(default_factory=time.monotonic)
     probes: int = 0
+    probed_at: float = 0.0
     found: tuple | None = None              # the (QPN, GID) it answered from
 
 
@@ -106,6 +110,8 @@ class Migration:
                     self.left(ev.mac, "its bridge port is gone")
                 else:
                     self._fdb_gone[ev.mac] = (ev.ifindex, now)
+            elif ev.kind == "port_up":
+                self._ports_gone.pop(ev.ifindex, None)
             elif ev.kind == "port_gone":
                 self._ports_gone[ev.ifindex] = now
                 for mac, (port, t) in list(self._fdb_gone.items()):
@@ -157,6 +163,16 @@ class Migration:
             log.info("%s was not found on the fabric after %d probes", mac_str(d.mac), d.probes)
             a.stats["guests_not_found"] += 1
             return
+        self._send_probes(d)
+        d.probes += 1
+        if d.probes < len(PROBE_AT):
+            a.loop.call_later(max(0.0, d.left + PROBE_AT[d.probes] - time.monotonic()), lambda: self._probe(d))
+        else:
+            a.loop.call_later(0.5, lambda: self._probe(d))      # the last probe's answer has this long
+
+    def _send_probes(self, d: Departed) -> None:
+        """One ARP probe (sender IP 0.0.0.0) per IPv4 address of d, one NS from :: (as DAD) per IPv6 one."""
+        a = self.a
         frames = []
         for x in d.addrs:
             if len(x) == 4:
@@ -167,12 +183,18 @@ class Migration:
                 frames.append(f.eth(b"\x33\x33" + snm[12:], a.mac, f.ETH_P_IPV6, f.nd_ns(UNSPECIFIED, snm, x),
                                     vid=d.vid or None))
         self._send(frames, d.vid)
+        d.probed_at = time.monotonic()
         a.stats["migration_probes"] += len(frames)
-        d.probes += 1
-        if d.probes < len(PROBE_AT):
-            a.loop.call_later(max(0.0, d.left + PROBE_AT[d.probes] - time.monotonic()), lambda: self._probe(d))
-        else:
-            a.loop.call_later(0.5, lambda: self._probe(d))      # the last probe's answer has this long
+
+    def arrival(self) -> None:
+        """A RARP from the fabric: some guest just announced itself somewhere (qemu does so on the new host
+        of a migration); a guest that left here may be that one, so it is probed for now, outside its
+        schedule (at most every `HINT_GAP_S`)."""
+        now = time.monotonic()
+        for d in self.departed.values():
+            if d.found is None and d.probes < len(PROBE_AT) and now - d.probed_at >= HINT_GAP_S:
+                self.a.stats["migration_probes_on_rarp"] += 1
+                self._send_probes(d)
 
     def _send(self, frames: list[bytes], vid: int) -> None:
         """Ethernet frames from VIF 0 (on the partition of `vid`), translated and sent to their groups."""
@@ -219,6 +241,7 @@ class Migration:
             if n + 1 < ANNOUNCE_COUNT:
                 a.loop.call_later(ANNOUNCE_GAP_S, lambda: send(n + 1))
         send(0)
+        self.departed.pop(d.mac, None)          # it has a home again: the new host answers for it now
 
     def on_behalf(self, v, addr: bytes) -> None:
         """An announcement on behalf of our VIF v (another host found its guest here): v has `addr`,

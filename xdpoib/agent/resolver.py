@@ -207,8 +207,11 @@ class Resolver:
             return False
         else:
             e = peers.learn(sha, lid=slid)
-        if a.migration.departed:
-            a.migration.heard(bytes(data[32:36]), e)         # a departed guest answering elsewhere?
+        if a.migration.departed:                             # a departed guest answering or arriving elsewhere?
+            if data[0] == 0x80:
+                a.migration.arrival()
+            else:
+                a.migration.heard(bytes(data[32:36]), e)
         return e
 
     def _check_sender(self, sha: IPoIBAddr, slid: int, src_qpn: int) -> bool:
