@@ -28,7 +28,7 @@ import uuid
 import pytest
 from labkit import bridge_eth4, mac_of, sh
 from labkit import xdpoib as x
-from prereq import need_cmd
+from prereq import need_cmd, need_root
 
 SIM_HOSTS = 3
 NET = "10.82.0"
@@ -176,3 +176,65 @@ def test_migrated_guest_is_reached_again_fast(lab, announce, late, figures, tmp_
     assert r["released"], "the old host still lists the departed guest's VIF"
     assert r["old_counters"].get("vifs_left", 0) == 1
     assert r["outage_s"] < LIMIT_S, r
+
+
+def test_bridge_watch_tells_a_guest_leaving_from_one_pausing():
+    """What the old host sees of its bridge (link.BridgeWatch, real netlink in a namespace): a guest's
+    port deleted is its MAC's forwarding entry removed and the port gone; a guest whose interface goes
+    down (its port loses carrier, the bridge flushes its entry) leaves the port there (up); a port
+    made is reported up once it is."""
+    from xdpoib.link import BridgeWatch
+
+    need_root()
+    need_cmd("ip")
+    t = uuid.uuid4().hex[:4]
+    host, guest = f"xmw{t}", f"xmx{t}"
+    mac = "52:54:00:4d:17:01"
+    try:
+        for ns in (host, guest):
+            sh("ip", "netns", "add", ns)
+        sh("ip", "-n", host, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", host, "link", "set", "br0", "up")
+        w = BridgeWatch(host)
+        try:
+            plug_port(host, guest, mac)
+            port = json.loads(sh("ip", "-n", host, "-j", "link", "show", "v1").stdout)[0]["ifindex"]
+            want = bytes.fromhex(mac.replace(":", ""))
+            seen = events_until(w, lambda evs: ("fdb_new", port, want) in evs)
+            assert ("port_up", port, b"") in seen, seen
+            sh("ip", "-n", guest, "link", "set", "eth0", "down")
+            seen = events_until(w, lambda evs: ("fdb_del", port, want) in evs)
+            assert ("port_gone", port, b"") not in seen, f"a port that lost carrier was taken for gone: {seen}"
+            sh("ip", "-n", guest, "link", "set", "eth0", "up")
+            sh("ip", "netns", "exec", guest, "ping", "-c", "1", "-W", "1", "10.83.0.9", check=False)
+            events_until(w, lambda evs: ("fdb_new", port, want) in evs)
+            sh("ip", "-n", host, "link", "del", "v1")
+            seen = events_until(w, lambda evs: ("port_gone", port, b"") in evs)
+            assert ("fdb_del", port, want) in seen, seen
+        finally:
+            w.close()
+    finally:
+        for ns in (host, guest):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def plug_port(host: str, guest: str, mac: str) -> None:
+    sh("ip", "-n", host, "link", "add", "v1", "type", "veth", "peer", "name", "eth0", "address", mac, "netns", guest)
+    sh("ip", "-n", host, "link", "set", "v1", "master", "br0", "up")
+    sh("ip", "-n", guest, "addr", "add", "10.83.0.2/24", "dev", "eth0")
+    sh("ip", "-n", guest, "link", "set", "eth0", "up")
+    sh("ip", "netns", "exec", guest, "ping", "-c", "1", "-W", "1", "10.83.0.9", check=False)   # a frame from it
+
+
+def events_until(w, done, timeout: float = 5.0) -> list[tuple]:
+    """The watch's events (kind, ifindex, mac) until done(events) holds (AssertionError after timeout)."""
+    import select
+
+    got: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    while not done(got):
+        left = deadline - time.monotonic()
+        assert left > 0, f"events so far: {got}"
+        select.select([w], [], [], left)
+        got += [(e.kind, e.ifindex, e.mac) for e in w.read()]
+    return got
