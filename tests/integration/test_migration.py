@@ -156,11 +156,14 @@ def migrate(lab: dict, announce: str, log: str, late: float | None = None) -> di
     after = [r for r in got if r > first]
     before_move = [r for r in got if r < min(t0, first)]
     d = {k: v - before.get(k, 0) for k, v in counters(old).items() if v != before.get(k, 0)}
+    at_new = {v["mac"]: v for v in json.loads(x("vif", "list", "eth4", "--netns", new, "-j").stdout)}.get(mac)
+    new_counters = counters(new)
     lab["old"], lab["new"], lab["ifname"] = new, old, now
     assert before_move, "no ping reply before the move"
     assert after, f"no ping reply after the move ({announce}); old host's counters moved: {d}"
     return {"outage_s": after[0] - first, "gap_s": after[0] - max(before_move), "released": released,
-            "released_check_s": released_check, "first_frame_after_unplug_s": first - t0, "old_counters": d}
+            "released_check_s": released_check, "first_frame_after_unplug_s": first - t0, "old_counters": d,
+            "vif_at_new": at_new, "from_announcements": new_counters.get("addresses_from_announcements", 0)}
 
 
 @pytest.mark.parametrize("announce,late", [("rarp", None), ("garp", None), ("rarp", 0.2)],
@@ -172,9 +175,12 @@ def test_migrated_guest_is_reached_again_fast(lab, announce, late, figures, tmp_
             f"{-r['first_frame_after_unplug_s'] * 1000:.0f} ms before the old port went")
     figures(f"\nmigration ({announce}): third host's pings back {r['outage_s'] * 1000:.0f} ms after the guest's "
             f"first frame at its new place (target 500 ms), gap {r['gap_s'] * 1000:.0f} ms; first frame {when}; "
-            f"old host: {r['old_counters']}; test {time.monotonic() - t:.1f} s")
+            f"old host: {r['old_counters']}; new host: {r['from_announcements']} addresses from announcements "
+            f"so far; test {time.monotonic() - t:.1f} s")
     assert r["released"], "the old host still lists the departed guest's VIF"
     assert r["old_counters"].get("vifs_left", 0) == 1
+    assert r["old_counters"].get("guests_found", 0) == 1 and r["old_counters"].get("announcements_on_behalf")
+    assert r["vif_at_new"] and r["vif_at_new"]["learned"] and GUEST_IP in r["vif_at_new"]["addresses"], r
     assert r["outage_s"] < LIMIT_S, r
 
 
