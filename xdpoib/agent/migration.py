@@ -117,9 +117,8 @@ class Migration:
                 for mac, (port, t) in list(self._fdb_gone.items()):
                     if port == ev.ifindex and now - t < PAIR_S:
                         self.left(mac, "its bridge port is gone")
-        for d in (self._fdb_gone, self._ports_gone):
-            for k in [k for k, t in d.items() if now - (t[1] if isinstance(t, tuple) else t) > PAIR_S]:
-                del d[k]
+        self._fdb_gone = {m: pt for m, pt in self._fdb_gone.items() if now - pt[1] < PAIR_S}
+        self._ports_gone = {p: t for p, t in self._ports_gone.items() if now - t < PAIR_S}
 
     def left(self, mac: bytes, why: str) -> None:
         """A learned guest left the bridge: release its VIF now (`removed` probes for it)."""

@@ -19,7 +19,8 @@ Senders are learned from what their datagrams carry: the GRH's source GID (multi
 (SLID, source QPN) of a peer seen before, or the sender hardware address of an ARP it sent when that
 is the datagram's own source (`from_arp`: spoofed ARPs are dropped, first contacts checked with the
 SA). ND options teach nothing (`from_nd`). A unicast datagram without a GRH from a sender never seen
-is dropped while the SA is asked (at most once a second per LID) who has that LID.
+is dropped while the SA is asked (at most once a second per LID) who has that LID. ARPs and NAs also
+tell `migration.py` where a guest that left this host answers now.
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ class Resolver:
         not know) is removed again and counted as spoofed. An address we know at another LID is not taken over
         (`arp_unverified`: the caller asks the SA who has the new LID, which settles a real move).
         Without a token from the SA gate the check cannot run, and the ARP is dropped
-        (`arp_unverified`).
+        (`arp_unverified`). One ARP naming another address than its sender's is not spoofing: a
+        gratuitous one from a known sender on behalf of a peer we heard from ourselves (a migrated
+        guest's old host announcing its new place, `migration.py`) goes on as it is (`arp_on_behalf`);
+        one naming a VIF of ours gives that VIF the address (`Migration.on_behalf`).
 
         Returns the peer learned, None (not an ARP to learn from), or False: drop it. A dropped ARP
         also has its sender address overwritten in place with `UNLEARNABLE`, so that a datapath given
