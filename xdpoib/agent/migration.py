@@ -24,7 +24,9 @@ did:
 - The new host learns the guest as a VIF from its first frame (a RARP self-announce included) and
   announces each address of it as soon as it knows one: from the guest's own ARP, from an
   announcement on its behalf that names the VIF (`on_behalf`), or because the guest comes back to a
-  host that still remembers its addresses (`DEPARTED_S`: one it left without being found elsewhere).
+  host that still remembers its addresses (`DEPARTED_S`: one it left without being found elsewhere,
+  or whose VIF idled out: a guest that speaks again after `--vif-idle` is announced at once, whatever
+  its first frame, so peers do not keep sending to its old QPN).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ HINT_GAP_S = 0.02
 ANNOUNCE_COUNT, ANNOUNCE_GAP_S = 3, 0.1
 #: How long a departed guest's addresses are remembered (it may come back here).
 DEPARTED_S = 60.0
+#: At most this many departed guests are remembered (the oldest forgotten first).
+MAX_DEPARTED = 4096
 #: An FDB removal and its port's removal belong together when this close.
 PAIR_S = 5.0
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
@@ -132,13 +136,19 @@ class Migration:
     # ---- hooks from vifs.py
 
     def removed(self, v, why: str) -> None:
-        """A VIF was released: unless it only idled out, look for its guest on the fabric."""
-        if why not in ("left", "deleted") or not v.addrs:
+        """A VIF was released: its guest's addresses are remembered (`added`) and, unless it only idled
+        out, the guest is looked for on the fabric."""
+        if why not in ("left", "deleted", "expired") or not v.addrs:
             return
+        if len(self.departed) >= MAX_DEPARTED:
+            del self.departed[min(self.departed, key=lambda m: self.departed[m].left)]
         d = Departed(v.mac, v.vid, set(v.addrs), (v.qp.qpn, v.gid))
         self.departed[v.mac] = d
-        self.a.stats["guests_departed"] += 1
         self.a.loop.call_later(DEPARTED_S + 1.0, self.expire)
+        if why == "expired":
+            d.probes = len(PROBE_AT)            # idle, not gone: nothing to look for
+            return
+        self.a.stats["guests_departed"] += 1
         self._probe(d)
 
     def added(self, v) -> None:
