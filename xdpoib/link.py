@@ -268,3 +268,116 @@ def detach_xdp(ifname: str, netns: str | None = None) -> None:
         if idx:
             with contextlib.suppress(Exception):
                 ipr.link("set", index=idx[0], xdp_fd=-1)
+
+
+# --- bridge events (a guest leaving: its FDB entry, then its port, gone) --------------------------
+
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 17, 28, 29
+_RTMGRP_LINK, _RTMGRP_NEIGH = 0x1, 0x4
+_AF_BRIDGE = 7
+_NDA_LLADDR = 2
+_IFF_UP, _IFF_RUNNING = 0x1, 0x40
+_CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class BridgeEvent:
+    """One event `BridgeWatch.read` returns: `fdb_del` / `fdb_new` (a MAC's forwarding entry, on
+    port `ifindex`), `port_gone` (link `ifindex` deleted, or down), `port_up` (link `ifindex` is up)."""
+
+    kind: str
+    ifindex: int
+    mac: bytes = b""
+
+
+def _netlink_socket_in(netns: str | None):
+    """A NETLINK_ROUTE socket subscribed to link and neighbour events, made in namespace netns (a
+    socket stays in the namespace it was made in: made on a short-lived thread that enters it)."""
+    import ctypes
+    import socket
+    import threading
+
+    out: dict = {}
+
+    def make() -> None:
+        try:
+            if netns:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
+                try:
+                    if libc.setns(fd, _CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns into {netns}")
+                finally:
+                    os.close(fd)
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            s.bind((0, _RTMGRP_LINK | _RTMGRP_NEIGH))
+            out["sock"] = s
+        except OSError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=make, name="netns-socket")
+    t.start()
+    t.join()
+    if "error" in out:
+        where = f" in netns {netns}" if netns else ""
+        raise LinkError(f"cannot watch bridge events{where}: {out['error']}")
+    return out["sock"]
+
+
+class BridgeWatch:
+    """Bridge forwarding-entry and port events in a namespace, over netlink (the agent's loop reads
+    them when `fileno()` is readable). A guest that leaves a bridge (its port deleted or down) shows
+    up as `fdb_del` of its MAC on that port, then `port_gone` of the port."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.sock = _netlink_socket_in(netns)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[BridgeEvent]:
+        """Every event waiting (none if nothing is); an overrun of the socket's buffer is skipped."""
+        import struct
+
+        events: list[BridgeEvent] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return events
+            except OSError:             # ENOBUFS: events were lost; what follows still counts
+                continue
+            o = 0
+            while o + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, o)
+                if length < 16:
+                    break
+                body = data[o + 16:o + length]
+                if mtype in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(body) >= 12 and body[0] == _AF_BRIDGE:
+                    ifindex = struct.unpack_from("=i", body, 4)[0]
+                    mac = _attr(body, 12, _NDA_LLADDR)
+                    if mac is not None and len(mac) == 6:
+                        events.append(BridgeEvent("fdb_new" if mtype == RTM_NEWNEIGH else "fdb_del", ifindex, mac))
+                elif mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
+                    ifindex, flags = struct.unpack_from("=iI", body, 4)
+                    gone = mtype == RTM_DELLINK or not flags & _IFF_UP
+                    events.append(BridgeEvent("port_gone" if gone else "port_up", ifindex))
+                o += (length + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _attr(body: bytes, o: int, want: int) -> bytes | None:
+    """The payload of the first netlink attribute of type `want` in body from offset o."""
+    import struct
+
+    while o + 4 <= len(body):
+        alen, atype = struct.unpack_from("=HH", body, o)
+        if alen < 4:
+            return None
+        if atype & 0x3FFF == want:
+            return body[o + 4:o + alen]
+        o += (alen + 3) & ~3
+    return None

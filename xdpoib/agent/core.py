@@ -7,6 +7,7 @@
     resolver.Resolver  paths to peers (asynchronous, with backoff) and sender learning
     groups.Membership  multicast joins/leaves/checks (asynchronous, with backoff), snooping
     links            eth4 and its internal end; reading eth4; announcements
+    migration.Migration  guests leaving the bridge: released, probed for, announced on their behalf
     service          the control socket's answers (status, peers, groups, stop) and the state file
     pump             the datapath behind eth4 (BPF, plain, or the bench's ceiling)
 
@@ -37,6 +38,7 @@ from xdpoib.agent import links, service
 from xdpoib.agent.forward import Forwarder
 from xdpoib.agent.groups import JOIN_FULL, MEMBERSHIP_CHECK_S, Membership
 from xdpoib.agent.loop import EventLoop, Worker
+from xdpoib.agent.migration import Migration
 from xdpoib.agent.partitions import Partitions, join_with_retry, wait_for_pkey
 from xdpoib.agent.resolver import Resolver
 from xdpoib.agent.vifs import IDLE_CHECK_S, Vifs
@@ -81,6 +83,7 @@ class Agent:
         self.forwarder = Forwarder(self)
         self.announcer = links.Announcer(self)
         self.vifs = Vifs(self, getattr(spec, "learn_vifs", 0), getattr(spec, "vif_idle", 300.0))
+        self.migration = Migration(self)
         self._saved_vifs: list = []
         self.partitions = Partitions(self)
         self._saved_peers = 0
@@ -310,6 +313,7 @@ class Agent:
         from xdpoib.agent import aging
         aging.install(self)             # bounded state: peer and path aging, caches, the SA query gate
         lp.every(IDLE_CHECK_S, self.vifs.expire)
+        self.migration.start()          # guests leaving the bridge behind eth4
 
     def wire_qp(self, qp) -> None:
         """A VIF's QP joins the loop (its completions are polled with the others by the forwarder)."""

@@ -19,7 +19,8 @@ Senders are learned from what their datagrams carry: the GRH's source GID (multi
 (SLID, source QPN) of a peer seen before, or the sender hardware address of an ARP it sent when that
 is the datagram's own source (`from_arp`: spoofed ARPs are dropped, first contacts checked with the
 SA). ND options teach nothing (`from_nd`). A unicast datagram without a GRH from a sender never seen
-is dropped while the SA is asked (at most once a second per LID) who has that LID.
+is dropped while the SA is asked (at most once a second per LID) who has that LID. ARPs and NAs also
+tell `migration.py` where a guest that left this host answers now.
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ class Resolver:
         not know) is removed again and counted as spoofed. An address we know at another LID is not taken over
         (`arp_unverified`: the caller asks the SA who has the new LID, which settles a real move).
         Without a token from the SA gate the check cannot run, and the ARP is dropped
-        (`arp_unverified`).
+        (`arp_unverified`). One ARP naming another address than its sender's is not spoofing: a
+        gratuitous one from a known sender on behalf of a peer we heard from ourselves (a migrated
+        guest's old host announcing its new place, `migration.py`) goes on as it is (`arp_on_behalf`);
+        one naming a VIF of ours gives that VIF the address (`Migration.on_behalf`).
 
         Returns the peer learned, None (not an ARP to learn from), or False: drop it. A dropped ARP
         also has its sender address overwritten in place with `UNLEARNABLE`, so that a datapath given
@@ -182,6 +186,16 @@ class Resolver:
         known = peers.entries.get(sha.key)
         spoofed = sha.qpn != src_qpn or (src is not None and src.addr.key != sha.key)
         moved = src is None and known is not None and known.lid and known.lid != slid
+        if spoofed and src is not None and bytes(data[32:36]) == bytes(data[56:60]):
+            own = a.vifs.by_key(sha.key)
+            if own is not None:         # another host found a guest of ours here (migration.py)
+                a.migration.on_behalf(own, bytes(data[32:36]))
+                return None
+            if known is not None and known.lid:
+                # a gratuitous ARP on behalf of a peer we heard from ourselves (a migrated guest, announced
+                # by its old host: migration.py): it teaches nothing new, the frame goes on as it is
+                a.stats["arp_on_behalf"] += 1
+                return None
         if spoofed or moved:
             # a known address from another LID may be a peer the SM moved: who-is settles it
             a.drops[R.ARP_SPOOFED if spoofed else R.ARP_UNVERIFIED] += 1
@@ -191,11 +205,18 @@ class Resolver:
                 pass
             return False
         if src is not None or not slid:
-            return peers.learn(sha, lid=slid or None)
-        if not self._check_sender(sha, slid, src_qpn):
+            e = peers.learn(sha, lid=slid or None)
+        elif not self._check_sender(sha, slid, src_qpn):
             a.drops[R.ARP_UNVERIFIED] += 1
             return False
-        return peers.learn(sha, lid=slid)
+        else:
+            e = peers.learn(sha, lid=slid)
+        if a.migration.departed:                             # a departed guest answering or arriving elsewhere?
+            if data[0] == 0x80:
+                a.migration.arrival()
+            else:
+                a.migration.heard(bytes(data[32:36]), e)
+        return e
 
     def _check_sender(self, sha: IPoIBAddr, slid: int, src_qpn: int) -> bool:
         """`from_arp`'s background check of a first contact: a PathRecord to the GID it claims, in the
@@ -302,7 +323,9 @@ class Resolver:
                     pass
                 return False
             if addr.key in peers.entries:
-                peers.learn(addr)
+                e = peers.learn(addr)
+                if a.migration.departed and o.opt_type == f.ND_OPT_TLLA and data[44] == f.ND_NA:
+                    a.migration.heard(bytes(data[52:68]), e)     # NA target: a departed guest answering?
             else:
                 a.stats["nd_lladdr_not_learnt"] += 1
         return True

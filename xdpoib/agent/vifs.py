@@ -11,7 +11,9 @@ of dropping them; at most N are learned, then they are dropped and counted as `s
 A learned VIF idle longer than `--vif-idle` seconds is released: its QP destroyed, its map entries
 removed. Each VIF's IPv4/IPv6 source addresses are noted from its ARP (and its first frame) and
 announced on the fabric (gratuitous ARP from the VIF's own QP) when the VIF appears and when its
-QPN changed (after an agent restart: VIFs come back from the state file with new QPs).
+QPN changed (after an agent restart: VIFs come back from the state file with new QPs). A learned
+guest that leaves the bridge (migrated) is released at once and looked for on the fabric
+(`migration.py`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ class Vifs:
         self.by_id[v.vif_id] = v
         self.by_mac[v.mac] = v
 
+    def by_key(self, key: tuple) -> VifState | None:
+        """The VIF whose IPoIB address is key (QPN, GID), if one is."""
+        for v in self.by_id.values():
+            if v.qp.qpn == key[0] and v.gid == key[1]:
+                return v
+        return None
+
     def qp(self, vif_id: int):
         v = self.by_id.get(vif_id)
         return None if v is None else v.qp
@@ -156,6 +165,7 @@ class Vifs:
         a.stats["vifs_added"] += 1
         self._save()
         log.info("VIF %d: %s, QPN %#x%s", vif_id, mac_str(mac), qp.qpn, " (learned)" if learned else "")
+        a.migration.added(v)            # a guest that left and came back: announced at once
         return v
 
     def remove(self, mac: bytes, why: str = "deleted") -> VifState:
@@ -175,6 +185,7 @@ class Vifs:
         a.stats[f"vifs_{why}"] += 1
         self._save()
         log.info("VIF %d: %s %s", v.vif_id, mac_str(mac), why)
+        a.migration.removed(v, why)     # a guest gone elsewhere: looked for (migration.py)
         return v
 
     def _save(self) -> None:
