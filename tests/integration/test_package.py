@@ -31,8 +31,6 @@ BUDGET_S = 360
 DOCTOR_ORDER = ["root", "bpffs", "kernel headers", "bcc", "XDP on veth", "fabric"]
 UNITS = ("xdpoib@.service", "xdpoib-exporter.service")
 
-pytestmark = pytest.mark.integration
-
 # The link layer against the root's pyroute2: a veth pair into a namespace, MAC/MTU/state there, XDP
 # attached, swapped with XDP_FLAGS_REPLACE (the agent's adoption path), removed; all in the netns this
 # runs in (the test starts it with `unshare -n`).
@@ -63,19 +61,6 @@ finally:
 """
 
 
-def _say(request, line: str) -> None:
-    """Print a line on the terminal even while output is captured (the run's timings)."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        return
-    if capture is None:
-        reporter.write_line(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
-
-
 class Timings:
     def __init__(self):
         self.steps: list[tuple[str, float]] = []
@@ -92,15 +77,13 @@ class Timings:
     def lines(self) -> list[str]:
         total = time.monotonic() - self.t0
         return [f"package: {name} {s:.1f} s" for name, s in self.steps] + [
-            f"package: total {total:.1f} s (budget {BUDGET_S} s)"]
+            f"package: total so far {total:.1f} s (CI budget {BUDGET_S} s)"]
 
 
 @pytest.fixture(scope="module")
-def timings(request):
-    t = Timings()
-    yield t
-    for line in t.lines():
-        _say(request, line)
+def timings():
+    """The module's step timings; the last test (remove and purge) reports them as measured figures."""
+    return Timings()
 
 
 def run(argv: list[str], timeout: float = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -235,13 +218,12 @@ def host(bare_root, deb, timings, tmp_path_factory):
         assert not work.exists(), f"{work} is left behind"
 
 
-def test_lintian_reports_no_errors(deb, timings, request):
+def test_lintian_reports_no_errors(deb, timings, figures):
     need_cmd("lintian")
     with timings.step("lintian"):
         r = run(["lintian", "-I", "-E", "--pedantic", str(deb)], check=False, timeout=300)
     tags = [ln for ln in r.stdout.splitlines() if re.match(r"^[EWIPX]: ", ln)]
-    for t in tags:
-        _say(request, f"lintian: {t}")
+    figures("lintian -I -E --pedantic:\n" + "\n".join(tags or ["(no tag)"]))
     assert not [t for t in tags if t.startswith("E: ")], r.stdout
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -290,14 +272,13 @@ def test_man_5_attachments_conf(host):
     assert "eth4 --device mlx5_0 --port 1" in page and "XDPOIB_CONFIG" in page
 
 
-def test_doctor_reports_this_host(host, request):
+def test_doctor_reports_this_host(host, figures):
     """Doctor on a host without InfiniBand: root, bpffs, bcc and XDP on veth pass (bcc from Debian's
     python3-bpfcc, `ip` from iproute2: both brought by the package's Depends), the fabric is not checked
     (warn), and the kernel headers pass only if the root has those of the running kernel (apt brings
     Debian's current kernel's). Exit 1 iff a check failed."""
     human = host.run("xdpoib", "doctor", netns=True, check=False)
-    for line in human.stdout.splitlines():
-        _say(request, f"doctor: {line}")
+    figures(f"xdpoib doctor in the installed root (exit {human.returncode}):\n{human.stdout}")
     r = host.run("xdpoib", "doctor", "-j", netns=True, check=False)
     checks = {c["what"]: c for c in json.loads(r.stdout)}
     assert list(checks) == DOCTOR_ORDER, r.stdout
@@ -353,7 +334,7 @@ def test_conffile_completion_and_shared_files(host):
         assert os.access(host.root / "usr/lib/cni/xdpoib-cni", os.X_OK)
 
 
-def test_remove_keeps_conffiles_and_purge_leaves_nothing(host, deb, timings):
+def test_remove_keeps_conffiles_and_purge_leaves_nothing(host, deb, timings, figures):
     files = deb_files(deb)
     listed = host.run("dpkg", "-L", "xdpoib").stdout.split()
     assert set(files) <= set(listed), set(files) - set(listed)
@@ -376,4 +357,4 @@ def test_remove_keeps_conffiles_and_purge_leaves_nothing(host, deb, timings):
               "usr/share/doc/xdpoib"):
         assert not host.exists(d), f"/{d} is left after purge"
     assert host.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "xdpoib", check=False).stdout.strip() in ("", "un")
-
+    figures("\n".join(timings.lines()))
