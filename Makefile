@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Everything else is for developers.
-.PHONY: setup test demo lint unit bpf integration qemu soak bench clean
+.PHONY: setup test demo lint unit bpf integration qemu soak bench deb clean
 
 setup:
 	@bash tools/setup.sh
@@ -22,6 +22,10 @@ soak: setup
 
 bench: setup
 	@.venv/bin/xdpoib bench datapath
+
+# xdpoib_<version>_all.deb into build/deb/ (docs/install.md)
+deb:
+	@bash tools/build-deb.sh
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .hypothesis build *.egg-info

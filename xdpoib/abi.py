@@ -57,7 +57,11 @@ MAX_PKEYS = 32768
 F_VALID = 0x01
 MAX_XSKS = 64
 
-HEADER = Path(__file__).resolve().parent.parent / "bpf" / "include" / "xdpoib_abi.h"
+#: Where the BPF sources are: `bpf/` of the checkout this package runs from, else where the Debian
+#: package installs them (docs/install.md).
+BPF_DIRS = (Path(__file__).resolve().parent.parent / "bpf", Path("/usr/share/xdpoib/bpf"))
+BPF_DIR = next((d for d in BPF_DIRS if (d / "xdpoib.c").is_file()), BPF_DIRS[0])
+HEADER = BPF_DIR / "include" / "xdpoib_abi.h"
 
 
 class Direction(IntEnum):

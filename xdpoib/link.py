@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
+import struct
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +64,15 @@ def check_netns(name: str | None) -> str | None:
 def _ipr(netns: str | None = None):
     from pyroute2 import IPRoute
 
-    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    if not netns:
+        ipr = IPRoute()
+    else:
+        try:
+            ipr = IPRoute(netns=netns)
+        except TypeError:               # pyroute2 < 0.8 (Debian 12's 0.7.2): a namespace has its own class
+            from pyroute2 import NetNS
+
+            ipr = NetNS(netns)
     try:
         yield ipr
     finally:
@@ -253,12 +263,37 @@ def replace_xdp(ifname: str, prog_fd: int, expected_fd: int, netns: str | None =
     program or the new one, never none, and nobody else's program is replaced by mistake."""
     attrs = [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_EXPECTED_FD", expected_fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_REPLACE)]
     with _ipr(netns) as ipr:
+        index = _index(ipr, ifname, netns)
         try:
-            ipr.link("set", index=_index(ipr, ifname, netns), xdp={"attrs": attrs})
-        except LinkError:
-            raise
+            if netns:
+                ipr.link("set", index=index, xdp={"attrs": attrs})
+            else:
+                _setlink_xdp(index, prog_fd, expected_fd, XDP_FLAGS_REPLACE)
         except Exception as e:
             raise LinkError(f"cannot replace the XDP program of {ifname}: {e}") from None
+
+
+_RTM_SETLINK, _NLM_F_REQUEST_ACK, _NLMSG_ERROR = 19, 0x1 | 0x4, 2
+_IFLA_XDP, _NLA_F_NESTED = 43, 0x8000
+_IFLA_XDP_FD, _IFLA_XDP_FLAGS, _IFLA_XDP_EXPECTED_FD = 1, 3, 8
+
+
+def _setlink_xdp(index: int, prog_fd: int, expected_fd: int, flags: int) -> None:
+    """RTM_SETLINK with IFLA_XDP {FD, EXPECTED_FD, FLAGS} over a plain netlink socket in this namespace:
+    pyroute2 0.7 (Debian 12) encodes IFLA_XDP_FLAGS in 16 bits, which the kernel refuses (ERANGE)."""
+    nested = struct.pack("=HHiHHiHHI", 8, _IFLA_XDP_FD, prog_fd, 8, _IFLA_XDP_EXPECTED_FD, expected_fd,
+                         8, _IFLA_XDP_FLAGS, flags)
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + \
+        struct.pack("=HH", 4 + len(nested), _IFLA_XDP | _NLA_F_NESTED) + nested
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.settimeout(10)
+        s.send(struct.pack("=IHHII", 16 + len(body), _RTM_SETLINK, _NLM_F_REQUEST_ACK, 1, 0) + body)
+        reply = s.recv(4096)
+    kind, err = struct.unpack_from("=H", reply, 4)[0], struct.unpack_from("=i", reply, 16)[0]
+    if kind != _NLMSG_ERROR:
+        raise OSError(f"unexpected netlink reply type {kind}")
+    if err:
+        raise OSError(-err, os.strerror(-err))
 
 
 def detach_xdp(ifname: str, netns: str | None = None) -> None:

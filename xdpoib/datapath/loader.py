@@ -32,9 +32,9 @@ import struct
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from xdpoib.abi import BPF_DIR  # bpf/ of the checkout, else /usr/share/xdpoib/bpf (the package)
 from xdpoib.errors import PrerequisiteError, XdpoibError
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 MAIN = BPF_DIR / "xdpoib.c"
 PROGRAMS = ("xdpoib_tx", "xdpoib_rx", "xdpoib_rx_batch", "xdpoib_noop", "xdpoib_tx_raw")
 #: Maps the programs use besides the agent's (`maps.LAYOUT`): pinned too, so new programs can reuse them.
