@@ -91,6 +91,7 @@ class TxBatch:
 
 
 _NO_ROWS = np.zeros(0, np.int64)
+SMALL = 8           # at most this many frames: plain Python (a numpy call costs more than it saves)
 _ZERO_START = np.zeros(1, np.int64)
 
 
@@ -339,8 +340,20 @@ class BpfPump(_Base):
             return None
 
     def _reclaim(self) -> None:
-        """Frames whose sends are over go back to the fill ring."""
-        done = self.send_memory.completed_offsets()
+        """Frames whose sends are over go back to the fill ring (a few: plain Python; many: arrays)."""
+        m = self.send_memory
+        if not m._done_arrays and len(m._done) <= SMALL:
+            done = m.completed()
+            if done:
+                st, fs, back = self._state, self.xsk.frame_size, []
+                for off in done:
+                    i = off // fs
+                    if st[i] == _POSTED:
+                        st[i] = 0
+                        back.append(off)
+                self.xsk.fill_frames(back)
+            return
+        done = m.completed_offsets()
         if len(done):
             rows = done // self.xsk.frame_size
             rows = rows[self._state[rows] == _POSTED]
@@ -372,6 +385,18 @@ class BpfPump(_Base):
         the copies the backend had to make are counted."""
         if self.send_memory is None:        # frames were copied out and went back at once
             return
+        if not len(self._turn_rows) and len(self._turn) <= SMALL:
+            turn, self._turn = self._turn, []
+            if turn:
+                st, fs, back = self._state, self.xsk.frame_size, []
+                for d in turn:
+                    i = d[0] // fs
+                    if st[i] == _HELD:
+                        st[i] = 0
+                        back.append(d[0])
+                self.xsk.fill_frames(back)
+            self._count_copies()
+            return
         turn, self._turn = self._turn, []
         rows, self._turn_rows = self._turn_rows, _NO_ROWS
         if turn:
@@ -381,6 +406,9 @@ class BpfPump(_Base):
             held = rows[self._state[rows] == _HELD]
             self._state[held] = 0
             self.xsk.fill_array(held * self.xsk.frame_size)
+        self._count_copies()
+
+    def _count_copies(self) -> None:
         m = self.send_memory
         if m.copies != self._copies_seen:
             self.agent.stats["tx_copies"] += m.copies - self._copies_seen

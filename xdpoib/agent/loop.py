@@ -10,8 +10,11 @@ peek, so timers, port events and the control socket are served between every two
 hard the data plane is pushed, and an idle agent sleeps in epoll.
 
 Busy polling (NAPI's busy poll): after a turn that moved frames, the loop keeps peeking instead of
-sleeping for `busy_poll` seconds (XDPOIB_BUSY_POLL_US, default 100 us; 0 turns it off), so a reply that
-comes back within that window is picked up without a wakeup. The window is adaptive: it only opens
+sleeping for `busy_poll` seconds (XDPOIB_BUSY_POLL_US; default 0, off), so a reply that comes back within
+that window is picked up without a wakeup. Off by default: measured on these 2-core hosts (two agents,
+two stacks and the generator on 2 CPUs), a 100 us window never caught a reply (a sim round trip through
+both agents takes longer) and its spinning took CPU from the other agent; worth trying where an
+attachment has a core of its own. The window is adaptive: it only opens
 while the previous one caught traffic or traffic just came, and it never opens for an idle agent, which
 keeps sleeping in epoll (~0% CPU). A poller held back by the fabric (`pause_until`) waits on the
 fabric (`pause_wait`), not for a fixed time.
@@ -40,7 +43,7 @@ from collections.abc import Callable
 log = logging.getLogger("xdpoib.agent")
 
 BUDGET = 256                # frames per direction per turn (the inject batch's size)
-BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "100")) / 1e6
+BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "0")) / 1e6
 
 
 class EventLoop:

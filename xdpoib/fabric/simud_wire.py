@@ -193,10 +193,21 @@ def encode_bundles(flow: bytes, payloads: Sequence) -> Iterator[tuple[bytes, int
                 break
             stride, k = wider, k + 1
         chunk = payloads[i:i + k]
-        lengths = np.fromiter((len(p) for p in chunk), np.uint16, k)
+        lengths = [len(p) for p in chunk]
         body = b"".join(bytes(p).ljust(stride, b"\0") for p in chunk)
-        yield b"".join(bundle_parts(flow, lengths, body)), k
+        yield b"".join((flow, struct.pack(f"!HH{k}H", k, stride, *lengths), body)), k
         i += k
+
+
+def bundle_header(datagram) -> tuple[int, int] | None:
+    """(count, stride) of a version 2 datagram whose size adds up, else None (malformed)."""
+    mv = memoryview(datagram)
+    if len(mv) < BUNDLE.size or bytes(mv[:2]) != BUNDLE_MAGIC or mv[2] != VERSION:
+        return None
+    n, stride = struct.unpack_from("!HH", mv, FLOW_LEN)
+    if n == 0 or stride == 0 or len(mv) != BUNDLE.size + 2 * n + n * stride:
+        return None
+    return n, stride
 
 
 def decode_bundle(datagram) -> tuple[bytes, np.ndarray, np.ndarray] | None:
