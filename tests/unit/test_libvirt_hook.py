@@ -5,8 +5,8 @@ The XML files in libvirt_xml/ are what libvirt 9.0 (Debian 12) wrote on the qemu
 by a hook that copied its stdin (serial log path rewritten): `sample-prepare-begin` (bridge, bridge,
 network and user NICs), `ran-*` (a domain that ran: prepare, started and release of one start),
 `vlan-prepare-begin` (a tag and a trunk: libvirt runs `prepare` before it refuses a VLAN on a Linux
-bridge). The agent side (control requests) runs against real agents in
-tests/integration/test_libvirt_hook.py and under libvirtd in tests/qemu/test_libvirt.py.
+bridge). Registering and releasing (idempotency, rollback, an agent that is down)
+run against a real agent in tests/integration/test_libvirt_hook.py and under libvirtd in tests/qemu/test_libvirt.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from xdpoib.errors import UsageError, XdpoibError
-from xdpoib.libvirt_hook import Nic, Step, bridge_nics, bridge_ports, main, plan, register, release
+from xdpoib.errors import UsageError
+from xdpoib.libvirt_hook import Nic, Step, bridge_nics, bridge_ports, main, plan
 
 pytestmark = pytest.mark.unit
 XML = Path(__file__).parent / "libvirt_xml"
@@ -105,57 +105,6 @@ def test_bridge_ports_reads_sysfs(tmp_path):
     assert bridge_ports("nobridge", tmp_path) == set()
 
 
-class Table:
-    """The control requests' answers as an agent gives them, over a dict: only for the hook's own
-    bookkeeping (rollback, idempotency); the real agent is exercised by the integration test."""
-
-    def __init__(self, fail_on: str | None = None):
-        self.vif = {}
-        self.fail_on = fail_on
-        self.calls = []
-
-    def attached(self):
-        return ["xve1"]
-
-    def vifs(self, ifname):
-        return dict(self.vif)
-
-    def ask(self, ifname, cmd, mac, vlan=0):
-        self.calls.append((cmd, mac))
-        if cmd == "vif_add":
-            if mac == self.fail_on:
-                raise UsageError(f"VLAN {vlan} is not mapped to a partition on {ifname}")
-            self.vif[mac] = {"id": len(self.vif) + 1, "mac": mac, "qpn": 0x100 + len(self.vif), "vlan": vlan}
-            return {"vif": self.vif[mac]}
-        return {"vif": self.vif.pop(mac)}
-
-
-def test_register_rolls_back_what_it_added_when_one_nic_fails():
-    agents, lines = Table(fail_on="52:54:00:77:01:0b"), []
-    steps = [Step("add", NICS[0], "xve1"), Step("add", NICS[1], "xve1")]
-    with pytest.raises(XdpoibError, match="domain d: VLAN 0 is not mapped"):
-        register("d", steps, agents, lines.append)
-    assert agents.vif == {} and agents.calls[-1] == ("vif_del", NICS[0].mac)
-
-
-def test_register_twice_and_release_twice_are_quiet():
-    agents, lines = Table(), []
-    steps = [Step("add", NICS[0], "xve1")]
-    register("d", steps, agents, lines.append)
-    register("d", steps, agents, lines.append)
-    assert [c[0] for c in agents.calls] == ["vif_add"] and "already a VIF" in lines[-1]
-    release("d", [Step("del", NICS[0], "xve1")], agents, lines.append)
-    release("d", [Step("del", NICS[0], "xve1")], agents, lines.append)
-    assert [c[0] for c in agents.calls] == ["vif_add", "vif_del"] and agents.vif == {}
-
-
-def test_register_refuses_the_mac_on_another_vlan():
-    agents = Table()
-    agents.vif[NICS[0].mac] = {"id": 1, "mac": NICS[0].mac, "qpn": 0x101, "vlan": 3}
-    with pytest.raises(XdpoibError, match="on VLAN 3, the domain asks for VLAN 0"):
-        register("d", [Step("add", NICS[0], "xve1")], agents, [].append)
-
-
 def test_main_bad_call_and_ignored_operations(capsys):
     assert main(["dom"], io.StringIO("")) == 2
     assert "expected DOMAIN OPERATION SUBOP" in capsys.readouterr().err
@@ -166,8 +115,8 @@ def test_main_bad_call_and_ignored_operations(capsys):
 
 
 def test_main_bad_xml_fails_a_start_in_one_line_and_never_a_release(capsys):
-    assert main(["dom", "prepare", "begin", "-"], io.StringIO("<domain"), Table(), [].append) == 1
+    assert main(["dom", "prepare", "begin", "-"], io.StringIO("<domain"), log=[].append) == 1
     out = capsys.readouterr()
     assert out.out == "" and len(out.err.strip().splitlines()) == 1 and "not XML" in out.err
-    assert main(["dom", "release", "end", "-"], io.StringIO("<domain"), Table(), [].append) == 0
+    assert main(["dom", "release", "end", "-"], io.StringIO("<domain"), log=[].append) == 0
     assert capsys.readouterr().err == ""
