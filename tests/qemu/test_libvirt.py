@@ -46,6 +46,7 @@ HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
 URI = "qemu:///system"
 WAY = "libvirt"
 MAC = "52:54:00:77:00:1c"
+TRUNK_MAC = "52:54:00:77:00:1d"        # a second domain's NIC, a VLAN trunk: the hook refuses to serve it
 BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_VM_TIMEOUT", "420"))
 DAEMONS = {"libvirtd": "/run/libvirtd.pid", "virtqemud": "/run/virtqemud.pid"}
 
@@ -172,6 +173,8 @@ class Run:
         self.after_start: dict[str, dict] = {}
         self.after_checks: dict[str, dict] = {}
         self.after_destroy: dict[str, dict] = {}
+        self.refused: subprocess.CompletedProcess | None = None
+        self.after_refused: dict[str, dict] = {}
         self.uplink: dict = {}
         self.daemon = ""
         self.names: dict[str, str] = {}
@@ -274,6 +277,15 @@ def lv(request) -> Run:
         cmdline = f"console=ttyS0 panic=-1 quiet loglevel=4 xdpoib.mode=vm xdpoib.args={','.join(args)}"
         (d / "domain.xml").write_text(DOMAIN.format(name=names["domain"], dir=d, cmdline=cmdline, mac=MAC,
                                                     bridge=bridge))
+        # a domain whose NIC is ours but cannot be one VIF: the hook fails its start, libvirt refuses it
+        trunk = DOMAIN.format(name=f"{names['domain']}t", dir=d, cmdline=cmdline, mac=TRUNK_MAC, bridge=bridge)
+        trunk = trunk.replace("<model type='virtio'/>", "<vlan trunk='yes'><tag id='3'/><tag id='4'/></vlan>"
+                                                        "<model type='virtio'/>")
+        (d / "trunk.xml").write_text(trunk)
+        virsh("define", str(d / "trunk.xml"))
+        stack.callback(virsh, "undefine", f"{names['domain']}t", check=False)
+        run.refused = virsh("start", f"{names['domain']}t", check=False, timeout=120)
+        run.after_refused = vifs(uplink)
         virsh("define", str(d / "domain.xml"))
         stack.callback(virsh, "undefine", names["domain"], check=False)
         stack.callback(virsh, "destroy", names["domain"], check=False)
@@ -321,6 +333,13 @@ def test_the_hook_registered_the_guests_vif_when_the_domain_started(lv):
     assert got[MAC]["qpn"] != lv.uplink["qpn"], "the guest's VIF has the uplink's QPN"
     assert lv.uplink["vifs"]["learn_max"] == 0, f"the uplink learns VIFs: {lv.uplink['vifs']}"
     assert lv.after_checks.get(MAC, {}).get("qpn") == got[MAC]["qpn"], (got, lv.after_checks)
+
+
+def test_a_nic_the_hook_cannot_serve_fails_virsh_start_with_the_hooks_line(lv):
+    r = lv.refused
+    assert r.returncode != 0, f"virsh start of a domain with a VLAN trunk on our bridge succeeded: {r.stdout}"
+    assert "xdpoib-libvirt-hook: prepare begin:" in r.stderr and "VLAN trunk (2 tags)" in r.stderr, r.stderr
+    assert TRUNK_MAC not in lv.after_refused, lv.after_refused
 
 
 def test_guest_reported_a_clean_summary(lv):
