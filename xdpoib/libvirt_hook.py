@@ -16,7 +16,7 @@ VID` does (VID from the interface's `<vlan><tag id=.../></vlan>`, else untagged)
 - `stopped end` and `release end` release: after the domain stopped, was destroyed, or migrated away
   (the source's QEMU stops once the destination runs). Both come; the second finds nothing to do.
 
-Rules a hook lives by: it is quick (one control-socket request per NIC, no CLI subprocess, no call
+Rules a hook lives by: it is quick (two control-socket requests per NIC, no CLI subprocess, no call
 back into libvirt, which waits for the hook and would deadlock); it writes nothing on stdout (for
 some operations libvirt takes stdout as a replacement domain XML); an interface that is not ours
 (another bridge, another type) is skipped and the hook exits 0, and a release never fails. When a NIC
@@ -188,13 +188,14 @@ def register(domain: str, steps: list[Step], agents: Agents, log) -> None:
             v = agents.ask(s.ifname, "vif_add", mac=s.nic.mac, vlan=s.nic.vlan)["vif"]
             added.append(s)
             log(f"{domain}: {s.nic.mac} VIF {v['id']} of {s.ifname} on VLAN {s.nic.vlan} (QPN {v['qpn']:#x})")
-    except XdpoibError as e:
+    except Exception as e:
         for s in reversed(added):
             try:
                 agents.ask(s.ifname, "vif_del", mac=s.nic.mac)
             except XdpoibError as undo:
                 log(f"{domain}: rollback of {s.nic.mac} on {s.ifname} failed: {undo}")
-        raise UsageError(f"domain {domain}: {e}") from None
+        why = str(e) if isinstance(e, XdpoibError) else f"{type(e).__name__}: {e}"
+        raise UsageError(f"domain {domain}: {why}") from None
 
 
 def release(domain: str, steps: list[Step], agents: Agents, log) -> None:
