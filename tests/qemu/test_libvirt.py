@@ -11,10 +11,12 @@ The guest is the qemu tier's image booted by libvirt (`<os><kernel>/<initrd>/<cm
 tests/qemu/guest/vm_checks.sh on one NIC (way `libvirt`), then holds until the host stops it. The
 hook is installed into libvirtd's hooks directory (`qemu.d/`) for the run; a running libvirtd is
 reloaded (SIGHUP: libvirt looks for hooks at start and on reload), or libvirtd and virtlogd are
-started here and stopped afterwards (CI runs no services). Checked: the VIF is there when `virsh
-start` returns (registered at `prepare begin`), not learned, with its own QPN; every guest check
-passes; the lease is dnsmasq's; the TCP payloads are the same on both ends; the remote's neighbour
-for the guest is a peer with the VIF's QPN; after `virsh destroy` the VIF is gone.
+started here and stopped afterwards (CI runs no services; see _libvirtd_argv for /dev/kvm). Checked:
+a domain whose NIC on that bridge is a VLAN trunk is refused by `virsh start` with the hook's line;
+the VIF is there when `virsh start` returns (registered at `prepare begin`), not learned, with its
+own QPN; every guest check passes; the lease is dnsmasq's; the TCP payloads are the same on both
+ends; the remote's neighbour for the guest is a peer with the VIF's QPN; after `virsh destroy` the
+VIF is gone.
 """
 
 from __future__ import annotations
