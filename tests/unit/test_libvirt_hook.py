@@ -5,8 +5,9 @@ The XML files in libvirt_xml/ are what libvirt 9.0 (Debian 12) wrote on the qemu
 by a hook that copied its stdin (serial log path rewritten): `sample-prepare-begin` (bridge, bridge,
 network and user NICs), `ran-*` (a domain that ran: prepare, started and release of one start),
 `vlan-prepare-begin` (a tag and a trunk: libvirt runs `prepare` before it refuses a VLAN on a Linux
-bridge). Registering and releasing (idempotency, rollback, an agent that is down)
-run against a real agent in tests/integration/test_libvirt_hook.py and under libvirtd in tests/qemu/test_libvirt.py.
+bridge). Registering and releasing (idempotency, rollback, an agent that is down) run against a
+real agent in tests/integration/test_libvirt_hook_agent.py and under libvirtd in
+tests/qemu/test_libvirt.py.
 """
 
 from __future__ import annotations
