@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Boot the qemu test guest once: the cached image plus the current project appended as a second cpio.
+# Boot the qemu test guest once: the cached image plus the current project appended as a second cpio
+# (tools/qemu/initrd.sh writes that initrd; XDPOIB_GUEST_SITE is read there).
 #
 # Usage: tools/qemu/boot.sh IMAGE_DIR SERIAL_LOG [TIMEOUT_SECONDS] [GUEST_ARGS...]
-# XDPOIB_GUEST_SITE: Python package directories to copy into /xdpoib/site (on the guest's PYTHONPATH):
-# the project's pure-Python dependencies that bookworm packages too old (pyroute2 >= 0.8 for
-# IPRoute(netns=...)); tests/qemu/test_soft_roce.py passes the ones its own interpreter imports.
 # The guest's /init runs tests/qemu/guest/run.sh from the project copy (/xdpoib) and powers off;
 # GUEST_ARGS reach it through the kernel command line (xdpoib.args=...). Everything the guest prints
 # on its serial console lands in SERIAL_LOG. qemu is killed by PID after TIMEOUT_SECONDS (default 600).
@@ -16,7 +14,6 @@
 # Exit status: qemu's own, or 124 when the timeout killed it.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 image="${1:?usage: boot.sh IMAGE_DIR SERIAL_LOG [TIMEOUT] [ARGS...]}"
 log="${2:?usage: boot.sh IMAGE_DIR SERIAL_LOG [TIMEOUT] [ARGS...]}"
 limit="${3:-600}"
@@ -43,18 +40,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The project goes in as /xdpoib: only what the guest runs (package, BPF sources, tests, pytest config).
-mkdir -p "$tmp/stage/xdpoib"
-(cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - xdpoib bpf tests pyproject.toml) \
-    | tar -xf - -C "$tmp/stage/xdpoib"
-mkdir -p "$tmp/stage/xdpoib/site"
-for pkg in ${XDPOIB_GUEST_SITE:-}; do
-    [ -d "$pkg" ] || { echo "boot: no package directory $pkg (XDPOIB_GUEST_SITE)" >&2; exit 2; }
-    cp -r "$pkg" "$tmp/stage/xdpoib/site/"
-done
-find "$tmp/stage/xdpoib/site" -name __pycache__ -prune -exec rm -rf {} +
-(cd "$tmp/stage" && find . -print0 | cpio --null -o -H newc --quiet) >"$tmp/project.cpio"
-cat "$image/rootfs.cpio" "$tmp/project.cpio" >"$tmp/initrd"
+# The cached rootfs plus the project as /xdpoib (initrd.sh).
+bash "$here/initrd.sh" "$image" "$tmp/initrd"
 
 : >"$log"
 append="console=ttyS0 panic=-1 quiet loglevel=4 xdpoib.args=${guest_args// /,}"

@@ -9,6 +9,8 @@
 #
 # Arguments (xdpoib.args on the kernel command line, comma-separated):
 #   remote4=IP remote6=IP bytes=N up=PORT down=PORT nic=WAY@MAC (one per NIC, in the order to run them)
+#   hold=1 (optional): after the summary the guest stays up (no power-off) until the host stops it
+#   (tests/qemu/test_libvirt.py: `virsh destroy` is what must release the guest's VIF)
 # Output, one line each: XDPOIB-RESULT vm::WAY::CHECK PASS|FAIL detail, XDPOIB-MEASURE NAME VALUE,
 # XDPOIB-SUMMARY passed=N failed=N skipped=0 total=N exit=N last.
 passed=0
@@ -116,7 +118,7 @@ ip link set lo up
 for m in virtio_pci virtio_net; do
     modprobe "$m" || { result setup FAIL "modprobe $m"; summary; exit 1; }
 done
-remote4="" remote6="" bytes="" up="" down="" nics=""
+remote4="" remote6="" bytes="" up="" down="" nics="" hold=""
 for a in $(sed -n 's/.*xdpoib\.args=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' '); do
     case "$a" in
         remote4=*) remote4=${a#*=} ;;
@@ -125,6 +127,7 @@ for a in $(sed -n 's/.*xdpoib\.args=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' '
         up=*) up=${a#*=} ;;
         down=*) down=${a#*=} ;;
         nic=*) nics="$nics ${a#*=}" ;;
+        hold=*) hold=${a#*=} ;;
         *) result setup FAIL "unknown argument $a"; summary; exit 1 ;;
     esac
 done
@@ -137,3 +140,7 @@ for nic in $nics; do
     exercise "${nic%%@*}" "${nic#*@}"
 done
 summary
+if [ "$hold" = 1 ]; then
+    echo "XDPOIB-GUEST holding: the host stops this guest"
+    while :; do sleep 3600; done
+fi
