@@ -272,11 +272,8 @@ def _load():
 
 _lib = None
 
-_PollFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, POINTER(Wc))
 _NotifyFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int)
-_PostSendFn = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(SendWr), POINTER(POINTER(SendWr)))
-_PostRecvFn = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(RecvWr), POINTER(POINTER(RecvWr)))
-# The same ops called with raw addresses (numpy-managed arrays of structs).
+# The data-path ops take raw addresses into arrays of structs (also read and written through numpy).
 _PollRawFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_void_p)
 _PostRawFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, POINTER(c_void_p))
 
@@ -325,10 +322,7 @@ class Context:
             lib_.ibv_free_device_list(devs)
         head = _ContextHead.from_address(self.ptr)
         self.async_fd = head.async_fd
-        self.poll_cq = _PollFn(head.ops[_OP_POLL_CQ])
         self.req_notify_cq = _NotifyFn(head.ops[_OP_REQ_NOTIFY_CQ])
-        self.post_send = _PostSendFn(head.ops[_OP_POST_SEND])
-        self.post_recv = _PostRecvFn(head.ops[_OP_POST_RECV])
         self.poll_cq_raw = _PollRawFn(head.ops[_OP_POLL_CQ])
         self.post_send_raw = _PostRawFn(head.ops[_OP_POST_SEND])
         self.post_recv_raw = _PostRawFn(head.ops[_OP_POST_RECV])
@@ -404,20 +398,6 @@ class Cq:
         self.ctx = ctx
         chan = channel.ptr if channel is not None else None
         self.ptr = _checked(lib().ibv_create_cq(ctx.ptr, depth, None, chan, 0), "ibv_create_cq")
-        self._wcs = (Wc * 64)()
-
-    def poll(self, max_entries: int) -> list[Wc]:
-        """Up to `max_entries` work completions (copies), without blocking."""
-        out: list[Wc] = []
-        while len(out) < max_entries:
-            want = min(64, max_entries - len(out))
-            n = self.ctx.poll_cq(self.ptr, want, self._wcs)
-            if n < 0:
-                raise _fail("ibv_poll_cq", -n if n < -1 else errno_mod.EIO)
-            out.extend(Wc.from_buffer_copy(self._wcs[i]) for i in range(n))
-            if n < want:
-                break
-        return out
 
     def poll_into(self, addr: int, max_entries: int) -> int:
         """One ibv_poll_cq of up to `max_entries` completions written at `addr` (an array of `Wc`); how
@@ -464,16 +444,6 @@ class UdQp:
     def to_error(self) -> None:
         """Move the QP to the error state: every posted WR completes with WR_FLUSH_ERR."""
         self._modify(QpAttr(qp_state=QPS_ERR), QP_STATE, "ERR")
-
-    def post_send(self, first: SendWr) -> None:
-        """Post a linked list of send WRs starting at `first`."""
-        bad = POINTER(SendWr)()
-        _rc(self.ctx.post_send(self.ptr, ctypes.byref(first), ctypes.byref(bad)), "ibv_post_send")
-
-    def post_recv(self, first: RecvWr) -> None:
-        """Post a linked list of receive WRs starting at `first`."""
-        bad = POINTER(RecvWr)()
-        _rc(self.ctx.post_recv(self.ptr, ctypes.byref(first), ctypes.byref(bad)), "ibv_post_recv")
 
     def post_send_at(self, addr: int) -> tuple[int, int]:
         """Post the linked list of send WRs at address `addr`: (0, 0), or (errno, address of the first WR

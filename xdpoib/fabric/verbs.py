@@ -20,13 +20,22 @@ from that GID carry it as their SLID, `roce_route(gid)` hands it out for a path,
 back, and an address handle for a path without a GRH to such a LID is made as the GRH path to its GID.
 
 Sends without copies: `register_send_memory` registers caller memory (the agent's AF_XDP UMEM) as a memory
-region of the PD, and `VerbsQp.post_send_memory` points each send's scatter entry straight at the frame in
-it: the UMEM frame is the send buffer. A frame stays the backend's until its send completion is reaped
-(at the next post on that QP, or when the owner asks `VerbsSendMemory.completed()`), then its offset is
-handed back. At most half the memory's frames are in flight at once (beyond that a frame is copied into
-the QP's own send buffers and handed back at once), so the owner always keeps frames to receive into.
+region of the PD, and `VerbsQp.post_send_batch` (and `post_send_memory`, which goes through it) points each
+send's scatter entry straight at the frame in it: the UMEM frame is the send buffer. The send queue is a
+ring of prebuilt work requests (`VerbsQp`'s doc): a batch fills the next slots with numpy array
+operations, is posted as one chain with one `ibv_post_send`, and only its last WR is signaled; that
+completion frees the whole chain. A frame stays the backend's until then (reaped at the next post on that
+QP, or when the owner asks `VerbsSendMemory.completed_offsets()`), then its offset is handed back. At most
+half the memory's frames are in flight at once (beyond that a frame is copied into its slot's own send
+buffer and handed back at once, counted in `copies`), so the owner always keeps frames to receive into.
 Closing a QP hands back every frame it still held: flushed first (the QP is moved to ERR and its send
 queue drained), and whatever is left once the QP is destroyed (the device no longer reads it).
+
+Receives without objects: `VerbsQp.poll_batch` is one `ibv_poll_cq` of N entries into a preallocated
+`ibv_wc` array, read as columns through a numpy view (`RecvBatch`); `poll` is its rows as objects. A
+receive pool may lie in caller memory (`alloc_pool(memory=, stride=, offset=)`): the range is registered
+as an MR as it is, e.g. the mmapped `BPF_F_MMAPABLE` inject map (the kernel accepts an MR over that
+mapping: tests/qemu/guest/test_verbs_roce.py), so a frame is received where it will be injected from.
 
 A QP in the error state stays there: `VerbsQp.error` is set by the first error completion, and by an
 async QP error event (QP_FATAL, QP_REQ_ERR, QP_ACCESS_ERR, or CQ_ERR on one of its CQs), which also
