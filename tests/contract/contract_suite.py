@@ -21,6 +21,7 @@ unwanted ones must not have (both backends keep per-pair order).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import select
 import time
 from typing import Protocol
@@ -72,9 +73,9 @@ class ContractFabric(Protocol):
 class End:
     """One QP on one backend with all its buffers posted, plus what it sent and received."""
 
-    def __init__(self, backend, fabric, bufs=32, size=GRH_LEN + 4096, pkey=None, qkey=None):
+    def __init__(self, backend, fabric, bufs=32, size=GRH_LEN + 4096, pkey=None, qkey=None, pool=None):
         self.backend = backend
-        self.pool = backend.alloc_pool(bufs, size)
+        self.pool = backend.alloc_pool(bufs, size) if pool is None else pool
         self.qp = backend.create_qp(fabric.pkey if pkey is None else pkey,
                                     fabric.qkey if qkey is None else qkey, self.pool)
         self.qpn = self.qp.qpn
@@ -529,6 +530,48 @@ def test_post_send_batch_on_a_qp_in_the_error_state_hands_frames_back(backend_pa
             ma.close()
     finally:
         memory.close()
+        a.qp.close()
+        b.qp.close()
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+def test_receive_into_a_pool_in_caller_memory(backend_pair, contract_fabric, kind):
+    """Receive buffers inside the caller's memory (the agent's inject slots): buffer i at offset + i * stride
+    with stride > size; each payload lands at GRH_LEN in its buffer of that memory, GRH rows carry the
+    sender's GID, and the bytes before the pool and between buffers stay untouched. (A backend living in
+    another process receives into its copy of the memory: there the pool's rows are what is checked.)"""
+    bufs, size, stride, offset = 8, GRH_LEN + 512, 1000, 136
+    total = offset + bufs * stride + 64
+    memory = bytearray(total) if kind == "bytearray" else mmap.mmap(-1, total)
+    memory[:] = b"\xa5" * total
+    local = isinstance(backend_pair[1], Backend)
+    pool = backend_pair[1].alloc_pool(bufs, size, memory=memory if local else bytearray(memory), stride=stride,
+                                      offset=offset)
+    assert (pool.count, pool.size, pool.stride) == (bufs, size, stride)
+    a, b = End(backend_pair[0], contract_fabric), End(backend_pair[1], contract_fabric, pool=pool)
+    try:
+        a.post(range(4))
+        b.post(np.arange(bufs, dtype=np.int64)[::-1].copy())        # an integer array, in reverse
+        frames = [payload(60 + i, 64 + 50 * i) for i in range(bufs)]
+        a.send(contract_fabric.path(a.backend, b.backend), b, frames)
+        got = b.recv_batch(bufs, repost=False)
+        assert b.payloads(got) == frames
+        assert sorted(got.index.tolist()) == list(range(bufs))
+        rows = np.asarray(pool.rows())
+        assert rows.shape == (bufs, stride)
+        raw = bytes(memory) if local else None
+        for i, n, f in zip(got.index.tolist(), got.byte_len.tolist(), frames, strict=True):
+            assert rows[i, GRH_LEN:GRH_LEN + n].tobytes() == f
+            assert rows[i, size:].tobytes() == b"\xa5" * (stride - size)
+            if local:
+                start = offset + i * stride
+                assert raw[start + GRH_LEN:start + GRH_LEN + n] == f
+        if local:
+            assert raw[:offset] == b"\xa5" * offset and raw[offset + bufs * stride:] == b"\xa5" * 64
+        for row in range(bufs):
+            assert got.sgid[row].tobytes() == (a.port.gid if got.grh[row] else bytes(16))
+        b.nothing_more()
+    finally:
         a.qp.close()
         b.qp.close()
 

@@ -86,3 +86,25 @@ def test_library_exports_what_the_mirror_calls(name):
     except OSError as exc:
         pytest.fail(f"libibverbs.so.1 cannot be loaded: {exc}")
     assert getattr(lib, name).argtypes is not None
+
+
+# numpy views of the ctypes arrays (the columnar data path): dtype field -> the ctypes field it must overlay
+NUMPY_VIEWS = {
+    "WC_DTYPE": (ib.Wc, {n: (ib.Wc, n) for n in ib.WC_DTYPE.names}),
+    "SGE_DTYPE": (ib.Sge, {n: (ib.Sge, n) for n in ib.SGE_DTYPE.names}),
+    "RECV_WR_DTYPE": (ib.RecvWr, {n: (ib.RecvWr, n) for n in ib.RECV_WR_DTYPE.names}),
+    "SEND_WR_DTYPE": (ib.SendWr, {**{n: (ib.SendWr, n) for n in ("wr_id", "next", "sg_list", "send_flags")},
+                                  **{n: (ib._Ud, n) for n in ("ah", "remote_qpn", "remote_qkey")}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_VIEWS))
+def test_numpy_views_overlay_the_ctypes_fields(name):
+    dtype = getattr(ib, name)
+    cls, fields = NUMPY_VIEWS[name]
+    assert dtype.itemsize == ctypes.sizeof(cls)
+    for field, (owner, cname) in fields.items():
+        base = ib.SendWr.wr.offset if owner is ib._Ud else 0
+        cfield = getattr(owner, cname)
+        ftype, offset = dtype.fields[field][:2]
+        assert (offset, ftype.itemsize) == (base + cfield.offset, cfield.size), field

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "qemu"
 CACHE = Path(os.environ.get("XDPOIB_QEMU_CACHE", REPO / ".cache" / "qemu"))
 BUILD_TIMEOUT = 1200
-BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_TIMEOUT", "900"))
+BOOT_TIMEOUT = int(os.environ.get("XDPOIB_QEMU_TIMEOUT", "1500"))   # a loaded 2-core host: >900 s seen
 
 # The product end to end on rxe (tests/qemu/guest/test_agent_roce.py).
 AGENT_CHECKS = [
@@ -54,6 +54,8 @@ VERBS_CHECKS = [
     "verbs_roce::test_async_qp_error_flushes_buffers_and_an_attached_qp_is_destroyed",
     "verbs_roce::test_send_memory_is_a_memory_region_sent_from_in_place",
     "verbs_roce::test_frames_in_flight_come_back_after_an_async_qp_error",
+    "verbs_roce::test_send_ring_accepts_what_it_holds_and_frees_with_each_signaled_tail",
+    "verbs_roce::test_receive_pool_in_a_mmapped_bpf_array_map",
     "verbs_roce::test_port_events_follow_the_netdev",
 ]
 CONTRACT_CHECKS = [f"contract_verbs::{name}" for name, fn in inspect.getmembers(contract_suite)

@@ -18,8 +18,9 @@ cache="${1:-$repo/.cache/qemu}"
 # modules the tier needs are kept, and no initramfs generator runs.
 # python3-bpfcc compiles the XDP datapath in the guest (for the guest's own kernel: its headers are
 # unpacked below); iperf3, iputils-ping, ethtool and procps (sysctl) serve `xdpoib attach` end to end;
-# isc-dhcp-client is the VM run's DHCP client (Debian's dhclient with its own dhclient-script).
-PACKAGES="python3 python3-pyverbs python3-pytest rdma-core ibverbs-providers iproute2 kmod python3-bpfcc
+# isc-dhcp-client is the VM run's DHCP client (Debian's dhclient with its own dhclient-script);
+# python3-numpy carries the fabric's columnar batches (xdpoib/fabric/base.py imports it).
+PACKAGES="python3 python3-pyverbs python3-pytest python3-numpy rdma-core ibverbs-providers iproute2 kmod python3-bpfcc
 iperf3 iputils-ping ethtool procps isc-dhcp-client"
 PACKAGES=$(echo $PACKAGES)      # one line
 KERNEL_PKG="linux-image-amd64"

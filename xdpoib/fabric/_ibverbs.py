@@ -10,6 +10,11 @@ port queries and owns the lifetimes.
 Only the stable ABI of libibverbs 1.1 is used: exported functions, the public structs of `verbs.h`, and
 the legacy `ibv_context.ops` table through which `verbs.h` itself inlines `ibv_post_send`,
 `ibv_post_recv`, `ibv_poll_cq` and `ibv_req_notify_cq`.
+
+For the columnar data path, arrays of `Wc`, `SendWr`, `Sge` and `RecvWr` are also read and written as
+numpy structured arrays (`WC_DTYPE`, `SEND_WR_DTYPE`, `SGE_DTYPE`, `RECV_WR_DTYPE`: the same bytes, the
+fields at the ctypes offsets), and `Cq.poll_into`, `UdQp.post_send_at`, `UdQp.post_recv_at` take raw
+addresses into such arrays, so a batch costs one call and a few array operations.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
+
+import numpy as np
 
 # ---------------------------------------------------------------- constants (verbs.h)
 
@@ -195,6 +202,33 @@ class _CompChannel(Structure):
     _fields_ = [("context", c_void_p), ("fd", c_int), ("refcnt", c_int)]
 
 
+# ---------------------------------------------------------------- numpy views of the same structs
+
+def _dtype(cls, fields: dict[str, tuple[int, str]]) -> np.dtype:
+    """A numpy dtype of `sizeof(cls)` bytes with `fields` (name -> (offset, numpy type))."""
+    return np.dtype({"names": list(fields), "formats": [t for _, t in fields.values()],
+                     "offsets": [o for o, _ in fields.values()], "itemsize": ctypes.sizeof(cls)})
+
+
+WC_DTYPE = _dtype(Wc, {name: (getattr(Wc, name).offset, t) for name, t in (
+    ("wr_id", "<u8"), ("status", "<i4"), ("byte_len", "<u4"), ("src_qp", "<u4"), ("wc_flags", "<u4"),
+    ("pkey_index", "<u2"), ("slid", "<u2"), ("sl", "u1"))})
+SGE_DTYPE = _dtype(Sge, {"addr": (Sge.addr.offset, "<u8"), "length": (Sge.length.offset, "<u4"),
+                         "lkey": (Sge.lkey.offset, "<u4")})
+SEND_WR_DTYPE = _dtype(SendWr, {
+    "wr_id": (SendWr.wr_id.offset, "<u8"), "next": (SendWr.next.offset, "<u8"),
+    "sg_list": (SendWr.sg_list.offset, "<u8"), "send_flags": (SendWr.send_flags.offset, "<u4"),
+    "ah": (SendWr.wr.offset + _Ud.ah.offset, "<u8"),
+    "remote_qpn": (SendWr.wr.offset + _Ud.remote_qpn.offset, "<u4"),
+    "remote_qkey": (SendWr.wr.offset + _Ud.remote_qkey.offset, "<u4")})
+RECV_WR_DTYPE = _dtype(RecvWr, {"wr_id": (RecvWr.wr_id.offset, "<u8"), "next": (RecvWr.next.offset, "<u8")})
+
+
+def as_numpy(array, dtype: np.dtype) -> np.ndarray:
+    """A ctypes array of structs as a numpy structured array over the same memory (writes go through)."""
+    return np.frombuffer(array, dtype)
+
+
 # ---------------------------------------------------------------- the library
 
 class VerbsCallError(OSError):
@@ -238,10 +272,10 @@ def _load():
 
 _lib = None
 
-_PollFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, POINTER(Wc))
 _NotifyFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int)
-_PostSendFn = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(SendWr), POINTER(POINTER(SendWr)))
-_PostRecvFn = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(RecvWr), POINTER(POINTER(RecvWr)))
+# The data-path ops take raw addresses into arrays of structs (also read and written through numpy).
+_PollRawFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_void_p)
+_PostRawFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, POINTER(c_void_p))
 
 
 def lib():
@@ -288,10 +322,10 @@ class Context:
             lib_.ibv_free_device_list(devs)
         head = _ContextHead.from_address(self.ptr)
         self.async_fd = head.async_fd
-        self.poll_cq = _PollFn(head.ops[_OP_POLL_CQ])
         self.req_notify_cq = _NotifyFn(head.ops[_OP_REQ_NOTIFY_CQ])
-        self.post_send = _PostSendFn(head.ops[_OP_POST_SEND])
-        self.post_recv = _PostRecvFn(head.ops[_OP_POST_RECV])
+        self.poll_cq_raw = _PollRawFn(head.ops[_OP_POLL_CQ])
+        self.post_send_raw = _PostRawFn(head.ops[_OP_POST_SEND])
+        self.post_recv_raw = _PostRawFn(head.ops[_OP_POST_RECV])
 
     def get_async_event(self) -> tuple[int, int] | None:
         """One async event as (event_type, element) without blocking if async_fd is non-blocking."""
@@ -364,20 +398,14 @@ class Cq:
         self.ctx = ctx
         chan = channel.ptr if channel is not None else None
         self.ptr = _checked(lib().ibv_create_cq(ctx.ptr, depth, None, chan, 0), "ibv_create_cq")
-        self._wcs = (Wc * 64)()
 
-    def poll(self, max_entries: int) -> list[Wc]:
-        """Up to `max_entries` work completions (copies), without blocking."""
-        out: list[Wc] = []
-        while len(out) < max_entries:
-            want = min(64, max_entries - len(out))
-            n = self.ctx.poll_cq(self.ptr, want, self._wcs)
-            if n < 0:
-                raise _fail("ibv_poll_cq", -n if n < -1 else errno_mod.EIO)
-            out.extend(Wc.from_buffer_copy(self._wcs[i]) for i in range(n))
-            if n < want:
-                break
-        return out
+    def poll_into(self, addr: int, max_entries: int) -> int:
+        """One ibv_poll_cq of up to `max_entries` completions written at `addr` (an array of `Wc`); how
+        many came."""
+        n = self.ctx.poll_cq_raw(self.ptr, max_entries, addr)
+        if n < 0:
+            raise _fail("ibv_poll_cq", -n if n < -1 else errno_mod.EIO)
+        return n
 
     def arm(self) -> None:
         """Request an event on the channel for the next completion."""
@@ -417,15 +445,19 @@ class UdQp:
         """Move the QP to the error state: every posted WR completes with WR_FLUSH_ERR."""
         self._modify(QpAttr(qp_state=QPS_ERR), QP_STATE, "ERR")
 
-    def post_send(self, first: SendWr) -> None:
-        """Post a linked list of send WRs starting at `first`."""
-        bad = POINTER(SendWr)()
-        _rc(self.ctx.post_send(self.ptr, ctypes.byref(first), ctypes.byref(bad)), "ibv_post_send")
+    def post_send_at(self, addr: int) -> tuple[int, int]:
+        """Post the linked list of send WRs at address `addr`: (0, 0), or (errno, address of the first WR
+        not posted; those before it were)."""
+        bad = c_void_p()
+        rc = self.ctx.post_send_raw(self.ptr, addr, ctypes.byref(bad))
+        if rc:
+            return (rc if rc > 0 else ctypes.get_errno() or errno_mod.EIO), bad.value or addr
+        return 0, 0
 
-    def post_recv(self, first: RecvWr) -> None:
-        """Post a linked list of receive WRs starting at `first`."""
-        bad = POINTER(RecvWr)()
-        _rc(self.ctx.post_recv(self.ptr, ctypes.byref(first), ctypes.byref(bad)), "ibv_post_recv")
+    def post_recv_at(self, addr: int) -> None:
+        """Post the linked list of receive WRs at address `addr` (VerbsCallError if refused)."""
+        bad = c_void_p()
+        _rc(self.ctx.post_recv_raw(self.ptr, addr, ctypes.byref(bad)), "ibv_post_recv")
 
     def attach_mcast(self, mgid: bytes, mlid: int) -> None:
         """ibv_attach_mcast."""

@@ -20,13 +20,22 @@ from that GID carry it as their SLID, `roce_route(gid)` hands it out for a path,
 back, and an address handle for a path without a GRH to such a LID is made as the GRH path to its GID.
 
 Sends without copies: `register_send_memory` registers caller memory (the agent's AF_XDP UMEM) as a memory
-region of the PD, and `VerbsQp.post_send_memory` points each send's scatter entry straight at the frame in
-it: the UMEM frame is the send buffer. A frame stays the backend's until its send completion is reaped
-(at the next post on that QP, or when the owner asks `VerbsSendMemory.completed()`), then its offset is
-handed back. At most half the memory's frames are in flight at once (beyond that a frame is copied into
-the QP's own send buffers and handed back at once), so the owner always keeps frames to receive into.
+region of the PD, and `VerbsQp.post_send_batch` (and `post_send_memory`, which goes through it) points each
+send's scatter entry straight at the frame in it: the UMEM frame is the send buffer. The send queue is a
+ring of prebuilt work requests (`VerbsQp`'s doc): a batch fills the next slots with numpy array
+operations, is posted as one chain with one `ibv_post_send`, and only its last WR is signaled; that
+completion frees the whole chain. A frame stays the backend's until then (reaped at the next post on that
+QP, or when the owner asks `VerbsSendMemory.completed_offsets()`), then its offset is handed back. At most
+half the memory's frames are in flight at once (beyond that a frame is copied into its slot's own send
+buffer and handed back at once, counted in `copies`), so the owner always keeps frames to receive into.
 Closing a QP hands back every frame it still held: flushed first (the QP is moved to ERR and its send
 queue drained), and whatever is left once the QP is destroyed (the device no longer reads it).
+
+Receives without objects: `VerbsQp.poll_batch` is one `ibv_poll_cq` of N entries into a preallocated
+`ibv_wc` array, read as columns through a numpy view (`RecvBatch`); `poll` is its rows as objects. A
+receive pool may lie in caller memory (`alloc_pool(memory=, stride=, offset=)`): the range is registered
+as an MR as it is, e.g. the mmapped `BPF_F_MMAPABLE` inject map (the kernel accepts an MR over that
+mapping: tests/qemu/guest/test_verbs_roce.py), so a frame is received where it will be injected from.
 
 A QP in the error state stays there: `VerbsQp.error` is set by the first error completion, and by an
 async QP error event (QP_FATAL, QP_REQ_ERR, QP_ACCESS_ERR, or CQ_ERR on one of its CQs), which also
@@ -39,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
-import itertools
 import mmap
 import os
 import select
@@ -47,7 +55,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 from xdpoib.fabric import _ibverbs as ib
 from xdpoib.fabric.base import (
@@ -70,6 +80,7 @@ from xdpoib.fabric.base import (
     PortEventKind,
     PortState,
     QpError,
+    RecvBatch,
     SendMemory,
     SendRequest,
     UdQp,
@@ -84,9 +95,10 @@ _EVENT_KIND = {
     ib.EVENT_CLIENT_REREGISTER: PortEventKind.CLIENT_REREGISTER,
     ib.EVENT_PKEY_CHANGE: PortEventKind.PKEY_CHANGE,
 }
-_STATUSES = {s.value for s in CompletionStatus}
+_STATUS_CODES = np.array(sorted(s.value for s in CompletionStatus), np.int32)
 _SEND_SLOT = 4096                # largest UD payload (IB MTU 4096)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+_V4_MAPPED_ARR = np.frombuffer(_V4_MAPPED, np.uint8)
 ROCE_HOP_LIMIT = 64              # unicast GRHs on RoCE (RoCEv2 may cross IP routers)
 CLOSE_DRAIN_S = 1.0              # how long closing waits for flushed sends to hand their frames back
 
@@ -131,26 +143,56 @@ class _Region:
 
 
 class VerbsPool(BufferPool):
-    """`count` registered buffers of `size` bytes in one region; buffer i starts at i * size."""
+    """`count` registered buffers of `size` bytes, buffer i at i * `stride`: in a region of our own, or in
+    caller memory (`memory`, from `offset` on) registered as a memory region of the PD as it is."""
 
-    def __init__(self, backend: VerbsBackend, count: int, size: int) -> None:
-        if count <= 0 or size <= GRH_LEN:
-            raise QpError(f"buffer pool needs count > 0 and size > {GRH_LEN} (got {count} x {size})")
-        self.backend, self.count, self.size, self.stride = backend, count, size, size
-        self.region = _Region(backend._pd, count * size)
-        self._view = memoryview(self.region.mem)
-        self.memory = self._view
+    def __init__(self, backend: VerbsBackend, count: int, size: int, memory=None, stride: int | None = None,
+                 offset: int = 0) -> None:
+        stride = size if stride is None else stride
+        if count <= 0 or size <= GRH_LEN or stride < size or offset < 0:
+            raise QpError(f"buffer pool needs count > 0, size > {GRH_LEN} and stride >= size "
+                          f"(got {count} x {size}, stride {stride})")
+        self.backend, self.count, self.size, self.stride = backend, count, size, stride
+        self.region: _Region | None = None
+        self.mr: ib.Mr | None = None
+        length = count * stride
+        if memory is None:
+            self.region = _Region(backend._pd, length)
+            self.memory = memoryview(self.region.mem)[:length]
+            self.addr, self.lkey = self.region.addr, self.region.lkey
+            return
+        try:
+            mv = memoryview(memory).cast("B")
+        except (TypeError, ValueError) as exc:
+            raise QpError(f"pool memory must be one contiguous writable buffer: {exc}") from None
+        if mv.readonly or mv.nbytes < offset + length:
+            raise QpError(f"pool memory must be writable and hold {count} buffers {stride} bytes apart "
+                          f"from offset {offset}")
+        self.memory = mv[offset:offset + length]
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        try:
+            self.mr = ib.Mr(backend._pd, self.addr, length)
+        except ib.VerbsCallError as exc:
+            self.memory.release()
+            raise QpError(f"cannot register {length} bytes of caller memory as a receive pool: {exc}") from None
+        self.lkey = self.mr.lkey
 
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index`."""
         if not 0 <= index < self.count:
             raise QpError(f"buffer index {index} outside pool of {self.count}")
-        return self._view[index * self.size:(index + 1) * self.size]
+        start = index * self.stride
+        return self.memory[start:start + self.size]
 
     def close(self) -> None:
-        """Release the pool's memory registration."""
-        self._view.release()
-        self.region.close()
+        """Release the pool's memory registration (caller memory stays the caller's, mapped); idempotent."""
+        self._rows = None
+        with contextlib.suppress(BufferError):      # a caller still holds a view: let GC release it
+            self.memory.release()
+        if self.region is not None:
+            self.region.close()
+        elif self.mr is not None:
+            self.mr.close()
 
 
 class VerbsSendMemory(SendMemory):
@@ -172,11 +214,11 @@ class VerbsSendMemory(SendMemory):
         self.limit = max(1, count // 2)     # frames in flight at most; beyond that they are copied
         self.holders: set[VerbsQp] = set()  # QPs with frames of this memory in flight
 
-    def completed(self) -> list[int]:
+    def completed_offsets(self) -> np.ndarray:
         """Reap the send completions of every QP holding frames, then hand back the finished offsets."""
         for qp in list(self.holders):
             qp._reap_sends()
-        return super().completed()
+        return super().completed_offsets()
 
     def close(self) -> None:
         """Wait (bounded) for frames in flight, then deregister; idempotent."""
@@ -203,7 +245,16 @@ class VerbsAh(AddressHandle):
 
 
 class VerbsQp(UdQp):
-    """One UD QP at RTS with its own send CQ, receive CQ (behind a completion channel) and send buffers."""
+    """One UD QP at RTS with its own send CQ, receive CQ (behind a completion channel) and send buffers.
+
+    The send queue is a ring of `send_depth` prebuilt work requests, each with its own scatter entry and
+    its own `_SEND_SLOT` bytes of registered send buffer, linked in a circle. A post fills the next k
+    slots (vectorized through numpy views of the ctypes arrays), cuts the circle after the last, signals
+    only that one and posts the k with one `ibv_post_send`. A send queue completes in order, so a
+    completion for slot s means every slot from the ring's tail through s is done: their frames go back
+    to their memory then (UD never completes an unsignaled WR on its own, but does report errors and
+    flushes for each). Receive buffers are a prebuilt array of receive WRs linked by index per post, and
+    `poll_batch` reads one `ibv_poll_cq` of N completions through a numpy view (module doc)."""
 
     def __init__(self, backend: VerbsBackend, pkey: int, qkey: int, pool: VerbsPool, send_depth: int) -> None:
         port = backend.port()
@@ -231,31 +282,51 @@ class VerbsQp(UdQp):
             raise QpError(f"cannot create a UD QP for P_Key {pkey:#06x}: {exc}") from None
         self.qpn = self._qp.qpn
         self._recv_cq.arm()
-        # Work requests and scatter entries are built once; posting only fills and links them.
-        self._send_wrs = (ib.SendWr * send_depth)()
-        self._send_sges = (ib.Sge * send_depth)()
-        self._free_slots = list(range(send_depth - 1, -1, -1))
-        self._zc: list[VerbsSendMemory | None] = [None] * send_depth     # slot -> memory it sends from
-        self._zc_off = [0] * send_depth                                    # slot -> frame offset there
-        self._zc_count = 0                                                 # slots sending from memory
-        for i in range(send_depth):
-            self._send_sges[i].addr = self._send_region.addr + i * _SEND_SLOT
-            self._send_sges[i].lkey = self._send_region.lkey
+        self._send_mem = memoryview(self._send_region.mem)
+        # the send ring (class doc): WR i owns scatter entry i and send buffer slot i
+        depth = self._depth = send_depth
+        self._send_wrs = (ib.SendWr * depth)()
+        self._send_sges = (ib.Sge * depth)()
+        sge_base = ctypes.addressof(self._send_sges)
+        for i in range(depth):
             wr = self._send_wrs[i]
-            wr.wr_id, wr.sg_list, wr.num_sge = i, ctypes.pointer(self._send_sges[i]), 1
-            wr.opcode, wr.send_flags = ib.WR_SEND, ib.SEND_SIGNALED
+            wr.wr_id, wr.num_sge, wr.opcode = i, 1, ib.WR_SEND
+        self._swr = ib.as_numpy(self._send_wrs, ib.SEND_WR_DTYPE)
+        self._sge = ib.as_numpy(self._send_sges, ib.SGE_DTYPE)
+        ring = np.arange(depth, dtype=np.int64)
+        self._ring2 = np.concatenate([ring, ring])            # slots from any start, wrapped, as one slice
+        self._wr_addr = (ctypes.addressof(self._send_wrs) + ring * ctypes.sizeof(ib.SendWr)).astype(np.uint64)
+        self._own_addr = (self._send_region.addr + ring * _SEND_SLOT).astype(np.uint64)
+        self._swr["sg_list"] = sge_base + ring * ctypes.sizeof(ib.Sge)
+        self._swr["next"] = np.roll(self._wr_addr, -1)
+        self._swr["send_flags"] = 0
+        self._sq_tail = 0               # oldest slot in flight
+        self._sq_used = 0               # slots in flight
+        self._slot_mem = np.zeros(depth, np.int32)      # slot -> 1 + index in _mems of the memory it sends from
+        self._slot_off = np.zeros(depth, np.int64)      # slot -> the frame's offset there
+        self._mems: list[VerbsSendMemory] = []
+        self._zc_count = 0                              # slots sending from caller memory
+        self._swc = (ib.Wc * depth)()
+        self._swc_np = ib.as_numpy(self._swc, ib.WC_DTYPE)
+        self._swc_addr = ctypes.addressof(self._swc)
+        # receive WRs, one per pool buffer, linked per post
         self._recv_wrs = (ib.RecvWr * pool.count)()
         self._recv_sges = (ib.Sge * pool.count)()
         for i in range(pool.count):
-            self._recv_sges[i].addr = pool.region.addr + i * pool.size
-            self._recv_sges[i].length, self._recv_sges[i].lkey = pool.size, pool.region.lkey
+            self._recv_sges[i].addr = pool.addr + i * pool.stride
+            self._recv_sges[i].length, self._recv_sges[i].lkey = pool.size, pool.lkey
             wr = self._recv_wrs[i]
             wr.wr_id, wr.sg_list, wr.num_sge = i, ctypes.pointer(self._recv_sges[i]), 1
-        self._send_mem = memoryview(self._send_region.mem)
-        self._wr_size = ctypes.sizeof(ib.SendWr)
-        self._send_base = ctypes.addressof(self._send_wrs)
-        self._recv_wr_base = ctypes.addressof(self._recv_wrs)
-        self._rwr_size = ctypes.sizeof(ib.RecvWr)
+        self._rwr = ib.as_numpy(self._recv_wrs, ib.RECV_WR_DTYPE)
+        self._rwr_addr = (ctypes.addressof(self._recv_wrs)
+                          + np.arange(pool.count, dtype=np.int64) * ctypes.sizeof(ib.RecvWr)).astype(np.uint64)
+        self._wc_size = ctypes.sizeof(ib.Wc)
+        self._grow_wcs(max(pool.count, 64))
+
+    def _grow_wcs(self, n: int) -> None:
+        self._rwc = (ib.Wc * n)()
+        self._rwc_np = ib.as_numpy(self._rwc, ib.WC_DTYPE)
+        self._rwc_addr = ctypes.addressof(self._rwc)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -272,35 +343,73 @@ class VerbsQp(UdQp):
             if not self._closed:
                 self._qp.to_error()
 
-    def _reap_sends(self) -> None:
-        if self._closed:
-            return
-        zc, done = self._zc, []
-        for wc in self._send_cq.poll(len(self._send_wrs)):
-            slot = wc.wr_id
-            self._free_slots.append(slot)
-            if zc[slot] is not None:
-                done.append(slot)
-            if wc.status != CompletionStatus.SUCCESS:
-                self.error = True
-        if done:
-            self._hand_back(done)
+    # ---------------------------------------------------------------- the send ring
 
-    def _hand_back(self, slots: Iterable[int]) -> None:
-        """These slots' sends from caller memory are over: give the frames back to their memory."""
-        zc, offs = self._zc, self._zc_off
-        by_memory: dict[VerbsSendMemory, list[int]] = {}
-        n = 0
-        for slot in slots:
-            memory = zc[slot]
-            zc[slot] = None
-            by_memory.setdefault(memory, []).append(offs[slot])
-            n += 1
-        self._zc_count -= n
-        for memory, done in by_memory.items():
-            memory.finished(done)
-            if not self._zc_count:
+    def _reap_sends(self) -> None:
+        """Take the send completions: each frees the ring up to its slot (class doc)."""
+        depth = self._depth
+        while not self._closed and self._sq_used:
+            n = self._send_cq.poll_into(self._swc_addr, depth)
+            if not n:
+                return
+            wcs = self._swc_np[:n]
+            if (wcs["status"] != 0).any():
+                self.error = True
+            last = int(wcs["wr_id"][n - 1])
+            count = min((last - self._sq_tail) % depth + 1, self._sq_used)
+            slots = self._ring2[self._sq_tail:self._sq_tail + count]
+            self._sq_tail = (self._sq_tail + count) % depth
+            self._sq_used -= count
+            self._release(slots)
+            if n < depth:
+                return
+
+    def _release(self, slots: np.ndarray) -> None:
+        """These slots' sends are over: frames they sent from caller memory go back to it."""
+        mids = self._slot_mem[slots]
+        held = mids != 0
+        if not held.any():
+            return
+        self._slot_mem[slots] = 0
+        for mid in np.unique(mids[held]).tolist():
+            self._mems[mid - 1].finished(self._slot_off[slots[mids == mid]])
+        self._zc_count -= int(np.count_nonzero(held))
+        if not self._zc_count:
+            for memory in self._mems:
                 memory.holders.discard(self)
+
+    def _free(self) -> int:
+        return self._depth - self._sq_used
+
+    def _head_slots(self, k: int) -> np.ndarray:
+        head = (self._sq_tail + self._sq_used) % self._depth
+        return self._ring2[head:head + k]
+
+    def _post_ring(self, k: int) -> tuple[int, int]:
+        """Post the k filled slots at the ring's head as one chain, the last one signaled: (how many the
+        provider took, its errno or 0). The taken ones are in flight; a refused rest is free again."""
+        depth, swr = self._depth, self._swr
+        head = (self._sq_tail + self._sq_used) % depth
+        last = (head + k - 1) % depth
+        swr["next"][last] = 0
+        swr["send_flags"][last] = ib.SEND_SIGNALED
+        err, bad = self._qp.post_send_at(int(self._wr_addr[head]))
+        swr["next"][last] = self._wr_addr[(last + 1) % depth]
+        swr["send_flags"][last] = 0
+        taken = k
+        if err:
+            first = int(self._wr_addr[0])
+            off = bad - first
+            in_ring = 0 <= off < depth * ctypes.sizeof(ib.SendWr)
+            taken = (off // ctypes.sizeof(ib.SendWr) - head) % depth if in_ring else 0
+            taken = min(taken, k)
+        self._sq_used += taken
+        return taken, err
+
+    def _ah_ptr(self, ah: AddressHandle) -> int:
+        if not isinstance(ah, VerbsAh) or ah.backend is not self.backend or not ah.ah.ptr:
+            raise QpError(f"address handle {ah!r} was not made by this backend")
+        return ah.ah.ptr
 
     def post_send(self, batch: Sequence[SendRequest]) -> int:
         """Copy and post a batch; oversize payloads are dropped and counted (they count as accepted), and so
@@ -311,163 +420,223 @@ class VerbsQp(UdQp):
             self.backend._counters.add(FabricCounter.QP_ERROR, len(batch))
             return len(batch)
         active = self.backend._active_mtu
-        slots: list[int] = []
-        accepted = 0
-        for req in batch:
-            ah = req.ah
-            if not isinstance(ah, VerbsAh) or ah.backend is not self.backend or not ah.ah.ptr:
-                raise QpError(f"address handle {ah!r} was not made by this backend")
+        slots = self._head_slots(self._free())
+        swr, sge = self._swr, self._sge
+        placed: list[int] = []          # index in batch of each frame given a slot, in slot order
+        oversize: list[int] = []
+        accepted = len(batch)
+        for i, req in enumerate(batch):
+            ah_ptr = self._ah_ptr(req.ah)
             size = len(req.payload)
-            if size > min(ah.path.mtu, active):
-                self.backend._counters.add(FabricCounter.OVERSIZE)
-                accepted += 1
+            if size > min(req.ah.path.mtu, active):
+                oversize.append(i)
                 continue
-            if not self._free_slots:
+            if len(placed) == len(slots):
+                accepted = i            # the send queue is full: this one and the rest stay the caller's
                 break
-            slot = self._free_slots.pop()
-            self._send_mem[slot * _SEND_SLOT:slot * _SEND_SLOT + size] = req.payload
-            sge = self._send_sges[slot]
-            sge.addr, sge.length, sge.lkey = self._send_region.addr + slot * _SEND_SLOT, size, self._send_region.lkey
-            ud = self._send_wrs[slot].wr.ud
-            ud.ah, ud.remote_qpn, ud.remote_qkey = ah.ah.ptr, req.remote_qpn, req.remote_qkey
-            slots.append(slot)
-            accepted += 1
-        if slots:
-            for this, nxt in itertools.pairwise(slots):
-                self._send_wrs[this].next = ctypes.cast(self._send_base + nxt * self._wr_size,
-                                                        ctypes.POINTER(ib.SendWr))
-            self._send_wrs[slots[-1]].next = None
-            try:
-                self._qp.post_send(self._send_wrs[slots[0]])
-            except ib.VerbsCallError as exc:
-                self._free_slots.extend(slots)
-                raise QpError(f"post_send on QP {self.qpn:#x}: {exc}") from None
+            slot = int(slots[len(placed)])
+            start = slot * _SEND_SLOT
+            self._send_mem[start:start + size] = req.payload
+            sge[slot] = (self._own_addr[slot], size, self._send_region.lkey)
+            swr["ah"][slot], swr["remote_qpn"][slot], swr["remote_qkey"][slot] = ah_ptr, req.remote_qpn, req.remote_qkey
+            placed.append(i)
+        if placed:
+            taken, err = self._post_ring(len(placed))
+            if taken < len(placed):
+                if not taken:
+                    raise QpError(f"post_send on QP {self.qpn:#x}: {os.strerror(err)}")
+                accepted = placed[taken]
+        n_over = sum(1 for i in oversize if i < accepted)
+        if n_over:
+            self.backend._counters.add(FabricCounter.OVERSIZE, n_over)
         return accepted
 
     def post_send_memory(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
                          frames: Sequence) -> int:
-        """Post frames lying in registered `memory` without copying them (module doc): each scatter entry
-        points at its frame. The contract's rules (fabric/base.py): the first accepted frames come back
-        through `memory.completed()` once their sends complete; oversize ones, and all of them on a QP
-        in the error state, are counted and come back at once; past the memory's in-flight limit a frame
-        is copied into the QP's own send buffers (counted in `memory.copies`) and comes back at once."""
+        """Post frames lying in registered `memory` without copying them: `post_send_batch` with the frames
+        as arrays."""
         if not isinstance(memory, VerbsSendMemory):
             return super().post_send_memory(ah, remote_qpn, remote_qkey, memory, frames)
+        memory.check(frames)
+        if not len(frames):
+            return 0
+        arr = np.array([(f[0], f[1]) for f in frames], np.int64)
+        return self.post_send_batch(ah, remote_qpn, remote_qkey, memory, arr[:, 0], arr[:, 1])
+
+    def post_send_batch(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
+                        offsets: np.ndarray, lengths: np.ndarray) -> int:
+        """Post frames lying in registered `memory` without copying them, given as arrays of offsets and
+        lengths: the scatter entries of the next slots of the send ring point at the frames (filled
+        vectorized), and one `ibv_post_send` posts them, the last one signaled (class doc). The contract's
+        rules (fabric/base.py): the first accepted frames come back through `memory.completed_offsets()`
+        once their sends complete; oversize ones, and all of them on a QP in the error state, are counted
+        and come back at once; a full send queue accepts the first ones only; past the memory's in-flight
+        limit a frame is copied into the slot's own send buffer (counted in `memory.copies`) and comes
+        back at once."""
+        if not isinstance(memory, VerbsSendMemory):
+            return super().post_send_batch(ah, remote_qpn, remote_qkey, memory, offsets, lengths)
         self._check_open()
         if memory.backend is not self.backend or memory.closed:
             raise QpError("the send memory was not registered with this backend, or is closed")
-        if not isinstance(ah, VerbsAh) or ah.backend is not self.backend or not ah.ah.ptr:
-            raise QpError(f"address handle {ah!r} was not made by this backend")
-        memory.check(frames)
+        ah_ptr = self._ah_ptr(ah)
+        offsets = np.asarray(offsets, np.int64)
+        lengths = np.asarray(lengths, np.int64)
+        if offsets.shape != lengths.shape or offsets.ndim != 1:
+            raise QpError("offsets and lengths must be two integer arrays of one length")
+        memory.check_arrays(offsets, lengths)
+        n = len(offsets)
+        if not n:
+            return 0
         self._reap_sends()
-        n = len(frames)
         if self.error:
             self.backend._counters.add(FabricCounter.QP_ERROR, n)
             memory.in_flight += n
-            memory.finished([f[0] for f in frames])
+            memory.finished(offsets.copy())
             return n
-        limit = min(ah.path.mtu, self.backend._active_mtu)
-        base, lkey, room = memory.addr, memory.lkey, memory.limit - memory.in_flight
-        ah_ptr = ah.ah.ptr
-        free, sges, wrs, zc, zc_off = self._free_slots, self._send_sges, self._send_wrs, self._zc, self._zc_off
-        slots: list[int] = []
-        now: list[int] = []             # accepted frames handed back at once (oversize, copied)
-        taken = copied = 0
-        for f in frames:
-            off, size = f[0], f[1]
-            if size > limit:
-                now.append(off)
-                taken += 1
-                continue
-            if not free:
-                break
-            slot = free.pop()
-            sge = sges[slot]
-            if room > 0:
-                sge.addr, sge.length, sge.lkey = base + off, size, lkey
-                zc[slot], zc_off[slot] = memory, off
-                room -= 1
-            else:
-                start = slot * _SEND_SLOT
-                self._send_mem[start:start + size] = memory.memory[off:off + size]
-                sge.addr, sge.length, sge.lkey = self._send_region.addr + start, size, self._send_region.lkey
-                now.append(off)
-                copied += 1
-            ud = wrs[slot].wr.ud
-            ud.ah, ud.remote_qpn, ud.remote_qkey = ah_ptr, remote_qpn, remote_qkey
-            slots.append(slot)
-            taken += 1
-        oversize = len(now) - copied
+        fits = lengths <= min(ah.path.mtu, self.backend._active_mtu)
+        fit_at = np.flatnonzero(fits)
+        free = self._free()
+        if len(fit_at) > free:          # the queue is full before the end: accept up to the next one
+            n = int(fit_at[free])
+            fit_at = fit_at[:free]
+        k = len(fit_at)
+        zc = copied = 0
+        if k:
+            slots = self._head_slots(k)
+            go_off, go_len = offsets[fit_at], lengths[fit_at]
+            zc = max(0, min(k, memory.limit - memory.in_flight))
+            sge, swr = self._sge, self._swr
+            sge["length"][slots] = go_len
+            zs = slots[:zc]
+            sge["addr"][zs] = memory.addr + go_off[:zc]
+            sge["lkey"][zs] = memory.lkey
+            if zc < k:                  # past the in-flight limit: copies into the slots' own buffers
+                cs = slots[zc:]
+                sge["addr"][cs] = self._own_addr[cs]
+                sge["lkey"][cs] = self._send_region.lkey
+                src, dst = memory.memory, self._send_mem
+                for slot, off, size in zip(cs.tolist(), go_off[zc:].tolist(), go_len[zc:].tolist(), strict=True):
+                    dst[slot * _SEND_SLOT:slot * _SEND_SLOT + size] = src[off:off + size]
+            swr["ah"][slots] = ah_ptr
+            swr["remote_qpn"][slots] = remote_qpn
+            swr["remote_qkey"][slots] = remote_qkey
+            if zc:
+                self._slot_mem[zs] = self._mem_id(memory)
+                self._slot_off[zs] = go_off[:zc]
+            taken, err = self._post_ring(k)
+            if taken < k:
+                self._slot_mem[slots[taken:]] = 0
+                if not taken:
+                    raise QpError(f"post_send on QP {self.qpn:#x}: {os.strerror(err)}")
+                n = int(fit_at[taken])
+                k = taken
+            zc = min(zc, k)
+            copied = k - zc
+            if zc:
+                self._zc_count += zc
+                memory.holders.add(self)
+        now = [offsets[:n][~fits[:n]]]      # oversize: dropped, counted, back at once
+        oversize = len(now[0])
         if oversize:
             self.backend._counters.add(FabricCounter.OVERSIZE, oversize)
-        if slots:
-            for this, nxt in itertools.pairwise(slots):
-                wrs[this].next = ctypes.cast(self._send_base + nxt * self._wr_size, ctypes.POINTER(ib.SendWr))
-            wrs[slots[-1]].next = None
-            try:
-                self._qp.post_send(wrs[slots[0]])
-            except ib.VerbsCallError as exc:
-                for slot in slots:
-                    zc[slot] = None
-                free.extend(slots)
-                raise QpError(f"post_send on QP {self.qpn:#x}: {exc}") from None
-        held = len(slots) - copied
-        if held:
-            self._zc_count += held
-            memory.holders.add(self)
+        if copied:
+            now.append(offsets[fit_at[zc:k]])
         memory.copies += copied
-        memory.in_flight += taken
-        if now:
-            memory.finished(now)
-        return taken
+        memory.in_flight += n
+        done = np.concatenate(now) if len(now) > 1 else now[0]
+        if len(done):
+            memory.finished(done)
+        return n
 
-    def post_recv(self, indices: Iterable[int]) -> int:
-        """Post receive buffers by pool index, linked into one call."""
+    def _mem_id(self, memory: VerbsSendMemory) -> int:
+        for i, m in enumerate(self._mems):
+            if m is memory:
+                return i + 1
+        self._mems.append(memory)
+        return len(self._mems)
+
+    # ---------------------------------------------------------------- receive
+
+    def post_recv(self, indices) -> int:
+        """Post receive buffers by pool index (an iterable or an integer array), linked into one call."""
         self._check_open()
-        idx = list(indices)
-        for i in idx:
-            if not 0 <= i < self.pool.count:
-                raise QpError(f"buffer index {i} outside pool of {self.pool.count}")
-        if len(set(idx)) != len(idx):
-            raise QpError("a receive buffer can only be posted once per call")   # it would link a cycle
-        if not idx:
+        idx = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), np.int64).reshape(-1)
+        k = len(idx)
+        if not k:
             return 0
-        for this, nxt in itertools.pairwise(idx):
-            self._recv_wrs[this].next = ctypes.cast(self._recv_wr_base + nxt * self._rwr_size,
-                                                    ctypes.POINTER(ib.RecvWr))
-        self._recv_wrs[idx[-1]].next = None
+        if idx.min() < 0 or idx.max() >= self.pool.count:
+            bad = int(idx[(idx < 0) | (idx >= self.pool.count)][0])
+            raise QpError(f"buffer index {bad} outside pool of {self.pool.count}")
+        if k > 1 and len(np.unique(idx)) != k:
+            raise QpError("a receive buffer can only be posted once per call")   # it would link a cycle
+        nxt = self._rwr["next"]
+        nxt[idx[:-1]] = self._rwr_addr[idx[1:]]
+        nxt[idx[-1]] = 0
         try:
-            self._qp.post_recv(self._recv_wrs[idx[0]])
+            self._qp.post_recv_at(int(self._rwr_addr[idx[0]]))
         except ib.VerbsCallError as exc:
             raise QpError(f"post_recv on QP {self.qpn:#x}: {exc}") from None
-        return len(idx)
+        return k
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
-        """Receive completions with the GRH area stripped and the source fields filled in."""
-        self._check_open()
-        self._chan.drain()
-        wcs = self._recv_cq.poll(max_entries)
-        if len(wcs) < max_entries:
-            self._recv_cq.arm()         # then look again: a completion may have raced the arming
-            wcs += self._recv_cq.poll(max_entries - len(wcs))
-        return [self._completion(wc) for wc in wcs]
+        """Receive completions with the GRH area stripped and the source fields filled in (`poll_batch`'s
+        rows as objects)."""
+        return self.poll_batch(max_entries).completions(self.pool)
 
-    def _completion(self, wc: ib.Wc) -> Completion:
-        index = wc.wr_id
-        buf = self.pool.view(index)
-        status = CompletionStatus(wc.status) if wc.status in _STATUSES else CompletionStatus.GENERAL_ERR
-        ok = status is CompletionStatus.SUCCESS
-        if not ok:
+    def poll_batch(self, max_entries: int = 256) -> RecvBatch:
+        """Up to `max_entries` receive completions as columns: one `ibv_poll_cq` into the preallocated
+        `ibv_wc` array (and one more after re-arming the channel if it came back short), read through a
+        numpy view. Byte lengths exclude the GRH area; the SGIDs of GRH rows are gathered from their
+        buffers' GRH areas at once; on RoCE each distinct SGID gets its local LID as SLID (module doc);
+        an error row leaves the QP in the error state (`error`)."""
+        self._check_open()
+        if max_entries <= 0:
+            return RecvBatch.empty(self.pkey_index)
+        if max_entries > len(self._rwc):
+            self._grow_wcs(max_entries)
+        self._chan.drain()
+        cq, addr = self._recv_cq, self._rwc_addr
+        n = cq.poll_into(addr, max_entries)
+        if n < max_entries:
+            cq.arm()                    # then look again: a completion may have raced the arming
+            n += cq.poll_into(addr + n * self._wc_size, max_entries - n)
+        if not n:
+            return RecvBatch.empty(self.pkey_index)
+        return self._columns(self._rwc_np[:n])
+
+    def _columns(self, wc: np.ndarray) -> RecvBatch:
+        n = len(wc)
+        b = RecvBatch.of_length(n, self.pkey_index)
+        status = wc["status"]
+        ok = status == 0
+        if not ok.all():
             self.error = True       # verbs: any error completion leaves the QP in the error state
-        byte_len = max(0, min(wc.byte_len, self.pool.size) - GRH_LEN) if ok else 0
-        has_grh = ok and bool(wc.wc_flags & ib.WC_GRH)
-        sgid = _grh_sgid(buf) if has_grh else None
-        slid = wc.slid
-        if sgid is not None and self.backend._link_layer is LinkLayer.ETHERNET:
-            slid = self.backend._local_lid(sgid)        # RoCE: the sender's local LID (module doc)
-        return Completion(status=status, byte_len=byte_len, src_qp=wc.src_qp, slid=slid, sgid=sgid,
-                          has_grh=has_grh, pkey_index=self.pkey_index, index=index,
-                          payload=buf[GRH_LEN:GRH_LEN + byte_len], sl=wc.sl)
+            b.status[:] = np.where(np.isin(status, _STATUS_CODES), status, CompletionStatus.GENERAL_ERR)
+        b.index[:] = wc["wr_id"]
+        size = self.pool.size
+        b.byte_len[:] = np.where(ok, np.clip(np.minimum(wc["byte_len"], size).astype(np.int64) - GRH_LEN,
+                                             0, None), 0)
+        b.src_qp[:] = wc["src_qp"]
+        b.slid[:] = wc["slid"]
+        b.sl[:] = wc["sl"]
+        grh = ok & ((wc["wc_flags"] & ib.WC_GRH) != 0)
+        b.grh[:] = grh
+        rows = np.flatnonzero(grh)
+        if len(rows):
+            area = self.pool.rows()[b.index[rows], :GRH_LEN]
+            sgid = area[:, 8:24]
+            # RoCEv2 over IPv4: the IPv4 header is in bytes 20..39, the source GID is IPv4-mapped
+            v4 = ((area[:, 0] >> 4) != 6) & ((area[:, 20] >> 4) == 4)
+            if v4.any():
+                sgid[v4] = np.concatenate([np.broadcast_to(_V4_MAPPED_ARR, (int(v4.sum()), 12)),
+                                           area[v4, 32:36]], axis=1)
+            b.sgid[rows] = sgid
+            if self.backend._link_layer is LinkLayer.ETHERNET:
+                keys = np.ascontiguousarray(sgid).view(np.dtype((np.void, 16))).reshape(-1)
+                uniq, inverse = np.unique(keys, return_inverse=True)
+                lids = np.array([self.backend._local_lid(u.tobytes()) for u in uniq], np.uint16)
+                b.slid[rows] = lids[inverse.reshape(-1)]
+        return b
 
     def fileno(self) -> int:
         """The completion channel's descriptor (readable after a receive completion)."""
@@ -521,14 +690,7 @@ class VerbsQp(UdQp):
         except ib.VerbsCallError as exc:
             raise QpError(f"destroying QP {self.qpn:#x}: {exc}") from None
         if self._zc_count:          # destroyed: the device reads none of them any more
-            self._hand_back([i for i, m in enumerate(self._zc) if m is not None])
-
-
-def _grh_sgid(buf: memoryview) -> bytes:
-    """The source GID from a receive buffer's 40-byte GRH area (RoCEv2 over IPv4: an IPv4-mapped GID)."""
-    if buf[0] >> 4 != 6 and buf[20] >> 4 == 4:      # RoCEv2/IPv4: the IPv4 header is in bytes 20..39
-        return b"\0" * 10 + b"\xff\xff" + bytes(buf[32:36])
-    return bytes(buf[8:24])
+            self._release(np.flatnonzero(self._slot_mem))
 
 
 class VerbsBackend(Backend):
@@ -625,11 +787,10 @@ class VerbsBackend(Backend):
 
     def alloc_pool(self, count: int, size: int, memory=None, stride: int | None = None,
                    offset: int = 0) -> VerbsPool:
-        """Allocate and register `count` receive buffers of `size` bytes (caller memory: not yet)."""
+        """Allocate and register `count` receive buffers of `size` bytes; with `memory`, register the caller's
+        instead (buffer i at `offset` + i * `stride`; QpError with the kernel's reason if it refuses)."""
         self._check_open()
-        if memory is not None:
-            raise QpError("the verbs backend does not receive into caller memory yet")
-        pool = VerbsPool(self, count, size)
+        pool = VerbsPool(self, count, size, memory, stride, offset)
         self._pools.append(pool)
         return pool
 

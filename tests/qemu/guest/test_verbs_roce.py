@@ -13,6 +13,7 @@ import re
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from roce_fabric import RoceFabric
 
@@ -347,6 +348,81 @@ def test_frames_in_flight_come_back_after_an_async_qp_error(verbs_backends, fabr
         memory.close()
         a.close()
         b.close()
+
+
+def test_send_ring_accepts_what_it_holds_and_frees_with_each_signaled_tail(hosts):
+    """A QP's send queue of 8: `post_send_batch` accepts exactly the 8 free slots (one chain, only its last
+    WR signaled); once that completion is reaped the whole chain is free again, also across the ring's
+    wrap; frames go out without copies and come back once, in order; `post_send` (copying) shares the
+    ring."""
+    a, b = hosts
+    memory = a.backend.register_send_memory(bytearray(64 * 4096), 64, 4096)
+    qp = a.backend.create_qp(a.fabric.pkey, a.fabric.qkey, a.pool, send_depth=8)
+    try:
+        ah = a.backend.create_ah(a.backend.roce_path(b.port.gid))
+        start = 0
+        for want, offered in ((5, 5), (8, 20), (8, 8), (3, 3)):
+            offs = np.arange(start, start + offered, dtype=np.int64) * 4096 + 128
+            lens = 60 + offs // 4096
+            for off, n in zip(offs.tolist(), lens.tolist(), strict=True):
+                memory.write(off, frames_of(off, n))
+            assert qp.post_send_batch(ah, b.qp.qpn, a.fabric.qkey, memory, offs, lens) == want
+            assert sorted(_back(memory, want)) == offs[:want].tolist() and memory.in_flight == 0
+            got = b.recv(want)
+            assert [bytes(c.payload) for c in got] == [frames_of(off, n) for off, n in
+                                                       zip(offs[:want].tolist(), lens[:want].tolist(), strict=True)]
+            start += want
+        assert memory.copies == 0
+        assert qp.post_send([SendRequest(ah, b.qp.qpn, a.fabric.qkey, frames_of(i, 70)) for i in range(12)]) == 8
+        assert [bytes(c.payload) for c in b.recv(8)] == [frames_of(i, 70) for i in range(8)]
+        b.quiet()
+    finally:
+        qp.close()
+        memory.close()
+
+
+BPF_F_MMAPABLE = 1 << 10
+INJECT_SLOT = 24 + 4096         # the agent's inject map value (xdpoib/datapath/inject.py SLOT_SIZE)
+
+
+def test_receive_pool_in_a_mmapped_bpf_array_map(hosts):
+    """Receive buffers inside an mmapped BPF_F_MMAPABLE array map, laid out as the agent's inject map
+    (one buffer per value): the kernel registers that mapping as one more MR, a datagram lands in the
+    map's value i, which the map itself shows (bpf MAP_LOOKUP_ELEM), and posting and polling work on it
+    as on the backend's own memory."""
+    import ctypes
+
+    from xdpoib.datapath import bpfsys
+
+    a, b = hosts
+    slots = 16
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, INJECT_SLOT, slots, "xo_test_rx", flags=BPF_F_MMAPABLE)
+    mem = mmap.mmap(fd, slots * INJECT_SLOT, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    before = kernel_mrs()
+    pool = b.backend.alloc_pool(slots, GRH_LEN + 2048, memory=mem, stride=INJECT_SLOT)
+    assert sorted(kernel_mrs()) == sorted([*before, slots * INJECT_SLOT])
+    qp = b.backend.create_qp(b.fabric.pkey, b.fabric.qkey, pool)
+    try:
+        assert qp.post_recv(np.arange(slots)) == slots
+        frames = [frames_of(i, 64 + 100 * i) for i in range(slots)]
+        a.send_to(b.port.gid, qp.qpn, frames)
+        rows, deadline = [], time.monotonic() + TIMEOUT
+        while len(rows) < slots:
+            assert time.monotonic() < deadline, f"only {len(rows)} of {slots} datagrams arrived"
+            batch = qp.poll_batch(slots - len(rows))
+            if not len(batch):
+                qp.wait(0.2)
+            rows += list(zip(batch.index.tolist(), batch.byte_len.tolist(), batch.status.tolist(), strict=True))
+        assert [st for _, _, st in rows] == [0] * slots
+        value = (ctypes.c_uint8 * INJECT_SLOT)()
+        for (index, n, _), frame in zip(rows, frames, strict=True):
+            assert bpfsys.map_lookup(fd, ctypes.c_uint32(index), value)
+            assert bytes(value)[GRH_LEN:GRH_LEN + n] == frame
+    finally:
+        qp.close()
+        pool.close()
+        os.close(fd)
+    assert sorted(kernel_mrs()) == sorted(before)
 
 
 def _wait_event(backend, kind: PortEventKind):
