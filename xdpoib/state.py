@@ -195,13 +195,10 @@ def remove_files(aid: str, keep_state: bool = False, keep_log: bool = True) -> N
             pass
 
 
-def stop_pid(pid: int, timeout: float = 10.0) -> bool:
-    """SIGTERM a process and wait for it to exit (SIGKILL after timeout); True if it was running."""
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for a process to exit (reaping it if it is our child); True if gone."""
     import time
 
-    if not pid_alive(pid):
-        return False
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):
@@ -211,7 +208,16 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
         except ChildProcessError:
             pass
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    return not pid_alive(pid)
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM a process and wait for it to exit (SIGKILL after timeout); True if it was running."""
+    if not pid_alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    if not wait_gone(pid, timeout):
+        os.kill(pid, signal.SIGKILL)
     return True
 
 

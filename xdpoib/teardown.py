@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,21 +52,6 @@ class Teardown:
                     signal.signal(s, h)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    from xdpoib import state
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not state.pid_alive(pid):
-            return True
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    return not state.pid_alive(pid)
-
-
 def own_links(spec: AttachSpec) -> list[str]:
     """The root-namespace links attach creates for `spec` (named by `state.link_tag`): the internal veth
     end `xo` (in TAP mode also the bridge `xr` and the hop `xs`) and the anchor `xa`/`xb`."""
@@ -98,12 +82,12 @@ def detach(spec: AttachSpec, keep_state: bool = False) -> str | None:
             os.kill(spec.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        if not _wait_gone(spec.pid, STOP_TIMEOUT_S):
+        if not state.wait_gone(spec.pid, STOP_TIMEOUT_S):
             try:
                 os.kill(spec.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            _wait_gone(spec.pid, 5.0)
+            state.wait_gone(spec.pid, 5.0)
             note = f"the agent (pid {spec.pid}) did not stop within {STOP_TIMEOUT_S:g} s and was killed"
     elif spec.pid:
         note = f"the agent (pid {spec.pid}) had died"
