@@ -101,10 +101,10 @@ class TxColumns:
     starts[g]:starts[g + 1], their order kept), and `meta`, the 32-byte TX metadata of each group's first
     frame (kind at [1], VID at [4:6], VIF id at [8:12], dest id at [12:16], MGID at [16:32])."""
 
-    __slots__ = ("addr", "fs", "length", "meta", "rows", "starts")
+    __slots__ = ("addr", "length", "meta", "rows", "starts")
 
-    def __init__(self, addr, length, starts, meta, rows, fs) -> None:
-        self.addr, self.length, self.starts, self.meta, self.rows, self.fs = addr, length, starts, meta, rows, fs
+    def __init__(self, addr, length, starts, meta, rows) -> None:
+        self.addr, self.length, self.starts, self.meta, self.rows = addr, length, starts, meta, rows
 
     def groups(self):
         """(meta, offsets, lengths) per destination."""
@@ -341,24 +341,26 @@ class BpfPump(_Base):
 
     def _reclaim(self) -> None:
         """Frames whose sends are over go back to the fill ring (a few: plain Python; many: arrays)."""
-        m = self.send_memory
-        if not m._done_arrays and len(m._done) <= SMALL:
-            done = m.completed()
-            if done:
-                st, fs, back = self._state, self.xsk.frame_size, []
-                for off in done:
-                    i = off // fs
-                    if st[i] == _POSTED:
-                        st[i] = 0
-                        back.append(off)
-                self.xsk.fill_frames(back)
+        done = self.send_memory.completed_offsets()     # verbs reaps its send completions here
+        self._give_back(done.tolist() if len(done) <= SMALL else done, _POSTED)
+
+    def _give_back(self, offsets, state: int) -> None:
+        """The frames at `offsets` (a list, or an integer array for many) that are still in `state` go back
+        to the fill ring (state 0: the kernel's)."""
+        if isinstance(offsets, np.ndarray):
+            if len(offsets):
+                rows = offsets // self.xsk.frame_size
+                rows = rows[self._state[rows] == state]
+                self._state[rows] = 0
+                self.xsk.fill_array(rows * self.xsk.frame_size)
             return
-        done = m.completed_offsets()
-        if len(done):
-            rows = done // self.xsk.frame_size
-            rows = rows[self._state[rows] == _POSTED]
-            self._state[rows] = 0
-            self.xsk.fill_array(rows * self.xsk.frame_size)
+        st, fs, back = self._state, self.xsk.frame_size, []
+        for off in offsets:
+            i = off // fs
+            if st[i] == state:
+                st[i] = 0
+                back.append(off)
+        self.xsk.fill_frames(back)
 
     def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
         """Send frames of this turn straight from the UMEM (their descriptors, from `TxBatch.descs`);
@@ -385,27 +387,15 @@ class BpfPump(_Base):
         the copies the backend had to make are counted."""
         if self.send_memory is None:        # frames were copied out and went back at once
             return
-        if not len(self._turn_rows) and len(self._turn) <= SMALL:
-            turn, self._turn = self._turn, []
-            if turn:
-                st, fs, back = self._state, self.xsk.frame_size, []
-                for d in turn:
-                    i = d[0] // fs
-                    if st[i] == _HELD:
-                        st[i] = 0
-                        back.append(d[0])
-                self.xsk.fill_frames(back)
-            self._count_copies()
-            return
         turn, self._turn = self._turn, []
         rows, self._turn_rows = self._turn_rows, _NO_ROWS
-        if turn:
-            rows = np.concatenate((rows, np.fromiter((d[0] for d in turn), np.int64, len(turn))
-                                   // self.xsk.frame_size))
-        if len(rows):
-            held = rows[self._state[rows] == _HELD]
-            self._state[held] = 0
-            self.xsk.fill_array(held * self.xsk.frame_size)
+        if not len(rows) and len(turn) <= SMALL:
+            self._give_back([d[0] for d in turn], _HELD)
+        else:
+            offsets = rows * self.xsk.frame_size
+            if turn:
+                offsets = np.concatenate((offsets, np.fromiter((d[0] for d in turn), np.int64, len(turn))))
+            self._give_back(offsets, _HELD)
         self._count_copies()
 
     def _count_copies(self) -> None:
@@ -467,7 +457,7 @@ class BpfPump(_Base):
             starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1))
         else:
             starts = _ZERO_START
-        return TxColumns(addr, length, starts, meta[starts], self._umem_rows, fs)
+        return TxColumns(addr, length, starts, meta[starts], self._umem_rows)
 
     def _slow_descs(self, addrs: list[int], lengths: list[int], batch: TxBatch) -> None:
         """Control and unresolved frames (rare): copied out and handed over as `Outgoing` objects."""

@@ -568,13 +568,6 @@ class SendMemory(BufferPool):
         self._done_arrays = []
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def array(self) -> np.ndarray:
-        """The memory as a uint8 array (for gathers by offset)."""
-        arr = getattr(self, "_array", None)
-        if arr is None:
-            arr = self._array = np.frombuffer(self.memory, np.uint8)
-        return arr
-
     def check_arrays(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
         """QpError unless every (offset, length) lies in the memory (vectorized `check`)."""
         if len(offsets) and (offsets.min() < 0 or lengths.min() < 0
@@ -585,7 +578,7 @@ class SendMemory(BufferPool):
         """Stop using the memory (the caller may unmap it after this); idempotent."""
         if not self.closed:
             self.closed = True
-            self._array = self._rows = None
+            self._rows = None
             self.memory.release()
 
 
