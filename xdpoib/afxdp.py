@@ -101,22 +101,21 @@ class XskSocket:
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise XskError("frames and ring_size must be powers of two")
         self.frames, self.frame_size, self.meta_len = frames, frame_size, meta_len
+        self.ring_size, self.ifindex, self.queue_id = ring_size, ifindex, queue_id
         self._rings: list[_Ring] = []
+        self.umem_fd = -1
         self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
         try:
-            self.umem = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self._umem_mv = memoryview(self.umem)
+            # the UMEM is a memfd, not private memory: a successor agent maps the same pages and takes
+            # the socket over without closing it (`adopt`, docs/operations.md "restart")
+            self._map_umem(os.memfd_create("xdpoib-umem", os.MFD_CLOEXEC), create=True)
             base = ctypes.addressof(ctypes.c_char.from_buffer(self.umem))
             self.sock.setsockopt(SOL_XDP, XDP_UMEM_REG, struct.pack("=QQIII4x", base, len(self.umem),
                                                                     frame_size, 0, 0))
             for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
                 self.sock.setsockopt(SOL_XDP, opt, struct.pack("=I", ring_size))
-            off = struct.unpack("=16Q", self.sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, 128))
+            self._map_rings()
             fd = self.sock.fileno()
-            self.rx = self._ring(fd, PGOFF_RX, off[0:4], ring_size, _DESC.size)
-            self.tx = self._ring(fd, PGOFF_TX, off[4:8], ring_size, _DESC.size)
-            self.fill = self._ring(fd, PGOFF_FILL, off[8:12], ring_size, 8)
-            self.comp = self._ring(fd, PGOFF_COMPLETION, off[12:16], ring_size, 8)
             flags = (XDP_COPY if copy_mode else 0) | XDP_USE_NEED_WAKEUP
             addr = struct.pack("=HHIII", AF_XDP, flags, ifindex, queue_id, 0)
             if _libc.bind(fd, ctypes.c_char_p(addr), len(addr)) != 0:
@@ -132,6 +131,74 @@ class XskSocket:
             self.close()
             raise
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_ring_full": 0}
+
+    def _map_umem(self, fd: int, create: bool = False) -> None:
+        self.umem_fd = fd
+        size = self.frames * self.frame_size
+        if create:
+            os.ftruncate(fd, size)
+        self.umem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._umem_mv = memoryview(self.umem)
+
+    def _map_rings(self) -> None:
+        off = struct.unpack("=16Q", self.sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, 128))
+        fd, size = self.sock.fileno(), self.ring_size
+        self.rx = self._ring(fd, PGOFF_RX, off[0:4], size, _DESC.size)
+        self.tx = self._ring(fd, PGOFF_TX, off[4:8], size, _DESC.size)
+        self.fill = self._ring(fd, PGOFF_FILL, off[8:12], size, 8)
+        self.comp = self._ring(fd, PGOFF_COMPLETION, off[12:16], size, 8)
+
+    # --- handing the socket to another process (a make-before-break restart) ----------------------
+
+    def geometry(self) -> dict:
+        """What `adopt` needs besides the two descriptors."""
+        return {"frames": self.frames, "frame_size": self.frame_size, "ring_size": self.ring_size,
+                "meta_len": self.meta_len, "ifindex": self.ifindex, "queue_id": self.queue_id}
+
+    def handover_fds(self) -> tuple[int, int]:
+        """(socket, UMEM memfd): passed with SCM_RIGHTS to the agent that takes over."""
+        return self.sock.fileno(), self.umem_fd
+
+    def settle(self, timeout: float = 1.0) -> bool:
+        """Before handing the socket over: the kernel consumes what the TX ring holds and every
+        completion is reaped, so all of the TX half is free again. False if it did not within timeout."""
+        import time
+
+        until = time.monotonic() + timeout
+        while True:
+            self.kick()
+            if not self.pending_tx() and len(self._tx_free) == self.frames - self.frames // 2:
+                return True
+            if time.monotonic() > until:
+                return False
+            time.sleep(0.001)
+
+    @classmethod
+    def adopt(cls, sock_fd: int, umem_fd: int, geometry: dict) -> XskSocket:
+        """Take over a bound socket another agent `settle`d and stopped using (its descriptors received
+        over the control socket): the same rings and UMEM, nothing rebound, so frames keep arriving
+        throughout. Every receive frame is the kernel's (fill or RX ring) and the TX half is free."""
+        self = cls.__new__(cls)
+        g = geometry
+        self.frames, self.frame_size, self.meta_len = int(g["frames"]), int(g["frame_size"]), int(g["meta_len"])
+        self.ring_size, self.ifindex, self.queue_id = int(g["ring_size"]), int(g["ifindex"]), int(g["queue_id"])
+        self._rings = []
+        self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0, fileno=sock_fd)
+        try:
+            if self.sock.family != AF_XDP:
+                raise XskError("the descriptor handed over is not an AF_XDP socket")
+            self._map_umem(umem_fd)
+            self._map_rings()
+            half = self.frames // 2
+            self._tx_free = [i * self.frame_size for i in range(half, self.frames)]
+        except OSError as e:
+            self.close()
+            raise XskError(f"adopting the AF_XDP socket failed: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_ring_full": 0}
+        return self
 
     def _ring(self, fd, pgoff, offsets, size, esize) -> _Ring:
         r = _Ring(fd, pgoff, offsets, size, esize)
@@ -326,6 +393,9 @@ class XskSocket:
         if getattr(self, "umem", None) is not None:
             self.umem.close()
             self.umem = None
+        if getattr(self, "umem_fd", -1) >= 0:
+            os.close(self.umem_fd)
+            self.umem_fd = -1
         if self.sock.fileno() >= 0:
             self.sock.close()
 

@@ -129,12 +129,15 @@ def _is_dhcp_reply(data) -> bool:
 class _Base:
     meta_len = 0
 
-    def __init__(self, agent, ifname: str, ifindex: int):
+    def __init__(self, agent, ifname: str, ifindex: int, adopt=None):
         from xdpoib.afxdp import XskSocket
 
         self.agent = agent
         self.ifname, self.ifindex = ifname, ifindex
-        self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len)
+        if adopt is not None:           # (socket fd, UMEM fd, geometry) handed over by the agent we replace
+            self.xsk = XskSocket.adopt(*adopt)
+        else:
+            self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len)
 
     def fileno(self) -> int:
         return self.xsk.fileno()
@@ -265,10 +268,11 @@ class BpfPump(_Base):
     name = "bpf"
     tx_program = "xdpoib_tx"
 
-    def __init__(self, agent, ifname: str, ifindex: int, aid: str):
+    def __init__(self, agent, ifname: str, ifindex: int, aid: str, adopt=None):
+        """adopt: the running agent's AF_XDP socket, for a successor (restart): nothing attached, no map
+        written and the rings untouched until `take_over`."""
         import logging
 
-        from xdpoib.datapath.inject import Injector
         from xdpoib.datapath.loader import PinnedDatapath, prepare
         from xdpoib.datapath.maps import Maps
 
@@ -293,30 +297,62 @@ class BpfPump(_Base):
         self.dp = PinnedDatapath(self.pin_dir)
         self._links: list[str] = []
         self._meta: dict[tuple[int, bool], bytes] = {}
+        self.owner = adopt is None      # whether close() may detach, delete the anchor and unpin
         try:
             self.maps = Maps.of(self.dp)
-            self.maps.load(agent.peers)
-            self.add_peers(agent.peers.entries.values())
-            super().__init__(agent, ifname, ifindex)
+            super().__init__(agent, ifname, ifindex, adopt)
             self._turn: list = []
             self._turn_rows = _NO_ROWS
             self._copies_seen = 0
             self.send_memory = self._send_memory(agent)
-            self.maps.xsks.set(0, self.xsk.fileno())
-            self.dp.attach(self.tx_program, ifname)
             # the anchor: a spare veth end holding the RX batch program, so each batched live-frames
-            # call costs microseconds instead of ~24 ms (docs/datapath.md)
+            # call costs microseconds instead of ~24 ms (docs/datapath.md); a successor keeps the one
+            # the running agent injects through
             h = state.link_tag(aid)
             self.anchor, peer = "xa" + h, "xb" + h
-            if link.link_exists(self.anchor):
-                link.delete_link(self.anchor)
-            link.create_veth(peer, self.anchor, None)
-            self._links.append(self.anchor)
-            self.dp.attach("xdpoib_rx_batch", self.anchor)
-            self.injector = Injector(self.dp, self.maps, ifindex)
+            if adopt is None or not link.link_exists(self.anchor):
+                if link.link_exists(self.anchor):
+                    link.delete_link(self.anchor)
+                link.create_veth(peer, self.anchor, None)
+                self._links.append(self.anchor)
+            if adopt is None:
+                self.take_over()
         except BaseException:
             self.close()
             raise
+
+    def take_over(self) -> None:
+        """Fill the maps from the agent's tables, point the XSKMAP at our socket and attach the programs
+        (an attached program is swapped atomically): from now on this agent is the datapath's."""
+        from xdpoib.datapath.inject import Injector
+
+        a = self.agent
+        self.maps.load(a.peers)
+        self.add_peers(a.peers.entries.values())
+        self.maps.xsks.set(0, self.xsk.fileno())
+        self.dp.attach(self.tx_program, self.ifname)
+        self.dp.attach("xdpoib_rx_batch", self.anchor)
+        if self.anchor not in self._links:
+            self._links.append(self.anchor)
+        self.injector = Injector(self.dp, self.maps, self.ifindex)
+        self.owner = True
+
+    def quiesce(self, timeout: float = 1.0) -> bool:
+        """Before handing the datapath over: this turn's frames and every frame whose send is over go
+        back to the fill ring, sends in flight are waited for (up to timeout), the AF_XDP TX ring is
+        emptied. True when the UMEM holds none of our frames any more."""
+        import time
+
+        until = time.monotonic() + timeout
+        if self.send_memory is not None:
+            self.tx_done()
+            while True:
+                self._reclaim()
+                if not np.count_nonzero(self._state) or time.monotonic() > until:
+                    break
+                time.sleep(0.0005)
+        settled = self.xsk.settle(max(0.0, until - time.monotonic()))
+        return settled and (self.send_memory is None or not np.count_nonzero(self._state))
 
     def _send_memory(self, agent):
         """The receive half of the UMEM as the backend's send memory (None: frames are copied out)."""
@@ -664,10 +700,12 @@ class BpfPump(_Base):
         return out
 
     def close(self) -> None:
-        """A clean stop: detach, delete the anchor, close, unpin (only a crash leaves pins behind)."""
+        """A clean stop: detach, delete the anchor, close, unpin (only a crash leaves pins behind). A pump
+        that is not the datapath's owner (a successor that never took over) only closes its own."""
         from xdpoib.datapath.loader import unpin
 
-        link.detach_xdp(self.ifname)
+        if self.owner:
+            link.detach_xdp(self.ifname)
         inj = getattr(self, "injector", None)
         if inj is not None:
             inj.close()
@@ -678,10 +716,12 @@ class BpfPump(_Base):
         xsk = getattr(self, "xsk", None)
         if xsk is not None:
             xsk.close()
-        for name in self._links:
-            link.delete_link(name)
+        if self.owner:
+            for name in self._links:
+                link.delete_link(name)
         self.dp.close()
-        unpin(self.pin_dir)
+        if self.owner:
+            unpin(self.pin_dir)
 
 
 class CeilingPump(BpfPump):

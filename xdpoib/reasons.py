@@ -65,6 +65,7 @@ class DropReason(IntEnum):
     QP_ERROR = 44               # TX/RX on a QP in the error state (after a length error)
     # refused by the agent (appended)
     SEND_QUEUE_FULL = 45        # TX: the UD QP's send queue could not take the frame
+    HANDED_OVER = 46            # RX: reached an agent that handed over (restart): multicast the successor delivers
 
 
 class Kind(IntEnum):

@@ -22,6 +22,30 @@ from pathlib import Path
 
 from xdpoib.errors import UsageError
 
+_CODE_ID: str | None = None
+
+
+def code_id() -> str:
+    """What this process runs: a digest of xdpoib's version, its Python files, the BPF sources and the
+    build asked for (XDPOIB_BPF_BUILD), fixed at the first call (an agent calls it as it starts, so an
+    upgrade on disk does not change the answer of a running agent). `xdpoib up` restarts an attachment
+    whose agent runs other code."""
+    global _CODE_ID
+    if _CODE_ID is None:
+        import xdpoib
+        from xdpoib.datapath.loader import BPF_DIR, BUILD_ENV
+
+        h = hashlib.sha256(xdpoib.__version__.encode())
+        h.update(os.environ.get(BUILD_ENV, "").encode())
+        pkg = Path(xdpoib.__file__).parent
+        for root in (pkg, BPF_DIR):
+            for p in sorted(root.rglob("*")):
+                if p.suffix in (".py", ".c", ".h") and "__pycache__" not in p.parts and p.is_file():
+                    h.update(str(p.relative_to(root)).encode())
+                    h.update(p.read_bytes())
+        _CODE_ID = h.hexdigest()[:16]
+    return _CODE_ID
+
 
 def run_dir() -> Path:
     """The runtime directory (created 0700 on demand)."""
@@ -116,9 +140,10 @@ def ensure_dirs() -> None:
         os.chmod(d, 0o700)
 
 
-def open_private(path: Path):
-    """Open `path` for writing (truncated), readable and writable by root only (mode 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def open_private(path: Path, truncate: bool = True):
+    """Open `path` for appending (truncated first unless told otherwise), readable and writable by root
+    only (mode 0600). Append mode: two agents of one attachment (a restart) share its log."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0), 0o600)
     os.fchmod(fd, 0o600)                # a file that existed keeps its mode otherwise
     return os.fdopen(fd, "wb")
 

@@ -115,6 +115,7 @@ enum xdpoib_drop_reason {
 	XDPOIB_DROP_BAD_DATAGRAM          = 43,
 	XDPOIB_DROP_QP_ERROR              = 44,
 	XDPOIB_DROP_SEND_QUEUE_FULL       = 45,     /* agent */
+	XDPOIB_DROP_HANDED_OVER           = 46,     /* agent, restart */
 };
 #define XDPOIB_DROP_SLOTS       64      /* size of the per-reason counter array */
 

@@ -64,8 +64,17 @@ class AgentError(XdpoibError):
 class Agent:
     """One attachment's agent."""
 
-    def __init__(self, spec: state.AttachSpec):
+    def __init__(self, spec: state.AttachSpec, successor: bool = False):
         self.spec = spec
+        # whether what the attachment shares (links, pins, XDP programs, state files, the port's group
+        # memberships) is this agent's to change and remove: not for a successor until it takes over,
+        # nor for an agent once it handed over (handover.py)
+        self.owns = not successor
+        self.successor = None
+        if successor:
+            from xdpoib.agent.handover import Successor
+
+            self.successor = Successor(self)
         self.pkey = full_pkey(spec.pkey)
         self.stack = ExitStack()
         self.vif_learned = True         # veth: eth4's MAC is ours; tap: learned from the guest
@@ -101,6 +110,18 @@ class Agent:
     @property
     def groups(self):
         return self.membership.groups
+
+    def shared(self, fn, *args, **kw) -> None:
+        """Push the undo of something the attachment shares: it runs only while this agent owns it."""
+        self.stack.callback(lambda: self.owns and fn(*args, **kw))
+
+    def qp_list(self) -> list:
+        """Every QP of this agent: the untagged one, one per extra partition, one per guest VIF."""
+        qps = [self.qp, *self.partitions.extra_qps()]
+        return qps + [v.qp for v in self.vifs.by_id.values() if v.vif_id and v.qp not in qps]
+
+    def qp_fds(self) -> set[int]:
+        return {qp.fileno() for qp in self.qp_list()}
 
     # ================================================================================ bring-up
 
@@ -159,14 +180,18 @@ class Agent:
             from xdpoib.pump import pin_dir
 
             prepare(pin_dir(s.id))
-            self.stack.callback(unpin, pin_dir(s.id))
+            self.shared(unpin, pin_dir(s.id))
 
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
         self.peers = PeerTable([self.vif], self.partitions.vlan_pkeys())
         self.peers.learn_vifs = self.vifs.learn_max > 0     # unknown source MACs reach us (vifs.py)
         self.vifs.primary(self.qp, self.mac)
         self.stack.callback(self.vifs.close)
-        service.restore_state(self)
+        if self.successor is None:
+            service.restore_state(self)
+        else:       # its AF_XDP socket; the state file is read at the handover, once it saved it last
+            self.successor.prepare()
+            self.stats["paths_warmed"] = self.successor.warm_paths()
 
         # datapath: frames from eth4 reach us on an AF_XDP socket; the translating programs unless
         # asked otherwise; a TAP starts with the plain path (the guest's MAC is not known yet)
@@ -177,7 +202,7 @@ class Agent:
             self._start_bpf(ceiling=True)
         elif self.want_bpf and s.mode == "veth":
             link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
-            self._start_bpf()
+            self._start_bpf(adopt=self.successor.adopt if self.successor else None)
         else:
             self.pump = PlainPump(self, self.attach_to, self.ifindex)
         self.stack.callback(lambda: self.pump.close())
@@ -187,15 +212,26 @@ class Agent:
         state.ensure_dirs()
         from xdpoib.control import ControlServer
 
-        self.control = ControlServer(state.socket_path(s.id), lambda req: service.handle_request(self, req))
+        if self.successor is not None:
+            from xdpoib.agent.handover import next_socket_path
+
+            sock = next_socket_path(s.id)
+        else:
+            sock = state.socket_path(s.id)
+        self.control = ControlServer(sock, lambda req: service.handle_request(self, req))
         self.stack.callback(self.control.close)
+        self.shared(state.remove_files, s.id, True)
+        if self.successor is not None:
+            self._take_over()
         link.set_link(s.internal, None, up=True)        # veth and tap mode alike (links.py)
         s.pid = os.getpid()
         state.write_spec(s)
-        self.stack.callback(state.remove_files, s.id, True)
         self._wire_loop()
         self.vifs.restore(self._saved_vifs)
         self.state = "running"
+        if self.successor is not None:
+            self.announcer.due = True
+            self.successor.announce_again()
         # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
         try:
             self.announcer.addresses(links.read_eth4(s)[1])
@@ -205,6 +241,19 @@ class Agent:
             log.warning("reading eth4's addresses: %s", e)
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
+
+    def _take_over(self) -> None:
+        """A successor, everything built: the running agent stops, we start (handover.py)."""
+        t0 = time.perf_counter()
+        answer = self.successor.handover()
+        service.restore_state(self)         # what the old agent saved as it stopped
+        self.peers.learn_vifs = self.vifs.learn_max > 0
+        self.successor.resolve_known()
+        ms = self.successor.take_over(t0)
+        self.stats["took_over"] += 1
+        self.handover_ms = round(ms, 2)
+        log.info("took over from pid %d: %.1f ms from our request to the datapath being ours (its "
+                 "quiesce %.1f ms)", self.successor.old_pid, ms, answer.get("quiesce_ms", 0.0))
 
     def _open_sa(self):
         """The path-and-membership provider (`provider.py`): the SA on InfiniBand, the port itself on RoCE.
@@ -239,7 +288,7 @@ class Agent:
         self.waiting_for = text
         log.warning("%s", text)
         internal = links.internal_name(self.spec)
-        if self.state == "starting" and link.link_exists(internal):    # an eth4 left by an agent that died
+        if self.state == "starting" and self.owns and link.link_exists(internal):  # left by an agent that died
             try:                                                        # (adopted later): no carrier meanwhile
                 link.set_link(internal, None, up=False)
             except (XdpoibError, OSError) as e:
@@ -257,11 +306,11 @@ class Agent:
             self.loopback = LoopbackFilter(self.port_attrs, [self.qp.qpn])
         self.loopback.qpns = {self.qp.qpn}
 
-    def _start_bpf(self, ceiling: bool = False) -> None:
+    def _start_bpf(self, ceiling: bool = False, adopt=None) -> None:
         from xdpoib.pump import BpfPump, CeilingPump
 
         cls = CeilingPump if ceiling else BpfPump
-        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id)
+        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id, adopt=adopt)
         if self.pump.adopted:
             self.stats["adopted_datapath"] += 1
             log.info("adopted the datapath pinned under %s", self.pump.pin_dir)
@@ -387,7 +436,7 @@ class Agent:
 
     def close(self) -> None:
         """Release everything in reverse order (idempotent)."""
-        if hasattr(self, "peers"):
+        if hasattr(self, "peers") and self.owns:
             service.save_state(self)
         self.stack.close()
 
@@ -397,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     spec = state.AttachSpec.from_json(argv[0])
+    state.code_id()                 # what this agent runs, fixed now (`xdpoib up` compares it after an upgrade)
     try:
-        agent = Agent(spec)
+        agent = Agent(spec, successor="--successor" in argv[1:])
     except XdpoibError as e:
         print(f"xdpoib agent: error: {e}", file=sys.stderr)
         return 1
@@ -413,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     except XdpoibError as e:
         print(f"xdpoib agent: error: {e}", file=sys.stderr)
         return 1
+    if agent.successor is not None:
+        from xdpoib.agent.handover import notify_systemd
+
+        notify_systemd(os.getpid())
     try:
         agent.run()
     finally:

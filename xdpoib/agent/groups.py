@@ -218,12 +218,27 @@ class Membership:
         else:
             a.sa_worker.submit(("leave", mgid), lambda: sa.leave(mgid, state), done)
 
+    def detach_local(self) -> None:
+        """Detach our QPs from every group, leaving nothing in the SA (a restart: the port's memberships
+        are the successor's now)."""
+        a = self.a
+        for g in self.groups.values():
+            if g.attached:
+                with contextlib.suppress(XdpoibError):
+                    a.partitions.of_mgid(g.mgid).qp.detach_mcast(g.mgid, g.mlid)
+                g.attached = False
+
     def leave_all(self) -> None:
         """Teardown: detach from every group at once, then leave them in the SA, best effort and bounded
         (LEAVE_BUDGET_S in all, each SA query while stopping at most STOP_QUERY_S): an SA that is slow,
         stopped or behind on retries is not waited for, since OpenSM drops a gone port's memberships
         itself, and everything else the agent made must still be removed before `detach` gives up on it."""
         a = self.a
+        if not getattr(a, "owns", True):     # handed over, or a successor that never took over
+            self.detach_local()
+            self.groups.clear()
+            self._pending.clear()
+            return
         client = getattr(a.sa, "client", None)
         if client is not None and hasattr(client, "policy"):       # queries still queued end quickly too
             from xdpoib.fabric.sa_client import RetryPolicy

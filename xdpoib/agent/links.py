@@ -24,7 +24,7 @@ import subprocess
 from ipaddress import ip_address
 
 from xdpoib import link, state
-from xdpoib.errors import FrameError
+from xdpoib.errors import FrameError, XdpoibError
 from xdpoib.wire import frames as f
 from xdpoib.wire.oracle import eth_to_ipoib
 
@@ -49,10 +49,14 @@ def set_up(agent) -> str:
         if link.link_exists(s.internal) and link.link_exists(s.ifname, s.netns):
             log.info("adopting the existing %s / %s of a previous agent", s.internal, s.where)
             agent.stats["adopted_links"] += 1
+        elif not agent.owns:
+            raise XdpoibError(f"{s.internal} or {s.where} is gone: nothing to take over")
         else:
             link.create_veth(s.ifname, s.internal, s.netns)
-        agent.stack.callback(link.delete_link, s.internal)
+        agent.shared(link.delete_link, s.internal)
         quiet(s.internal)
+        if not agent.owns:          # a successor: the running agent's links carry traffic, as they are
+            return s.internal
         link.set_link(s.ifname, s.netns, mac=_mac_str(agent.mac), mtu=agent.eth_mtu, up=True)
         # the internal end takes the largest frame XDP allows, so a frame above eth4's path MTU
         # (eth4's MTU raised by hand) reaches us and is answered with ICMP instead of vanishing
@@ -64,6 +68,8 @@ def set_up(agent) -> str:
         return s.internal
     # a VM's TAP, behind a bridge and a veth hop that finish its offloads (module doc). The VIF MAC
     # is the guest's, learned from its first frame.
+    if not agent.owns:
+        raise XdpoibError("a TAP attachment cannot be restarted make-before-break yet: use attach --force")
     tag = state.link_tag(s.id)
     s.internal, side, bridge = "xo" + tag, "xs" + tag, "xr" + tag
     before = link.link_info(s.ifname)

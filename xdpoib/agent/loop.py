@@ -77,6 +77,14 @@ class EventLoop:
             except (OSError, ValueError):
                 pass
 
+    def readers(self) -> list[int]:
+        """The descriptors with a handler."""
+        return list(self._handlers)
+
+    def clear_timers(self) -> None:
+        """Forget every timer (an agent that handed over keeps only what drains its QPs)."""
+        self._timers.clear()
+
     def add_poller(self, fd: int | None, poll: Callable[[int], int]) -> None:
         """A data source: poll(budget) moves at most budget frames and returns how many it moved.
         fd (if any) wakes the loop when it has work; the poller runs every turn regardless."""

@@ -39,7 +39,8 @@ def status(a) -> dict:
         "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{a.pkey:#06x}",
                        "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
                        "internal": s.internal, "pid": os.getpid(), "state": a.state,
-                       "uptime_seconds": round(time.time() - a.started, 1)},
+                       "uptime_seconds": round(time.time() - a.started, 1), "code": state.code_id(),
+                       "handover_ms": getattr(a, "handover_ms", None)},
         "port": {"gid": gid_str(p.gid), "lid": p.lid, "sm_lid": p.sm_lid, "state": p.state.name.lower(),
                  "active_mtu": p.active_mtu, "guid": f"{p.port_guid:#018x}",
                  "pkeys": [f"{k:#06x}" for k in p.pkeys if k & 0x7FFF]},
@@ -99,6 +100,10 @@ def handle_request(a, req: dict) -> dict:
         return capture.request(a, req)
     if cmd in ("vifs", "vif_add", "vif_del"):
         return a.vifs.handle(req)
+    if cmd in ("handover_prepare", "handover", "handover_done"):
+        from xdpoib.agent import handover
+
+        return handover.handle(a, req)
     if cmd == "stop":
         a.stopping = True
         return {"stopping": True}

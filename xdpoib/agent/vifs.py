@@ -251,13 +251,20 @@ class Vifs:
         if v.vif_id:
             self.announce(v, [addr])
 
-    def announce(self, v: VifState, addrs) -> None:
-        """Gratuitous ARP (IPv4) for a guest's addresses, from its own QP, so peers learn its QPN."""
+    def announce(self, v: VifState, addrs, ipv6: bool = False) -> None:
+        """Gratuitous ARP (IPv4) for a guest's addresses, from its own QP, so peers learn its QPN; with
+        ipv6, also unsolicited NAs (else the guest's own ND, DAD or its NA, carries those)."""
         a = self.a
+        from xdpoib.agent.links import ALL_NODES
+
         for addr in addrs:
-            if len(addr) != 4:
-                continue            # IPv6: the guest's own ND (DAD, unsolicited NA) carries its address
-            frame = f.eth(b"\xff" * 6, v.mac, f.ETH_P_ARP, f.arp(f.ARPOP_REQUEST, v.mac, addr, b"\0" * 6, addr))
+            if len(addr) == 16 and ipv6:
+                frame = f.eth(b"\x33\x33\x00\x00\x00\x01", v.mac, f.ETH_P_IPV6,
+                              f.nd_na(addr, ALL_NODES, addr, tlla=v.mac, solicited=False))
+            elif len(addr) != 4:
+                continue
+            else:
+                frame = f.eth(b"\xff" * 6, v.mac, f.ETH_P_ARP, f.arp(f.ARPOP_REQUEST, v.mac, addr, b"\0" * 6, addr))
             try:
                 r = eth_to_ipoib(frame, a.peers)
             except FrameError:
@@ -298,6 +305,12 @@ class Vifs:
             v = self.remove(mac)
             return {"vif": v.to_dict()}
         raise UsageError(f"unknown request {cmd!r}")
+
+    def announce_all(self) -> None:
+        """Every guest's known addresses, both families (a restart: every VIF has a new QPN)."""
+        for v in list(self.by_id.values()):
+            if v.vif_id and v.addrs:
+                self.announce(v, v.addrs, ipv6=True)
 
     def to_json(self) -> list[dict]:
         return [{"id": v.vif_id, "mac": mac_str(v.mac), "vlan": v.vid, "learned": v.learned,

@@ -169,21 +169,7 @@ def start_agent(spec: state.AttachSpec) -> int:
     """Start the agent process (root namespace, as the port's umad client); return its pid once ready."""
     from xdpoib import control
 
-    state.ensure_dirs()
-    logf = state.open_private(state.log_path(spec.id))
-    argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json()]
-    try:
-        if spec.backend == "sim":
-            from xdpoib.fabric.simfabric import SimFabric
-
-            proc = SimFabric.attach(spec.fabric).spawn(spec.host, argv, stdout=logf, stderr=logf,
-                                                       stdin=subprocess.DEVNULL, start_new_session=True,
-                                                       umask=AGENT_UMASK)
-        else:
-            proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, umask=AGENT_UMASK)
-    finally:
-        logf.close()
+    proc = spawn_agent(spec)
     ready_timeout = READY_TIMEOUT + spec.wait          # bring-up may wait for the SM (--wait)
     deadline = time.monotonic() + ready_timeout
     sock = state.socket_path(spec.id)
@@ -208,6 +194,25 @@ def start_agent(spec: state.AttachSpec) -> int:
     state.stop_pid(proc.pid)
     raise XdpoibError(f"the agent for {spec.where} was not ready after {ready_timeout:.0f} s: "
                       f"{last_error(spec.id)}")
+
+
+def spawn_agent(spec: state.AttachSpec, successor: bool = False, env: dict | None = None) -> subprocess.Popen:
+    """Start an agent process for spec, its output in the attachment's log (started afresh, unless for a
+    successor: both agents then append to it)."""
+    state.ensure_dirs()
+    logf = state.open_private(state.log_path(spec.id), truncate=not successor)
+    argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json(), *(["--successor"] if successor else [])]
+    try:
+        if spec.backend == "sim":
+            from xdpoib.fabric.simfabric import SimFabric
+
+            return SimFabric.attach(spec.fabric).spawn(spec.host, argv, stdout=logf, stderr=logf,
+                                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                                       umask=AGENT_UMASK, env=env)
+        return subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                start_new_session=True, umask=AGENT_UMASK, env=env)
+    finally:
+        logf.close()
 
 
 def waiting_lines(aid: str) -> list[str]:

@@ -17,7 +17,9 @@ per line, written as the arguments of `xdpoib attach`; '#' starts a comment:
   eth5 --netns blue --device mlx5_0 --pkey 0x8003
 
 A line with --force replaces its attachment when it is already running (as `xdpoib attach --force`
-does); without it, a running attachment is left alone.
+does); without it, a running attachment is left alone, unless its agent runs other code than the one
+installed (an upgrade): then it is restarted make-before-break, as `xdpoib restart` does (a TAP
+attachment is only named: replace it with --force on its line).
 
 examples:
   xdpoib up          attach what is listed and not attached yet
@@ -60,7 +62,7 @@ def run(args) -> int:
             old = state.read_spec(spec.id)
             running = old is not None and state.pid_alive(old.pid)
             if running and not a.force:
-                print(f"{where}: already attached")
+                print(upgrade(spec, old))
                 continue
             attach.check_not_attached(spec, force=a.force)      # --force on the line: replace it
             pid = attach.start_agent(spec)
@@ -69,3 +71,23 @@ def run(args) -> int:
             failed += 1
             print(f"{where}: error: {e}")
     return 1 if failed else 0
+
+
+def upgrade(spec, running) -> str:
+    """A running attachment listed without --force: restarted (make-before-break) when its agent runs
+    other code than this installation's; the line to print."""
+    from xdpoib import control
+    from xdpoib.commands import restart
+
+    try:
+        st = control.request(state.socket_path(spec.id), "status", timeout=5.0)
+    except control.ControlError:
+        return f"{spec.where}: already attached"
+    if st["attachment"].get("code") in (None, state.code_id()):
+        return f"{spec.where}: already attached"
+    if running.mode == "tap":
+        return (f"{spec.where}: runs other code than the one installed; a TAP attachment is not restarted "
+                f"make-before-break: add --force to its line to replace it")
+    r = restart.restart(running)
+    return (f"{spec.where}: restarted after an upgrade (agent pid {r['old_pid']} -> {r['pid']}, handover "
+            f"{r['handover_ms']} ms)")

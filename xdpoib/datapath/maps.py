@@ -416,8 +416,7 @@ class Maps:
         """Install an oracle `Tables` (xdpoib.wire.oracle): VIFs, peers, partitions, scope."""
         self.add_vifs((v.vif_id, v.mac, v.addr.pack()) for v in tables.vifs)
         self.add_peers((p.peer_id, p.mac, p.addr.pack()) for p in tables.peers)
-        self.clear_partitions()
-        self.set_partitions(tables.vlan_pkeys)
+        self.write_partitions(tables.vlan_pkeys)
         self.set_config(scope=tables.scope, flags=abi.CFG_LEARN_VIFS if tables.learn_vifs else 0)
 
     def remove_peers(self, peers) -> None:
@@ -523,6 +522,25 @@ class Maps:
             if pkey & 0x7FFF not in seen:
                 seen.add(pkey & 0x7FFF)
                 self.pkey.set(pkey & 0x7FFF, abi.Pkey(vid=vid, flags=abi.F_VALID))
+
+    def write_partitions(self, vlan_pkeys: dict[int, int]) -> None:
+        """Every VID and P_Key slot written with its final value in one batched pass each (no slot is
+        ever cleared first: programs running meanwhile, a restart's, see the old or the new mapping)."""
+        import numpy as np
+
+        for m, n, pairs in ((self.vlan, abi.MAX_VLANS, {vid: pkey for vid, pkey in vlan_pkeys.items()}),
+                            (self.pkey, abi.MAX_PKEYS, {})):
+            if m is self.pkey:
+                for vid, pkey in sorted(vlan_pkeys.items(), reverse=True):     # the smallest VID wins
+                    pairs[pkey & 0x7FFF] = vid
+            vals = np.zeros((n, 4), np.uint8)
+            if pairs:
+                idx = np.fromiter(pairs, np.int64, len(pairs))
+                words = np.fromiter(pairs.values(), np.int64, len(pairs))
+                vals[idx, 0] = words & 0xFF
+                vals[idx, 1] = words >> 8
+                vals[idx, 2] = abi.F_VALID
+            m.update_batch_raw(np.arange(n, dtype="<u4").tobytes(), vals.tobytes())
 
     def clear_partitions(self) -> None:
         """Mark every VID and P_Key slot unused."""

@@ -178,7 +178,7 @@ def scan(fabric: str) -> tuple[dict[int, int], dict[bytes, list[tuple[int, int]]
                 continue
             parts = cols[7][len(head):].split("/")
             try:
-                if parts[0] == "l" and len(parts) == 3:
+                if parts[0] == "l" and len(parts) in (3, 4):       # l/LID/GUID[/PID]
                     lids[int(parts[1], 16)] = int(parts[2], 16)
                 elif parts[0] == "m" and len(parts) == 4:
                     member = (int(parts[2], 16), int(parts[3], 16))
@@ -865,10 +865,13 @@ class SimUdBackend(Backend):
             self._lid_marker.close()
             self._lid_marker = None
         if lid:
+            # one name per process: two agents of one port (a restart's successor beside the running
+            # agent) each publish it, so the port's LID stays known when either exits
             try:
-                self._lid_marker = _bound(_name(self.fabric, "l", f"{lid:04x}", f"{self.guid:016x}"))
+                self._lid_marker = _bound(_name(self.fabric, "l", f"{lid:04x}", f"{self.guid:016x}",
+                                                f"{os.getpid()}"))
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:      # another process on this port published it
+                if exc.errno != errno.EADDRINUSE:
                     raise
 
     def registry(self, fresh: bool = False) -> tuple[dict[int, int], dict[bytes, list[tuple[int, int]]]]:

@@ -1,0 +1,94 @@
+"""`xdpoib restart`: replace an attachment's agent without taking eth4 away (make-before-break).
+
+A successor agent is built beside the running one and takes its AF_XDP socket over; the old agent
+drains its old QPs for a grace period and exits (xdpoib/agent/handover.py). `systemctl reload
+xdpoib@NAME` runs this; `xdpoib up` runs it for attachments whose agent runs other code (an upgrade).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from xdpoib import state
+from xdpoib.errors import UsageError, XdpoibError
+
+NAME = "restart"
+HELP = "restart an attachment's agent without taking its interface away (make-before-break)"
+ROOT = "the new agent opens the fabric's umad port and takes over the XDP programs"
+EPILOG = """The new agent is built while the running one forwards (QPs, joins, programs compiled if the
+build changed, maps adopted or rebuilt for another ABI), then takes over the AF_XDP socket in one step
+and announces its new QPNs; the old agent keeps delivering what reaches its old QPs for a grace period
+(--grace, 3 s by default, longer while such frames still come, at most 10 s) and exits. If the new agent
+fails before the handover, the running one serves on and restart says why.
+
+examples:
+  xdpoib restart eth4
+  xdpoib restart eth5 --netns blue
+  xdpoib restart blue:eth5          the same (systemctl reload xdpoib@blue:eth5)
+"""
+READY_TIMEOUT = 120.0           # a new build compiles first (~3-5 s here; more on a loaded host)
+
+
+def configure(p):
+    p.add_argument("ifname", metavar="IFNAME", help="the attached interface (or NETNS:IFNAME)")
+    p.add_argument("--netns", metavar="NS", help="network namespace of IFNAME")
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="how long the old agent keeps delivering frames sent to its old QPNs (default 3)")
+
+
+def resolve(args) -> state.AttachSpec:
+    ifname, netns = args.ifname, args.netns
+    if ":" in ifname and netns is None:          # NETNS:IFNAME (':' is not allowed in interface names)
+        netns, _, ifname = ifname.rpartition(":")
+    if args.grace is not None and not 0.0 <= args.grace <= 60.0:
+        raise UsageError(f"--grace must be between 0 and 60 seconds, not {args.grace:g}")
+    spec = state.find(ifname, netns)
+    if not state.pid_alive(spec.pid):
+        raise XdpoibError(f"the agent of {spec.where} is not running (pid {spec.pid}): "
+                          f"use xdpoib attach to start it again")
+    if spec.mode == "tap":
+        raise UsageError(f"{spec.where} is a TAP attachment: make-before-break restarts are for veth "
+                         f"attachments only; use xdpoib attach --force (a stop and start)")
+    return spec
+
+
+def restart(spec: state.AttachSpec, grace: float | None = None, env: dict | None = None) -> dict:
+    """Start a successor for spec's running agent and wait until it serves; returns what happened
+    (`old_pid`, `pid`, `seconds`, `handover_ms`). XdpoibError (the running agent serving on) on failure."""
+    from xdpoib import control
+    from xdpoib.commands.attach import last_error, spawn_agent
+
+    old_pid = spec.pid
+    env = dict(os.environ if env is None else env)
+    if grace is not None:
+        env["XDPOIB_HANDOVER_GRACE"] = f"{grace:g}"
+    t0 = time.monotonic()
+    proc = spawn_agent(spec, successor=True, env=env)
+    sock = state.socket_path(spec.id)
+    deadline = t0 + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise XdpoibError(f"restart of {spec.where} failed: {last_error(spec.id)}; "
+                              f"the running agent (pid {old_pid}) serves on")
+        try:
+            st = control.request(sock, "status", timeout=2.0)
+        except control.ControlError:
+            st = None
+        if st and st["attachment"]["pid"] == proc.pid and st["attachment"]["state"] == "running":
+            return {"old_pid": old_pid, "pid": proc.pid, "seconds": round(time.monotonic() - t0, 2),
+                    "handover_ms": st["attachment"].get("handover_ms")}
+        time.sleep(0.05)
+    state.stop_pid(proc.pid)
+    raise XdpoibError(f"the new agent for {spec.where} was not ready after {READY_TIMEOUT:.0f} s: "
+                      f"{last_error(spec.id)}; the running agent (pid {old_pid}) serves on")
+
+
+def run(args) -> int:
+    spec = resolve(args)
+    r = restart(spec, args.grace)
+    print(f"{spec.where}: restarted (agent pid {r['old_pid']} -> {r['pid']}, {r['seconds']:.1f} s; "
+          f"handover {r['handover_ms']} ms; the old agent drains its QPs, then exits)")
+    sys.stdout.flush()
+    return 0
