@@ -39,6 +39,7 @@ AGENT_CHECKS = [
     "agent_roce::test_multicast_reaches_a_joined_socket",
     "agent_roce::test_qp_error_is_recovered_on_rxe",
     "agent_roce::test_killed_agent_is_succeeded_by_one_that_adopts_the_datapath",
+    "agent_roce::test_restart_hands_over_on_verbs_without_losing_pings",
     "agent_roce::test_detach_leaves_no_verbs_resources_behind",
 ]
 # The guest's own checks of the backend (tests/qemu/guest/test_verbs_roce.py), besides the contract suite.

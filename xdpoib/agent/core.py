@@ -221,26 +221,34 @@ class Agent:
         self.control = ControlServer(sock, lambda req: service.handle_request(self, req))
         self.stack.callback(self.control.close)
         self.shared(state.remove_files, s.id, True)
+        addresses = None
         if self.successor is not None:
+            addresses = self._eth4_addresses()         # read before: announced on the loop's first turn
             self._take_over()
+
+            def announce():
+                self.announcer.due = True
+                self.announcer.addresses(addresses or "")
+            self.loop.call_later(0.0, announce)        # peers move to our QPNs once we read them
+            self.successor.announce_again()
         link.set_link(s.internal, None, up=True)        # veth and tap mode alike (links.py)
         s.pid = os.getpid()
         state.write_spec(s)
         self._wire_loop()
         self.vifs.restore(self._saved_vifs)
         self.state = "running"
-        if self.successor is not None:
-            self.announcer.due = True
-            self.successor.announce_again()
-        # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
-        try:
-            self.announcer.addresses(links.read_eth4(s)[1])
-        except (OSError, ValueError) as e:
-            log.warning("reading eth4's addresses: %s", e)
-        except Exception as e:
-            log.warning("reading eth4's addresses: %s", e)
+        if addresses is None:
+            # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
+            self.announcer.addresses(self._eth4_addresses() or "")
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
+
+    def _eth4_addresses(self) -> str | None:
+        try:
+            return links.read_eth4(self.spec)[1]
+        except Exception as e:          # a namespace gone, a command that failed: nothing to announce
+            log.warning("reading eth4's addresses: %s", e)
+            return None
 
     def _take_over(self) -> None:
         """A successor, everything built: the running agent stops, we start (handover.py)."""

@@ -415,7 +415,9 @@ def compile_and_pin(pin_dir: Path, keep_maps: bool = False, timeout: float = 120
     argv = [sys.executable, "-m", "xdpoib.datapath.loader", "pin", str(pin_dir)]
     argv += ["--keep-maps"] if keep_maps else []
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        # niced: an agent (the one a restart replaces, or others on the host) forwards meanwhile, and the
+        # compile (seconds of a full core) must not starve it
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=lambda: os.nice(10))
     except subprocess.TimeoutExpired:
         raise BpfLoadError(f"compiling the datapath took more than {timeout:.0f} s") from None
     if r.returncode != 0:

@@ -386,6 +386,36 @@ def test_killed_agent_is_succeeded_by_one_that_adopts_the_datapath(lab):
     wait_for("traffic back after the restart", lambda: ping("A", IPS[1], count=1) and ping("B", IPS[0], count=1))
 
 
+def test_restart_hands_over_on_verbs_without_losing_pings(lab, record_property):
+    """`xdpoib restart` on rxe: the successor adopts the AF_XDP socket and registers the same UMEM (a
+    memfd, mapped again) as its own memory region; pings every 50 ms both ways lose nothing; the old
+    agent exits after its grace period with every verbs resource it held."""
+    old = status("A")
+    pinger = [subprocess.Popen(["ip", "netns", "exec", src, "ping", "-i", "0.05", "-c", "200", "-W", "2", dst],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for src, dst in (("B", IPS[0]), ("A", IPS[1]))]
+    time.sleep(1.0)
+    out = xdpoib("restart", "eth4", "--netns", "A", timeout=300).stdout
+    results = [p.communicate(timeout=120)[0] for p in pinger]
+    new = status("A")
+    assert new["attachment"]["pid"] != old["attachment"]["pid"] and new["qpn"] != old["qpn"], out
+    assert new["counters"].get("took_over") == 1
+    wait_for("the old agent gone after its grace period", lambda: not state.pid_alive(old["attachment"]["pid"]),
+             timeout=30)
+    assert not owned_by(old["attachment"]["pid"]), "the old agent's verbs resources outlived it"
+    umem = [ln for ln in owned_by(new["attachment"]["pid"]) if ln.startswith("mr:")
+            and re.search(r"\bmrlen 8388608\b", ln)]
+    assert len(umem) == 1, owned_by(new["attachment"]["pid"])
+    lost = []
+    for text in results:
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+        assert m, text
+        lost.append(int(m.group(1)) - int(m.group(2)))
+    record_property("restart_handover_ms", new["attachment"]["handover_ms"])
+    record_property("restart_pings_lost", f"{lost[0]}+{lost[1]} of 400")
+    assert lost == [0, 0], f"pings lost across the restart on rxe (B->A, A->B): {lost}"
+
+
 def test_detach_leaves_no_verbs_resources_behind(lab):
     pids = [status(ns)["attachment"]["pid"] for ns in NS]
     for pid in pids:            # the UMEM's receive half, registered for sends: among what must go
