@@ -260,6 +260,25 @@ def test_a_successor_that_fails_leaves_the_running_agent_serving(pair):
     assert bad.returncode != 0 and "--grace" in bad.stderr and "Traceback" not in bad.stderr
     nope = x("restart", "eth9", "--netns", ns1, check=False)
     assert nope.returncode != 0 and len(nope.stderr.strip().splitlines()) == 1
+    both = x("restart", "eth4", "--netns", ns1, "--upgraded", check=False)
+    assert both.returncode != 0 and "--upgraded" in both.stderr and "Traceback" not in both.stderr
+    assert status(ns1)["attachment"]["pid"] == before["attachment"]["pid"]
+
+
+def test_restart_upgraded_picks_only_agents_running_other_code(pair, tmp_path):
+    """`xdpoib restart --upgraded` (the package's postinst): nothing to do while every agent runs this
+    code; an agent started with another build (other code) is the one restarted."""
+    _fab, (ns1, ns2) = pair
+    from xdpoib.commands.restart import upgraded
+
+    ours = {state.attachment_id("eth4", ns) for ns in (ns1, ns2)}
+    assert not [s for s in upgraded() if s.id in ours]
+    before = {ns: status(ns)["attachment"]["pid"] for ns in (ns1, ns2)}
+    restart(ns2, env=env_with("test_fill"))             # h2's agent now runs "other code"
+    assert [s.netns for s in upgraded() if s.id in ours] == [ns2]
+    r = restart(ns2)                                    # what --upgraded runs for it
+    assert not [s for s in upgraded() if s.id in ours]
+    assert status(ns1)["attachment"]["pid"] == before[ns1] and r["new"] != before[ns2]
 
 
 def next_socket(aid: str):

@@ -223,13 +223,8 @@ class Agent:
         self.shared(state.remove_files, s.id, True)
         addresses = None
         if self.successor is not None:
-            addresses = self._eth4_addresses()         # read before: announced on the loop's first turn
+            addresses = self._eth4_addresses()         # read before: announced as soon as the loop runs
             self._take_over()
-
-            def announce():
-                self.announcer.due = True
-                self.announcer.addresses(addresses or "")
-            self.loop.call_later(0.0, announce)        # peers move to our QPNs once we read them
             self.successor.announce_again()
         link.set_link(s.internal, None, up=True)        # veth and tap mode alike (links.py)
         s.pid = os.getpid()
@@ -237,9 +232,12 @@ class Agent:
         self._wire_loop()
         self.vifs.restore(self._saved_vifs)
         self.state = "running"
-        if addresses is None:
-            # announce right away: the addresses eth4 already has (an adopted eth4 keeps them)
-            self.announcer.addresses(self._eth4_addresses() or "")
+        # announce right away: the addresses eth4 already has (an adopted eth4 keeps them). A successor
+        # does it last, as its loop is about to run: before its first data frame leaves (a peer drops
+        # datagrams from a QPN it has not heard of while it asks the SA who that is), and not before
+        # its QPs are read (the sim's receive queues hold 10 datagrams)
+        self.announcer.due = True
+        self.announcer.addresses(addresses if addresses is not None else (self._eth4_addresses() or ""))
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
 

@@ -27,12 +27,16 @@ examples:
   xdpoib restart eth4
   xdpoib restart eth5 --netns blue
   xdpoib restart blue:eth5          the same (systemctl reload xdpoib@blue:eth5)
+  xdpoib restart --upgraded         every attachment whose agent runs older code (after apt upgrade)
 """
 READY_TIMEOUT = 120.0           # a new build compiles first (~3-5 s here; more on a loaded host)
 
 
 def configure(p):
-    p.add_argument("ifname", metavar="IFNAME", help="the attached interface (or NETNS:IFNAME)")
+    p.add_argument("ifname", metavar="IFNAME", nargs="?", help="the attached interface (or NETNS:IFNAME)")
+    p.add_argument("--upgraded", action="store_true",
+                   help="instead of IFNAME: every attachment whose agent runs other code than the one "
+                        "installed (what the Debian package runs after an upgrade)")
     p.add_argument("--netns", metavar="NS", help="network namespace of IFNAME")
     p.add_argument("--grace", type=float, metavar="SECONDS",
                    help="how long the old agent keeps delivering frames sent to its old QPNs (default 3)")
@@ -40,10 +44,11 @@ def configure(p):
 
 def resolve(args) -> state.AttachSpec:
     ifname, netns = args.ifname, args.netns
+    if not ifname:
+        raise UsageError("name the attached interface (IFNAME), or give --upgraded")
+    check_grace(args)
     if ":" in ifname and netns is None:          # NETNS:IFNAME (':' is not allowed in interface names)
         netns, _, ifname = ifname.rpartition(":")
-    if args.grace is not None and not 0.0 <= args.grace <= 60.0:
-        raise UsageError(f"--grace must be between 0 and 60 seconds, not {args.grace:g}")
     spec = state.find(ifname, netns)
     if not state.pid_alive(spec.pid):
         raise XdpoibError(f"the agent of {spec.where} is not running (pid {spec.pid}): "
@@ -85,7 +90,42 @@ def restart(spec: state.AttachSpec, grace: float | None = None, env: dict | None
                       f"{last_error(spec.id)}; the running agent (pid {old_pid}) serves on")
 
 
+def check_grace(args) -> None:
+    if args.grace is not None and not 0.0 <= args.grace <= 60.0:
+        raise UsageError(f"--grace must be between 0 and 60 seconds, not {args.grace:g}")
+
+
+def upgraded() -> list[state.AttachSpec]:
+    """Running veth attachments whose agent runs other code than this installation's."""
+    from xdpoib import control
+
+    out = []
+    for spec in state.attachments():
+        if spec.mode != "veth" or not state.pid_alive(spec.pid):
+            continue
+        try:
+            code = control.request(state.socket_path(spec.id), "status", timeout=5.0)["attachment"].get("code")
+        except control.ControlError:
+            continue
+        if code != state.code_id():
+            out.append(spec)
+    return out
+
+
 def run(args) -> int:
+    if args.upgraded:
+        if args.ifname or args.netns:
+            raise UsageError("--upgraded restarts every upgraded attachment: give no IFNAME or --netns")
+        check_grace(args)
+        failed = 0
+        for spec in upgraded():
+            try:
+                r = restart(spec, args.grace)
+                print(f"{spec.where}: restarted (agent pid {r['old_pid']} -> {r['pid']})")
+            except XdpoibError as e:
+                failed += 1
+                print(f"{spec.where}: error: {e}")
+        return 1 if failed else 0
     spec = resolve(args)
     r = restart(spec, args.grace)
     print(f"{spec.where}: restarted (agent pid {r['old_pid']} -> {r['pid']}, {r['seconds']:.1f} s; "
