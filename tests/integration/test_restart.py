@@ -21,15 +21,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
-from labkit import attached, xdpoib
+from labkit import attached, bridge_eth4, bridge_port, mac_of, sh, xdpoib
 from prereq import need_cmd
 
 from xdpoib import abi, state
 from xdpoib.datapath import loader
 
-SIM_HOSTS = 2
+SIM_HOSTS = 3
 
 
 def x(*args, check=True, env=None, timeout=180):
@@ -333,3 +334,44 @@ def test_systemd_is_told_the_new_main_pid(pair, tmp_path):
     assert got, "nothing was sent on NOTIFY_SOCKET"
     msg = got[0].decode()
     assert f"MAINPID={r['new']}" in msg.split("\n") and "READY=1" in msg.split("\n"), msg
+
+
+def test_guests_behind_a_bridge_keep_talking_across_restarts(pair, figures):
+    """The eIPoIB scenario: a host whose eth4 is the uplink of a bridge with guests behind it, each guest
+    its own VIF (own QP). Restarted 3 times while a guest and the remote host ping each other: the
+    guest's VIF comes back with a new QPN (announced), nothing is lost."""
+    fab, (_ns1, ns2) = pair
+    t = uuid.uuid4().hex[:4]
+    host, guest = f"xrh{t}", f"xrg{t}"
+    for ns in (host, guest):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    try:
+        x("attach", "eth4", "--netns", host, "--sim", f"{fab.name}:h3", "--learn-vifs", "2")
+        bridge_eth4(host, "10.68.0.3/24")
+        bridge_port(host, guest, 1, "10.68.0.31/24")
+        assert subprocess.run(["ip", "netns", "exec", guest, "ping", "-c", "3", "-W", "2", "10.68.0.2"],
+                              capture_output=True).returncode == 0
+        vif = [v for v in json.loads(x("vif", "list", "eth4", "--netns", host, "-j").stdout)
+               if v["mac"] == mac_of(guest, "eth0")]
+        assert vif, "the guest was not learned as a VIF"
+        out = Pinger(guest, "10.68.0.2", 400)
+        back = Pinger(ns2, "10.68.0.31", 400)
+        time.sleep(1.0)
+        done = []
+        for _ in range(3):
+            done.append(restart(host))
+            time.sleep(1.5)
+        (s1, g1), (s2, g2) = out.result(), back.result()
+        after = [v for v in json.loads(x("vif", "list", "eth4", "--netns", host, "-j").stdout)
+                 if v["mac"] == vif[0]["mac"]]
+        hms = ", ".join(f"{r['handover_ms']:.0f}" for r in done)
+        figures(f"\nrestart x3 of a bridge host (a guest's VIF behind it): guest->remote {g1}/{s1}, "
+                f"remote->guest {g2}/{s2} pings answered; the VIF's QPN {vif[0]['qpn']} -> {after[0]['qpn']}; "
+                f"handover {hms} ms")
+        assert after and after[0]["qpn"] != vif[0]["qpn"] and after[0]["learned"]
+        assert g1 == s1 and g2 == s2, f"lost: guest->remote {s1 - g1}, remote->guest {s2 - g2}"
+    finally:
+        x("detach", "eth4", "--netns", host, check=False)
+        for ns in (host, guest):
+            sh("ip", "netns", "del", ns, check=False)

@@ -318,7 +318,7 @@ class Vifs:
                 for v in self.by_id.values() if v.vif_id]
 
     def restore(self, items: list[dict]) -> None:
-        """VIFs of a previous agent: back with new QPs (so announced again)."""
+        """VIFs of a previous agent: back with new QPs (so announced again, IPv6 included)."""
         from ipaddress import ip_address
 
         for it in items:
@@ -329,4 +329,4 @@ class Vifs:
                 log.warning("VIF %s not restored: %s", it.get("mac"), e)
                 continue
             v.addrs = {ip_address(x).packed for x in it.get("addresses", [])}
-            self.announce(v, v.addrs)
+            self.announce(v, v.addrs, ipv6=True)        # the guest does not know its QPN changed
