@@ -130,6 +130,9 @@ class PeerTable(Tables):
         self._by_mac: dict[bytes, PeerEntry] = {}
         self._by_id: dict[int, PeerEntry] = {}
         self._by_lid: dict[tuple[int, int], PeerEntry] = {}
+        # the port GID behind each LID we learned a peer at (a LID is one port's): a new QPN at a known
+        # LID, a peer's agent restarted, is known at once (`Resolver.who_is`); forgotten on port events
+        self.gid_of_lid: dict[int, tuple[bytes, float]] = {}
         self._vif_by_mac = {v.mac: v for v in vifs}
         self._vif_by_key = {v.addr.key: v for v in vifs}
         self._next_id = next_id
@@ -183,7 +186,9 @@ class PeerTable(Tables):
                     self.on_lid_change(e, old)
         elif lid and self._by_lid.get((lid, addr.qpn)) is not e:
             self._by_lid[(lid, addr.qpn)] = e           # e.lid was set from a PathRecord, not indexed
-        e.last_seen = time.monotonic()
+        e.last_seen = now = time.monotonic()
+        if lid:
+            self.gid_of_lid[lid] = (addr.gid, now)
         return e
 
     def _new_id(self) -> int:
@@ -263,6 +268,7 @@ class PeerTable(Tables):
         """Mark every path stale (port event, LID change): they are resolved again on next use."""
         for e in self.entries.values():
             e.path_state, e.path, e.ah, e.reverse_via = "unresolved", None, None, None
+        self.gid_of_lid.clear()                 # LIDs may have moved (an SM's new assignment)
 
     # --- the oracle's Tables interface, with dictionaries -----------------------------------------
 

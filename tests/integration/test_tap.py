@@ -116,3 +116,69 @@ def test_tap_mode_refuses_a_namespace_and_a_missing_tap(sim_fabric):
     assert r.returncode != 0 and "not an existing TAP" in r.stderr
     r = x("attach", "tap0", "--mode", "tap", "--netns", "x", "--sim", f"{sim_fabric.name}:h1", check=False)
     assert r.returncode != 0 and "drop --netns" in r.stderr
+
+
+def test_a_tap_attachment_restarts_without_losing_the_vms_pings(sim_fabric, vm_tap, figures):
+    """`xdpoib restart` of a TAP attachment (the VM's MAC learned, the translating programs in use): the
+    new agent adopts the bridge and veth hop, takes the AF_XDP socket over and announces the guest's
+    addresses with its new QPN; the host across the fabric pings the VM every 20 ms throughout."""
+    import re
+    import threading
+
+    tap, fd = vm_tap
+    stop = threading.Event()
+
+    def vm():
+        """The guest: answers ARP for its address and ICMP echo requests, as a VM's stack would."""
+        while not stop.is_set():
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                fr = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            if fr[12:14] == b"\x08\x06" and fr[20:22] == b"\x00\x01" and fr[38:42] == GUEST_IP:
+                os.write(fd, f.eth(fr[6:12], GUEST_MAC, f.ETH_P_ARP,
+                                   f.arp(f.ARPOP_REPLY, GUEST_MAC, GUEST_IP, fr[22:28], fr[28:32])))
+            elif fr[12:14] == b"\x08\x00" and fr[14 + 9] == f.IPPROTO_ICMP and fr[30:34] == GUEST_IP:
+                ihl = (fr[14] & 0x0F) * 4
+                icmp = fr[14 + ihl:]
+                if icmp[0] == 8:
+                    ident, seq = struct.unpack("!HH", icmp[4:8])
+                    os.write(fd, f.eth(fr[6:12], GUEST_MAC, f.ETH_P_IP,
+                                       f.ipv4(GUEST_IP, fr[26:30], f.IPPROTO_ICMP,
+                                              f.icmp_echo(ident, seq, icmp[8:], reply=True))))
+
+    with attached(sim_fabric, ["h2"], net="10.55.0", prefix="xp") as (peer,):
+        x("attach", tap, "--mode", "tap", "--sim", f"{sim_fabric.name}:h1")
+        t = threading.Thread(target=vm, daemon=True)
+        t.start()
+        try:
+            # the guest speaks first (its MAC is learned, the TAP moves to the translating programs)
+            os.write(fd, f.eth(BROADCAST_MAC, GUEST_MAC, f.ETH_P_ARP,
+                               f.arp(f.ARPOP_REQUEST, GUEST_MAC, GUEST_IP, ZERO_MAC, PEER_IP)))
+            ping = ["ip", "netns", "exec", peer, "ping", "-W", "2"]
+            assert subprocess.run([*ping, "-c", "3", "10.55.0.1"], capture_output=True).returncode == 0
+            st = json.loads(x("status", tap, "-j").stdout)
+            assert st["datapath"]["kind"] == "bpf"
+            pinger = subprocess.Popen([*ping, "-i", "0.02", "-c", "300", "10.55.0.1"], stdout=subprocess.PIPE,
+                                      text=True)
+            time.sleep(1.0)
+            outs = [x("restart", tap).stdout for _ in range(2) if not time.sleep(1.0)]
+            out, _ = pinger.communicate(timeout=60)
+            after = json.loads(x("status", tap, "-j").stdout)
+        finally:
+            stop.set()
+            t.join(5)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        figures(f"\nrestart x2 of a TAP attachment under pings every 20 ms from across the fabric: "
+                f"{m.group(2)} of {m.group(1)} answered; {'; '.join(o.strip() for o in outs)}")
+        assert after["attachment"]["pid"] != st["attachment"]["pid"] and after["qpn"] != st["qpn"]
+        assert after["eth"]["mac"] == "52:54:00:12:34:56" and after["datapath"]["kind"] == "bpf"
+        peer_st = json.loads(x("status", "eth4", "--netns", peer, "-j").stdout)
+        assert m.group(1) == m.group(2), (f"{m.group(1)} sent, {m.group(2)} answered; drops at the peer "
+                                          f"{peer_st['drops']}, here {after['drops']} {after['counters']}")
+        x("detach", tap)                    # the MTU the TAP had before the first attach comes back
+        shown = subprocess.run(["ip", "link", "show", tap], capture_output=True, text=True).stdout
+        assert "xdp" not in shown and "mtu 1500" in shown

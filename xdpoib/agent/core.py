@@ -170,6 +170,11 @@ class Agent:
 
         # links
         self.mac = s.port_mac(self.port_attrs.port_guid.to_bytes(8, "big"))
+        if self.successor is not None:
+            # the running agent's AF_XDP socket (it saves its state file first; read at the handover);
+            # in TAP mode also the guest's MAC it learned
+            self.successor.prepare()
+            self.mac = self.successor.mac or self.mac
         self.eth_mtu = self.ib_mtu - 4
         self.attach_to = links.set_up(self)
         self.ifindex = link.link_info(self.attach_to).index
@@ -185,12 +190,13 @@ class Agent:
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
         self.peers = PeerTable([self.vif], self.partitions.vlan_pkeys())
         self.peers.learn_vifs = self.vifs.learn_max > 0     # unknown source MACs reach us (vifs.py)
-        self.vifs.primary(self.qp, self.mac)
+        v0 = self.vifs.primary(self.qp, self.mac)
+        if self.successor is not None:
+            v0.addrs = set(self.successor.addresses)
         self.stack.callback(self.vifs.close)
         if self.successor is None:
             service.restore_state(self)
-        else:       # its AF_XDP socket; the state file is read at the handover, once it saved it last
-            self.successor.prepare()
+        else:
             self.stats["paths_warmed"] = self.successor.warm_paths()
 
         # datapath: frames from eth4 reach us on an AF_XDP socket; the translating programs unless
@@ -203,6 +209,8 @@ class Agent:
         elif self.want_bpf and s.mode == "veth":
             link.set_offloads(s.ifname, s.netns, gro=True)      # redirected frames need GRO or XDP on eth4
             self._start_bpf(adopt=self.successor.adopt if self.successor else None)
+        elif self.successor is not None:                        # TAP mode, the guest's MAC known
+            self._start_bpf(adopt=self.successor.adopt)
         else:
             self.pump = PlainPump(self, self.attach_to, self.ifindex)
         self.stack.callback(lambda: self.pump.close())
@@ -238,6 +246,8 @@ class Agent:
         # its QPs are read (the sim's receive queues hold 10 datagrams)
         self.announcer.due = True
         self.announcer.addresses(addresses if addresses is not None else (self._eth4_addresses() or ""))
+        if self.successor is not None and s.mode == "tap":
+            self.vifs.announce(v0, v0.addrs, ipv6=True)    # the guest, VIF 0 here, has a new QPN
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
 

@@ -477,9 +477,8 @@ class Forwarder:
             ids = np.zeros(len(uniq), np.uint32)
             for j, (k, i) in enumerate(zip(uniq.tolist(), first.tolist(), strict=True)):
                 lid, qpn = k >> 24, k & 0xFFFFFF
-                peer = peers.by_lid(lid, qpn)
+                peer = peers.by_lid(lid, qpn) or resolver.who_is(lid, qpn)
                 if peer is None:
-                    resolver.who_is(lid, qpn)
                     continue
                 ids[j] = peer.peer_id
                 self._seen(peer, lid, int(sl[ng[i]]), reverse, now)
@@ -584,7 +583,8 @@ class Forwarder:
             elif e0 == 0x86 and p[1] == 0xDD:
                 resolver.from_nd(p)
             if peer is None:
-                resolver.who_is(c.slid, c.src_qp)
+                peer = resolver.who_is(c.slid, c.src_qp)
+            if peer is None:
                 unknown += 1
                 continue
             peer.last_seen = now

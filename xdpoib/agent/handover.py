@@ -83,7 +83,10 @@ def handle(a, req: dict) -> dict:
         service.save_state(a)
         a.stats["handover_prepared"] += 1
         log.info("a successor (pid %s) prepares to take over", req.get("pid"))
-        return {"pid": os.getpid(), "geometry": pump.xsk.geometry(), "_fds": list(pump.xsk.handover_fds())}
+        v0 = a.vifs.by_id.get(0)
+        return {"pid": os.getpid(), "geometry": pump.xsk.geometry(), "mac": a.mac.hex(),
+                "addresses": sorted(x.hex() for x in (v0.addrs if v0 is not None else ())),
+                "tap_mtu": getattr(a, "tap_mtu_before", None), "_fds": list(pump.xsk.handover_fds())}
     # cmd == "handover": stop using the socket and the shared state, keep the old QPs a while
     t0 = time.perf_counter()
     clean = pump.quiesce()
@@ -238,6 +241,9 @@ class Successor:
         self.path = state.socket_path(a.spec.id)
         self.old_pid: int | None = None
         self.adopt = None
+        self.mac: bytes | None = None       # the running agent's VIF 0 MAC (TAP mode: the guest's)
+        self.addresses: set[bytes] = set()
+        self.tap_mtu: int | None = None
 
     def prepare(self) -> None:
         """Ask the running agent for its AF_XDP socket and UMEM (it saves its state file first)."""
@@ -253,6 +259,9 @@ class Successor:
             raise HandoverError("the running agent did not hand over its AF_XDP socket")
         self.old_pid = int(ans["pid"])
         self.adopt = (fds[0], fds[1], ans["geometry"])
+        self.mac = bytes.fromhex(ans.get("mac", "")) or None
+        self.addresses = {bytes.fromhex(x) for x in ans.get("addresses", [])}     # VIF 0's (TAP: the guest's)
+        self.tap_mtu = ans.get("tap_mtu")
         log.info("taking over from pid %d: its AF_XDP socket and UMEM received", self.old_pid)
 
     def warm_paths(self, budget_s: float = 1.0, most: int = 4096) -> int:
@@ -265,7 +274,8 @@ class Successor:
 
         a = self.a
         try:
-            rows = json.loads(state.persist_path(a.spec.id).read_text()).get("peers", [])
+            saved = json.loads(state.persist_path(a.spec.id).read_text()).get("peers", {})
+            rows = saved.get("peers", []) if isinstance(saved, dict) else []      # PeerTable.to_json, format 2
             gids = list(dict.fromkeys(parse_gid(r[0]) for r in rows if isinstance(r, list)))[:most]
         except (OSError, ValueError, XdpoibError, TypeError, IndexError):
             return 0

@@ -68,24 +68,36 @@ def set_up(agent) -> str:
         return s.internal
     # a VM's TAP, behind a bridge and a veth hop that finish its offloads (module doc). The VIF MAC
     # is the guest's, learned from its first frame.
-    if not agent.owns:
-        raise XdpoibError("a TAP attachment cannot be restarted make-before-break yet: use attach --force")
     tag = state.link_tag(s.id)
     s.internal, side, bridge = "xo" + tag, "xs" + tag, "xr" + tag
+    if not agent.owns:              # a successor: the running agent's bridge and veth hop, as they are
+        missing = [n for n in (bridge, side, s.internal) if not link.link_exists(n)]
+        if missing:
+            raise XdpoibError(f"{', '.join(missing)} gone: nothing to take over")
+        mtu = agent.successor.tap_mtu if agent.successor is not None else None
+        if mtu:
+            agent.tap_mtu_before = mtu
+            agent.shared(link.set_link, s.ifname, None, mtu=mtu)
+        agent.shared(link.delete_link, s.internal)
+        agent.shared(link.delete_link, bridge)
+        agent.shared(link.release_port, s.ifname)
+        agent.stats["adopted_links"] += 1
+        return s.internal
     before = link.link_info(s.ifname)
-    agent.stack.callback(link.set_link, s.ifname, None, mtu=before.mtu)
+    agent.tap_mtu_before = before.mtu           # restored at the end (a successor is told it)
+    agent.shared(link.set_link, s.ifname, None, mtu=before.mtu)
     for stale in (bridge, s.internal):          # a previous agent of this attachment that died
         link.delete_link(stale)
     link.create_veth(side, s.internal, None)
-    agent.stack.callback(link.delete_link, s.internal)
+    agent.shared(link.delete_link, s.internal)
     quiet(side, s.internal)
     link.set_link(s.ifname, None, mtu=agent.eth_mtu, up=True)
     link.set_link(side, None, mtu=agent.eth_mtu, up=True)
     link.set_link(s.internal, None, mtu=VETH_XDP_MAX_MTU, up=False)
     link.set_offloads(side, None, tx=False, tso=False, uso=False, gro=True)
     link.create_bridge(bridge, [s.ifname, side], before_up=lambda: quiet(bridge))
-    agent.stack.callback(link.delete_link, bridge)
-    agent.stack.callback(link.release_port, s.ifname)
+    agent.shared(link.delete_link, bridge)
+    agent.shared(link.release_port, s.ifname)
     agent.vif_learned = False
     return s.internal
 

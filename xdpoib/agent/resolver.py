@@ -42,6 +42,7 @@ WHO_IS_INTERVAL_S = 1.0
 #: the datapath translates to the zero MAC): written over a spoofed sender address so no datapath learns it.
 UNLEARNABLE = bytes(4) + b"\xee" * 16
 WHO_IS_CACHE = 4096
+KNOWN_LID_S = 300.0     # a LID -> GID learned this recently is trusted for a new QPN at that LID
 
 
 class Resolver:
@@ -267,11 +268,17 @@ class Resolver:
         e.lid = e.lid or res.dlid
         self.use_path(e, path, ah, "paths_resolved")
 
-    def who_is(self, slid: int, qpn: int) -> None:
-        """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us): ask the SA
-        which GID is behind that LID (at most once a second per LID); the peer is learned on the answer."""
+    def who_is(self, slid: int, qpn: int):
+        """A sender seen only as (SLID, QPN) (unicast without GRH, never announced to us). At a LID we
+        learned a peer at lately (the same port: its agent restarted with a new QPN), the peer is learned
+        at once and returned; else None, and the SA is asked which GID is behind that LID (at most once a
+        second per LID): the peer is learned on the answer."""
         a = self.a
         now = time.monotonic()
+        known = a.peers.gid_of_lid.get(slid)
+        if known is not None and now - known[1] < KNOWN_LID_S:
+            a.stats["sources_by_known_lid"] += 1
+            return a.peers.learn(IPoIBAddr(0, qpn, known[0]), lid=slid)
         if now - self._who_is_asked.get(slid, -1e9) < WHO_IS_INTERVAL_S:
             return
         if len(self._who_is_asked) >= WHO_IS_CACHE:
@@ -286,6 +293,7 @@ class Resolver:
             a.stats["sources_resolved_by_lid"] += 1
             a.peers.learn(IPoIBAddr(0, qpn, res.dgid), lid=slid)
         a.sa_worker.submit(("whois", slid), lambda: sa.path_to_lid(slid, pkey), done)
+        return None
 
     def from_nd(self, data, src_qpn: int | None = None, slid: int | None = None) -> bool:
         """Addresses carried in ND link-layer options, learned only when they are the sender's own.

@@ -307,9 +307,11 @@ class Vifs:
         raise UsageError(f"unknown request {cmd!r}")
 
     def announce_all(self) -> None:
-        """Every guest's known addresses, both families (a restart: every VIF has a new QPN)."""
+        """Every guest's known addresses, both families (a restart: every VIF has a new QPN; in TAP mode
+        VIF 0 is a guest too)."""
+        tap = self.a.spec.mode == "tap"         # VIF 0 is the guest then (veth: eth4, the Announcer's)
         for v in list(self.by_id.values()):
-            if v.vif_id and v.addrs:
+            if (v.vif_id or tap) and v.addrs:
                 self.announce(v, v.addrs, ipv6=True)
 
     def to_json(self) -> list[dict]:

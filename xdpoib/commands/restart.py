@@ -53,9 +53,6 @@ def resolve(args) -> state.AttachSpec:
     if not state.pid_alive(spec.pid):
         raise XdpoibError(f"the agent of {spec.where} is not running (pid {spec.pid}): "
                           f"use xdpoib attach to start it again")
-    if spec.mode == "tap":
-        raise UsageError(f"{spec.where} is a TAP attachment: make-before-break restarts are for veth "
-                         f"attachments only; use xdpoib attach --force (a stop and start)")
     return spec
 
 
@@ -96,12 +93,12 @@ def check_grace(args) -> None:
 
 
 def upgraded() -> list[state.AttachSpec]:
-    """Running veth attachments whose agent runs other code than this installation's."""
+    """Running attachments whose agent runs other code than this installation's."""
     from xdpoib import control
 
     out = []
     for spec in state.attachments():
-        if spec.mode != "veth" or not state.pid_alive(spec.pid):
+        if not state.pid_alive(spec.pid):
             continue
         try:
             code = control.request(state.socket_path(spec.id), "status", timeout=5.0)["attachment"].get("code")

@@ -18,8 +18,7 @@ per line, written as the arguments of `xdpoib attach`; '#' starts a comment:
 
 A line with --force replaces its attachment when it is already running (as `xdpoib attach --force`
 does); without it, a running attachment is left alone, unless its agent runs other code than the one
-installed (an upgrade): then it is restarted make-before-break, as `xdpoib restart` does (a TAP
-attachment is only named: replace it with --force on its line).
+installed (an upgrade): then it is restarted make-before-break, as `xdpoib restart` does.
 
 examples:
   xdpoib up          attach what is listed and not attached yet
@@ -85,9 +84,6 @@ def upgrade(spec, running) -> str:
         return f"{spec.where}: already attached"
     if st["attachment"].get("code") in (None, state.code_id()):
         return f"{spec.where}: already attached"
-    if running.mode == "tap":
-        return (f"{spec.where}: runs other code than the one installed; a TAP attachment is not restarted "
-                f"make-before-break: add --force to its line to replace it")
     r = restart.restart(running)
     return (f"{spec.where}: restarted after an upgrade (agent pid {r['old_pid']} -> {r['pid']}, handover "
             f"{r['handover_ms']} ms)")
