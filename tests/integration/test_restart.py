@@ -375,3 +375,25 @@ def test_guests_behind_a_bridge_keep_talking_across_restarts(pair, figures):
         x("detach", "eth4", "--netns", host, check=False)
         for ns in (host, guest):
             sh("ip", "netns", "del", ns, check=False)
+
+
+def test_a_successor_that_dies_after_the_handover_is_replaced_by_a_fresh_agent(pair, figures):
+    """The window no handover can close: the new agent dies after the old one stopped serving eth4.
+    restart notices, stops the old agent (it only drains) and starts a fresh one, which adopts the links
+    and pins as after a crash: one line says so, traffic comes back after a stop and start's gap."""
+    _fab, (ns1, ns2) = pair
+    before = status(ns1)["attachment"]
+    t0 = time.monotonic()
+    r = x("restart", "eth4", "--netns", ns1, check=False, env=env_with(XDPOIB_TEST_FAIL_AFTER_HANDOVER="1"))
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "after the handover" in lines[0] and "a fresh agent" in lines[0], r.stderr
+    after = status(ns1)["attachment"]
+    assert after["state"] == "running" and after["pid"] not in (before["pid"],)
+    assert not state.pid_alive(before["pid"])
+    ok = subprocess.run(["ip", "netns", "exec", ns2, "ping", "-c", "3", "-W", "2", "10.68.0.1"],
+                        capture_output=True).returncode == 0
+    figures(f"\na new agent dying after the handover: a fresh agent serving {took:.1f} s after restart began")
+    assert ok, "no traffic after the fallback"
+    assert "failing after the handover" in state.log_path(state.attachment_id("eth4", ns1)).read_text()

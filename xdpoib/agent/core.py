@@ -262,6 +262,8 @@ class Agent:
         """A successor, everything built: the running agent stops, we start (handover.py)."""
         t0 = time.perf_counter()
         answer = self.successor.handover()
+        if os.environ.get("XDPOIB_TEST_FAIL_AFTER_HANDOVER") == "1":      # the restart's fallback, tested
+            raise AgentError("failing after the handover, as asked (XDPOIB_TEST_FAIL_AFTER_HANDOVER=1)")
         service.restore_state(self)         # what the old agent saved as it stopped
         self.peers.learn_vifs = self.vifs.learn_max > 0
         self.successor.resolve_known()
@@ -479,10 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except XdpoibError as e:
         print(f"xdpoib agent: error: {e}", file=sys.stderr)
         return 1
-    if agent.successor is not None:
-        from xdpoib.agent.handover import notify_systemd
+    from xdpoib.agent.handover import notify_systemd
 
-        notify_systemd(os.getpid())
+    notify_systemd(os.getpid())     # under systemd (a reload's new agent): the unit's main process now
     try:
         agent.run()
     finally:

@@ -165,11 +165,11 @@ def check_not_attached(spec: state.AttachSpec, force: bool) -> None:
             raise UsageError(f"{spec.where} already exists; pick another name or delete it")
 
 
-def start_agent(spec: state.AttachSpec) -> int:
+def start_agent(spec: state.AttachSpec, keep_log: bool = False) -> int:
     """Start the agent process (root namespace, as the port's umad client); return its pid once ready."""
     from xdpoib import control
 
-    proc = spawn_agent(spec)
+    proc = spawn_agent(spec, truncate=not keep_log)
     ready_timeout = READY_TIMEOUT + spec.wait          # bring-up may wait for the SM (--wait)
     deadline = time.monotonic() + ready_timeout
     sock = state.socket_path(spec.id)
@@ -196,11 +196,12 @@ def start_agent(spec: state.AttachSpec) -> int:
                       f"{last_error(spec.id)}")
 
 
-def spawn_agent(spec: state.AttachSpec, successor: bool = False, env: dict | None = None) -> subprocess.Popen:
-    """Start an agent process for spec, its output in the attachment's log (started afresh, unless for a
-    successor: both agents then append to it)."""
+def spawn_agent(spec: state.AttachSpec, successor: bool = False, env: dict | None = None,
+                truncate: bool | None = None) -> subprocess.Popen:
+    """Start an agent process for spec, its output in the attachment's log (started afresh unless told
+    otherwise, and never for a successor: both agents then append to it)."""
     state.ensure_dirs()
-    logf = state.open_private(state.log_path(spec.id), truncate=not successor)
+    logf = state.open_private(state.log_path(spec.id), truncate=not successor if truncate is None else truncate)
     argv = [sys.executable, "-m", "xdpoib.agent", spec.to_json(), *(["--successor"] if successor else [])]
     try:
         if spec.backend == "sim":

@@ -72,8 +72,13 @@ def restart(spec: state.AttachSpec, grace: float | None = None, env: dict | None
     deadline = t0 + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise XdpoibError(f"restart of {spec.where} failed: {last_error(spec.id)}; "
-                              f"the running agent (pid {old_pid}) serves on")
+            why = last_error(spec.id)
+            if serving(sock, old_pid):
+                raise XdpoibError(f"restart of {spec.where} failed: {why}; the running agent (pid {old_pid}) "
+                                  f"serves on")
+            pid = fall_back(spec, old_pid)
+            raise XdpoibError(f"restart of {spec.where} failed after the handover: {why}; a fresh agent "
+                              f"(pid {pid}) serves now, after a stop and start")
         try:
             st = control.request(sock, "status", timeout=2.0)
         except control.ControlError:
@@ -107,6 +112,26 @@ def upgraded() -> list[state.AttachSpec]:
         if code != state.code_id():
             out.append(spec)
     return out
+
+
+def serving(sock, pid: int) -> bool:
+    """Whether the agent `pid` still answers at `sock` and serves (it did not hand over)."""
+    from xdpoib import control
+
+    try:
+        st = control.request(sock, "status", timeout=2.0)["attachment"]
+    except control.ControlError:
+        return False
+    return st["pid"] == pid and st["state"] == "running"
+
+
+def fall_back(spec: state.AttachSpec, old_pid: int) -> int:
+    """A new agent that died after the old one handed over: nobody serves. Stop the old one (it only
+    drains) and start a fresh agent, which adopts the links and the pins as after a crash."""
+    from xdpoib.commands.attach import start_agent
+
+    state.stop_pid(old_pid, timeout=5.0)
+    return start_agent(spec, keep_log=True)
 
 
 def run(args) -> int:
