@@ -42,6 +42,11 @@ class XskError(XdpoibError):
     """An AF_XDP socket could not be set up or used."""
 
 
+class XskBusy(XskError):
+    """The kernel will not map a bound socket's rings again (it does only before the bind: Debian 12's
+    6.1; 6.18 does after): the socket cannot be adopted, only replaced (`XskSocket(bind=False)`)."""
+
+
 _NO_DESCS = np.zeros(0, DESC_DTYPE)
 
 
@@ -97,7 +102,9 @@ class XskSocket:
     """
 
     def __init__(self, ifindex: int, queue_id: int = 0, *, frames: int = 4096, frame_size: int = 4096,
-                 ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True):
+                 ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True, bind: bool = True):
+        """bind=False: everything but the bind (`bind()` later), so a successor whose kernel will not let
+        it adopt a bound socket is ready the moment the running agent's socket closes."""
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise XskError("frames and ring_size must be powers of two")
         self.frames, self.frame_size, self.meta_len = frames, frame_size, meta_len
@@ -115,15 +122,12 @@ class XskSocket:
             for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
                 self.sock.setsockopt(SOL_XDP, opt, struct.pack("=I", ring_size))
             self._map_rings()
-            fd = self.sock.fileno()
-            flags = (XDP_COPY if copy_mode else 0) | XDP_USE_NEED_WAKEUP
-            addr = struct.pack("=HHIII", AF_XDP, flags, ifindex, queue_id, 0)
-            if _libc.bind(fd, ctypes.c_char_p(addr), len(addr)) != 0:
-                err = ctypes.get_errno()
-                raise XskError(f"AF_XDP bind to ifindex {ifindex} queue {queue_id}: {os.strerror(err)}")
+            self._copy_mode = copy_mode
             half = frames // 2
             self._tx_free = [i * frame_size for i in range(half, frames)]
-            self._fill_frames([i * frame_size for i in range(min(half, ring_size))])
+            self.bound = False
+            if bind:
+                self.bind()
         except OSError as e:
             self.close()
             raise XskError(f"AF_XDP socket setup failed: {e}") from None
@@ -131,6 +135,23 @@ class XskSocket:
             self.close()
             raise
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_ring_full": 0}
+
+    def bind(self, timeout: float = 0.0) -> None:
+        """Bind to the interface's queue and fill the fill ring. With a timeout, EBUSY (the queue's last
+        socket is still being released by the kernel) is retried until then."""
+        import errno
+        import time
+
+        flags = (XDP_COPY if self._copy_mode else 0) | XDP_USE_NEED_WAKEUP
+        addr = struct.pack("=HHIII", AF_XDP, flags, self.ifindex, self.queue_id, 0)
+        until = time.monotonic() + timeout
+        while _libc.bind(self.sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EBUSY or time.monotonic() >= until:
+                raise XskError(f"AF_XDP bind to ifindex {self.ifindex} queue {self.queue_id}: {os.strerror(err)}")
+            time.sleep(0.0002)
+        self.bound = True
+        self._fill_frames([i * self.frame_size for i in range(min(self.frames // 2, self.ring_size))])
 
     def _map_umem(self, fd: int, create: bool = False) -> None:
         self.umem_fd = fd
@@ -188,12 +209,16 @@ class XskSocket:
             if self.sock.family != AF_XDP:
                 raise XskError("the descriptor handed over is not an AF_XDP socket")
             self._map_umem(umem_fd)
-            self._map_rings()
+            self._map_rings()           # EBUSY where the kernel maps a socket's rings only before its bind
+            self.bound = True
             half = self.frames // 2
             self._tx_free = [i * self.frame_size for i in range(half, self.frames)]
         except OSError as e:
             self.close()
-            raise XskError(f"adopting the AF_XDP socket failed: {e}") from None
+            import errno
+
+            cls_ = XskBusy if e.errno == errno.EBUSY else XskError
+            raise cls_(f"adopting the AF_XDP socket failed: {e}") from None
         except BaseException:
             self.close()
             raise

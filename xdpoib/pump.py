@@ -134,8 +134,10 @@ class _Base:
 
         self.agent = agent
         self.ifname, self.ifindex = ifname, ifindex
-        if adopt is not None:           # (socket fd, UMEM fd, geometry) handed over by the agent we replace
-            self.xsk = XskSocket.adopt(*adopt)
+        if adopt == "rebind":           # a successor that binds its own socket once the running one closes
+            self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len, bind=False)
+        elif adopt is not None:         # the running agent's socket, adopted (`XskSocket.adopt`)
+            self.xsk = adopt
         else:
             self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len)
 
@@ -329,6 +331,7 @@ class BpfPump(_Base):
         a = self.agent
         self.maps.load(a.peers)
         self.add_peers(a.peers.entries.values())
+        self.bind_socket()
         self.maps.xsks.set(0, self.xsk.fileno())
         self.dp.attach(self.tx_program, self.ifname)
         self.dp.attach("xdpoib_rx_batch", self.anchor)
@@ -336,6 +339,20 @@ class BpfPump(_Base):
             self._links.append(self.anchor)
         self.injector = Injector(self.dp, self.maps, self.ifindex)
         self.owner = True
+
+    def bind_socket(self) -> None:
+        """A successor that could not adopt the running agent's socket: bind ours the moment that one is
+        closed, and point the XSKMAP at it (the pinned one: with the same maps, frames from eth4 reach
+        us from here on, before anything else of the take-over)."""
+        if not self.xsk.bound:
+            import logging
+            import time
+
+            t0 = time.perf_counter()
+            self.xsk.bind(timeout=1.0)          # the kernel frees the queue a little after the close
+            self.maps.xsks.set(0, self.xsk.fileno())
+            logging.getLogger("xdpoib.agent").info("our own AF_XDP socket bound %.1f ms after the old one "
+                                                   "closed", (time.perf_counter() - t0) * 1e3)
 
     def quiesce(self, timeout: float = 1.0) -> bool:
         """Before handing the datapath over: this turn's frames and every frame whose send is over go

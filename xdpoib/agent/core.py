@@ -262,6 +262,8 @@ class Agent:
         """A successor, everything built: the running agent stops, we start (handover.py)."""
         t0 = time.perf_counter()
         answer = self.successor.handover()
+        if self.successor.rebind:
+            self.pump.bind_socket()         # first: eth4's frames find no socket until then
         if os.environ.get("XDPOIB_TEST_FAIL_AFTER_HANDOVER") == "1":      # the restart's fallback, tested
             raise AgentError("failing after the handover, as asked (XDPOIB_TEST_FAIL_AFTER_HANDOVER=1)")
         service.restore_state(self)         # what the old agent saved as it stopped

@@ -91,6 +91,8 @@ def handle(a, req: dict) -> dict:
     t0 = time.perf_counter()
     clean = pump.quiesce()
     a.loop.remove_reader(pump.fileno())
+    if req.get("rebind"):               # the successor could not adopt the socket: it binds its own
+        release_socket(a, pump)
     from xdpoib.agent import service
 
     service.save_state(a)
@@ -107,6 +109,22 @@ def handle(a, req: dict) -> dict:
     log.info("handed over to pid %s in %.1f ms%s; draining the old QPs", req.get("pid"), ms,
              "" if clean else " (sends still in flight after 1 s)")
     return {"quiesce_ms": round(ms, 2), "clean": clean}
+
+
+def release_socket(a, pump) -> None:
+    """For a successor that binds its own socket: what waits in our RX ring is forwarded, then the socket
+    is closed (the kernel frees the queue for the successor's bind). Frames from eth4 meanwhile find no
+    socket: the programs count them (redirect_failed) until the successor's bind, a millisecond or so."""
+    for _ in range(64):
+        if not pump.xsk.rx_pending():
+            break
+        a.forwarder.from_eth(a.loop.budget)
+    pump.quiesce()
+    memory, pump.send_memory = pump.send_memory, None
+    if memory is not None:
+        memory.close()              # before the UMEM goes (it waits for sends in flight)
+    pump._umem_rows = None
+    pump.xsk.close()
 
 
 def _drain(a, grace: float) -> None:
@@ -240,7 +258,8 @@ class Successor:
         self.a = a
         self.path = state.socket_path(a.spec.id)
         self.old_pid: int | None = None
-        self.adopt = None
+        self.adopt = None                   # the adopted XskSocket, or "rebind"
+        self.rebind = False
         self.mac: bytes | None = None       # the running agent's VIF 0 MAC (TAP mode: the guest's)
         self.addresses: set[bytes] = set()
         self.tap_mtu: int | None = None
@@ -258,7 +277,21 @@ class Successor:
                 os.close(fd)
             raise HandoverError("the running agent did not hand over its AF_XDP socket")
         self.old_pid = int(ans["pid"])
-        self.adopt = (fds[0], fds[1], ans["geometry"])
+        from xdpoib.afxdp import XskBusy, XskSocket
+
+        try:
+            if os.environ.get("XDPOIB_HANDOVER_REBIND") == "1":     # as where the kernel refuses (tests)
+                import errno
+
+                os.close(fds[0])
+                os.close(fds[1])
+                raise XskBusy(f"adopting the AF_XDP socket: {os.strerror(errno.EBUSY)} (XDPOIB_HANDOVER_REBIND=1)")
+            self.adopt = XskSocket.adopt(fds[0], fds[1], ans["geometry"])
+        except XskBusy as e:
+            # this kernel maps a socket's rings only before its bind: our own socket, bound the moment
+            # the running agent closes its one (a millisecond or so without a socket)
+            log.info("%s: a socket of our own replaces it at the handover", e)
+            self.adopt, self.rebind = "rebind", True
         self.mac = bytes.fromhex(ans.get("mac", "")) or None
         self.addresses = {bytes.fromhex(x) for x in ans.get("addresses", [])}     # VIF 0's (TAP: the guest's)
         self.tap_mtu = ans.get("tap_mtu")
@@ -310,7 +343,8 @@ class Successor:
         from xdpoib import control
 
         try:
-            return control.request(self.path, "handover", timeout=10.0, pid=os.getpid(), grace=GRACE_S)
+            return control.request(self.path, "handover", timeout=10.0, pid=os.getpid(), grace=GRACE_S,
+                                   rebind=self.rebind)
         except control.ControlError as e:
             raise HandoverError(f"the running agent refused the handover: {e}") from None
 
