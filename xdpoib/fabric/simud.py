@@ -80,6 +80,7 @@ MAX_CONNS = 64                # destinations watched at once per QP (a connected
 CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading its socket
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 SMALL = 8                      # bundles and postings of at most this many: plain Python, no arrays
+_ONE = struct.Struct("!HHH")   # a bundle of one packet: count, stride, its length (wire.encode_bundles)
 
 
 class PortControl(Protocol):
@@ -282,6 +283,8 @@ class SimQp(UdQp):
         self.error = False              # the QP is in the error state (after a length error)
         self._blocked: dict[bytes, tuple[socket.socket, float]] = {}   # found full: (socket, when)
         self._flows: dict[tuple, tuple] = {}    # unicast flows worked out: (AH id, QPN, Q_Key) -> (checks, flow)
+        self._verdicts: dict[bytes, tuple] = {}  # unicast flow headers judged, while the port's attributes
+        self._verdicts_of = None                # are this object (re-read ten times a second)
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._ready, select.EPOLLIN)
@@ -366,7 +369,10 @@ class SimQp(UdQp):
         kept = [p for p in payloads if len(p) <= flow.limit]
         if len(kept) < len(payloads):
             count(FabricCounter.OVERSIZE, len(payloads) - len(kept))
-        if kept:
+        if len(kept) == 1 and len(kept[0]):        # one frame (a ping's): its bundle without the general loop
+            n = len(kept[0])
+            self._send_datagrams(flow.dests, [([flow.prefix + _ONE.pack(1, n, n), kept[0]], 1)])
+        elif kept:
             self._send_datagrams(flow.dests, [([d], k) for d, k in wire.encode_bundles(flow.prefix, kept)])
 
     def post_send_batch(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
@@ -536,7 +542,7 @@ class SimQp(UdQp):
                     head = bytes(view[:wire.FLOW_LEN])
                     seen = verdicts.get(head)
                     if seen is None:
-                        seen = verdicts[head] = self._judge(wire.parse_flow(head))
+                        seen = verdicts[head] = self._verdict(head)
                     k, stride = hdr
                     if seen[0] is not None:
                         count(seen[0], k)
@@ -554,7 +560,7 @@ class SimQp(UdQp):
                 head, lengths, block = got
                 seen = verdicts.get(head)
                 if seen is None:
-                    seen = verdicts[head] = self._judge(wire.parse_flow(head))
+                    seen = verdicts[head] = self._verdict(head)
                 if seen[0] is not None:
                     count(seen[0], len(lengths))
                     continue
@@ -677,6 +683,21 @@ class SimQp(UdQp):
         if len(indices):
             self._cq_put(_Entry(CompletionStatus.WR_FLUSH_ERR, None, np.asarray(indices, np.int32),
                                 np.zeros(len(indices), np.int64)))
+
+    def _verdict(self, head: bytes) -> tuple[FabricCounter | None, wire.Packet]:
+        """`_judge` of a version 2 flow header; unicast verdicts are kept while the port's attributes stay
+        the same object (they depend on nothing else: multicast ones also on memberships, judged each time)."""
+        attrs = self.backend.attrs
+        if self._verdicts_of is attrs:
+            hit = self._verdicts.get(head)
+            if hit is not None:
+                return hit
+        else:
+            self._verdicts, self._verdicts_of = {}, attrs
+        seen = self._judge(wire.parse_flow(head))
+        if seen[1].dst_qpn != MCAST_QPN and len(self._verdicts) < 1024:
+            self._verdicts[head] = seen
+        return seen
 
     def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
         """Why this QP drops packets with p's header (None: accept them)."""
