@@ -328,6 +328,7 @@ class BpfPump(_Base):
         xsk = self.xsk
         self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
         self._state = np.zeros(self._rx_frames, np.uint8)  # per receive frame: 0, _HELD or _POSTED
+        self._posted = 0                            # frames in _POSTED: none, and `_reclaim` has nothing to do
         self._umem_rows = np.frombuffer(xsk.umem, np.uint8).reshape(xsk.frames, xsk.frame_size)
         from xdpoib.errors import XdpoibError
 
@@ -341,6 +342,8 @@ class BpfPump(_Base):
 
     def _reclaim(self) -> None:
         """Frames whose sends are over go back to the fill ring (a few: plain Python; many: arrays)."""
+        if not self._posted:            # an idle turn's, or a ping's next hop: nothing is out
+            return
         done = self.send_memory.completed_offsets()     # verbs reaps its send completions here
         self._give_back(done.tolist() if len(done) <= SMALL else done, _POSTED)
 
@@ -352,6 +355,8 @@ class BpfPump(_Base):
                 rows = offsets // self.xsk.frame_size
                 rows = rows[self._state[rows] == state]
                 self._state[rows] = 0
+                if state == _POSTED:
+                    self._posted -= len(rows)
                 self.xsk.fill_array(rows * self.xsk.frame_size)
             return
         st, fs, back = self._state, self.xsk.frame_size, []
@@ -360,6 +365,8 @@ class BpfPump(_Base):
             if st[i] == state:
                 st[i] = 0
                 back.append(off)
+        if state == _POSTED:
+            self._posted -= len(back)
         self.xsk.fill_frames(back)
 
     def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
@@ -370,6 +377,7 @@ class BpfPump(_Base):
         st, fs = self._state, self.xsk.frame_size
         for i in range(n):
             st[descs[i][0] // fs] = _POSTED
+        self._posted += n
         return n
 
     def post_columns(self, qp, ah, remote_qpn: int, remote_qkey: int, offsets: np.ndarray,
@@ -380,11 +388,12 @@ class BpfPump(_Base):
         n = qp.post_send_batch(ah, remote_qpn, remote_qkey, self.send_memory, offsets, lengths)
         if n:
             self._state[offsets[:n] // self.xsk.frame_size] = _POSTED
+            self._posted += n
         return n
 
     def tx_done(self) -> None:
-        """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, and
-        the copies the backend had to make are counted."""
+        """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, so do
+        those whose sends are already over, and the copies the backend had to make are counted."""
         if self.send_memory is None:        # frames were copied out and went back at once
             return
         turn, self._turn = self._turn, []
@@ -396,6 +405,8 @@ class BpfPump(_Base):
             if turn:
                 offsets = np.concatenate((offsets, np.fromiter((d[0] for d in turn), np.int64, len(turn))))
             self._give_back(offsets, _HELD)
+        if self._posted:
+            self._reclaim()         # sends over already (the sim copies at post): back now, not next hop
         self._count_copies()
 
     def _count_copies(self) -> None:
