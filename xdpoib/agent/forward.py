@@ -379,7 +379,8 @@ class Forwarder:
         """Whether `qp` surely has nothing to poll this turn: its descriptor is exact (`exact_fd`: readable
         while, and only while, datagrams or completions wait, as the sim's), in the loop's epoll set, and
         was not readable at this turn's wait. Saves an empty poll (a recv that fails, a lock) on the turn
-        a frame from eth4 woke: half of a ping's hops."""
+        a frame from eth4 woke: half of a ping's hops. Every QP polled here is in the epoll set while it
+        is open (`Agent.wire_qp`, the recovery's wake-up descriptor), so a watched descriptor is its own."""
         if not getattr(qp, "exact_fd", False) or qp.closed:
             return False
         loop = self.a.loop
