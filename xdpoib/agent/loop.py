@@ -49,6 +49,7 @@ log = logging.getLogger("xdpoib.agent")
 
 BUDGET = 256                # frames per direction per turn (the inject batch's size)
 BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "0")) / 1e6
+MAX_EVENTS = 64             # per wait (the loop watches ~10 descriptors; Python's default sizes 1023 a turn)
 
 
 class EventLoop:
@@ -139,7 +140,7 @@ class EventLoop:
             else:
                 timeout = 0.5
             try:
-                ready = self._ep.poll(timeout)
+                ready = self._ep.poll(timeout, MAX_EVENTS)
             except InterruptedError:
                 continue
             woke = time.perf_counter()

@@ -81,6 +81,8 @@ CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading 
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 SMALL = 8                      # bundles and postings of at most this many: plain Python, no arrays
 _ONE = struct.Struct("!HHH")   # a bundle of one packet: count, stride, its length (wire.encode_bundles)
+_LEN1 = struct.Struct("!H")    # the one length of such a bundle
+_SUCCESS = CompletionStatus.SUCCESS
 
 
 class PortControl(Protocol):
@@ -547,7 +549,8 @@ class SimQp(UdQp):
                     if seen[0] is not None:
                         count(seen[0], k)
                         continue
-                    lens = struct.unpack_from(f"!{k}H", view, wire.BUNDLE.size)
+                    lens = _LEN1.unpack_from(view, wire.BUNDLE.size) if k == 1 else \
+                        struct.unpack_from(f"!{k}H", view, wire.BUNDLE.size)
                     if max(lens) > stride:
                         count(FabricCounter.BAD_DATAGRAM)
                         continue
@@ -793,7 +796,7 @@ class SimQp(UdQp):
         mem, stride, grh_len = self.pool.memory, self.pool.stride, wire.GRH_LEN
         for e in self._take_entries(max_entries):
             p = e.p
-            status = CompletionStatus(e.status)
+            status = _SUCCESS if not e.status else CompletionStatus(e.status)
             idx, lengths = e.idx, e.lengths
             if isinstance(idx, np.ndarray):
                 idx, lengths = idx.tolist(), lengths.tolist()
