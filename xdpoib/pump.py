@@ -238,6 +238,12 @@ class PlainPump(_Base):
             return 0
         a = self.agent
         sent = self.xsk.send(frames)
+        # copy mode sends at most 32 frames per kick: kick until the ring is empty (bounded), rather than
+        # leave frames on it until the loop's next wakeup (it takes no extra turn after one that moved few)
+        for _ in range(sent // 32):
+            if not self.xsk.pending_tx():
+                break
+            self.xsk.kick()
         a.stats["eth_tx_frames"] += sent
         if sent < len(frames):
             a.drops[DropReason.INJECT_RING_FULL] += len(frames) - sent
@@ -381,6 +387,7 @@ class BpfPump(_Base):
         xsk = self.xsk
         self._rx_frames = xsk.frames // 2          # XskSocket: the first half feeds the fill ring
         self._state = np.zeros(self._rx_frames, np.uint8)  # per receive frame: 0, _HELD or _POSTED
+        self._posted = 0                            # frames in _POSTED: none, and `_reclaim` has nothing to do
         self._umem_rows = np.frombuffer(xsk.umem, np.uint8).reshape(xsk.frames, xsk.frame_size)
         from xdpoib.errors import XdpoibError
 
@@ -394,6 +401,8 @@ class BpfPump(_Base):
 
     def _reclaim(self) -> None:
         """Frames whose sends are over go back to the fill ring (a few: plain Python; many: arrays)."""
+        if not self._posted:            # an idle turn's, or a ping's next hop: nothing is out
+            return
         done = self.send_memory.completed_offsets()     # verbs reaps its send completions here
         self._give_back(done.tolist() if len(done) <= SMALL else done, _POSTED)
 
@@ -405,6 +414,8 @@ class BpfPump(_Base):
                 rows = offsets // self.xsk.frame_size
                 rows = rows[self._state[rows] == state]
                 self._state[rows] = 0
+                if state == _POSTED:
+                    self._posted -= len(rows)
                 self.xsk.fill_array(rows * self.xsk.frame_size)
             return
         st, fs, back = self._state, self.xsk.frame_size, []
@@ -413,6 +424,8 @@ class BpfPump(_Base):
             if st[i] == state:
                 st[i] = 0
                 back.append(off)
+        if state == _POSTED:
+            self._posted -= len(back)
         self.xsk.fill_frames(back)
 
     def post_umem(self, qp, ah, remote_qpn: int, remote_qkey: int, descs) -> int:
@@ -423,6 +436,7 @@ class BpfPump(_Base):
         st, fs = self._state, self.xsk.frame_size
         for i in range(n):
             st[descs[i][0] // fs] = _POSTED
+        self._posted += n
         return n
 
     def post_columns(self, qp, ah, remote_qpn: int, remote_qkey: int, offsets: np.ndarray,
@@ -433,11 +447,12 @@ class BpfPump(_Base):
         n = qp.post_send_batch(ah, remote_qpn, remote_qkey, self.send_memory, offsets, lengths)
         if n:
             self._state[offsets[:n] // self.xsk.frame_size] = _POSTED
+            self._posted += n
         return n
 
     def tx_done(self) -> None:
-        """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, and
-        the copies the backend had to make are counted."""
+        """The end of a turn's sends: this turn's frames that no send took go back to the fill ring, so do
+        those whose sends are already over, and the copies the backend had to make are counted."""
         if self.send_memory is None:        # frames were copied out and went back at once
             return
         turn, self._turn = self._turn, []
@@ -449,6 +464,8 @@ class BpfPump(_Base):
             if turn:
                 offsets = np.concatenate((offsets, np.fromiter((d[0] for d in turn), np.int64, len(turn))))
             self._give_back(offsets, _HELD)
+        if self._posted:
+            self._reclaim()         # sends over already (the sim copies at post): back now, not next hop
         self._count_copies()
 
     def _count_copies(self) -> None:

@@ -179,6 +179,36 @@ def test_batched_injection_delivers_distinct_frames_in_order(datapath, maps, vet
     assert (st.packets, st.verdicts[abi.XdpAction.REDIRECT], st.drops[15]) == (n, n - 1, 1)
 
 
+def test_flushes_of_one_frame_and_batches_take_their_own_slots(datapath, maps, veth_netns):
+    """Flushes of one frame (a ping's: the slot index reset before each call) between batches: every flush
+    delivers its own frames, in order, none a stale slot; a frame from an unknown sender is dropped by
+    reason."""
+    ns, inner, eth4 = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+    sizes = [3, 1, 2, 1]                    # flushes: a batch, one frame, a batch, one frame
+    cap = _capture(ns, eth4, sum(sizes))
+    want, k = [], 0
+    try:
+        for size in sizes:
+            for _ in range(size):
+                assert inj.add(f.ipoib(0x0800, _udp_frame(k)), meta)
+                want.append(f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(k)))
+                k += 1
+            assert inj.flush() == size
+        assert inj.add(f.ipoib(0x0800, _udp_frame(99)), abi.rx_meta(999, VIF.vif_id, 0xFFFF))
+        assert inj.flush() == 1
+        got = [bytes.fromhex(line) for line in cap.stdout]
+    finally:
+        cap.kill()
+        cap.wait()
+        inj.close()
+    assert got == want
+    st = maps.counters(abi.Direction.RX)
+    assert (st.packets, st.verdicts[abi.XdpAction.REDIRECT], st.drops[15]) == (k + 1, k, 1)
+
+
 def test_injection_rates(datapath, maps, veth_netns):
     """Prints kpps of single and batched injection, with and without the anchor (never asserted)."""
     _, inner, _ = veth_netns

@@ -41,6 +41,10 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
     assert set(res["rtt_us"]) == set(SYSTEMS) and res["pings"]["count"] == 40
     for name, rtt in res["rtt_us"].items():
         assert set(rtt) == set(RTT_KEYS), (name, rtt)
+    assert set(res["rtt_cpu_us"]) == set(SYSTEMS)
+    for name, cpu in res["rtt_cpu_us"].items():     # the translators' CPU per round trip: theirs only
+        if res["pings"]["replies"].get(name):
+            assert cpu > 0 if name in ("xdpoib", "ceiling", "naive") else cpu == 0, (name, cpu)
     assert {x["name"] for x in res["ratios"]} >= {
         "xdpoib peak / veth peak", "xdpoib peak / naive peak", "xdpoib CPU / vxlan CPU", "xdpoib agent CPU us/frame",
         "xdpoib overload / xdpoib peak", "xdpoib peak / ceiling peak", "xdpoib TCP / veth TCP",

@@ -7,7 +7,12 @@
 4. runs the timers that are due.
 A poller that used its whole budget reports "more work", and the next turn's wait is a zero-timeout
 peek, so timers, port events and the control socket are served between every two batches however
-hard the data plane is pushed, and an idle agent sleeps in epoll.
+hard the data plane is pushed, and an idle agent sleeps in epoll. A turn whose pollers all stopped
+short of their budget took everything there was (NAPI's napi_complete): the next wait is a real one,
+which returns at once if frames came meanwhile (every data descriptor is level-triggered), so a ping
+costs one turn per hop, not a turn and an empty peek. `ready` holds the descriptors the last wait
+reported: a poller whose descriptor is exact (readable while, and only while, it has work) may skip
+its source when its descriptor is registered (`watches`) and was not ready.
 
 Busy polling (NAPI's busy poll): after a turn that moved frames, the loop keeps peeking instead of
 sleeping for `busy_poll` seconds (XDPOIB_BUSY_POLL_US; default 0, off), so a reply that comes back within
@@ -44,6 +49,7 @@ log = logging.getLogger("xdpoib.agent")
 
 BUDGET = 256                # frames per direction per turn (the inject batch's size)
 BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "0")) / 1e6
+MAX_EVENTS = 64             # per wait (the loop watches ~10 descriptors; Python's default sizes 1023 a turn)
 
 
 class EventLoop:
@@ -53,6 +59,8 @@ class EventLoop:
         self.budget = budget
         self._ep = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._fds: set[int] = set()     # every descriptor in the epoll set (handlers' and pollers')
+        self.ready: frozenset[int] | set[int] = frozenset()     # what the last wait reported readable
         self._pollers: list[Callable[[int], int]] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -69,9 +77,11 @@ class EventLoop:
         """Call handler() on the loop whenever fd is readable."""
         self._handlers[fd] = handler
         self._ep.register(fd, select.EPOLLIN)
+        self._fds.add(fd)
 
     def remove_reader(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None:
+            self._fds.discard(fd)
             try:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
@@ -91,6 +101,11 @@ class EventLoop:
         self._pollers.append(poll)
         if fd is not None:
             self._ep.register(fd, select.EPOLLIN)
+            self._fds.add(fd)
+
+    def watches(self, fd: int) -> bool:
+        """Whether fd is in the epoll set (so `ready` says whether it was readable at the last wait)."""
+        return fd in self._fds
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
@@ -133,32 +148,35 @@ class EventLoop:
             else:
                 timeout = 0.5
             try:
-                ready = self._ep.poll(timeout)
+                ready = self._ep.poll(timeout, MAX_EVENTS)
             except InterruptedError:
                 continue
             woke = time.perf_counter()
-            for fd, _ev in ready:
+            fds = self.ready = {fd for fd, _ev in ready}
+            for fd in fds:
                 h = handlers.get(fd)
                 if h is not None:
                     try:
                         h()
                     except Exception:
                         log.exception("handler of fd %d failed", fd)
-            busy = False
+            moved = busy = False
             for p in pollers:
                 n = p(budget)
                 if n:
-                    busy = True
+                    moved = True
                     if n >= budget:
+                        busy = True         # more may wait: peek next turn (see the module doc)
                         stats["budget_exhausted"] += 1
             stats["turns"] += 1
-            if busy:
+            if moved:
                 work.append(time.perf_counter() - woke)
                 stats["busy_turns"] += 1
                 if spinning:
                     stats["busy_poll_hits"] += 1
-                spin_until = time.monotonic() + window if window else 0.0
-            if not busy and self.pause_until:
+                if window:
+                    spin_until = time.monotonic() + window
+            if not moved and self.pause_until:
                 # a poller is held back (the fabric cannot take more): its descriptor stays readable,
                 # so epoll would return at once; give the CPU away until the hold ends instead
                 rest = self.pause_until - time.monotonic()

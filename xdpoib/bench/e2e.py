@@ -35,7 +35,11 @@ Round trips: before the UDP samples, `pings` pings per system (ping -i 0.002 -W 
 from the first namespace to the second), in PING_ROUNDS rounds that go through the systems in turn;
 each reply's `time=` is taken (duplicates left out), and `rtt_us` is its p50 and p99 (nearest rank).
 ping's `time=` is stamped by the kernel on receipt (SO_TIMESTAMP), so ping's own wake-up is not in it;
-no CPU figure is taken while the pings run, so none includes ping's CPU.
+no CPU figure of the UDP samples is taken while the pings run, so none includes ping's CPU. What the
+pings cost the translating processes is `rtt_cpu_us`: their CPU time (every thread's, from
+/proc/PID/task/*/schedstat, in ns) over the pings, per answered ping: both agents' (or naive
+translators') share of one round trip, 4 hops; 0 for veth and VXLAN, which have none. A round trip
+that costs as much CPU as it lasts is bound by that CPU, not by waiting.
 
 MTU: before the agents' fabrics, a probe asks OpenSM on ibsim for a 4096-byte broadcast group (a
 one-host fabric, `mtu=5` in partitions.conf) and joins it from that host. If the join is granted at
@@ -50,7 +54,7 @@ numbers, and the run goes on.
 Per system and size: `peak_pps` (the highest received rate over the offered rates), `overload_pps`
 (received at the highest offered rate, the last), `mbps` (Ethernet frame bits per second at the peak),
 and `cpu_us_per_frame`, `agent_us_per_frame`, `kernel_us_per_frame` (of the peak's sample). Per system:
-`tcp_mbps` and `rtt_us` {"p50", "p99"}. `ratios` holds the targets, each with its value from this run,
+`tcp_mbps`, `rtt_us` {"p50", "p99"} and `rtt_cpu_us`. `ratios` holds the targets, each with its value from this run,
 which side of the target it should be on (`op`) and whether it is (`met`); they are printed, never
 asserted.
 
@@ -206,6 +210,18 @@ def softirq_ticks() -> int:
     """The machine's softirq time (every CPU), in clock ticks."""
     with open("/proc/stat") as f:
         return int(f.readline().split()[7])             # cpu user nice system idle iowait irq softirq
+
+
+def process_cpu_ns(pids: list[int]) -> int:
+    """CPU time of `pids` (all their threads) in ns, from /proc/PID/task/*/schedstat (exact, unlike ticks)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), \
+                        open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total
 
 
 def process_ticks(pids: list[int]) -> int:
@@ -707,7 +723,7 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
     names = list(tb.systems)
     samples: dict[str, dict[str, list[Sample | None]]] = {sz: {n: [] for n in names} for sz in sizes}
     failures: dict[str, list[str]] = {n: [] for n in names}
-    rtts = _measure_rtt(tb, names, pings, failures, log)
+    rtts, rtt_cpu = _measure_rtt(tb, names, pings, failures, log)
     for sz in sizes:
         for rate in rates:
             for n in names:
@@ -742,15 +758,19 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
                 log(f"  TCP {n:>7}: failed: {e}")
     res = _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_seconds)
     res["rtt_us"] = {n: rtt_summary(rtts[n]) for n in names}
+    res["rtt_cpu_us"] = {n: round(rtt_cpu[n] / 1e3 / len(rtts[n]), 1) if rtts[n] else None for n in names}
     res["pings"] = {"count": pings, "interval_ms": PING_INTERVAL * 1000, "replies": {n: len(rtts[n]) for n in names}}
     res["ratios"] = ratios(res)
     return res
 
 
-def _measure_rtt(tb: Testbed, names: list[str], pings: int, failures: dict, log) -> dict[str, list[float]]:
+def _measure_rtt(tb: Testbed, names: list[str], pings: int, failures: dict,
+                 log) -> tuple[dict[str, list[float]], dict[str, int]]:
     """`pings` round trips per system, in PING_ROUNDS interleaved rounds (the noise hits all alike), on
-    quiet systems: no iperf3 runs meanwhile, and no CPU figure is taken over them."""
+    quiet systems: no iperf3 runs meanwhile, and no UDP sample's CPU figure is taken over them. Also the
+    translating processes' CPU (ns) over each system's pings."""
     rtts: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, int] = dict.fromkeys(names, 0)
     per_round = -(-pings // PING_ROUNDS) if pings > 0 else 0
     done, failed = 0, set()
     while done < pings:
@@ -761,7 +781,10 @@ def _measure_rtt(tb: Testbed, names: list[str], pings: int, failures: dict, log)
             if s.error or n in failed:
                 continue
             try:
-                rtts[n] += tb.ping(s, count)
+                before = process_cpu_ns(s.pids)
+                got = tb.ping(s, count)
+                cpu[n] += process_cpu_ns(s.pids) - before
+                rtts[n] += got
             except XdpoibError as e:
                 failed.add(n)
                 failures[n].append(f"ping: {e}")
@@ -770,8 +793,9 @@ def _measure_rtt(tb: Testbed, names: list[str], pings: int, failures: dict, log)
     for n in names:
         if rtts[n]:
             x = rtt_summary(rtts[n])
-            log(f"  ping {n:>7}: {len(rtts[n])} replies, p50 {x['p50']:.1f} us, p99 {x['p99']:.1f} us")
-    return rtts
+            log(f"  ping {n:>7}: {len(rtts[n])} replies, p50 {x['p50']:.1f} us, p99 {x['p99']:.1f} us, "
+                f"{cpu[n] / 1e3 / len(rtts[n]):.1f} us of its processes' CPU per round trip")
+    return rtts, cpu
 
 
 def _summary(xs: list[Sample | None], frame: int, error: str | None) -> dict:
@@ -890,9 +914,10 @@ def format_table(res: dict) -> str:
     if res.get("rtt_us"):
         p = res["pings"]
         lines += ["", f"ping round trip (us; {p['count']} pings, {p['interval_ms']:g} ms apart)",
-                  f"  {'system':<8} {'p50':>9} {'p99':>9} {'replies':>8}"]
-        lines += [f"  {n:<8} {num(v['p50'], '9.1f')} {num(v['p99'], '9.1f')} {p['replies'].get(n, 0):>8}"
-                  for n, v in res["rtt_us"].items()]
+                  f"  {'system':<8} {'p50':>9} {'p99':>9} {'replies':>8} {'CPU us':>8}"]
+        cpu = res.get("rtt_cpu_us") or {}
+        lines += [f"  {n:<8} {num(v['p50'], '9.1f')} {num(v['p99'], '9.1f')} {p['replies'].get(n, 0):>8} "
+                  f"{num(cpu.get(n), '8.1f')}" for n, v in res["rtt_us"].items()]
     lines += ["", "targets" if res["ratios"] else "targets: none (they need xdpoib and its baselines)"]
     for r in res["ratios"]:
         where = {"tcp": "TCP", "rtt": "ping"}.get(r.get("where"), "")

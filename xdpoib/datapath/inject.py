@@ -9,13 +9,15 @@ and keep the batch program attached to an anchor device (the pump's spare veth p
 
 from __future__ import annotations
 
+import ctypes as ct
 import mmap
 import struct
 
 import numpy as np
 
 from xdpoib import abi
-from xdpoib.datapath import testrun
+from xdpoib.datapath import bpfsys, testrun
+from xdpoib.datapath.maps import possible_cpus
 
 MAX_BATCH = 256     # the kernel's limit for live-frames batch_size
 _DUMMY = bytes(64)  # what each live frame holds before xdpoib_rx_batch swaps its frame in
@@ -54,6 +56,12 @@ class Injector:
             self._mmap = None
         self._live = testrun.LiveRun(self._batch_fd, _DUMMY)
         self._pending = 0       # slots filled for the next flush
+        # xo_inject_idx (per-CPU u32: the slot the next run takes) is zeroed before each call with one
+        # prepared bpf(2) update: per-CPU values are 8 bytes apart (the kernel rounds each up to 8)
+        self._idx_key = ct.c_uint32(0)
+        self._idx_zero = (ct.c_uint64 * possible_cpus())()
+        self._idx_reset = bpfsys.MapElemAttr(map_fd=maps.inject_idx.fd, key=ct.addressof(self._idx_key),
+                                             value=ct.addressof(self._idx_zero), flags=bpfsys.BPF_ANY)
 
     @property
     def mmapped(self) -> bool:
@@ -132,7 +140,7 @@ class Injector:
                              for fr, meta in self._fallback)
             self._maps.inject.update_batch_raw(struct.pack(f"<{n}I", *range(n)), slots)
             self._fallback = []
-        self._maps.inject_idx.set(0, 0)
+        bpfsys.bpf(bpfsys.MAP_UPDATE_ELEM, self._idx_reset, "map update (xo_inject_idx)")
         self._live.run(n)
         return n
 

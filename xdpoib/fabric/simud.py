@@ -80,6 +80,9 @@ MAX_CONNS = 64                # destinations watched at once per QP (a connected
 CQ_HIGH_WATER = 1024          # completions waiting before the QP stops reading its socket
 READ_FAILURES_DOWN = 3         # consecutive failed port reads that mean the port is down
 SMALL = 8                      # bundles and postings of at most this many: plain Python, no arrays
+_ONE = struct.Struct("!HHH")   # a bundle of one packet: count, stride, its length (wire.encode_bundles)
+_LEN1 = struct.Struct("!H")    # the one length of such a bundle
+_SUCCESS = CompletionStatus.SUCCESS
 
 
 class PortControl(Protocol):
@@ -244,6 +247,10 @@ class _Attachment:
 class SimQp(UdQp):
     """A UD QP of the sim backend (see the module doc for the rules it keeps)."""
 
+    #: `fileno()` is readable while, and only while, datagrams or completions wait (an epoll set over the
+    #: socket and the CQ's eventfd): a caller's event loop may skip polling it when it was not readable
+    exact_fd = True
+
     def __init__(self, backend: SimUdBackend, pkey: int, pkey_index: int, qkey: int, pool: BufferPool):
         if not isinstance(pool, MemoryPool):
             raise QpError("the sim backend receives into pools from its own alloc_pool()")
@@ -277,6 +284,9 @@ class SimQp(UdQp):
         self._signalled = False
         self.error = False              # the QP is in the error state (after a length error)
         self._blocked: dict[bytes, tuple[socket.socket, float]] = {}   # found full: (socket, when)
+        self._flows: dict[tuple, tuple] = {}    # unicast flows worked out: (AH id, QPN, Q_Key) -> (checks, flow)
+        self._verdicts: dict[bytes, tuple] = {}  # unicast flow headers judged, while the port's attributes
+        self._verdicts_of = None                # are this object (re-read ten times a second)
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._ready, select.EPOLLIN)
@@ -327,10 +337,31 @@ class SimQp(UdQp):
         n = len(payloads)
         if not self._send_ready(n):
             return n
-        b = self.backend
-        groups = b.registry(fresh=True)[1] if ah.path.multicast else None
-        self._send_flow(self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), b.attrs, groups), payloads)
+        self._send_flow(self._flow_to(ah, remote_qpn, remote_qkey), payloads)
         return n
+
+    def _flow_to(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int) -> _Flow:
+        """The flow of one destination. Unicast flows are kept while the AH's path, the port's attributes
+        and the LID registry they were worked out from stay the same (a ping's every send would otherwise
+        build its header and look its LID up again); multicast ones are worked out each time (their
+        members and our membership change under them)."""
+        b = self.backend
+        path = ah.path
+        if path.multicast:
+            return self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), b.attrs, b.registry(fresh=True)[1])
+        b.guid_for_lid(path.dlid)               # keeps the registry fresh (a re-read changes its stamp)
+        key = (id(ah), remote_qpn, remote_qkey)
+        hit = self._flows.get(key)
+        attrs = b.attrs
+        if hit is not None:
+            c = hit[0]
+            if c[0] is ah and c[1] is path and c[3] == b._lids_at and (c[2] is attrs or c[2] == attrs):
+                return hit[1]
+        flow = self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), attrs, None)
+        if len(self._flows) >= 4096:
+            self._flows.clear()
+        self._flows[key] = ((ah, path, attrs, b._lids_at), flow)
+        return flow
 
     def _send_flow(self, flow: _Flow, payloads: Sequence) -> None:
         count = self.backend._counters.add
@@ -340,7 +371,10 @@ class SimQp(UdQp):
         kept = [p for p in payloads if len(p) <= flow.limit]
         if len(kept) < len(payloads):
             count(FabricCounter.OVERSIZE, len(payloads) - len(kept))
-        if kept:
+        if len(kept) == 1 and len(kept[0]):        # one frame (a ping's): its bundle without the general loop
+            n = len(kept[0])
+            self._send_datagrams(flow.dests, [([flow.prefix + _ONE.pack(1, n, n), kept[0]], 1)])
+        elif kept:
             self._send_datagrams(flow.dests, [([d], k) for d, k in wire.encode_bundles(flow.prefix, kept)])
 
     def post_send_batch(self, ah: AddressHandle, remote_qpn: int, remote_qkey: int, memory: SendMemory,
@@ -361,8 +395,7 @@ class SimQp(UdQp):
             if not self._send_ready(n):
                 return n
             b = self.backend
-            groups = b.registry(fresh=True)[1] if ah.path.multicast else None
-            flow = self._flow(SendRequest(ah, remote_qpn, remote_qkey, b""), b.attrs, groups)
+            flow = self._flow_to(ah, remote_qpn, remote_qkey)
             if flow.drop is not None:
                 b._counters.add(flow.drop, n)
                 return n
@@ -491,8 +524,9 @@ class SimQp(UdQp):
 
     # ---- receive
 
-    def _drain(self) -> None:
-        """Take every datagram that arrived and match it against the buffers posted now (as an HCA does)."""
+    def _drain(self, signal: bool = True) -> None:
+        """Take every datagram that arrived and match it against the buffers posted now (as an HCA does);
+        then keep the eventfd in step with the CQ (`_signal`), unless the caller does it itself."""
         count = self.backend._counters.add
         view = memoryview(self._rbuf)
         verdicts: dict[bytes, tuple[FabricCounter | None, wire.Packet]] = {}
@@ -510,12 +544,13 @@ class SimQp(UdQp):
                     head = bytes(view[:wire.FLOW_LEN])
                     seen = verdicts.get(head)
                     if seen is None:
-                        seen = verdicts[head] = self._judge(wire.parse_flow(head))
+                        seen = verdicts[head] = self._verdict(head)
                     k, stride = hdr
                     if seen[0] is not None:
                         count(seen[0], k)
                         continue
-                    lens = struct.unpack_from(f"!{k}H", view, wire.BUNDLE.size)
+                    lens = _LEN1.unpack_from(view, wire.BUNDLE.size) if k == 1 else \
+                        struct.unpack_from(f"!{k}H", view, wire.BUNDLE.size)
                     if max(lens) > stride:
                         count(FabricCounter.BAD_DATAGRAM)
                         continue
@@ -528,7 +563,7 @@ class SimQp(UdQp):
                 head, lengths, block = got
                 seen = verdicts.get(head)
                 if seen is None:
-                    seen = verdicts[head] = self._judge(wire.parse_flow(head))
+                    seen = verdicts[head] = self._verdict(head)
                 if seen[0] is not None:
                     count(seen[0], len(lengths))
                     continue
@@ -547,7 +582,8 @@ class SimQp(UdQp):
                 size = len(body)
                 block = np.frombuffer(bytes(body) or b"\0", np.uint8).reshape(1, max(size, 1))
                 self._deliver(seen[1], np.array([size], np.int64), block)
-        self._signal()
+        if signal:
+            self._signal()
 
     def _deliver(self, p: wire.Packet, lengths: np.ndarray, block: np.ndarray) -> None:
         """Packets of one flow (lengths, count x stride payloads) into posted buffers, as one CQ entry."""
@@ -651,6 +687,21 @@ class SimQp(UdQp):
             self._cq_put(_Entry(CompletionStatus.WR_FLUSH_ERR, None, np.asarray(indices, np.int32),
                                 np.zeros(len(indices), np.int64)))
 
+    def _verdict(self, head: bytes) -> tuple[FabricCounter | None, wire.Packet]:
+        """`_judge` of a version 2 flow header; unicast verdicts are kept while the port's attributes stay
+        the same object (they depend on nothing else: multicast ones also on memberships, judged each time)."""
+        attrs = self.backend.attrs
+        if self._verdicts_of is attrs:
+            hit = self._verdicts.get(head)
+            if hit is not None:
+                return hit
+        else:
+            self._verdicts, self._verdicts_of = {}, attrs
+        seen = self._judge(wire.parse_flow(head))
+        if seen[1].dst_qpn != MCAST_QPN and len(self._verdicts) < 1024:
+            self._verdicts[head] = seen
+        return seen
+
     def _judge(self, p: wire.Packet) -> tuple[FabricCounter | None, wire.Packet]:
         """Why this QP drops packets with p's header (None: accept them)."""
         b = self.backend
@@ -663,8 +714,10 @@ class SimQp(UdQp):
         return verdict, p
 
     def post_recv(self, indices) -> int:
-        """Post receive buffers (after matching what already arrived against the earlier ones); a list
-        or an integer array of pool indices."""
+        """Post receive buffers; a list or an integer array of pool indices. Datagrams already waiting in
+        the socket are matched at the next poll, against the oldest posted buffers first, as if matched
+        now (no drain here: a ping's every hop would pay a failing recv for it); only a QP in the error
+        state drains first, so that what arrived before the post is counted against the error."""
         self._check_open()
         if not isinstance(indices, np.ndarray):
             indices = list(indices)
@@ -676,8 +729,8 @@ class SimQp(UdQp):
             bad = int(idx[(idx < 0) | (idx >= self.pool.count)][0])
             raise QpError(f"buffer index {bad} outside the pool of {self.pool.count}")
         with self._lock:
-            self._drain()
             if self.error:
+                self._drain()
                 self._flush(idx)
                 self._signal()
                 return k
@@ -696,7 +749,7 @@ class SimQp(UdQp):
         """Up to max_entries completions off the CQ, as entries (the last one split if needed)."""
         self._check_open()
         with self._lock:
-            self._drain()
+            self._drain(signal=False)           # `_signal` below, once: no eventfd write and read per poll
             parts, want, cq = [], max_entries, self._cq
             while cq and want > 0:
                 e = cq.popleft()
@@ -714,8 +767,8 @@ class SimQp(UdQp):
             if not 0 <= i < self.pool.count:
                 raise QpError(f"buffer index {i} outside the pool of {self.pool.count}")
         with self._lock:
-            self._drain()
             if self.error:
+                self._drain()
                 self._flush(np.asarray(indices, np.int32))
                 self._signal()
                 return len(indices)
@@ -743,7 +796,7 @@ class SimQp(UdQp):
         mem, stride, grh_len = self.pool.memory, self.pool.stride, wire.GRH_LEN
         for e in self._take_entries(max_entries):
             p = e.p
-            status = CompletionStatus(e.status)
+            status = _SUCCESS if not e.status else CompletionStatus(e.status)
             idx, lengths = e.idx, e.lengths
             if isinstance(idx, np.ndarray):
                 idx, lengths = idx.tolist(), lengths.tolist()
@@ -830,6 +883,7 @@ class SimUdBackend(Backend):
         self._wake = threading.Event()
         self._lids: dict[int, int] = {}
         self._lids_at = 0.0
+        self._lids_stale = False        # the data path found the registry a second old (`guid_for_lid`)
         self._closed = False
         self._lid_marker: socket.socket | None = None
         self._read_failures = 0
@@ -882,11 +936,17 @@ class SimUdBackend(Backend):
         return lids, groups
 
     def guid_for_lid(self, lid: int) -> int | None:
-        """The port GUID that has `lid` (registry cached for a second, re-read on a miss)."""
+        """The port GUID that has `lid`: from the registry as read at most a second ago; an older read is
+        still answered from but re-read at once by the monitor thread (reading /proc/net/unix takes
+        100-300 us, a whole round trip, on the sending agent's loop); a miss re-reads it here."""
         now = time.monotonic()
-        guid = self._lids.get(lid) if now - self._lids_at < 1.0 else None
-        if guid is None and now - self._lids_at > 0.005:
-            guid = self.registry()[0].get(lid)
+        guid = self._lids.get(lid)
+        if guid is None:
+            if now - self._lids_at > 0.005:
+                guid = self.registry()[0].get(lid)
+        elif now - self._lids_at >= 1.0 and not self._lids_stale:
+            self._lids_stale = True
+            self._wake.set()
         return guid
 
     # ---- memberships
@@ -923,7 +983,13 @@ class SimUdBackend(Backend):
         return hit
 
     def _revalidate(self) -> None:
-        """Monitor thread: re-read the memberships the data path found expired."""
+        """Monitor thread: re-read the registry and the memberships the data path found expired."""
+        if self._lids_stale:
+            try:
+                self.registry()
+            except OSError:
+                pass
+            self._lids_stale = False
         with self._lock:
             stale, self._stale = self._stale, set()
         for mgid in stale:
