@@ -161,3 +161,14 @@ def test_slot_cache_collisions_fall_back_to_the_hash(datapath, maps):
     assert dest(b_mac) == (Kind.UNRESOLVED, 0) and dest(a_mac) == (Kind.PEER, 500)
     r = testrun.run(datapath.fd("xdpoib_rx"), rx, abi.rx_meta(b_id, gen.VIFS[0].vif_id, 0xFFFF))
     assert r.retval == XdpAction.DROP
+
+
+def test_per_cpu_values_narrower_than_8_bytes_round_trip(maps):
+    """The kernel lays a per-CPU value out in 8-byte steps: a u32 per CPU (xo_inject_idx) is written and
+    read back on every CPU, not past the buffer."""
+    from xdpoib.datapath.maps import possible_cpus
+
+    maps.inject_idx.set(0, 0x5A5A5A5A)
+    assert maps.inject_idx.get(0) == [0x5A5A5A5A] * possible_cpus()
+    maps.inject_idx.set(0, 7)
+    assert maps.inject_idx.get(0) == [7] * possible_cpus()

@@ -164,6 +164,13 @@ class Map:
         self.fd, self.key_type, self.value_type, self.percpu, self.name = fd, key_type, value_type, percpu, name
         self.size = size
         self._ncpu = possible_cpus() if percpu else 1
+        # a per-CPU value is laid out in 8-byte steps (the kernel rounds each CPU's value up to 8 bytes)
+        vs = ct.sizeof(value_type)
+        if percpu and vs % 8:
+            self._slot = type(f"{value_type.__name__}Slot", (ct.Structure,),
+                              {"_fields_": [("v", value_type), ("pad", ct.c_uint8 * (8 - vs % 8))]})
+        else:
+            self._slot = None
 
     def _key(self, key):
         if isinstance(key, self.key_type):
@@ -178,15 +185,20 @@ class Map:
     def get(self, key):
         """Return the value (a list of per-CPU values for per-CPU maps), or None if absent."""
         if self.percpu:
-            buf = (self.value_type * self._ncpu)()
-            return list(buf) if bpfsys.map_lookup(self.fd, self._key(key), buf) else None
+            buf = ((self._slot or self.value_type) * self._ncpu)()
+            if not bpfsys.map_lookup(self.fd, self._key(key), buf):
+                return None
+            return [x.v for x in buf] if self._slot else list(buf)
         v = self.value_type()
         return v if bpfsys.map_lookup(self.fd, self._key(key), v) else None
 
     def set(self, key, value) -> None:
         """Insert or replace one element (per-CPU maps: the same value on every CPU)."""
         if self.percpu:
-            buf = (self.value_type * self._ncpu)(*([value] * self._ncpu))
+            if self._slot:
+                buf = (self._slot * self._ncpu)(*[self._slot(v=self._value(value)) for _ in range(self._ncpu)])
+            else:
+                buf = (self.value_type * self._ncpu)(*([value] * self._ncpu))
             bpfsys.map_update(self.fd, self._key(key), buf)
             return
         bpfsys.map_update(self.fd, self._key(key), self._value(value))
