@@ -450,7 +450,8 @@ class Agent:
     def run(self) -> None:
         """Serve until stopped (SIGTERM, SIGINT, or a `stop` request)."""
         self.loop.run()
-        self.state = "stopping"
+        if self.state != "handed over":
+            self.state = "stopping"
 
     # ================================================================================ teardown
 
@@ -490,5 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.run()
     finally:
         agent.close()
-        log.info("detached %s", spec.where)
+        if agent.state == "handed over":
+            log.info("exited: %s is served by the agent that took over", spec.where)
+        else:
+            log.info("detached %s", spec.where)
     return 0
