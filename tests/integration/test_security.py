@@ -49,7 +49,7 @@ def root_commands(fab: str, ns: str) -> list[list[str]]:
             ["exporter", "--once"], ["demo"], ["sim", "show", fab], ["sim", "down", fab],
             ["sim", "up", "nobodysfabric"], ["bench", "datapath"],
             ["capture", "eth4", "--netns", ns, "-w", "/tmp/nobody.pcap", "-c", "1"],
-            ["vif", "list", "eth4", "--netns", ns]]
+            ["vif", "list", "eth4", "--netns", ns], ["restart", "eth4", "--netns", ns], ["restart", "--upgraded"]]
 
 
 def test_every_root_command_refuses_nobody_in_one_line_and_changes_nothing(pair, nobody):
