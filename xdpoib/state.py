@@ -93,6 +93,7 @@ class AttachSpec:
     vif_idle: float = 300.0             # release a learned VIF idle this long (seconds; 0: never)
     mac_form: str = "lemac"             # eth4's MAC from the port GUID: lemac | mellanox (wire.addr.MAC_FORMS)
     wait: float = 60.0                  # bring-up waits this long for the partition and its broadcast group
+    draining: list = field(default_factory=list)    # pids of agents this one took over from, still draining
 
     @property
     def id(self) -> str:

@@ -10,9 +10,11 @@ the pinned datapath. The agent's log is then kept (it says why the agent did not
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,6 +68,22 @@ def own_links(spec: AttachSpec) -> list[str]:
     return names
 
 
+def stop_draining(spec: AttachSpec) -> None:
+    """Agents a restart replaced that still drain their old QPs (`spec.draining`): stopped at once (they
+    own nothing the attachment shares, so a SIGTERM is all they need)."""
+    from xdpoib import state
+
+    for pid in spec.draining or []:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = [b"xdpoib.agent", f'"ifname": {json.dumps(spec.ifname)}'.encode(),
+                f'"netns": {json.dumps(spec.netns)}'.encode()]      # not a pid reused by something else
+        if all(m in cmdline for m in ours):
+            state.stop_pid(pid, timeout=5.0)
+
+
 def detach(spec: AttachSpec, keep_state: bool = False) -> str | None:
     """Ask the agent to stop (it undoes everything in reverse), wait, and clean up after one that died or
     did not stop in time. Returns None after a clean stop, else one line saying what happened (the log
@@ -73,6 +91,7 @@ def detach(spec: AttachSpec, keep_state: bool = False) -> str | None:
     from xdpoib import control, link, state
 
     note = None
+    stop_draining(spec)
     if state.pid_alive(spec.pid):
         try:
             control.request(state.socket_path(spec.id), "stop", timeout=5.0)

@@ -371,6 +371,11 @@ def test_guests_behind_a_bridge_keep_talking_across_restarts(pair, figures):
                 f"handover {hms} ms")
         assert after and after[0]["qpn"] != vif[0]["qpn"] and after[0]["learned"]
         assert g1 == s1 and g2 == s2, f"lost: guest->remote {s1 - g1}, remote->guest {s2 - g2}"
+        # detach right after a restart: the agent still draining its old QPs goes too
+        last = restart(host)
+        assert state.pid_alive(last["old"])
+        x("detach", "eth4", "--netns", host)
+        assert not state.pid_alive(last["old"]) and not state.pid_alive(last["new"])
     finally:
         x("detach", "eth4", "--netns", host, check=False)
         for ns in (host, guest):

@@ -236,6 +236,9 @@ class Agent:
             self.successor.announce_again()
         link.set_link(s.internal, None, up=True)        # veth and tap mode alike (links.py)
         s.pid = os.getpid()
+        # agents still draining their old QPs after handing over to us (detach stops them too)
+        s.draining = [p for p in (*s.draining, getattr(self.successor, "old_pid", None))
+                      if p and state.pid_alive(p)]
         state.write_spec(s)
         self._wire_loop()
         self.vifs.restore(self._saved_vifs)
