@@ -184,7 +184,29 @@ class _Base:
                 "xsk_fill_ring_empty": k["rx_fill_ring_empty_descs"]}
 
 
-class PlainPump(_Base):
+class NoMaps:
+    """A datapath with no tables of its own to keep in step (the plain path; an agent that handed over)."""
+
+    def add_peers(self, entries) -> None:
+        pass
+
+    def add_vifs(self, vifs) -> None:
+        pass
+
+    def remove_vifs(self, vifs) -> None:
+        pass
+
+    def remove_peers(self, entries) -> None:
+        pass
+
+    def set_group(self, mgid: bytes, group_id: int) -> None:
+        pass
+
+    def forget_meta(self) -> None:
+        pass
+
+
+class PlainPump(NoMaps, _Base):
     """Redirect everything to AF_XDP; translate both ways with the oracle in Python."""
 
     name = "plain"
@@ -248,18 +270,6 @@ class PlainPump(_Base):
         if sent < len(frames):
             a.drops[DropReason.INJECT_RING_FULL] += len(frames) - sent
         return sent
-
-    def add_peers(self, entries) -> None:
-        pass
-
-    def add_vifs(self, vifs) -> None:
-        pass
-
-    def remove_vifs(self, vifs) -> None:
-        pass
-
-    def set_group(self, mgid: bytes, group_id: int) -> None:
-        pass
 
     def counters(self) -> dict:
         return {**self.datapath.counters(), **self.ring_counters()}

@@ -40,6 +40,7 @@ import time
 
 from xdpoib import state
 from xdpoib.errors import XdpoibError
+from xdpoib.pump import NoMaps
 from xdpoib.reasons import DropReason as R
 
 log = logging.getLogger("xdpoib.agent")
@@ -151,7 +152,7 @@ def _drain(a, grace: float) -> None:
     lp.call_later(grace, check)
 
 
-class DrainPump:
+class DrainPump(NoMaps):
     """The datapath of an agent that handed over: frames from its old QPs, one live-frames call each
     (the RX program, not the batch program whose slots the successor fills); nothing from eth4, no map
     written (the successor's tables rule them)."""
@@ -220,24 +221,6 @@ class DrainPump:
         if out:
             self.agent.stats["drained_frames"] += len(out)
         return len(out)
-
-    def add_peers(self, entries) -> None:
-        pass
-
-    def add_vifs(self, vifs) -> None:
-        pass
-
-    def remove_vifs(self, vifs) -> None:
-        pass
-
-    def remove_peers(self, entries) -> None:
-        pass
-
-    def set_group(self, mgid: bytes, group_id: int) -> None:
-        pass
-
-    def forget_meta(self) -> None:
-        pass
 
     def counters(self) -> dict:
         return {"drained_frames": self.injected}
