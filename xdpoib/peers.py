@@ -350,6 +350,15 @@ class PeerTable(Tables):
                 continue
             self._ids[key] = self._new_id()
 
+    @staticmethod
+    def saved_gids(data: dict) -> list[bytes]:
+        """The distinct GIDs of the peers in a state file written by `to_json` (either format), in order."""
+        if data.get("format") == 2:
+            texts = (r[0] for r in data.get("peers", []))
+        else:
+            texts = (it["gid"] for it in data.get("peers", []))
+        return list(dict.fromkeys(parse_gid(t) for t in texts))
+
     def _restore_v1(self, data: dict, vifs: set) -> None:
         self.remacs = RemacTable.from_json(data.get("remacs", []), reserved=vifs)
         for it in data.get("ids", []):

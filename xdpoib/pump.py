@@ -134,12 +134,11 @@ class _Base:
 
         self.agent = agent
         self.ifname, self.ifindex = ifname, ifindex
-        if adopt == "rebind":           # a successor that binds its own socket once the running one closes
-            self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len, bind=False)
-        elif adopt is not None:         # the running agent's socket, adopted (`XskSocket.adopt`)
+        if adopt is not None and adopt != "rebind":     # the running agent's socket (`XskSocket.adopt`)
             self.xsk = adopt
-        else:
-            self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len)
+        else:       # "rebind": a successor's own socket, bound once the running agent's one is closed
+            self.xsk = XskSocket(ifindex, 0, frames=4096, ring_size=2048, meta_len=self.meta_len,
+                                 bind=adopt != "rebind")
 
     def fileno(self) -> int:
         return self.xsk.fileno()
@@ -743,6 +742,17 @@ class BpfPump(_Base):
         out.update(self.ring_counters())
         return out
 
+    def close_socket(self) -> None:
+        """Close the send memory, then the AF_XDP socket and its UMEM (idempotent; at the end, or for a
+        successor that binds its own socket)."""
+        memory, self.send_memory = getattr(self, "send_memory", None), None
+        if memory is not None:
+            memory.close()          # before the UMEM is unmapped (it waits for sends in flight)
+        self._umem_rows = None          # numpy's hold on the UMEM, before it is unmapped
+        xsk = getattr(self, "xsk", None)
+        if xsk is not None:
+            xsk.close()
+
     def close(self) -> None:
         """A clean stop: detach, delete the anchor, close, unpin (only a crash leaves pins behind). A pump
         that is not the datapath's owner (a successor that never took over) only closes its own."""
@@ -753,13 +763,7 @@ class BpfPump(_Base):
         inj = getattr(self, "injector", None)
         if inj is not None:
             inj.close()
-        memory = getattr(self, "send_memory", None)
-        if memory is not None:
-            memory.close()          # before the UMEM is unmapped (it waits for sends in flight)
-        self._umem_rows = None          # numpy's hold on the UMEM, before it is unmapped
-        xsk = getattr(self, "xsk", None)
-        if xsk is not None:
-            xsk.close()
+        self.close_socket()
         if self.owner:
             for name in self._links:
                 link.delete_link(name)

@@ -270,7 +270,6 @@ class Agent:
         if os.environ.get("XDPOIB_TEST_FAIL_AFTER_HANDOVER") == "1":      # the restart's fallback, tested
             raise AgentError("failing after the handover, as asked (XDPOIB_TEST_FAIL_AFTER_HANDOVER=1)")
         service.restore_state(self)         # what the old agent saved as it stopped
-        self.peers.learn_vifs = self.vifs.learn_max > 0
         self.successor.resolve_known()
         ms = self.successor.take_over(t0)
         self.stats["took_over"] += 1

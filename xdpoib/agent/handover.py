@@ -39,6 +39,7 @@ import os
 import time
 
 from xdpoib import state
+from xdpoib.agent import service
 from xdpoib.errors import XdpoibError
 from xdpoib.pump import NoMaps
 from xdpoib.reasons import DropReason as R
@@ -79,8 +80,6 @@ def handle(a, req: dict) -> dict:
         raise HandoverError(f"the {pump.name} datapath cannot be handed over (only the BPF one); "
                             "use attach --force")
     if cmd == "handover_prepare":
-        from xdpoib.agent import service
-
         service.save_state(a)
         a.stats["handover_prepared"] += 1
         log.info("a successor (pid %s) prepares to take over", req.get("pid"))
@@ -94,8 +93,6 @@ def handle(a, req: dict) -> dict:
     a.loop.remove_reader(pump.fileno())
     if req.get("rebind"):               # the successor could not adopt the socket: it binds its own
         release_socket(a, pump)
-    from xdpoib.agent import service
-
     service.save_state(a)
     a.pump = DrainPump(a, pump)
     a.owns = False
@@ -121,11 +118,7 @@ def release_socket(a, pump) -> None:
             break
         a.forwarder.from_eth(a.loop.budget)
     pump.quiesce()
-    memory, pump.send_memory = pump.send_memory, None
-    if memory is not None:
-        memory.close()              # before the UMEM goes (it waits for sends in flight)
-    pump._umem_rows = None
-    pump.xsk.close()
+    pump.close_socket()
 
 
 def _drain(a, grace: float) -> None:
@@ -286,14 +279,12 @@ class Successor:
         their paths at once instead of queueing behind queries. Returns how many were answered."""
         import json
 
-        from xdpoib.wire.addr import parse_gid
+        from xdpoib.peers import PeerTable
 
         a = self.a
         try:
-            saved = json.loads(state.persist_path(a.spec.id).read_text()).get("peers", {})
-            rows = saved.get("peers", []) if isinstance(saved, dict) else []      # PeerTable.to_json, format 2
-            gids = list(dict.fromkeys(parse_gid(r[0]) for r in rows if isinstance(r, list)))[:most]
-        except (OSError, ValueError, XdpoibError, TypeError, IndexError):
+            gids = PeerTable.saved_gids(json.loads(state.persist_path(a.spec.id).read_text())["peers"])[:most]
+        except (OSError, ValueError, XdpoibError, TypeError, IndexError, KeyError, AttributeError):
             return 0
         until, got = time.monotonic() + budget_s, 0
         for gid in gids:

@@ -97,21 +97,20 @@ def check_grace(args) -> None:
         raise UsageError(f"--grace must be between 0 and 60 seconds, not {args.grace:g}")
 
 
-def upgraded() -> list[state.AttachSpec]:
-    """Running attachments whose agent runs other code than this installation's."""
+def runs_other_code(spec: state.AttachSpec) -> bool:
+    """Whether spec's agent answers and runs other code than this installation's (an upgrade since)."""
     from xdpoib import control
 
-    out = []
-    for spec in state.attachments():
-        if not state.pid_alive(spec.pid):
-            continue
-        try:
-            code = control.request(state.socket_path(spec.id), "status", timeout=5.0)["attachment"].get("code")
-        except control.ControlError:
-            continue
-        if code != state.code_id():
-            out.append(spec)
-    return out
+    try:
+        code = control.request(state.socket_path(spec.id), "status", timeout=5.0)["attachment"].get("code")
+    except control.ControlError:
+        return False
+    return code not in (None, state.code_id())
+
+
+def upgraded() -> list[state.AttachSpec]:
+    """Running attachments whose agent runs other code than this installation's."""
+    return [spec for spec in state.attachments() if state.pid_alive(spec.pid) and runs_other_code(spec)]
 
 
 def serving(sock, pid: int) -> bool:

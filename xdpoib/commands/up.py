@@ -75,14 +75,9 @@ def run(args) -> int:
 def upgrade(spec, running) -> str:
     """A running attachment listed without --force: restarted (make-before-break) when its agent runs
     other code than this installation's; the line to print."""
-    from xdpoib import control
     from xdpoib.commands import restart
 
-    try:
-        st = control.request(state.socket_path(spec.id), "status", timeout=5.0)
-    except control.ControlError:
-        return f"{spec.where}: already attached"
-    if st["attachment"].get("code") in (None, state.code_id()):
+    if not restart.runs_other_code(running):
         return f"{spec.where}: already attached"
     r = restart.restart(running)
     return (f"{spec.where}: restarted after an upgrade (agent pid {r['old_pid']} -> {r['pid']}, handover "

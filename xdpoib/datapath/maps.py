@@ -525,27 +525,31 @@ class Maps:
         """Forget an MGID (a group the agent left); False if it was not there."""
         return self.group.delete(abi.MgidKey(mgid=(ct.c_uint8 * 16)(*mgid)))
 
+    @staticmethod
+    def _partition_slots(vlan_pkeys: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+        """VID -> P_Key, and P_Key & 0x7fff -> the smallest VID mapping it (what the two arrays hold)."""
+        by_pkey: dict[int, int] = {}
+        for vid, pkey in sorted(vlan_pkeys.items()):
+            by_pkey.setdefault(pkey & 0x7FFF, vid)
+        return dict(vlan_pkeys), by_pkey
+
     def set_partitions(self, vlan_pkeys: dict[int, int]) -> None:
-        """Install VID -> P_Key (and P_Key -> the smallest VID mapping it) for every partition."""
-        for vid, pkey in sorted(vlan_pkeys.items()):
+        """Install VID -> P_Key (and P_Key -> the smallest VID mapping it) for every partition, leaving
+        the other slots as they are."""
+        vlans, pkeys = self._partition_slots(vlan_pkeys)
+        for vid, pkey in sorted(vlans.items()):
             self.vlan.set(vid, abi.Vlan(pkey=pkey, flags=abi.F_VALID))
-        seen = set()
-        for vid, pkey in sorted(vlan_pkeys.items()):
-            if pkey & 0x7FFF not in seen:
-                seen.add(pkey & 0x7FFF)
-                self.pkey.set(pkey & 0x7FFF, abi.Pkey(vid=vid, flags=abi.F_VALID))
+        for pk, vid in pkeys.items():
+            self.pkey.set(pk, abi.Pkey(vid=vid, flags=abi.F_VALID))
 
     def write_partitions(self, vlan_pkeys: dict[int, int]) -> None:
         """Every VID and P_Key slot written with its final value in one batched pass each (no slot is
         ever cleared first: programs running meanwhile, a restart's, see the old or the new mapping)."""
         import numpy as np
 
-        for m, n, pairs in ((self.vlan, abi.MAX_VLANS, {vid: pkey for vid, pkey in vlan_pkeys.items()}),
-                            (self.pkey, abi.MAX_PKEYS, {})):
-            if m is self.pkey:
-                for vid, pkey in sorted(vlan_pkeys.items(), reverse=True):     # the smallest VID wins
-                    pairs[pkey & 0x7FFF] = vid
-            vals = np.zeros((n, 4), np.uint8)
+        for m, n, pairs in zip((self.vlan, self.pkey), (abi.MAX_VLANS, abi.MAX_PKEYS),
+                               self._partition_slots(vlan_pkeys), strict=True):
+            vals = np.zeros((n, 4), np.uint8)          # struct Vlan / Pkey: u16 value, u8 flags, u8 reserved
             if pairs:
                 idx = np.fromiter(pairs, np.int64, len(pairs))
                 words = np.fromiter(pairs.values(), np.int64, len(pairs))
@@ -556,8 +560,7 @@ class Maps:
 
     def clear_partitions(self) -> None:
         """Mark every VID and P_Key slot unused."""
-        self.vlan.update_batch((i, abi.Vlan()) for i in range(abi.MAX_VLANS))
-        self.pkey.update_batch((i, abi.Pkey()) for i in range(abi.MAX_PKEYS))
+        self.write_partitions({})
 
     def set_config(self, report_interval_ns: int = 0, scope: int = 2, flags: int = 0) -> None:
         """Set the datapath configuration (flags: abi.CFG_LEARN_VIFS hands frames from unknown
