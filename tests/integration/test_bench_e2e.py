@@ -1,7 +1,8 @@
 """`xdpoib bench e2e` through the real CLI with tiny settings (64-byte frames, two offered rates, 1 s per
 sample, 40 pings): one JSON object with every system and every key, a number from every system (CPU
 split into the translating processes' and the softirq share, round trips with p50 <= p99), the
-4096-byte MTU probe's answer, the targets, a PNG, and nothing of what the bench created left behind.
+4096-byte MTU probe's answer, the UDP socket buffer asked for and the drops at the receiving socket, the
+targets, a PNG, and nothing of what the bench created left behind.
 Speed is reported, never asserted."""
 
 import json
@@ -38,6 +39,11 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
     assert set(res["sizes"]["64"]) == set(SYSTEMS) and set(res["tcp_mbps"]) == set(SYSTEMS)
     for name, row in res["sizes"]["64"].items():
         assert set(KEYS) <= set(row), (name, row)
+        # read from the receiving namespace's /proc/net/snmp: a share, 0 when the socket kept up
+        assert row["socket_drop_pct"] is None or 0 <= row["socket_drop_pct"] <= 100, (name, row)
+    # every UDP sample asked for 4 MiB of socket buffer; what the server's socket got follows from the cap
+    ub = res["udp_buffer"]
+    assert ub["requested"] == 4 << 20 and ub["socket_rcvbuf"] == 2 * min(ub["requested"], ub["rmem_max"])
     assert set(res["rtt_us"]) == set(SYSTEMS) and res["pings"]["count"] == 40
     for name, rtt in res["rtt_us"].items():
         assert set(rtt) == set(RTT_KEYS), (name, rtt)
@@ -66,7 +72,8 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
         """The figures that must be positive: every rate, CPU, TCP and round trip; the translating
         processes' CPU only where there are such processes (veth and VXLAN have none: 0)."""
         row, rtt = res["sizes"]["64"][name], res["rtt_us"][name]
-        keys = [k for k in KEYS if k != "kernel_us_per_frame" and (k != "agent_us_per_frame" or translated(name))]
+        keys = [k for k in KEYS if k not in ("kernel_us_per_frame", "socket_drop_pct")
+                and (k != "agent_us_per_frame" or translated(name))]
         return [row[k] for k in keys] + [res["tcp_mbps"][name], rtt["p50"], rtt["p99"]]
 
     def translated(name):

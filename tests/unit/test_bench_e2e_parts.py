@@ -1,6 +1,8 @@
 """`xdpoib bench e2e`'s pure parts: ping's replies parsed into round trips (iputils' own output, with
 duplicates, errors and the summary left out), nearest-rank percentiles, the group MTU of `saquery -g`,
-and the targets computed from a result (which side of the target, met or not, missing figures)."""
+the targets computed from a result (which side of the target, met or not, missing figures), and the UDP
+socket buffer: the byte counts of --udp-buffer, what the kernel gives a socket, the drops read from
+/proc/net/snmp."""
 
 from __future__ import annotations
 
@@ -123,3 +125,34 @@ def test_the_table_shows_the_new_columns_rtts_and_targets():
     text = e2e.format_table(res)
     assert "agent us" in text and "kernel us" in text and "IB MTU 4096: refused" in text
     assert "ping round trip" in text and "(<= 0.5: not met)" in text and "(>= 0.8: met)" in text
+    assert "socket drop %" in text and "UDP socket buffers" not in text
+    res["udp_buffer"] = e2e.udp_buffer_info(4 << 20, 212992)
+    assert "4194304 bytes asked for (-w), net.core.rmem_max 212992, so 425984 per socket" in e2e.format_table(res)
+
+
+def test_udp_buffer_sizes_parse_and_bad_ones_are_refused():
+    assert e2e.parse_bytes("4M") == 4 << 20 and e2e.parse_bytes("256k") == 256 << 10
+    assert e2e.parse_bytes("0") == 0 and e2e.parse_bytes(" 212992 ") == 212992
+    for bad in ("", "M", "-1", "4.5M", "4T", "3G"):
+        with pytest.raises(e2e.UsageError, match="bad byte count"):
+            e2e.parse_bytes(bad)
+
+
+def test_the_kernel_caps_a_socket_buffer_at_rmem_max_and_doubles_it():
+    assert e2e.udp_buffer_info(4 << 20, 4 << 20)["socket_rcvbuf"] == 8 << 20
+    assert e2e.udp_buffer_info(4 << 20, 212992)["socket_rcvbuf"] == 425984      # Debian 12's 6.1 default cap
+    assert e2e.udp_buffer_info(0, 212992)["socket_rcvbuf"] is None              # the system's default kept
+    assert e2e.udp_buffer_info(1 << 20, None) == {"requested": 1 << 20, "rmem_max": None, "socket_rcvbuf": None}
+
+
+def test_socket_drops_come_from_proc_net_snmp_and_become_a_share():
+    with open("/proc/net/snmp") as f:
+        text = f.read()
+    assert isinstance(e2e.snmp_value(text, "Udp", "RcvbufErrors"), int)      # this machine's own counters
+    assert isinstance(e2e.snmp_value(text, "Udp", "InDatagrams"), int)
+    assert e2e.snmp_value(text, "Udp", "NoSuchField") is None and e2e.snmp_value("", "Udp", "RcvbufErrors") is None
+    fake = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdp: 900 0 100 5 100\n"
+    assert e2e.snmp_value(fake, "Udp", "RcvbufErrors") == 100
+    x = e2e.Sample(1000.0, 900.0, 2.0, 1.0, received=900, socket_drops=100)
+    assert x.socket_drop_pct == pytest.approx(10.0) and x.as_json()["socket_drop_pct"] == 10.0
+    assert e2e.Sample(1.0, 0.0, None, None).socket_drop_pct is None

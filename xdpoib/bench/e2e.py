@@ -31,6 +31,19 @@ their threads: both agents, or both naive translators; 0 for veth and VXLAN, whi
 sum. /proc counts in clock ticks (10 ms), so these are coarse for short, slow samples. Then TCP: one
 iperf3 stream of `tcp_seconds` per system, the server's received Mbit/s.
 
+UDP socket buffers: every UDP sample asks iperf3 for `udp_buffer` bytes of socket buffer (`-w`, on both
+ends; default 4 MiB, 0 = the system's default), the same for every system. The kernel caps it at
+net.core.rmem_max (4 MiB on Linux 6.12 and later, 208 KiB before: raise it there, the bench changes no
+sysctl) and doubles it; `udp_buffer` in the result says what was asked, the cap and what the server's
+socket got. Why: a datagram that xdpoib or the naive translator delivers is charged a page or more of
+the receiving socket's buffer (xdpoib's frames come from the kernel's live-frames pages, 4 KiB each;
+a veth or a NIC with copybreak charges ~0.8 KiB for a small one), so the system default (208 KiB) holds
+50 small datagrams where veth's hold 256, and a batch of up to 256 frames delivered at once overflows
+it while the receiving application still has CPU to spare. `socket_drop_pct` (per sample and for the
+peak) is the share of the datagrams that reached the receiving namespace's UDP layer and were dropped
+there for a full buffer (UdpRcvbufErrors of its /proc/net/snmp), so a figure limited by the receiving
+application rather than the system under test says so.
+
 Round trips: before the UDP samples, `pings` pings per system (ping -i 0.002 -W 1, 56-byte payload,
 from the first namespace to the second), in PING_ROUNDS rounds that go through the systems in turn;
 each reply's `time=` is taken (duplicates left out), and `rtt_us` is its p50 and p99 (nearest rank).
@@ -102,7 +115,9 @@ READY_PING_SECONDS = 20.0
 DEFAULT_PINGS = 1000
 PING_INTERVAL = 0.002               # seconds between pings (below 0.2 s needs root)
 PING_ROUNDS = 4                     # the pings of each system come in this many interleaved rounds
-KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame")
+KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame",
+        "socket_drop_pct")
+DEFAULT_UDP_BUFFER = 4 << 20        # bytes of UDP socket buffer iperf3 asks for (-w); 0 = the system's
 RTT_KEYS = ("p50", "p99")
 LARGE_IB_MTU = 4096                 # what the probe asks the sim fabric for (partitions.conf mtu=5)
 
@@ -150,6 +165,16 @@ def parse_rates(text: str) -> list[int]:
     if not out:
         raise UsageError("--rates is empty")
     return sorted(out - {0}) + ([0] if 0 in out else [])
+
+
+def parse_bytes(text: str) -> int:
+    """`4M` -> 4194304, `256k` -> 262144, `0` -> 0: a byte count with an optional K/M/G suffix (powers of 2)."""
+    tok = text.strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(tok[-1:], 1)
+    num = tok[:-1] if mult > 1 else tok
+    if not num.isdigit() or int(num) * mult > 1 << 31:
+        raise UsageError(f"bad byte count {text!r}: a whole number with an optional K, M or G suffix, at most 2G")
+    return int(num) * mult
 
 
 def parse_systems(text: str) -> list[str]:
@@ -210,6 +235,33 @@ def softirq_ticks() -> int:
     """The machine's softirq time (every CPU), in clock ticks."""
     with open("/proc/stat") as f:
         return int(f.readline().split()[7])             # cpu user nice system idle iowait irq softirq
+
+
+def rmem_max() -> int | None:
+    """net.core.rmem_max: the largest socket receive buffer an unprivileged setsockopt may ask for."""
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def udp_buffer_info(requested: int, cap: int | None) -> dict:
+    """What a UDP socket gets when iperf3 asks for `requested` bytes (SO_RCVBUF): the kernel caps the
+    request at net.core.rmem_max and doubles it (its bookkeeping overhead); None when the system's default
+    is kept (0) or the cap is unknown."""
+    got = None if not requested or cap is None else 2 * min(requested, cap)
+    return {"requested": requested, "rmem_max": cap, "socket_rcvbuf": got}
+
+
+def snmp_value(text: str, proto: str, field: str) -> int | None:
+    """A counter of /proc/net/snmp's text (header line, then values line, per protocol)."""
+    lines = [ln.split() for ln in text.splitlines() if ln.startswith(proto + ":")]
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if field in head:
+            with contextlib.suppress(ValueError, IndexError):
+                return int(vals[head.index(field)])
+    return None
 
 
 def process_cpu_ns(pids: list[int]) -> int:
@@ -307,6 +359,14 @@ class Sample:
     received_pps: float
     agent_us_per_frame: float | None
     kernel_us_per_frame: float | None
+    received: int = 0                   # datagrams the server counted
+    socket_drops: int | None = None     # datagrams dropped at the receiving namespace's UDP sockets (full buffer)
+
+    @property
+    def socket_drop_pct(self) -> float | None:
+        if self.socket_drops is None or self.received + self.socket_drops <= 0:
+            return None
+        return 100.0 * self.socket_drops / (self.received + self.socket_drops)
 
     @property
     def cpu_us_per_frame(self) -> float | None:
@@ -319,7 +379,7 @@ class Sample:
             return None if v is None else round(v, 2)
         return {"offered_pps": round(self.offered_pps), "received_pps": round(self.received_pps),
                 "cpu_us_per_frame": r(self.cpu_us_per_frame), "agent_us_per_frame": r(self.agent_us_per_frame),
-                "kernel_us_per_frame": r(self.kernel_us_per_frame)}
+                "kernel_us_per_frame": r(self.kernel_us_per_frame), "socket_drop_pct": r(self.socket_drop_pct)}
 
 
 class Testbed:
@@ -640,13 +700,23 @@ class Testbed:
             res.append(j)
         return res[0], res[1]
 
-    def udp(self, s: System, frame: int, rate: int, seconds: int) -> Sample:
-        """Offer `rate` pps (0: as fast as iperf3 goes) of `frame`-byte frames for `seconds`."""
+    def rcvbuf_errors(self, ns: str) -> int | None:
+        """UdpRcvbufErrors of namespace NS: datagrams its UDP sockets dropped for a full receive buffer."""
+        r = _run(_ns(ns, "cat", "/proc/net/snmp"), check=False)
+        return snmp_value(r.stdout, "Udp", "RcvbufErrors") if r.returncode == 0 else None
+
+    def udp(self, s: System, frame: int, rate: int, seconds: int, buffer: int = DEFAULT_UDP_BUFFER) -> Sample:
+        """Offer `rate` pps (0: as fast as iperf3 goes) of `frame`-byte frames for `seconds`, with `buffer`
+        bytes of socket buffer asked for on both ends (0: the system's default)."""
         payload = frame - ETH_HLEN - IP_UDP_HLEN
         bits = str(rate * payload * 8) if rate else "0"
+        window = ["-w", str(buffer)] if buffer else []
+        d0 = self.rcvbuf_errors(s.ns[1])
         a0, k0 = process_ticks(s.pids), softirq_ticks()
-        c, srv = self._iperf(s, ["-u", "-b", bits, "-l", str(payload), "-t", str(seconds)], seconds)
+        c, srv = self._iperf(s, ["-u", *window, "-b", bits, "-l", str(payload), "-t", str(seconds)], seconds)
         agent, kernel = process_ticks(s.pids) - a0, softirq_ticks() - k0
+        d1 = self.rcvbuf_errors(s.ns[1])
+        drops = d1 - d0 if d0 is not None and d1 is not None else None
         try:
             got, sent = srv["end"]["sum"], c["end"]["sum"]
             received = got["packets"] - got["lost_packets"]
@@ -655,9 +725,9 @@ class Testbed:
         except (KeyError, TypeError):
             raise BenchError("iperf3 gave no UDP totals") from None
         if received <= 0:
-            return Sample(tx_pps, rx_pps, None, None)
+            return Sample(tx_pps, rx_pps, None, None, 0, drops)
         us = 1e6 / os.sysconf("SC_CLK_TCK") / received
-        return Sample(tx_pps, rx_pps, agent * us, kernel * us)
+        return Sample(tx_pps, rx_pps, agent * us, kernel * us, received, drops)
 
     def ping(self, s: System, count: int) -> list[float]:
         """`count` pings from s.ns[0] to s.ns[1], PING_INTERVAL apart: the replies' round trips in us.
@@ -688,7 +758,8 @@ def frame_bytes(size: str, mtu: int) -> int:
 
 
 def run_e2e(sizes=DEFAULT_SIZES, rates=DEFAULT_RATES, seconds: int = DEFAULT_SECONDS,
-            tcp_seconds: int = DEFAULT_TCP_SECONDS, systems=SYSTEMS, log=None, pings: int = DEFAULT_PINGS) -> dict:
+            tcp_seconds: int = DEFAULT_TCP_SECONDS, systems=SYSTEMS, log=None, pings: int = DEFAULT_PINGS,
+            udp_buffer: int = DEFAULT_UDP_BUFFER) -> dict:
     """Set everything up, measure, tear down; return the result object (see the module doc)."""
     for cmd in ("ip", "ss", "iperf3", "ping"):
         if shutil.which(cmd) is None:
@@ -703,7 +774,7 @@ def run_e2e(sizes=DEFAULT_SIZES, rates=DEFAULT_RATES, seconds: int = DEFAULT_SEC
         with Testbed(list(systems), log) as tb:
             log(f"setting up {', '.join(systems)} ({tb.tag}*)")
             tb.setup()
-            return _measure(tb, list(sizes), list(rates), seconds, tcp_seconds, pings, log)
+            return _measure(tb, list(sizes), list(rates), seconds, tcp_seconds, pings, log, udp_buffer)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -714,7 +785,7 @@ def _interrupted(signum, frame):
 
 
 def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_seconds: int, pings: int,
-             log) -> dict:
+             log, udp_buffer: int = DEFAULT_UDP_BUFFER) -> dict:
     frames = {sz: frame_bytes(sz, tb.mtu) for sz in sizes}
     for sz, fb in frames.items():
         if fb > tb.mtu + ETH_HLEN:
@@ -737,9 +808,11 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
                     failures[n].append(f"{fb}-byte frames do not fit its MTU {s.mtu}")
                 else:
                     try:
-                        x = tb.udp(s, fb, rate, seconds)
+                        x = tb.udp(s, fb, rate, seconds, udp_buffer)
+                        pct = x.socket_drop_pct
+                        drop = "" if pct is None else f", {pct:5.1f} % dropped at the socket"
                         log(f"{fb:>5} B  offered {rate_label(rate):>9}  {n:>7}: "
-                            f"{x.offered_pps / 1000:8.1f} kpps sent, {x.received_pps / 1000:8.1f} kpps received")
+                            f"{x.offered_pps / 1000:8.1f} kpps sent, {x.received_pps / 1000:8.1f} kpps received{drop}")
                     except XdpoibError as e:
                         failures[n].append(f"{fb} B at {rate_label(rate)}: {e}")
                         log(f"{fb:>5} B  offered {rate_label(rate):>9}  {n:>7}: failed: {e}")
@@ -757,6 +830,7 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
                 failures[n].append(f"TCP: {e}")
                 log(f"  TCP {n:>7}: failed: {e}")
     res = _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_seconds)
+    res["udp_buffer"] = udp_buffer_info(udp_buffer, rmem_max())
     res["rtt_us"] = {n: rtt_summary(rtts[n]) for n in names}
     res["rtt_cpu_us"] = {n: round(rtt_cpu[n] / 1e3 / len(rtts[n]), 1) if rtts[n] else None for n in names}
     res["pings"] = {"count": pings, "interval_ms": PING_INTERVAL * 1000, "replies": {n: len(rtts[n]) for n in names}}
@@ -808,7 +882,7 @@ def _summary(xs: list[Sample | None], frame: int, error: str | None) -> dict:
            "overload_pps": round(last.received_pps) if last is not None else None,
            "mbps": round(peak.received_pps * frame * 8 / 1e6, 1)}
     j = peak.as_json()
-    out.update((k, j[k]) for k in ("cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame"))
+    out.update((k, j[k]) for k in ("cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame", "socket_drop_pct"))
     if error:
         out["error"] = error
     return out
@@ -890,6 +964,11 @@ def format_table(res: dict) -> str:
              f"UDP (iperf3), {res['seconds']} s per sample, offered "
              f"{', '.join(rate_label(r) for r in res['rates'])} pps; eth4 MTU {res['mtu']}"
              + "".join(f", {n} {v}" for n, v in res["mtus"].items() if v != res["mtu"])]
+    ub = res.get("udp_buffer")
+    if ub:
+        lines.append("UDP socket buffers: the system's default" if not ub["requested"] else
+                     f"UDP socket buffers: {ub['requested']} bytes asked for (-w), net.core.rmem_max "
+                     f"{ub['rmem_max']}, so {ub['socket_rcvbuf']} per socket")
 
     def num(v, fmt):
         return format("-", f">{fmt.split('.')[0]}") if v is None else format(v, fmt)
@@ -899,13 +978,13 @@ def format_table(res: dict) -> str:
         lines += ["", f"{fr['frame_bytes']}-byte frames{' (MTU)' if sz == 'MTU' else ''}, "
                   f"UDP payload {fr['udp_payload']} B",
                   f"  {'system':<8} {'peak kpps':>10} {'overload kpps':>14} {'Mbit/s':>9} "
-                  f"{'CPU us/frame':>13} {'agent us':>9} {'kernel us':>10}"]
+                  f"{'CPU us/frame':>13} {'agent us':>9} {'kernel us':>10} {'socket drop %':>14}"]
         for n, v in row.items():
             pk = None if v["peak_pps"] is None else v["peak_pps"] / 1000
             ov = None if v["overload_pps"] is None else v["overload_pps"] / 1000
             lines.append(f"  {n:<8} {num(pk, '10.1f')} {num(ov, '14.1f')} {num(v['mbps'], '9.1f')} "
                          f"{num(v['cpu_us_per_frame'], '13.2f')} {num(v.get('agent_us_per_frame'), '9.2f')} "
-                         f"{num(v.get('kernel_us_per_frame'), '10.2f')}")
+                         f"{num(v.get('kernel_us_per_frame'), '10.2f')} {num(v.get('socket_drop_pct'), '14.1f')}")
     lines += ["", f"TCP (iperf3, {res['tcp_seconds']} s, MTU {res.get('tcp_mtu', res['mtu'])}), Mbit/s received"]
     lines += [f"  {n:<8} {num(v, '10.1f')}" for n, v in res["tcp_mbps"].items()]
     big = res.get("ib_mtu_4096")

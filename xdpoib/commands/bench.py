@@ -51,6 +51,9 @@ def configure(p):
                    help="e2e: which systems to measure (default %(default)s)")
     p.add_argument("--pings", type=int, default=e2e.DEFAULT_PINGS, metavar="N",
                    help="e2e: pings per system for the round-trip p50/p99, 2 ms apart, 0 = none (default %(default)s)")
+    p.add_argument("--udp-buffer", default="4M", metavar="BYTES",
+                   help="e2e: UDP socket buffer iperf3 asks for on both ends (-w), 0 = the system's default "
+                        "(default %(default)s; capped by net.core.rmem_max)")
     p.add_argument("--plot", metavar="FILE", help="e2e: write offered vs received pps and the round trips as a PNG")
     p.add_argument("--queries", type=int, default=DEFAULT_QUERIES,
                    help="control: SA PathRecords timed (default %(default)s)")
@@ -96,12 +99,14 @@ def run_e2e_cli(args) -> int:
         raise UsageError("--seconds and --tcp-seconds must be at least 1")
     if not 0 <= args.pings <= 100_000:
         raise UsageError("--pings must be 0..100000")
+    udp_buffer = e2e.parse_bytes(args.udp_buffer)
     if os.geteuid() != 0:
         raise PrerequisiteError("xdpoib bench e2e must run as root (namespaces, fabric, XDP)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise PrerequisiteError("--plot needs matplotlib (Debian: python3-matplotlib)")
     res = e2e.run_e2e(sizes, rates, args.seconds, args.tcp_seconds, systems,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True), pings=args.pings)
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True), pings=args.pings,
+                      udp_buffer=udp_buffer)
     if args.plot:
         e2e.write_plot(res, args.plot)
     print(json.dumps(res) if args.json else e2e.format_table(res))
