@@ -4,7 +4,7 @@
  *
  *   xdpoib_tx    Ethernet -> IPoIB, on the internal side of the attached interface
  *   xdpoib_rx    IPoIB -> Ethernet, on frames the agent injects (BPF_PROG_TEST_RUN, live frames)
- *   xdpoib_rx_batch  xdpoib_rx on the frames of the xo_inject slots, one live-frames call per batch
+ *   xdpoib_rx_batch  xdpoib_rx on the frames of a chain of xo_inject slots, one live-frames call per batch
  *   xdpoib_noop  counts and passes: the baseline of `xdpoib bench datapath`
  *   xdpoib_tx_raw  counts and redirects every frame to the agent untranslated: the plumbing ceiling
  *                of `xdpoib bench e2e` (XDPOIB_DATAPATH=ceiling)
@@ -68,9 +68,10 @@ int xdpoib_rx(struct xdp_md *ctx)
 }
 
 /**
- * Batched injection: run i of a live-frames call takes xo_inject[i] (frame and metadata) in place of
- * the dummy input, then does what xdpoib_rx does. The agent fills the slots, zeroes xo_inject_idx and
- * makes one call with repeat = batch_size = the number of frames.
+ * Batched injection: each run of a live-frames call takes a slot of xo_inject (frame and metadata) in
+ * place of the dummy input, then does what xdpoib_rx does. The agent fills the slots and chains them
+ * (each slot's `next`), sets xo_inject_idx to the first and makes one call with repeat = batch_size = the
+ * number of frames.
  *
  * @v ctx       XDP context (live frame, contents replaced)
  * @ret XDP action

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xdpoib.reasons import DropReason, Kind
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 META_VERSION = 1
 
 ETH_ALEN = 6
@@ -204,14 +204,19 @@ class DestKey(_Struct):
     _fields_ = [("dest", u8 * 16), ("pkey", u32)]
 
 
-INJECT_SLOTS = 256
+INJECT_COPY_SLOTS = 256         # slots the agent copies frames into
+INJECT_RX_SLOTS = 512           # receive buffers per region
+INJECT_RX_REGIONS = 3           # regions after the copy slots, one per agent process that claimed it
+INJECT_SLOTS = INJECT_COPY_SLOTS + INJECT_RX_REGIONS * INJECT_RX_SLOTS
 INJECT_MAX = 3504
+INJECT_GRH = 40                 # a GRH's room in front of a frame a QP received into its slot
+INJECT_FRAME = 4160             # a GRH and the largest IB datagram
 
 
 class InjectSlot(_Struct):
-    """One frame queued for batched injection."""
+    """One frame queued for batched injection; `next` chains the slots of one call."""
 
-    _fields_ = [("len", u32), ("reserved", u32), ("meta", RxMeta), ("frame", u8 * 4096)]
+    _fields_ = [("len", u32), ("next", u16), ("offset", u16), ("meta", RxMeta), ("frame", u8 * INJECT_FRAME)]
 
 
 # C struct name -> mirror, for the probe tests.
@@ -272,7 +277,12 @@ CONSTANTS: dict[str, int] = {
     "XDPOIB_MAX_VLANS": MAX_VLANS,
     "XDPOIB_VIF_SLOTS": VIF_SLOTS,
     "XDPOIB_INJECT_SLOTS": INJECT_SLOTS,
+    "XDPOIB_INJECT_COPY_SLOTS": INJECT_COPY_SLOTS,
+    "XDPOIB_INJECT_RX_SLOTS": INJECT_RX_SLOTS,
+    "XDPOIB_INJECT_RX_REGIONS": INJECT_RX_REGIONS,
     "XDPOIB_INJECT_MAX": INJECT_MAX,
+    "XDPOIB_INJECT_GRH": INJECT_GRH,
+    "XDPOIB_INJECT_FRAME": INJECT_FRAME,
     "XDPOIB_PEER_SLOTS": PEER_SLOTS,
     "XDPOIB_MAX_PKEYS": MAX_PKEYS,
     "XDPOIB_F_VALID": F_VALID,

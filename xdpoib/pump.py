@@ -285,9 +285,10 @@ class BpfPump(_Base):
     name = "bpf"
     tx_program = "xdpoib_tx"
 
-    def __init__(self, agent, ifname: str, ifindex: int, aid: str, adopt=None):
+    def __init__(self, agent, ifname: str, ifindex: int, aid: str, adopt=None, adoption=None):
         """adopt: the running agent's AF_XDP socket, for a successor (restart): nothing attached, no map
-        written and the rings untouched until `take_over`."""
+        written and the rings untouched until `take_over`. adoption: what `prepare` did, when the agent
+        prepared the pins already (its receive buffers lie in the inject map)."""
         import logging
 
         from xdpoib.datapath.loader import PinnedDatapath, prepare
@@ -300,7 +301,7 @@ class BpfPump(_Base):
         # the program attached to the device is swapped atomically by `attach`, and the agent itself
         # never imports bcc (docs/design.md §6, §8: memory).
         self.pin_dir = pin_dir(aid)
-        self.adoption = prepare(self.pin_dir)
+        self.adoption = adoption or prepare(self.pin_dir)
         self.adopted = self.adoption.kept_maps
         agent.stats[f"datapath_{self.adoption.action}"] += 1
         log = logging.getLogger("xdpoib.agent")
@@ -680,12 +681,13 @@ class BpfPump(_Base):
             self._add(payload, self._meta_for(peer.peer_id, multicast, vif.vif_id, pkey))
 
     def rx_columns(self, rows: np.ndarray, idx: np.ndarray, lengths: np.ndarray, peer_ids: np.ndarray,
-                   multicast: np.ndarray, vif_id: int, pkey: int) -> int:
+                   multicast: np.ndarray, vif_id: int, pkey: int, in_slots: int | None = None) -> int:
         """Queue ordinary frames received by one QP for eth4, as columns: frame i is `lengths[i]` bytes at
         GRH_LEN in row `idx[i]` of the QP's pool (`rows`). Their RX metadata is written with array
-        assignments (`Injector.add_columns`); runts and frames too big to inject are counted and left
-        out. Returns how many were queued. False (0) and nothing done when the inject map is not mmapped:
-        then the caller takes the object path."""
+        assignments; the frames are copied into the inject slots (`Injector.add_columns`), or, when the
+        pool lies in the inject map's receive slots from slot `in_slots` on, injected where they are
+        (`Injector.add_received`). Runts and frames too big to inject are counted and left out. Returns
+        how many were queued. The caller checks that the inject map is mmapped (else the object path)."""
         from xdpoib.fabric.base import GRH_LEN
 
         a = self.agent
@@ -698,8 +700,12 @@ class BpfPump(_Base):
                 a.drops[DropReason.INJECT_TOO_BIG] += len(lengths) - runts - int(np.count_nonzero(ok))
             idx, lengths, peer_ids, multicast = idx[ok], lengths[ok], peer_ids[ok], multicast[ok]
         if len(idx):
-            self.injector.add_columns(rows, idx, lengths, peer_ids, multicast.astype(np.uint8), vif_id,
-                                      pkey | 0x8000, GRH_LEN)
+            if in_slots is not None:
+                self.injector.add_received(idx + in_slots, lengths, peer_ids, multicast.astype(np.uint8), vif_id,
+                                           pkey | 0x8000)
+            else:
+                self.injector.add_columns(rows, idx, lengths, peer_ids, multicast.astype(np.uint8), vif_id,
+                                          pkey | 0x8000, GRH_LEN)
         return len(idx)
 
     def rx_ethernet(self, frame: bytes) -> None:
@@ -733,6 +739,10 @@ class BpfPump(_Base):
     def counters(self) -> dict:
         out = self.maps.report()
         out["inject_mmap"] = getattr(self, "injector", None) is not None and self.injector.mmapped
+        # receives: into the inject map's slots (injected where they landed), or into a pool (copied)
+        a = self.agent
+        out["rx_into"] = ("inject_slots" if getattr(a, "rx_pool", None) is not None
+                          and getattr(getattr(a, "qp", None), "pool", None) is a.rx_pool else "pool")
         m = getattr(self, "send_memory", None)
         # sends: from the UMEM without a copy, from the UMEM copied by the backend (sim), or copied out
         out["tx_from_umem"] = "copy" if m is None else "zero_copy" if m.zero_copy else "backend_copy"

@@ -31,7 +31,7 @@ typedef __u64 xo_u64;
 
 /* ================================================================ versions and sizes */
 
-#define XDPOIB_ABI_VERSION      2       /* bump on any layout change below */
+#define XDPOIB_ABI_VERSION      3       /* bump on any layout change below */
 #define XDPOIB_META_VERSION     1       /* first byte of every metadata record */
 
 #define XDPOIB_ETH_ALEN         6
@@ -281,14 +281,27 @@ struct xdpoib_dest_key {
 	xo_u32 pkey;
 };
 
-/* A frame queued for batched injection (xo_inject[i], the i-th run of one live-frames call). */
-#define XDPOIB_INJECT_SLOTS     256     /* the kernel's largest live-frames batch */
+/*
+ * A frame queued for batched injection. One live-frames call runs the RX batch program once per frame; its
+ * first run takes slot xo_inject_idx, and each run the slot its predecessor's `next` names. Slots
+ * [0, XDPOIB_INJECT_COPY_SLOTS) hold frames the agent copies in; the rest are XDPOIB_INJECT_RX_REGIONS
+ * regions of XDPOIB_INJECT_RX_SLOTS receive buffers each, one region per agent process that claimed it:
+ * a QP receives into them (a GRH, then the datagram: `offset` XDPOIB_INJECT_GRH), and the frame is
+ * injected where it landed, without a copy.
+ */
+#define XDPOIB_INJECT_COPY_SLOTS 256    /* the kernel's largest live-frames batch */
+#define XDPOIB_INJECT_RX_SLOTS  512     /* receive buffers per region */
+#define XDPOIB_INJECT_RX_REGIONS 3      /* an agent, and up to two predecessors still draining */
+#define XDPOIB_INJECT_SLOTS     (XDPOIB_INJECT_COPY_SLOTS + XDPOIB_INJECT_RX_REGIONS * XDPOIB_INJECT_RX_SLOTS)
 #define XDPOIB_INJECT_MAX       3504    /* largest injected frame (a page minus head/tailroom) */
+#define XDPOIB_INJECT_GRH       40      /* a GRH's room in front of a received frame */
+#define XDPOIB_INJECT_FRAME     4160    /* a GRH and the largest IB datagram (4096) */
 struct xdpoib_inject_slot {
 	xo_u32 len;                     /* frame bytes */
-	xo_u32 reserved;
+	xo_u16 next;                    /* the slot the next run of the same call takes */
+	xo_u16 offset;                  /* where the frame starts in frame[]: 0 or XDPOIB_INJECT_GRH */
 	struct xdpoib_rx_meta meta;
-	xo_u8  frame[4096];             /* only len (<= XDPOIB_INJECT_MAX) bytes used */
+	xo_u8  frame[XDPOIB_INJECT_FRAME];      /* only offset .. offset + len (<= XDPOIB_INJECT_MAX) used */
 };
 
 /* ================================================================ map names and sizes */
@@ -337,6 +350,6 @@ _Static_assert(sizeof(struct xdpoib_stats) == 8 * (2 + 5 + 1 + XDPOIB_KIND_SLOTS
 	       "stats size");
 _Static_assert(sizeof(struct xdpoib_unresolved_event) == 24, "event size");
 _Static_assert(sizeof(struct xdpoib_dest_key) == 20, "dest key size");
-_Static_assert(sizeof(struct xdpoib_inject_slot) == 24 + 4096, "inject slot size");
+_Static_assert(sizeof(struct xdpoib_inject_slot) == 24 + XDPOIB_INJECT_FRAME, "inject slot size");
 
 #endif /* XDPOIB_ABI_H */

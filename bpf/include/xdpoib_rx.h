@@ -180,29 +180,33 @@ static __always_inline int rx_frame(struct xdp_md *ctx, struct xo_state *s)
 /* ================================================================ batched injection */
 
 /**
- * Replace the live frame of run i of a batch with xo_inject[i]: its frame, and its RX metadata in
- * front of it. Nothing is counted here: the caller counts the frame once it is loaded.
+ * Replace the live frame of a batch's run with its slot of xo_inject: the slot xo_inject_idx names, whose
+ * `next` is stored there for the next run. The slot's frame (from `offset`: past a GRH when a QP
+ * received it in place) becomes the frame, its RX metadata goes in front of it. Nothing is counted here:
+ * the caller counts the frame once it is loaded.
  *
  * @v ctx       XDP context (live frame)
- * @ret 0 or XDPOIB_DROP_BAD_METADATA (no slot, a bad length, or no room for the metadata)
+ * @ret 0 or XDPOIB_DROP_BAD_METADATA (no slot, a bad length or offset, or no room for the metadata)
  */
 static __always_inline int inject_slot_load(struct xdp_md *ctx)
 {
 	struct xdpoib_inject_slot *slot;
 	struct xdpoib_rx_meta *m;
 	void *data, *meta;
-	u32 zero = 0, i, len, *idx;
+	u32 zero = 0, i, len, off, *idx;
 
 	idx = xo_inject_idx.lookup(&zero);
 	if (!idx)
 		return XDPOIB_DROP_BAD_METADATA;
 	i = *idx;
-	*idx = i + 1;
-	i &= XDPOIB_INJECT_SLOTS - 1;
 	slot = xo_inject.lookup(&i);
-	len = slot ? slot->len : 0;
-	if (!slot || len < XDPOIB_ETH_HLEN || len > XDPOIB_INJECT_MAX || set_len(ctx, len) ||
-	    bpf_xdp_store_bytes(ctx, 0, slot->frame, xo_size(len, 4095)) ||
+	if (!slot)
+		return XDPOIB_DROP_BAD_METADATA;
+	*idx = slot->next;
+	len = slot->len;
+	off = slot->offset;
+	if (off > XDPOIB_INJECT_GRH || len < XDPOIB_ETH_HLEN || len > XDPOIB_INJECT_MAX || set_len(ctx, len) ||
+	    bpf_xdp_store_bytes(ctx, 0, slot->frame + off, xo_size(len, 4095)) ||
 	    bpf_xdp_adjust_meta(ctx, -(int)sizeof(*m)))
 		return XDPOIB_DROP_BAD_METADATA;
 	data = (void *)(long)ctx->data;

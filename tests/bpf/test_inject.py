@@ -13,11 +13,13 @@ import time
 import uuid
 
 import gen
+import numpy as np
 import pytest
 from prereq import need_cmd
 
 from xdpoib import abi
-from xdpoib.datapath.inject import Injector
+from xdpoib.datapath.inject import SLOT_FRAME, SLOT_SIZE, Injector, RxRegion
+from xdpoib.fabric.base import GRH_LEN, MemoryPool
 from xdpoib.wire import frames as f
 
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
@@ -207,6 +209,65 @@ def test_flushes_of_one_frame_and_batches_take_their_own_slots(datapath, maps, v
     assert got == want
     st = maps.counters(abi.Direction.RX)
     assert (st.packets, st.verdicts[abi.XdpAction.REDIRECT], st.drops[15]) == (k + 1, k, 1)
+
+
+def test_frames_received_into_slots_go_out_where_they_lie_after_the_copied_ones(datapath, maps, veth_netns):
+    """Receive slots (`RxRegion`): a pool laid over the region's slots, datagrams written where a QP puts
+    them (a GRH, then the frame), queued out of order and with gaps (`add_received`, no copy) behind two
+    copied frames: one call delivers the copied ones, then the received ones in the queued order, each
+    from its own slot; a second flush of received slots alone starts at its first slot. The region is
+    claimed by this process: a second claim gets the next region, and a closed one is free again."""
+    ns, inner, eth4 = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    aid = f"test-{uuid.uuid4().hex[:6]}"
+    region = RxRegion(maps._fds["xo_inject"], aid)
+    other = RxRegion(maps._fds["xo_inject"], aid)
+    try:
+        assert (region.region, other.region) == (0, 1)
+        assert region.base == abi.INJECT_COPY_SLOTS and other.base == region.base + abi.INJECT_RX_SLOTS
+        pool = MemoryPool(region.count, GRH_LEN + 2048, **region.pool_args())
+        assert region.holds(pool) and not other.holds(pool)
+        assert not region.holds(MemoryPool(region.count, GRH_LEN + 2048))
+        rows = pool.rows()
+        meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+        received = [9, 3, 511, 0, 7]        # buffer indices, in completion order
+        for k, i in enumerate(received):    # what a QP writes: a GRH (garbage here), then the datagram
+            fr = f.ipoib(0x0800, _udp_frame(100 + k))
+            rows[i, :GRH_LEN] = 0xEE
+            rows[i, GRH_LEN:GRH_LEN + len(fr)] = np.frombuffer(fr, np.uint8)
+        raw = bytes(region.mmap[region.base * SLOT_SIZE + SLOT_FRAME + 9 * SLOT_SIZE + GRH_LEN:][:4])
+        assert raw == f.ipoib(0x0800, b"")[:4]      # buffer 9 is slot base + 9's frame area, past the GRH
+        lengths = np.array([len(f.ipoib(0x0800, _udp_frame(100 + k))) for k in range(len(received))])
+        cap = _capture(ns, eth4, 2 + len(received) + 2)
+        try:
+            for k in range(2):
+                assert inj.add(f.ipoib(0x0800, _udp_frame(k)), meta)
+            inj.add_received(region.base + np.array(received), lengths, np.full(len(received), PEER.peer_id),
+                             np.zeros(len(received), np.uint8), VIF.vif_id, 0xFFFF)
+            assert inj.flush() == 2 + len(received)
+            inj.add_received(region.base + np.array([3, 0]), lengths[[1, 3]], np.full(2, PEER.peer_id),
+                             np.zeros(2, np.uint8), VIF.vif_id, 0xFFFF)
+            assert inj.flush() == 2
+            got = [bytes.fromhex(line) for line in cap.stdout]
+        finally:
+            cap.kill()
+            cap.wait()
+        want = ([f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(k)) for k in range(2)]
+                + [f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(100 + k)) for k in range(len(received))]
+                + [f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(100 + k)) for k in (1, 3)])
+        assert got == want
+        st = maps.counters(abi.Direction.RX)
+        assert (st.packets, st.verdicts[abi.XdpAction.REDIRECT]) == (len(want), len(want))
+        del rows, pool
+        region.close()
+        again = RxRegion(maps._fds["xo_inject"], aid)
+        assert again.region == 0
+        again.close()
+    finally:
+        inj.close()
+        region.close()
+        other.close()
 
 
 def test_injection_rates(datapath, maps, veth_netns):

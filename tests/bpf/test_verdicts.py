@@ -85,7 +85,7 @@ def run_batch(dp, maps, inputs) -> Counter:
     for start in range(0, len(inputs), abi.INJECT_SLOTS):
         chunk = inputs[start:start + abi.INJECT_SLOTS]
         for i, (fr, meta) in enumerate(chunk):
-            slot = abi.InjectSlot(len=len(fr))
+            slot = abi.InjectSlot(len=len(fr), next=i + 1)
             slot.meta = abi.RxMeta.from_bytes(meta)
             slot.frame[:len(fr)] = fr
             maps.inject.set(i, slot)

@@ -321,18 +321,59 @@ class Agent:
 
         # buffers for the largest datagram the port can receive (not the group MTU): a longer one would
         # complete in error and leave the QP in the error state (fabric/base.py)
-        pool = self.backend.alloc_pool(RECV_BUFFERS, GRH_LEN + max(self.ib_mtu, self.port_attrs.active_mtu))
+        size = GRH_LEN + max(self.ib_mtu, self.port_attrs.active_mtu)
+        pool = self._pool_in_inject_slots(size) or self.backend.alloc_pool(RECV_BUFFERS, size)
         self.qp = self.backend.create_qp(self.pkey, self.qkey, pool)
-        self.qp.post_recv(range(RECV_BUFFERS))
+        self.qp.post_recv(range(pool.count))
         if not hasattr(self, "loopback"):
             self.loopback = LoopbackFilter(self.port_attrs, [self.qp.qpn])
         self.loopback.qpns = {self.qp.qpn}
+
+    def _pool_in_inject_slots(self, size: int):
+        """The untagged QP's receive buffers inside a region of the datapath's inject map (claimed for this
+        process), so a received frame is injected where it landed (docs/datapath.md, "Received in place");
+        None (a pool of its own, frames copied once) for the plain and ceiling datapaths, with
+        XDPOIB_RX_IN_PLACE=0, or when the datapath cannot give one. Prepares the datapath's pins now (the
+        pump adopts them); `rx_region` and `rx_pool` say what was made."""
+        from xdpoib.datapath.inject import RxRegion
+        from xdpoib.datapath.loader import prepare, unpin
+        from xdpoib.pump import pin_dir
+
+        self.rx_region = self.rx_pool = None
+        if not self.want_bpf or os.environ.get("XDPOIB_RX_IN_PLACE") == "0":
+            return None
+        pins = pin_dir(self.spec.id)
+        try:
+            self.adoption = prepare(pins)
+            self.shared(unpin, pins)
+            from xdpoib.datapath import bpfsys
+
+            fd = bpfsys.obj_get(str(pins / "xo_inject"))
+            try:
+                region = RxRegion(fd, self.spec.id)
+            finally:
+                os.close(fd)
+        except (XdpoibError, OSError) as e:
+            log.warning("received frames are copied into the inject map: %s", e)
+            return None
+        self.stack.callback(region.close)                   # after the QP closes (pushed before it)
+        try:
+            pool = self.backend.alloc_pool(region.count, size, **region.pool_args())
+        except XdpoibError as e:
+            log.warning("received frames are copied into the inject map: %s", e)
+            return None
+        if not region.holds(pool):              # a backend in another process receives into a copy
+            return None
+        self.rx_region, self.rx_pool = region, pool
+        return pool
 
     def _start_bpf(self, ceiling: bool = False, adopt=None) -> None:
         from xdpoib.pump import BpfPump, CeilingPump
 
         cls = CeilingPump if ceiling else BpfPump
-        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id, adopt=adopt)
+        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id, adopt=adopt,
+                        adoption=getattr(self, "adoption", None))
+        self.adoption = None                    # prepared once: a later pump (TAP mode's) prepares its own
         if self.pump.adopted:
             self.stats["adopted_datapath"] += 1
             log.info("adopted the datapath pinned under %s", self.pump.pin_dir)

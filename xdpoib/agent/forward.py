@@ -424,7 +424,7 @@ class Forwarder:
                     lb.counters.add(FabricCounter.LOOPBACK, int(np.count_nonzero(own)))
                     ok &= ~own
         sel = np.flatnonzero(ok)
-        delivered = unknown = 0
+        delivered = unknown = in_place = 0
         if len(sel):
             rows = qp.pool.rows()
             idx = b.index[sel]
@@ -445,7 +445,12 @@ class Forwarder:
                     sel, idx, lengths, peer_ids = sel[known], idx[known], lengths[known], peer_ids[known]
                 if len(sel):
                     mcast = b.grh[sel] & (rows[idx, 24] == 0xFF)       # the GRH's DGID is an MGID
-                    delivered += pump.rx_columns(rows, idx, lengths, peer_ids, mcast, vif.ovif.vif_id, qp.pkey)
+                    rx_pool = getattr(a, "rx_pool", None)
+                    in_slots = a.rx_region.base if rx_pool is not None and qp.pool is rx_pool else None
+                    k = pump.rx_columns(rows, idx, lengths, peer_ids, mcast, vif.ovif.vif_id, qp.pkey, in_slots)
+                    delivered += k
+                    if in_slots is not None:
+                        in_place = k
         pump.rx_flush()
         if errors:
             a.drops[R.COMPLETION_ERROR] += errors
@@ -458,7 +463,8 @@ class Forwarder:
         if unknown:
             a.drops[R.UNKNOWN_PEER] += unknown
         a.stats["rx_frames"] += delivered
-        a.stats["rx_copies"] += delivered       # receive buffer -> inject slot, one array copy per batch
+        # receive buffer -> inject slot, one array copy per batch; none for frames received in place
+        a.stats["rx_copies"] += delivered - in_place
         return n
 
     @staticmethod

@@ -251,9 +251,11 @@ def test_iperf3_tcp_transfer_arrives_intact(lab, record_property, tmp_path):
 
 
 def udp_flood(src: int, dst: int) -> dict:
-    """3 s of 64-byte UDP frames from NS[src] to NS[dst] (iperf3): rates, and the sender's copies per
-    frame it sent on the fabric (its `tx_copies` and `tx_frames` counters across the flood)."""
+    """3 s of 64-byte UDP frames from NS[src] to NS[dst] (iperf3): rates, the sender's copies per
+    frame it sent on the fabric (its `tx_copies` and `tx_frames` counters across the flood), and the
+    receiver's frames delivered to eth4 and how many of them were copied (`rx_frames`, `rx_copies`)."""
     before = status(NS[src])["counters"]
+    rx_before = status(NS[dst])["counters"]
     server = subprocess.Popen(["ip", "netns", "exec", NS[dst], "iperf3", "-s", "-1", "-B", IPS[dst]],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -264,12 +266,16 @@ def udp_flood(src: int, dst: int) -> dict:
         if server.poll() is None:
             server.kill()
     after = status(NS[src])["counters"]
+    rx_after = status(NS[dst])["counters"]
     s = json.loads(r.stdout)["end"]["sum"]
+    rx_frames = rx_after.get("rx_frames", 0) - rx_before.get("rx_frames", 0)
+    rx_copies = rx_after.get("rx_copies", 0) - rx_before.get("rx_copies", 0)
     frames = after.get("tx_frames", 0) - before.get("tx_frames", 0)
     copies = after.get("tx_copies", 0) - before.get("tx_copies", 0)
     return {"received_pps": (s["packets"] - s["lost_packets"]) / s["seconds"], "sent_pps": s["packets"] / s["seconds"],
             "tx_frames": frames, "copies_per_frame": copies / frames if frames else float("nan"),
-            "forwarded_pps": frames / s["seconds"]}      # what the sender's agent put on the fabric
+            "forwarded_pps": frames / s["seconds"],       # what the sender's agent put on the fabric
+            "rx_frames": rx_frames, "rx_in_place": rx_frames - rx_copies}
 
 
 def restart_agents(env: dict) -> None:
@@ -290,16 +296,20 @@ def umem_settled(ns: str) -> bool:
 
 
 def test_udp_frames_per_second_each_way(lab, record_property):
-    """64-byte UDP frames each way, sent from the UMEM without a copy; then, for the ratio, with both
-    agents restarted on the copying path (XDPOIB_TX_COPY=1: out of the UMEM, into the send buffer), and
-    back. Rates are measured, not asserted beyond "it flows" (TCG: the ratio matters); copies per sent
-    frame are asserted (none, then two), and every UMEM frame must be back with the kernel after a flood."""
+    """64-byte UDP frames each way, sent from the UMEM without a copy and received into the inject map's
+    slots (an MR over the map's mapping: batches are injected where they landed); then, for the ratio,
+    with both agents restarted on the copying paths (XDPOIB_TX_COPY=1: out of the UMEM, into the send
+    buffer; XDPOIB_RX_IN_PLACE=0: a pool of its own, copied into the slots), and back. Rates are measured,
+    not asserted beyond "it flows" (TCG: the ratio matters); copies per sent frame are asserted (none,
+    then two), frames received in place on the first and none on the second, and every UMEM frame must be
+    back with the kernel after a flood."""
     runs = {}
-    for mode, env in (("zero_copy", {}), ("copy", {"XDPOIB_TX_COPY": "1"})):
+    for mode, env in (("zero_copy", {}), ("copy", {"XDPOIB_TX_COPY": "1", "XDPOIB_RX_IN_PLACE": "0"})):
         if env:
             restart_agents(env)
         for ns in NS:
-            assert status(ns)["datapath"]["tx_from_umem"] == mode
+            d = status(ns)["datapath"]
+            assert (d["tx_from_umem"], d["rx_into"]) == (mode, "inject_slots" if mode == "zero_copy" else "pool")
         for src, dst in ((0, 1), (1, 0)):
             r = runs[mode, src] = udp_flood(src, dst)
             way = f"{NS[src]}_to_{NS[dst]}"
@@ -307,7 +317,11 @@ def test_udp_frames_per_second_each_way(lab, record_property):
             record_property(f"udp64_{way}_{mode}_sent_pps", f"{r['sent_pps']:.0f}")
             record_property(f"udp64_{way}_{mode}_forwarded_pps", f"{r['forwarded_pps']:.0f}")
             record_property(f"udp64_{way}_{mode}_tx_copies_per_frame", f"{r['copies_per_frame']:.3f}")
+            record_property(f"udp64_{way}_{mode}_rx_in_place", f"{r['rx_in_place']} of {r['rx_frames']}")
             assert r["received_pps"] > 0 and r["tx_frames"] > 0, r
+            # batches of more than a few frames are injected where they landed (a ping's single frames
+            # take the object path and are copied)
+            assert r["rx_in_place"] > 0 if mode == "zero_copy" else r["rx_in_place"] == 0, r
             wait_for(f"{NS[src]}'s UMEM frames back after the flood", lambda s=NS[src]: umem_settled(s))
     for src in (0, 1):
         way = f"{NS[src]}_to_{NS[1 - src]}"
@@ -318,6 +332,7 @@ def test_udp_frames_per_second_each_way(lab, record_property):
         assert runs["copy", src]["copies_per_frame"] >= 1.99, runs
     restart_agents({})
     assert status("A")["datapath"]["tx_from_umem"] == "zero_copy"
+    assert status("A")["datapath"]["rx_into"] == "inject_slots"
     assert ping("A", IPS[1])
 
 

@@ -382,7 +382,7 @@ def test_send_ring_accepts_what_it_holds_and_frees_with_each_signaled_tail(hosts
 
 
 BPF_F_MMAPABLE = 1 << 10
-INJECT_SLOT = 24 + 4096         # the agent's inject map value (xdpoib/datapath/inject.py SLOT_SIZE)
+INJECT_SLOT = 24 + 4160         # the agent's inject map value (xdpoib/datapath/inject.py SLOT_SIZE)
 
 
 def test_receive_pool_in_a_mmapped_bpf_array_map(hosts):
