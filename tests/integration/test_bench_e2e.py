@@ -72,7 +72,7 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
         """The figures that must be positive: every rate, CPU, TCP and round trip; the translating
         processes' CPU only where there are such processes (veth and VXLAN have none: 0)."""
         row, rtt = res["sizes"]["64"][name], res["rtt_us"][name]
-        keys = [k for k in KEYS if k not in ("kernel_us_per_frame", "socket_drop_pct")
+        keys = [k for k in KEYS if k not in ("kernel_us_per_frame", "socket_drop_pct", "agent_sys_us_per_frame")
                 and (k != "agent_us_per_frame" or translated(name))]
         return [row[k] for k in keys] + [res["tcp_mbps"][name], rtt["p50"], rtt["p99"]]
 
@@ -84,6 +84,7 @@ def test_bench_e2e_smoke(sim_prereqs, tmp_path, figures):
         if row["cpu_us_per_frame"] is not None:
             assert row["kernel_us_per_frame"] >= 0 and row["agent_us_per_frame"] >= 0, (name, row)
             assert abs(row["agent_us_per_frame"] + row["kernel_us_per_frame"] - row["cpu_us_per_frame"]) < 0.02
+            assert 0 <= row["agent_sys_us_per_frame"] <= row["agent_us_per_frame"], (name, row)
             if not translated(name):
                 assert row["agent_us_per_frame"] == 0, (name, row)
         if rtt["p50"] is not None:

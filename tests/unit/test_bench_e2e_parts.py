@@ -125,7 +125,7 @@ def test_the_table_shows_the_new_columns_rtts_and_targets():
     text = e2e.format_table(res)
     assert "agent us" in text and "kernel us" in text and "IB MTU 4096: refused" in text
     assert "ping round trip" in text and "(<= 0.5: not met)" in text and "(>= 0.8: met)" in text
-    assert "socket drop %" in text and "UDP socket buffers" not in text
+    assert "socket drop %" in text and "(in kernel)" in text and "UDP socket buffers" not in text
     res["udp_buffer"] = e2e.udp_buffer_info(4 << 20, 212992)
     assert "4194304 bytes asked for (-w), net.core.rmem_max 212992, so 425984 per socket" in e2e.format_table(res)
 
@@ -145,6 +145,18 @@ def test_the_kernel_caps_a_socket_buffer_at_rmem_max_and_doubles_it():
     assert e2e.udp_buffer_info(1 << 20, None) == {"requested": 1 << 20, "rmem_max": None, "socket_rcvbuf": None}
 
 
+def test_process_times_split_user_and_kernel():
+    import os
+    import time
+
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.05:      # some user time of our own
+        sum(range(1000))
+    user, system = e2e.process_times([os.getpid()])
+    assert user > 0 and system >= 0
+    assert e2e.process_times([2 ** 31 - 1]) == (0, 0)       # no such process: nothing counted
+
+
 def test_socket_drops_come_from_proc_net_snmp_and_become_a_share():
     with open("/proc/net/snmp") as f:
         text = f.read()
@@ -153,6 +165,7 @@ def test_socket_drops_come_from_proc_net_snmp_and_become_a_share():
     assert e2e.snmp_value(text, "Udp", "NoSuchField") is None and e2e.snmp_value("", "Udp", "RcvbufErrors") is None
     fake = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdp: 900 0 100 5 100\n"
     assert e2e.snmp_value(fake, "Udp", "RcvbufErrors") == 100
-    x = e2e.Sample(1000.0, 900.0, 2.0, 1.0, received=900, socket_drops=100)
+    x = e2e.Sample(1000.0, 900.0, 2.0, 1.0, received=900, socket_drops=100, agent_sys_us_per_frame=0.5)
+    assert x.as_json()["agent_sys_us_per_frame"] == 0.5
     assert x.socket_drop_pct == pytest.approx(10.0) and x.as_json()["socket_drop_pct"] == 10.0
     assert e2e.Sample(1.0, 0.0, None, None).socket_drop_pct is None

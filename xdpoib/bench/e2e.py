@@ -28,7 +28,10 @@ seconds is the received rate; the client's count is the offered one. Over each s
 frames received: `agent_us_per_frame`, the translating processes' utime + stime (/proc/PID/stat, all
 their threads: both agents, or both naive translators; 0 for veth and VXLAN, which have none), and
 `kernel_us_per_frame`, the machine's softirq time (/proc/stat, every CPU); `cpu_us_per_frame` is their
-sum. /proc counts in clock ticks (10 ms), so these are coarse for short, slow samples. Then TCP: one
+sum. `agent_sys_us_per_frame` is the part of the agents' time spent in the kernel on their behalf (stime:
+their syscalls, among them the live-frames injection, which runs the receiving host's stack up to the
+application's socket inside the call, and the sim fabric's sends and receives); the rest is their own
+code (utime). /proc counts in clock ticks (10 ms), so these are coarse for short, slow samples. Then TCP: one
 iperf3 stream of `tcp_seconds` per system, the server's received Mbit/s.
 
 UDP socket buffers: every UDP sample asks iperf3 for `udp_buffer` bytes of socket buffer (`-w`, on both
@@ -66,7 +69,8 @@ numbers, and the run goes on.
 
 Per system and size: `peak_pps` (the highest received rate over the offered rates), `overload_pps`
 (received at the highest offered rate, the last), `mbps` (Ethernet frame bits per second at the peak),
-and `cpu_us_per_frame`, `agent_us_per_frame`, `kernel_us_per_frame` (of the peak's sample). Per system:
+and `cpu_us_per_frame`, `agent_us_per_frame`, `agent_sys_us_per_frame`, `kernel_us_per_frame` and
+`socket_drop_pct` (of the peak's sample). Per system:
 `tcp_mbps`, `rtt_us` {"p50", "p99"} and `rtt_cpu_us`. `ratios` holds the targets, each with its value from this run,
 which side of the target it should be on (`op`) and whether it is (`met`); they are printed, never
 asserted.
@@ -115,8 +119,8 @@ READY_PING_SECONDS = 20.0
 DEFAULT_PINGS = 1000
 PING_INTERVAL = 0.002               # seconds between pings (below 0.2 s needs root)
 PING_ROUNDS = 4                     # the pings of each system come in this many interleaved rounds
-KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame",
-        "socket_drop_pct")
+KEYS = ("peak_pps", "overload_pps", "mbps", "cpu_us_per_frame", "agent_us_per_frame", "agent_sys_us_per_frame",
+        "kernel_us_per_frame", "socket_drop_pct")
 DEFAULT_UDP_BUFFER = 4 << 20        # bytes of UDP socket buffer iperf3 asks for (-w); 0 = the system's
 RTT_KEYS = ("p50", "p99")
 LARGE_IB_MTU = 4096                 # what the probe asks the sim fabric for (partitions.conf mtu=5)
@@ -276,15 +280,16 @@ def process_cpu_ns(pids: list[int]) -> int:
     return total
 
 
-def process_ticks(pids: list[int]) -> int:
-    """utime + stime of `pids` (all their threads), in clock ticks."""
-    total = 0
+def process_times(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of `pids` (all their threads), in clock ticks."""
+    user = system = 0
     for pid in pids:
         with contextlib.suppress(OSError, IndexError):
             with open(f"/proc/{pid}/stat") as f:
                 rest = f.read().rsplit(")", 1)[1].split()
-            total += int(rest[11]) + int(rest[12])
-    return total
+            user += int(rest[11])
+            system += int(rest[12])
+    return user, system
 
 
 _PING_REPLY = re.compile(r"\bicmp_seq=(\d+)\b.*\btime[=<]([0-9.]+) ms")
@@ -360,6 +365,7 @@ class Sample:
     agent_us_per_frame: float | None
     kernel_us_per_frame: float | None
     received: int = 0                   # datagrams the server counted
+    agent_sys_us_per_frame: float | None = None     # the part of agent_us_per_frame spent in the kernel
     socket_drops: int | None = None     # datagrams dropped at the receiving namespace's UDP sockets (full buffer)
 
     @property
@@ -379,6 +385,7 @@ class Sample:
             return None if v is None else round(v, 2)
         return {"offered_pps": round(self.offered_pps), "received_pps": round(self.received_pps),
                 "cpu_us_per_frame": r(self.cpu_us_per_frame), "agent_us_per_frame": r(self.agent_us_per_frame),
+                "agent_sys_us_per_frame": r(self.agent_sys_us_per_frame),
                 "kernel_us_per_frame": r(self.kernel_us_per_frame), "socket_drop_pct": r(self.socket_drop_pct)}
 
 
@@ -712,9 +719,10 @@ class Testbed:
         bits = str(rate * payload * 8) if rate else "0"
         window = ["-w", str(buffer)] if buffer else []
         d0 = self.rcvbuf_errors(s.ns[1])
-        a0, k0 = process_ticks(s.pids), softirq_ticks()
+        (u0, s0), k0 = process_times(s.pids), softirq_ticks()
         c, srv = self._iperf(s, ["-u", *window, "-b", bits, "-l", str(payload), "-t", str(seconds)], seconds)
-        agent, kernel = process_ticks(s.pids) - a0, softirq_ticks() - k0
+        (u1, s1), kernel = process_times(s.pids), softirq_ticks() - k0
+        agent, agent_sys = u1 + s1 - u0 - s0, s1 - s0
         d1 = self.rcvbuf_errors(s.ns[1])
         drops = d1 - d0 if d0 is not None and d1 is not None else None
         try:
@@ -725,9 +733,10 @@ class Testbed:
         except (KeyError, TypeError):
             raise BenchError("iperf3 gave no UDP totals") from None
         if received <= 0:
-            return Sample(tx_pps, rx_pps, None, None, 0, drops)
+            return Sample(tx_pps, rx_pps, None, None, received=0, socket_drops=drops)
         us = 1e6 / os.sysconf("SC_CLK_TCK") / received
-        return Sample(tx_pps, rx_pps, agent * us, kernel * us, received, drops)
+        return Sample(tx_pps, rx_pps, agent * us, kernel * us, received=received, socket_drops=drops,
+                      agent_sys_us_per_frame=agent_sys * us)
 
     def ping(self, s: System, count: int) -> list[float]:
         """`count` pings from s.ns[0] to s.ns[1], PING_INTERVAL apart: the replies' round trips in us.
@@ -882,7 +891,8 @@ def _summary(xs: list[Sample | None], frame: int, error: str | None) -> dict:
            "overload_pps": round(last.received_pps) if last is not None else None,
            "mbps": round(peak.received_pps * frame * 8 / 1e6, 1)}
     j = peak.as_json()
-    out.update((k, j[k]) for k in ("cpu_us_per_frame", "agent_us_per_frame", "kernel_us_per_frame", "socket_drop_pct"))
+    out.update((k, j[k]) for k in ("cpu_us_per_frame", "agent_us_per_frame", "agent_sys_us_per_frame",
+                                   "kernel_us_per_frame", "socket_drop_pct"))
     if error:
         out["error"] = error
     return out
@@ -978,12 +988,13 @@ def format_table(res: dict) -> str:
         lines += ["", f"{fr['frame_bytes']}-byte frames{' (MTU)' if sz == 'MTU' else ''}, "
                   f"UDP payload {fr['udp_payload']} B",
                   f"  {'system':<8} {'peak kpps':>10} {'overload kpps':>14} {'Mbit/s':>9} "
-                  f"{'CPU us/frame':>13} {'agent us':>9} {'kernel us':>10} {'socket drop %':>14}"]
+                  f"{'CPU us/frame':>13} {'agent us':>9} {'(in kernel)':>12} {'kernel us':>10} {'socket drop %':>14}"]
         for n, v in row.items():
             pk = None if v["peak_pps"] is None else v["peak_pps"] / 1000
             ov = None if v["overload_pps"] is None else v["overload_pps"] / 1000
             lines.append(f"  {n:<8} {num(pk, '10.1f')} {num(ov, '14.1f')} {num(v['mbps'], '9.1f')} "
                          f"{num(v['cpu_us_per_frame'], '13.2f')} {num(v.get('agent_us_per_frame'), '9.2f')} "
+                         f"{num(v.get('agent_sys_us_per_frame'), '12.2f')} "
                          f"{num(v.get('kernel_us_per_frame'), '10.2f')} {num(v.get('socket_drop_pct'), '14.1f')}")
     lines += ["", f"TCP (iperf3, {res['tcp_seconds']} s, MTU {res.get('tcp_mtu', res['mtu'])}), Mbit/s received"]
     lines += [f"  {n:<8} {num(v, '10.1f')}" for n, v in res["tcp_mbps"].items()]
