@@ -18,7 +18,7 @@ import pytest
 from prereq import need_cmd
 
 from xdpoib import abi
-from xdpoib.datapath.inject import SLOT_FRAME, SLOT_SIZE, Injector, RxRegion
+from xdpoib.datapath.inject import MAX_BATCH, SLOT_FRAME, SLOT_SIZE, Injector, RxRegion
 from xdpoib.fabric.base import GRH_LEN, MemoryPool
 from xdpoib.wire import frames as f
 
@@ -29,6 +29,7 @@ PEER, VIF = gen.PEERS[0], gen.VIFS[0]
 CAPTURE = r"""
 import socket, sys, select
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: an injected frame takes a page of it
 s.bind((sys.argv[1], 0))
 print("ready", flush=True)
 want, got = int(sys.argv[2]), 0
@@ -270,13 +271,49 @@ def test_frames_received_into_slots_go_out_where_they_lie_after_the_copied_ones(
         other.close()
 
 
+def test_more_received_frames_than_one_call_takes_go_in_several_calls_in_order(datapath, maps, veth_netns):
+    """A copied frame and 300 received in place (more than a call takes: MAX_BATCH, 240): one flush makes
+    three calls (the copied frame, then 240 and 60 received), every frame delivered once, in order, none
+    lost to the veth's receive ring (256 deep; a call of 256 behind the copied frame lost one)."""
+    ns, inner, eth4 = veth_netns
+    maps.load(gen.tables())
+    inj = Injector(datapath, maps, socket.if_nametoindex(inner))
+    region = RxRegion(maps._fds["xo_inject"], f"test-{uuid.uuid4().hex[:6]}")
+    try:
+        pool = MemoryPool(region.count, GRH_LEN + 2048, **region.pool_args())
+        rows, k = pool.rows(), 300
+        order = np.random.default_rng(7).permutation(region.count)[:k]
+        for j, i in enumerate(order):
+            fr = f.ipoib(0x0800, _udp_frame(j))
+            rows[i, GRH_LEN:GRH_LEN + len(fr)] = np.frombuffer(fr, np.uint8)
+        lengths = np.array([len(f.ipoib(0x0800, _udp_frame(j))) for j in range(k)])
+        meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
+        cap = _capture(ns, eth4, k + 1)
+        try:
+            assert inj.add(f.ipoib(0x0800, _udp_frame(999)), meta)
+            inj.add_received(region.base + order, lengths, np.full(k, PEER.peer_id), np.zeros(k, np.uint8),
+                             VIF.vif_id, 0xFFFF)
+            assert inj.flush() == k + 1
+            got = [bytes.fromhex(line) for line in cap.stdout]
+        finally:
+            cap.kill()
+            cap.wait()
+        want = [f.eth(VIF.mac, PEER.mac, 0x0800, _udp_frame(j)) for j in (999, *range(k))]
+        assert [j for j, w in enumerate(want) if w not in got] == []
+        assert got == want
+        del rows, pool
+    finally:
+        inj.close()
+        region.close()
+
+
 def test_injection_rates(datapath, maps, veth_netns):
     """Prints kpps of single and batched injection, with and without the anchor (never asserted)."""
     _, inner, _ = veth_netns
     maps.load(gen.tables())
     inj = Injector(datapath, maps, socket.if_nametoindex(inner))
     meta = abi.rx_meta(PEER.peer_id, VIF.vif_id, 0xFFFF)
-    batch = [(f.ipoib(0x0800, _udp_frame(i)), meta) for i in range(256)]
+    batch = [(f.ipoib(0x0800, _udp_frame(i)), meta) for i in range(MAX_BATCH)]
 
     def rate(fn, per_call: int, seconds: float = 0.5) -> float:
         t0, calls = time.perf_counter(), 0
@@ -292,8 +329,8 @@ def test_injection_rates(datapath, maps, veth_netns):
     try:
         datapath.attach("xdpoib_rx_batch", anchor_dev)     # the anchor, as the pump makes one
         b64 = rate(lambda: inj.send_batch(batch[:64]), 64)
-        b256 = rate(lambda: inj.send_batch(batch), 256)
+        b256 = rate(lambda: inj.send_batch(batch), MAX_BATCH)
     finally:
         subprocess.run(["ip", "link", "del", anchor_dev], capture_output=True)
     print(f"\nveth injection kpps: 1/call {one:.0f}; 64/call {plain:.0f} (no anchor), "
-          f"{b64:.0f} (anchor); 256/call {b256:.0f} (anchor)")
+          f"{b64:.0f} (anchor); {MAX_BATCH}/call {b256:.0f} (anchor)")

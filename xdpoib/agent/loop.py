@@ -47,7 +47,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("xdpoib.agent")
 
-BUDGET = 256                # frames per direction per turn (the inject batch's size)
+BUDGET = 240                # frames per direction per turn (a live-frames call's, xdpoib/datapath/inject.py)
 BUSY_POLL_S = float(os.environ.get("XDPOIB_BUSY_POLL_US", "0")) / 1e6
 MAX_EVENTS = 64             # per wait (the loop watches ~10 descriptors; Python's default sizes 1023 a turn)
 
