@@ -158,7 +158,7 @@ class Injector:
             raise ValueError(f"count must be 1..{MAX_BATCH}")
         testrun.run_live(self._fd, frame, meta, repeat=count, batch_size=count)
 
-    # ---- the batched path: add() frames (up to 256), then flush()
+    # ---- the batched path: add() frames (up to MAX_BATCH), add_received() slots, then flush()
 
     def add(self, frame, meta: bytes) -> bool:
         """Queue one frame (bytes or a memoryview; copied now) with its 16-byte RX metadata; False when
@@ -265,7 +265,7 @@ class Injector:
         return n + r
 
     def send_batch(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Inject up to 256 (IPoIB frame, RX metadata) pairs with one live-frames call."""
+        """Inject up to MAX_BATCH (IPoIB frame, RX metadata) pairs with one live-frames call."""
         if not 1 <= len(items) <= MAX_BATCH:
             raise ValueError(f"a batch holds 1..{MAX_BATCH} frames")
         for fr, meta in items:
