@@ -19,6 +19,7 @@ from xdpoib.commands.doctor import (
     check_pkey,
     check_port,
     check_root,
+    check_socket_buffers,
     exit_status,
     format_check,
     ibsim_listening,
@@ -137,3 +138,15 @@ def test_ibsim_is_found_by_its_abstract_control_socket(tmp_path):
     assert ibsim_listening("xdpoib-lab", unix)
     assert not ibsim_listening("xdpoib-other", unix)
     assert not ibsim_listening("xdpoib-lab", tmp_path / "missing")
+
+
+def test_socket_buffers_warn_where_an_application_cannot_ask_for_4_mib():
+    """A datagram through xdpoib takes ~4 KiB of a socket's buffer: Debian 12's 6.1 caps a request at
+    212992 bytes (~100 datagrams), 6.12 and later at 4 MiB (~1978)."""
+    c = check_socket_buffers(4 << 20, 212992)
+    assert (c.status, c.what) == (OK, "socket buffers")
+    assert c.detail == ("net.core.rmem_max 4194304, rmem_default 212992 (~50 small datagrams by default, "
+                        "~1978 when a socket asks for the most)")
+    w = check_socket_buffers(212992, 212992)
+    assert w.status == WARN and "sysctl -w net.core.rmem_max=4194304" in w.fix and "docs/operations.md" in w.fix
+    assert check_socket_buffers(None, 212992).status == WARN

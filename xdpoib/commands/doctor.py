@@ -2,7 +2,9 @@
 
 Each check prints `ok|warn|FAIL  WHAT  DETAIL` and, unless it passed, `— what to do`. The checks, in
 order: root, bpffs, kernel headers for bcc, bcc, XDP on veth (a throwaway veth pair with a 2-instruction
-XDP_PASS program attached natively; it also measures the MTU limit veth puts on XDP), the fabric's
+XDP_PASS program attached natively; it also measures the MTU limit veth puts on XDP), the largest socket
+receive buffer an application may ask for (net.core.rmem_max: a datagram xdpoib delivers takes a page
+of it, docs/operations.md), the fabric's
 management access (a umad device for --device, ibsim for --sim), the SM (our port's SM LID answers an SA
 query), the port's state, its P_Key table, and the MTU eth4 would get. A check that cannot run because an
 earlier one failed says so as a warning. The exit status is 1 if any check failed.
@@ -22,7 +24,7 @@ from pathlib import Path
 from xdpoib.errors import UsageError, XdpoibError
 
 NAME = "doctor"
-HELP = "check this host's prerequisites (root, bpffs, headers, XDP, fabric, SM, port, P_Key, MTU)"
+HELP = "check this host's prerequisites (root, bpffs, headers, XDP, socket buffers, fabric, SM, port, P_Key, MTU)"
 EPILOG = """examples:
   xdpoib doctor                       the host only (root, bpffs, headers, bcc, XDP on veth)
   xdpoib doctor --device mlx5_0       and HCA port mlx5_0/1: umad, SM, port state, P_Key table, MTU
@@ -111,6 +113,34 @@ def check_bcc() -> Check:
     return Check(FAIL, "bcc", f"not importable by {sys.executable}",
                  "apt install python3-bpfcc and use a venv made with --system-site-packages from /usr/bin/python3 "
                  "(`make setup`)")
+
+
+RMEM_WANTED = 4 << 20    # bytes of receive buffer an application should be able to ask for
+DATAGRAM_CHARGE = 4240   # bytes of receive buffer a small datagram through xdpoib takes (measured: 50 in 212992)
+
+
+def check_socket_buffers(rmem_max: int | None, rmem_default: int | None) -> Check:
+    """Whether applications can give their sockets room for bursts of small datagrams: each datagram the
+    datapath delivers is charged a page of receive buffer (docs/operations.md), so the default buffer
+    holds ~50 of them; an application may ask for up to net.core.rmem_max."""
+    what = "socket buffers"
+    if rmem_max is None or rmem_default is None:
+        return Check(WARN, what, "net.core.rmem_max/rmem_default unreadable", "check /proc/sys/net/core")
+    detail = (f"net.core.rmem_max {rmem_max}, rmem_default {rmem_default} (~{rmem_default // DATAGRAM_CHARGE} "
+              f"small datagrams by default, ~{2 * rmem_max // DATAGRAM_CHARGE} when a socket asks for the most)")
+    if rmem_max >= RMEM_WANTED:
+        return Check(OK, what, detail)
+    return Check(WARN, what, detail,
+                 f"sysctl -w net.core.rmem_max={RMEM_WANTED} (in /etc/sysctl.d to keep it): a datagram xdpoib "
+                 "delivers takes a page of the receiving socket's buffer, so applications that receive small UDP "
+                 "datagrams fast need to ask for more (SO_RCVBUF; docs/operations.md)")
+
+
+def _sysctl_int(name: str) -> int | None:
+    try:
+        return int(Path("/proc/sys", *name.split(".")).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _ip_json(ifname: str) -> dict:
@@ -391,6 +421,7 @@ def checks(args):
     else:
         c, veth_limit = check_xdp_veth()
         yield c
+    yield check_socket_buffers(_sysctl_int("net.core.rmem_max"), _sysctl_int("net.core.rmem_default"))
     if not (args.sim or args.device):
         found = sorted(p.name for p in Path("/sys/class/infiniband").glob("*"))
         hint = f"RDMA devices here: {', '.join(found)}" if found else "no RDMA device here"
