@@ -28,7 +28,7 @@ TOOLS = REPO / "tools"
 ROOT_CACHE = REPO / ".cache" / "debian-root"
 APT_CACHE = REPO / ".cache" / "debian-root-archives"     # downloaded .debs, kept between runs
 BUDGET_S = 360
-DOCTOR_ORDER = ["root", "bpffs", "kernel headers", "bcc", "XDP on veth", "fabric"]
+DOCTOR_ORDER = ["root", "bpffs", "kernel headers", "bcc", "XDP on veth", "socket buffers", "fabric"]
 UNITS = ("xdpoib@.service", "xdpoib-exporter.service")
 
 # The link layer against the root's pyroute2: a veth pair into a namespace, MAC/MTU/state there, XDP
@@ -286,6 +286,7 @@ def test_doctor_reports_this_host(host, figures):
         assert checks[what]["status"] == "ok", checks[what]
     assert "importable (/usr/lib/python3/dist-packages/bcc)" in checks["bcc"]["detail"]
     assert checks["fabric"]["status"] == "warn" and "no RDMA device here" in checks["fabric"]["detail"]
+    assert checks["socket buffers"]["status"] in ("ok", "warn")     # the host's sysctl, warned about if small
     release = os.uname().release
     have_headers = any((host.root / f"lib/modules/{release}/{d}/include").is_dir() for d in ("build", "source"))
     assert checks["kernel headers"]["status"] == ("ok" if have_headers else "FAIL"), checks["kernel headers"]
