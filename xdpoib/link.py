@@ -41,6 +41,14 @@ class LinkInfo:
     netns: str | None
 
 
+def read_sysctl(name: str) -> int | None:
+    """An integer sysctl of this namespace (`net.core.rmem_max`), None when it cannot be read."""
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
 def check_ifname(name: str) -> str:
     """Return name if it is a valid Linux interface name, else raise LinkError."""
     if not _IFNAME_RE.match(name or "") or name in (".", ".."):

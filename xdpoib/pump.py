@@ -740,9 +740,7 @@ class BpfPump(_Base):
         out = self.maps.report()
         out["inject_mmap"] = getattr(self, "injector", None) is not None and self.injector.mmapped
         # receives: into the inject map's slots (injected where they landed), or into a pool (copied)
-        a = self.agent
-        out["rx_into"] = ("inject_slots" if getattr(a, "rx_pool", None) is not None
-                          and getattr(getattr(a, "qp", None), "pool", None) is a.rx_pool else "pool")
+        out["rx_into"] = "inject_slots" if self.agent.qp.pool is self.agent.rx_pool else "pool"
         m = getattr(self, "send_memory", None)
         # sends: from the UMEM without a copy, from the UMEM copied by the backend (sim), or copied out
         out["tx_from_umem"] = "copy" if m is None else "zero_copy" if m.zero_copy else "backend_copy"

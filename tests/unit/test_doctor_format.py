@@ -150,3 +150,11 @@ def test_socket_buffers_warn_where_an_application_cannot_ask_for_4_mib():
     w = check_socket_buffers(212992, 212992)
     assert w.status == WARN and "sysctl -w net.core.rmem_max=4194304" in w.fix and "docs/operations.md" in w.fix
     assert check_socket_buffers(None, 212992).status == WARN
+
+
+def test_sysctls_are_read_as_integers_and_a_missing_one_is_none():
+    from xdpoib.link import read_sysctl
+
+    with open("/proc/sys/net/core/rmem_max") as f:
+        assert read_sysctl("net.core.rmem_max") == int(f.read())
+    assert read_sysctl("net.core.no_such_sysctl") is None

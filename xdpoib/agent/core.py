@@ -178,14 +178,6 @@ class Agent:
         self.eth_mtu = self.ib_mtu - 4
         self.attach_to = links.set_up(self)
         self.ifindex = link.link_info(self.attach_to).index
-        if self.want_bpf and s.mode == "tap":
-            # compile the translating programs now (pinned, not attached yet), so the switch to them
-            # once the guest's MAC is known takes milliseconds instead of stopping the loop
-            from xdpoib.datapath.loader import prepare, unpin
-            from xdpoib.pump import pin_dir
-
-            prepare(pin_dir(s.id))
-            self.shared(unpin, pin_dir(s.id))
 
         self.vif = Vif(0, self.mac, IPoIBAddr(0, self.qp.qpn, self.port_attrs.gid))
         self.peers = PeerTable([self.vif], self.partitions.vlan_pkeys())
@@ -322,6 +314,7 @@ class Agent:
         # buffers for the largest datagram the port can receive (not the group MTU): a longer one would
         # complete in error and leave the QP in the error state (fabric/base.py)
         size = GRH_LEN + max(self.ib_mtu, self.port_attrs.active_mtu)
+        self.adoption = self._prepare_datapath() if self.want_bpf else None
         pool = self._pool_in_inject_slots(size) or self.backend.alloc_pool(RECV_BUFFERS, size)
         self.qp = self.backend.create_qp(self.pkey, self.qkey, pool)
         self.qp.post_recv(range(pool.count))
@@ -329,40 +322,48 @@ class Agent:
             self.loopback = LoopbackFilter(self.port_attrs, [self.qp.qpn])
         self.loopback.qpns = {self.qp.qpn}
 
+    def _prepare_datapath(self):
+        """The translating programs and maps pinned, nothing attached (compiled in a child, or adopted):
+        before the untagged QP, whose receive buffers lie in the inject map, and in TAP mode so that the
+        switch to them once the guest's MAC is known takes milliseconds instead of stopping the loop.
+        Returns what `prepare` did, for the pump that takes the pins over."""
+        from xdpoib.datapath.loader import prepare, unpin
+        from xdpoib.pump import pin_dir
+
+        pins = pin_dir(self.spec.id)
+        adoption = prepare(pins)
+        self.shared(unpin, pins)
+        return adoption
+
     def _pool_in_inject_slots(self, size: int):
         """The untagged QP's receive buffers inside a region of the datapath's inject map (claimed for this
         process), so a received frame is injected where it landed (docs/datapath.md, "Received in place");
         None (a pool of its own, frames copied once) for the plain and ceiling datapaths, with
-        XDPOIB_RX_IN_PLACE=0, or when the datapath cannot give one. Prepares the datapath's pins now (the
-        pump adopts them); `rx_region` and `rx_pool` say what was made."""
+        XDPOIB_RX_IN_PLACE=0, or when the datapath cannot give one. `rx_region` and `rx_pool` say what
+        was made."""
+        from xdpoib.datapath import bpfsys
         from xdpoib.datapath.inject import RxRegion
-        from xdpoib.datapath.loader import prepare, unpin
         from xdpoib.pump import pin_dir
 
         self.rx_region = self.rx_pool = None
         if not self.want_bpf or os.environ.get("XDPOIB_RX_IN_PLACE") == "0":
             return None
-        pins = pin_dir(self.spec.id)
+        region = None
         try:
-            self.adoption = prepare(pins)
-            self.shared(unpin, pins)
-            from xdpoib.datapath import bpfsys
-
-            fd = bpfsys.obj_get(str(pins / "xo_inject"))
+            fd = bpfsys.obj_get(str(pin_dir(self.spec.id) / "xo_inject"))
             try:
                 region = RxRegion(fd, self.spec.id)
             finally:
                 os.close(fd)
+            self.stack.callback(region.close)               # after the QP closes (pushed before it)
+            pool = self.backend.alloc_pool(region.count, size, **region.pool_args())
         except (XdpoibError, OSError) as e:
             log.warning("received frames are copied into the inject map: %s", e)
-            return None
-        self.stack.callback(region.close)                   # after the QP closes (pushed before it)
-        try:
-            pool = self.backend.alloc_pool(region.count, size, **region.pool_args())
-        except XdpoibError as e:
-            log.warning("received frames are copied into the inject map: %s", e)
+            if region is not None:
+                region.close()                  # for a successor to claim
             return None
         if not region.holds(pool):              # a backend in another process receives into a copy
+            region.close()
             return None
         self.rx_region, self.rx_pool = region, pool
         return pool
@@ -371,9 +372,8 @@ class Agent:
         from xdpoib.pump import BpfPump, CeilingPump
 
         cls = CeilingPump if ceiling else BpfPump
-        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id, adopt=adopt,
-                        adoption=getattr(self, "adoption", None))
-        self.adoption = None                    # prepared once: a later pump (TAP mode's) prepares its own
+        self.pump = cls(self, self.attach_to, self.ifindex, self.spec.id, adopt=adopt, adoption=self.adoption)
+        self.adoption = None        # prepared once, for the first pump (in TAP mode: once the guest is known)
         if self.pump.adopted:
             self.stats["adopted_datapath"] += 1
             log.info("adopted the datapath pinned under %s", self.pump.pin_dir)

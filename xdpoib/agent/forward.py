@@ -445,8 +445,7 @@ class Forwarder:
                     sel, idx, lengths, peer_ids = sel[known], idx[known], lengths[known], peer_ids[known]
                 if len(sel):
                     mcast = b.grh[sel] & (rows[idx, 24] == 0xFF)       # the GRH's DGID is an MGID
-                    rx_pool = getattr(a, "rx_pool", None)
-                    in_slots = a.rx_region.base if rx_pool is not None and qp.pool is rx_pool else None
+                    in_slots = a.rx_region.base if qp.pool is a.rx_pool else None     # received in place
                     k = pump.rx_columns(rows, idx, lengths, peer_ids, mcast, vif.ovif.vif_id, qp.pkey, in_slots)
                     delivered += k
                     if in_slots is not None:

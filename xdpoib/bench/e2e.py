@@ -41,7 +41,7 @@ sysctl) and doubles it; `udp_buffer` in the result says what was asked, the cap 
 socket got. Why: a datagram that xdpoib or the naive translator delivers is charged a page or more of
 the receiving socket's buffer (xdpoib's frames come from the kernel's live-frames pages, 4 KiB each;
 a veth or a NIC with copybreak charges ~0.8 KiB for a small one), so the system default (208 KiB) holds
-50 small datagrams where veth's hold 256, and a batch of up to 256 frames delivered at once overflows
+50 small datagrams where veth's hold 256, and a batch of up to 240 frames delivered at once overflows
 it while the receiving application still has CPU to spare. `socket_drop_pct` (per sample and for the
 peak) is the share of the datagrams that reached the receiving namespace's UDP layer and were dropped
 there for a full buffer (UdpRcvbufErrors of its /proc/net/snmp), so a figure limited by the receiving
@@ -101,6 +101,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
+from xdpoib.link import read_sysctl
 from xdpoib.teardown import Teardown
 
 SYSTEMS = ("xdpoib", "ceiling", "naive", "veth", "vxlan")
@@ -239,15 +240,6 @@ def softirq_ticks() -> int:
     """The machine's softirq time (every CPU), in clock ticks."""
     with open("/proc/stat") as f:
         return int(f.readline().split()[7])             # cpu user nice system idle iowait irq softirq
-
-
-def rmem_max() -> int | None:
-    """net.core.rmem_max: the largest socket receive buffer an unprivileged setsockopt may ask for."""
-    try:
-        with open("/proc/sys/net/core/rmem_max") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
 
 
 def udp_buffer_info(requested: int, cap: int | None) -> dict:
@@ -839,7 +831,7 @@ def _measure(tb: Testbed, sizes: list[str], rates: list[int], seconds: int, tcp_
                 failures[n].append(f"TCP: {e}")
                 log(f"  TCP {n:>7}: failed: {e}")
     res = _result(tb, sizes, rates, frames, samples, tcp, failures, seconds, tcp_seconds)
-    res["udp_buffer"] = udp_buffer_info(udp_buffer, rmem_max())
+    res["udp_buffer"] = udp_buffer_info(udp_buffer, read_sysctl("net.core.rmem_max"))
     res["rtt_us"] = {n: rtt_summary(rtts[n]) for n in names}
     res["rtt_cpu_us"] = {n: round(rtt_cpu[n] / 1e3 / len(rtts[n]), 1) if rtts[n] else None for n in names}
     res["pings"] = {"count": pings, "interval_ms": PING_INTERVAL * 1000, "replies": {n: len(rtts[n]) for n in names}}

@@ -51,7 +51,7 @@ def configure(p):
                    help="e2e: which systems to measure (default %(default)s)")
     p.add_argument("--pings", type=int, default=e2e.DEFAULT_PINGS, metavar="N",
                    help="e2e: pings per system for the round-trip p50/p99, 2 ms apart, 0 = none (default %(default)s)")
-    p.add_argument("--udp-buffer", default="4M", metavar="BYTES",
+    p.add_argument("--udp-buffer", default=f"{e2e.DEFAULT_UDP_BUFFER >> 20}M", metavar="BYTES",
                    help="e2e: UDP socket buffer iperf3 asks for on both ends (-w), 0 = the system's default "
                         "(default %(default)s; capped by net.core.rmem_max)")
     p.add_argument("--plot", metavar="FILE", help="e2e: write offered vs received pps and the round trips as a PNG")

@@ -136,13 +136,6 @@ def check_socket_buffers(rmem_max: int | None, rmem_default: int | None) -> Chec
                  "datagrams fast need to ask for more (SO_RCVBUF; docs/operations.md)")
 
 
-def _sysctl_int(name: str) -> int | None:
-    try:
-        return int(Path("/proc/sys", *name.split(".")).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _ip_json(ifname: str) -> dict:
     out = subprocess.run(["ip", "-d", "-j", "link", "show", "dev", ifname], capture_output=True, text=True,
                          timeout=10)
@@ -421,7 +414,9 @@ def checks(args):
     else:
         c, veth_limit = check_xdp_veth()
         yield c
-    yield check_socket_buffers(_sysctl_int("net.core.rmem_max"), _sysctl_int("net.core.rmem_default"))
+    from xdpoib.link import read_sysctl
+
+    yield check_socket_buffers(read_sysctl("net.core.rmem_max"), read_sysctl("net.core.rmem_default"))
     if not (args.sim or args.device):
         found = sorted(p.name for p in Path("/sys/class/infiniband").glob("*"))
         hint = f"RDMA devices here: {', '.join(found)}" if found else "no RDMA device here"
