@@ -333,30 +333,52 @@ class BridgeEvent:
     mac: bytes = b""
 
 
+@contextmanager
+def entered_netns(netns: str | None):
+    """The calling thread in the named network namespace netns for the block, back in its own afterwards
+    (the root namespace, None: nothing to do). Only this thread moves: what it opens meanwhile (sockets,
+    /proc/thread-self/net) belongs to netns. LinkError when netns cannot be entered."""
+    if not netns:
+        yield
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        try:
+            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
+        except OSError as e:
+            raise LinkError(f"network namespace {netns!r}: {e.strerror}") from None
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise LinkError(f"cannot enter network namespace {netns!r}: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            if libc.setns(home, _CLONE_NEWNET) != 0:       # cannot fail as root with the descriptor open
+                raise LinkError(f"cannot leave network namespace {netns!r}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(home)
+
+
 def _netlink_socket_in(netns: str | None):
     """A NETLINK_ROUTE socket subscribed to link and neighbour events, made in namespace netns (a
     socket stays in the namespace it was made in: made on a short-lived thread that enters it)."""
-    import ctypes
-    import socket
     import threading
 
     out: dict = {}
 
     def make() -> None:
         try:
-            if netns:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
-                try:
-                    if libc.setns(fd, _CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), f"setns into {netns}")
-                finally:
-                    os.close(fd)
-            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+            with entered_netns(netns):
+                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             s.bind((0, _RTMGRP_LINK | _RTMGRP_NEIGH))
             out["sock"] = s
-        except OSError as e:
+        except (OSError, LinkError) as e:
             out["error"] = e
 
     t = threading.Thread(target=make, name="netns-socket")
@@ -366,6 +388,51 @@ def _netlink_socket_in(netns: str | None):
         where = f" in netns {netns}" if netns else ""
         raise LinkError(f"cannot watch bridge events{where}: {out['error']}")
     return out["sock"]
+
+
+_RTM_GETADDR, _RTM_NEWADDR, _NLMSG_DONE, _NLMSG_ERROR = 22, 20, 3, 2
+_IFA_ADDRESS, _IFA_LOCAL, _IFA_FLAGS = 1, 2, 8
+_IFA_F_TENTATIVE = 0x40
+
+
+def addresses(ifname: str) -> list[bytes]:
+    """The IPv4 and IPv6 addresses of link ifname in the calling thread's network namespace (see
+    `entered_netns`), tentative ones (duplicate address detection not over) left out: one netlink dump,
+    no subprocess. LinkError when the link does not exist."""
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        raise LinkError(f"no link {ifname!r}") from None
+    out: list[bytes] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.settimeout(5)
+        s.bind((0, 0))
+        # nlmsghdr + struct ifaddrmsg (family AF_UNSPEC: both families); NLM_F_REQUEST | NLM_F_DUMP
+        s.send(struct.pack("=IHHII", 24, _RTM_GETADDR, 0x301, 1, 0) + struct.pack("=BBBBi", 0, 0, 0, 0, 0))
+        while True:
+            data = s.recv(1 << 16)
+            o = 0
+            while o + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, o)
+                if length < 16:
+                    return out
+                if mtype == _NLMSG_DONE:
+                    return out
+                if mtype == _NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, o + 16)[0]
+                    raise LinkError(f"reading the addresses of {ifname}: {os.strerror(err)}")
+                body = data[o + 16:o + length]
+                if mtype == _RTM_NEWADDR and len(body) >= 8:
+                    family, _plen, flags, _scope, idx = struct.unpack_from("=BBBBi", body)
+                    if idx == index and family in (socket.AF_INET, socket.AF_INET6):
+                        wide = _attr(body, 8, _IFA_FLAGS)
+                        if wide is not None and len(wide) == 4:
+                            flags = struct.unpack("=I", wide)[0]
+                        addr = _attr(body, 8, _IFA_LOCAL if family == socket.AF_INET else _IFA_ADDRESS) \
+                            or _attr(body, 8, _IFA_ADDRESS)
+                        if addr is not None and len(addr) in (4, 16) and not flags & _IFA_F_TENTATIVE:
+                            out.append(bytes(addr))
+                o += (length + 3) & ~3
 
 
 class BridgeWatch:

@@ -2,7 +2,7 @@
 
     Agent            bring-up in order (each undo pushed on an ExitStack), the event loop, teardown
     loop.EventLoop   epoll + budgeted data pollers + timers, on the main thread
-    loop.Worker      "sa": every SA query after bring-up; "host": subprocesses reading eth4
+    loop.Worker      "sa": every SA query after bring-up; "host": reading eth4's multicast lists and addresses
     forward.Forwarder  the data plane, both directions, in batches of at most `budget` frames
     resolver.Resolver  paths to peers (asynchronous, with backoff) and sender learning
     groups.Membership  multicast joins/leaves/checks (asynchronous, with backoff), snooping
@@ -240,13 +240,13 @@ class Agent:
         # datagrams from a QPN it has not heard of while it asks the SA who that is), and not before
         # its QPs are read (the sim's receive queues hold 10 datagrams)
         self.announcer.due = True
-        self.announcer.addresses(addresses if addresses is not None else (self._eth4_addresses() or ""))
+        self.announcer.addresses(addresses if addresses is not None else (self._eth4_addresses() or []))
         if self.successor is not None and s.mode == "tap":
             self.vifs.announce(v0, v0.addrs, ipv6=True)    # the guest, VIF 0 here, has a new QPN
         log.info("attached %s: MAC %s MTU %d QPN %#x LID %d", s.where, mac_str(self.mac), self.eth_mtu,
                  self.qp.qpn, self.port.lid)
 
-    def _eth4_addresses(self) -> str | None:
+    def _eth4_addresses(self) -> list[bytes] | None:
         try:
             return links.read_eth4(self.spec)[1]
         except Exception as e:          # a namespace gone, a command that failed: nothing to announce

@@ -25,7 +25,7 @@ keeps sleeping in epoll (~0% CPU). A poller held back by the fabric (`pause_unti
 fabric (`pause_wait`), not for a fixed time.
 
 `Worker` runs blocking calls (SA queries: paths, joins, leaves, membership checks, who-is; reading
-eth4's multicast list with a subprocess) on its own thread. The loop submits `(key, fn, done)`; the
+eth4's multicast list and addresses) on its own thread. The loop submits `(key, fn, done)`; the
 worker runs `fn()` and hands `(done, ok, value)` back through a deque and an eventfd that the loop
 polls, so `done` always runs on the loop's thread and the agent's state needs no locks. A key that is
 already queued or running is not queued again (a flood of frames to an unresolved peer asks the SA
