@@ -788,7 +788,18 @@ class SimQp(UdQp):
         parts = self._take_entries(max_entries)
         if not parts:
             return RecvBatch.empty(self.pkey_index)
-        return RecvBatch.concat([e.columns(self.pkey_index) for e in parts])
+        # consecutive entries of one flow (a sender's bundles) become one entry: one set of columns
+        runs: list[list[_Entry]] = [[parts[0]]]
+        for e in parts[1:]:
+            last = runs[-1][0]
+            if e.status == last.status and e.p == last.p:
+                runs[-1].append(e)
+            else:
+                runs.append([e])
+        return RecvBatch.concat([(r[0] if len(r) == 1 else
+                                  _Entry(r[0].status, r[0].p, np.concatenate([e.idx for e in r]),
+                                         np.concatenate([e.lengths for e in r]))).columns(self.pkey_index)
+                                 for r in runs])
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
         """Up to max_entries completions, oldest first (made from the entries without columns)."""
