@@ -239,6 +239,34 @@ def test_restart_to_another_abi_rebuilds_the_maps_without_a_gap(pair, figures):
     assert gap_ms < 1000.0, f"{gap_ms} ms without traffic"
 
 
+def cpus_of(pid: int) -> set[int]:
+    return set(os.sched_getaffinity(pid))
+
+
+def test_a_successor_runs_on_the_cpus_its_predecessor_was_pinned_to(pair):
+    """An operator pins an agent (taskset -a -p, systemd CPUAffinity=); `xdpoib restart`, run from a shell
+    allowed every CPU, starts the successor on the pinned CPU, and the shell's own placement is not
+    what the agent gets."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to tell a pinned agent from a free one")
+    _fab, (ns1, _ns2) = pair
+    pid = status(ns1)["attachment"]["pid"]
+    allowed = sorted(os.sched_getaffinity(0))
+    pinned = allowed[-1]
+    try:
+        sh("taskset", "-a", "-p", "-c", str(pinned), str(pid))
+        assert cpus_of(pid) == {pinned}
+        r = restart(ns1)
+        assert cpus_of(r["new"]) == {pinned}, "the successor left its predecessor's CPU"
+        assert all(set(os.sched_getaffinity(int(t))) == {pinned} for t in os.listdir(f"/proc/{r['new']}/task"))
+        assert cpus_of(os.getpid()) == set(allowed)        # the restarting process keeps its own
+        assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c", "1", "-W", "2", "10.68.0.2"],
+                              capture_output=True).returncode == 0
+    finally:
+        now = status(ns1)["attachment"]["pid"]
+        sh("taskset", "-a", "-p", "-c", ",".join(map(str, allowed)), str(now))
+
+
 def test_a_successor_that_fails_leaves_the_running_agent_serving(pair):
     _fab, (ns1, ns2) = pair
     from xdpoib.pump import pin_dir

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 from xdpoib import state
 from xdpoib.errors import UsageError, XdpoibError
@@ -21,7 +22,8 @@ EPILOG = """The new agent is built while the running one forwards (QPs, joins, p
 build changed, maps adopted or rebuilt for another ABI), then takes over the AF_XDP socket in one step
 and announces its new QPNs; the old agent keeps delivering what reaches its old QPs for a grace period
 (--grace, 3 s by default, longer while such frames still come, at most 10 s) and exits. If the new agent
-fails before the handover, the running one serves on and restart says why.
+fails before the handover, the running one serves on and restart says why. The new agent runs on the
+CPUs the running one was allowed (pinned with taskset or systemd's CPUAffinity=), whoever restarts it.
 
 examples:
   xdpoib restart eth4
@@ -67,7 +69,8 @@ def restart(spec: state.AttachSpec, grace: float | None = None, env: dict | None
     if grace is not None:
         env["XDPOIB_HANDOVER_GRACE"] = f"{grace:g}"
     t0 = time.monotonic()
-    proc = spawn_agent(spec, successor=True, env=env)
+    with cpus_of(old_pid):
+        proc = spawn_agent(spec, successor=True, env=env)
     sock = state.socket_path(spec.id)
     deadline = t0 + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -90,6 +93,26 @@ def restart(spec: state.AttachSpec, grace: float | None = None, env: dict | None
     state.stop_pid(proc.pid)
     raise XdpoibError(f"the new agent for {spec.where} was not ready after {READY_TIMEOUT:.0f} s: "
                       f"{last_error(spec.id)}; the running agent (pid {old_pid}) serves on")
+
+
+@contextmanager
+def cpus_of(pid: int):
+    """Agents started in the block run on the CPUs agent `pid` may run on (its affinity, set by the operator
+    with `taskset` or systemd's CPUAffinity=): a successor keeps its predecessor's placement, whoever runs
+    the restart. The calling thread takes that affinity for the block (a child inherits it at fork)."""
+    try:
+        cpus, mine = os.sched_getaffinity(pid), os.sched_getaffinity(0)
+    except OSError:                     # gone already: no placement to keep
+        yield
+        return
+    if cpus == mine:
+        yield
+        return
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def check_grace(args) -> None:
@@ -129,8 +152,9 @@ def fall_back(spec: state.AttachSpec, old_pid: int) -> int:
     drains) and start a fresh agent, which adopts the links and the pins as after a crash."""
     from xdpoib.commands.attach import start_agent
 
-    state.stop_pid(old_pid, timeout=5.0)
-    return start_agent(spec, keep_log=True)
+    with cpus_of(old_pid):
+        state.stop_pid(old_pid, timeout=5.0)
+        return start_agent(spec, keep_log=True)
 
 
 def run(args) -> int:
