@@ -42,6 +42,7 @@ METRICS: dict[str, str] = {
     "xdpoib_attachment_info": "gauge",
     "xdpoib_port_info": "gauge",
     "xdpoib_agent_uptime_seconds": "gauge",
+    "xdpoib_agent_cpu_seconds_total": "counter",
     "xdpoib_peers": "gauge",
     "xdpoib_peers_max": "gauge",
     "xdpoib_vifs": "gauge",
@@ -113,6 +114,20 @@ def map_capacity(path: Path) -> int | None:
     return None
 
 
+def agent_cpu(pid) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of process pid, every thread, from /proc/PID/stat; None when it cannot be
+    read (gone, or in a PID namespace this exporter does not see)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick       # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def agent_status(spec: state.AttachSpec) -> dict | None:
     """The agent's status answer, or None if it is not running or does not answer.
 
@@ -149,6 +164,8 @@ class _Families:
                                            labels=lab)
         self.port = InfoMetricFamily("xdpoib_port", "The fabric port's identity and state", labels=lab)
         self.uptime = g("xdpoib_agent_uptime_seconds", "Seconds since the agent started", labels=lab)
+        self.cpu = c("xdpoib_agent_cpu_seconds", "CPU time of the attachment's serving agent, by mode (its data "
+                     "plane is one thread: near one second per second it is saturated)", labels=[*lab, "mode"])
         self.peers = g("xdpoib_peers", "Remote hosts the attachment knows (resolved or not)", labels=lab)
         self.peers_max = g("xdpoib_peers_max", "Peers the datapath's peer table can hold (its pinned map's size)",
                            labels=lab)
@@ -175,9 +192,9 @@ class _Families:
 
     def all(self) -> list:
         """Every family, in exposition order."""
-        return [self.up, self.attachment, self.port, self.uptime, self.peers, self.peers_max, self.vifs, self.bcast,
-                self.groups, self.packets, self.bytes, self.actions, self.kinds, self.drops, self.events, self.sa,
-                self.sa_time]
+        return [self.up, self.attachment, self.port, self.uptime, self.cpu, self.peers, self.peers_max, self.vifs,
+                self.bcast, self.groups, self.packets, self.bytes, self.actions, self.kinds, self.drops, self.events,
+                self.sa, self.sa_time]
 
     def add_bpf(self, lab: list[str], bpf: dict) -> None:
         """BPF counters of one attachment (from its pinned maps)."""
@@ -264,6 +281,10 @@ class XdpoibCollector(Collector):
             elif st is not None:
                 fam.add_plain(lab, st.get("datapath", {}))
             if st is not None:
+                cpu = agent_cpu(st.get("attachment", {}).get("pid"))
+                if cpu is not None:
+                    fam.cpu.add_metric([*lab, "user"], cpu[0])
+                    fam.cpu.add_metric([*lab, "system"], cpu[1])
                 try:
                     fam.add_agent(lab, st)
                 except (KeyError, TypeError, ValueError, AttributeError) as e:   # an agent of another version

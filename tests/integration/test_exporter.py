@@ -181,6 +181,9 @@ def test_metrics_show_packets_and_peers_after_a_ping(pair, exporter_port):
         host = "h1" if ns == ns1 else "h2"
         assert value(m, "xdpoib_port_info", netns=ns, state="active", device=f"{fab.name}:{host}") == 1
         assert value(m, "xdpoib_agent_uptime_seconds", netns=ns) > 0
+        # the serving agent's own CPU time (bring-up alone takes more than a clock tick)
+        assert value(m, "xdpoib_agent_cpu_seconds_total", netns=ns, mode="user") > 0
+        assert value(m, "xdpoib_agent_cpu_seconds_total", netns=ns, mode="system") > 0
         assert value(m, "xdpoib_sa_queries_total", netns=ns, type="join", result="ok") >= 1
         assert value(m, "xdpoib_sa_query_duration_seconds_count", netns=ns, type="join") >= 1
     # the same numbers the agent reports itself
@@ -235,6 +238,7 @@ SIGNALS = {
     "XdpoibPortNotActive": 'xdpoib_port_info{state="active"}',
     "XdpoibSAFailureRatio": "sum by (instance, netns, ifname) (rate(xdpoib_sa_queries_total[10m]))",
     "XdpoibPeersNearCap": "xdpoib_peers / on (instance, netns, ifname) xdpoib_peers_max",
+    "XdpoibAgentSaturated": 'xdpoib_agent_cpu_seconds_total{mode="user"}',
 }
 
 

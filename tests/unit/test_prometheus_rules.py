@@ -20,7 +20,7 @@ RULES = CONTRIB / "xdpoib.rules.yml"
 CONFIG = CONTRIB / "prometheus.yml"
 METRIC_RE = re.compile(r"\b(xdpoib_[a-z0-9_]+|up)\b(?!\s*\()")
 ALERTS = {"XdpoibExporterDown", "XdpoibAgentDown", "XdpoibBroadcastGroupNotJoined", "XdpoibPortNotActive",
-          "XdpoibSAFailureRatio", "XdpoibDrops", "XdpoibPeersNearCap"}
+          "XdpoibSAFailureRatio", "XdpoibDrops", "XdpoibPeersNearCap", "XdpoibAgentSaturated"}
 
 
 def promtool(*args: str, cwd: Path = CONTRIB) -> subprocess.CompletedProcess:
@@ -133,6 +133,14 @@ def test_each_alert_fires_on_what_it_watches_and_not_below_its_threshold(rules, 
          [_series("xdpoib_peers", "950000+0x30", **bad), _series("xdpoib_peers_max", "1000000+0x30", **bad),
           _series("xdpoib_peers", "890000+0x30", **good), _series("xdpoib_peers_max", "1000000+0x30", **good)],
          [_expect(rules, "XdpoibPeersNearCap", "eth4 on h1:9645 holds 95% of its peer table", **bad)]),
+        # CPU seconds per 1 min step: 45 user + 12 system = 0.95 of a CPU against 39 + 12 = 0.85
+        ("XdpoibAgentSaturated", "25m",
+         [_series("xdpoib_agent_cpu_seconds_total", "0+45x30", mode="user", **bad),
+          _series("xdpoib_agent_cpu_seconds_total", "0+12x30", mode="system", **bad),
+          _series("xdpoib_agent_cpu_seconds_total", "0+39x30", mode="user", **good),
+          _series("xdpoib_agent_cpu_seconds_total", "0+12x30", mode="system", **good)],
+         [_expect(rules, "XdpoibAgentSaturated", "the agent of eth4 on h1:9645 uses 95% of a CPU",
+                  **{k: bad[k] for k in ("instance", "netns", "ifname")})]),
     ]
     for c in cases:
         for e in c[3]:                    # the alert keeps only what its expression keeps
