@@ -260,6 +260,8 @@ def test_a_successor_runs_on_the_cpus_its_predecessor_was_pinned_to(pair):
         assert cpus_of(r["new"]) == {pinned}, "the successor left its predecessor's CPU"
         assert all(set(os.sched_getaffinity(int(t))) == {pinned} for t in os.listdir(f"/proc/{r['new']}/task"))
         assert cpus_of(os.getpid()) == set(allowed)        # the restarting process keeps its own
+        assert status(ns1)["attachment"]["cpus"] == [pinned]
+        assert f"agent pid {r['new']} on CPUs {pinned}, up" in x("status", "eth4", "--netns", ns1).stdout
         assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c", "1", "-W", "2", "10.68.0.2"],
                               capture_output=True).returncode == 0
     finally:

@@ -38,7 +38,8 @@ def status(a) -> dict:
     return {
         "attachment": {"ifname": s.ifname, "netns": s.netns, "mode": s.mode, "pkey": f"{a.pkey:#06x}",
                        "backend": s.backend, "fabric": s.fabric, "host": s.host, "device": s.device,
-                       "internal": s.internal, "pid": os.getpid(), "state": a.state,
+                       "internal": s.internal, "pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)),
+                       "state": a.state,
                        "uptime_seconds": round(time.time() - a.started, 1), "code": state.code_id(),
                        "handover_ms": getattr(a, "handover_ms", None)},
         "port": {"gid": gid_str(p.gid), "lid": p.lid, "sm_lid": p.sm_lid, "state": p.state.name.lower(),

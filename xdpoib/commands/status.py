@@ -41,8 +41,9 @@ def run(args) -> int:
         dump(st)
         return 0
     a, p, b, e = st["attachment"], st["port"], st["broadcast"], st["eth"]
+    cpus = f" on CPUs {cpu_ranges(a['cpus'])}" if a.get("cpus") else ""
     print(f"{a['ifname']}{' (netns ' + a['netns'] + ')' if a['netns'] else ''}: {a['state']}, "
-          f"agent pid {a['pid']}, up {a['uptime_seconds']} s")
+          f"agent pid {a['pid']}{cpus}, up {a['uptime_seconds']} s")
     print(f"  eth      MAC {e['mac']}  MTU {e['mtu']}  mode {a['mode']}  P_Key {a['pkey']}")
     print(f"  port     GID {p['gid']}  LID {p['lid']}  SM LID {p['sm_lid']}  state {p['state']}")
     print(f"  bcast    MGID {b['mgid']}  Q_Key {b['qkey']}  MTU {b['mtu']}  MLID {b['mlid']:#x}")
@@ -53,3 +54,14 @@ def run(args) -> int:
     drops = {**st["drops"], **{f"fabric.{k}": v for k, v in st["fabric_drops"].items()}}
     print("  drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     return 0
+
+
+def cpu_ranges(cpus: list[int]) -> str:
+    """CPU numbers as taskset and systemd write them: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
