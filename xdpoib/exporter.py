@@ -115,17 +115,13 @@ def map_capacity(path: Path) -> int | None:
 
 
 def agent_cpu(pid) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of process pid, every thread, from /proc/PID/stat; None when it cannot be
-    read (gone, or in a PID namespace this exporter does not see)."""
-    if not isinstance(pid, int) or pid <= 0:
+    """(user, system) CPU seconds of process pid, every thread; None when it cannot be read (gone, or in a
+    PID namespace this exporter does not see)."""
+    t = state.cpu_ticks(pid) if isinstance(pid, int) and pid > 0 else None
+    if t is None:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick       # utime, stime: fields 14 and 15
-    except (OSError, ValueError, IndexError):
-        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return t[0] / tick, t[1] / tick
 
 
 def agent_status(spec: state.AttachSpec) -> dict | None:

@@ -171,6 +171,17 @@ def read_spec(aid: str) -> AttachSpec | None:
         return None
 
 
+def cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(utime, stime) of process pid, every thread, in clock ticks (os.sysconf("SC_CLK_TCK") a second),
+    from /proc/PID/stat; None when it cannot be read (gone, or not in this PID namespace)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()       # fields 14 and 15, after the command name
+        return int(rest[11]), int(rest[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def pid_alive(pid: int | None) -> bool:
     """Return whether a process exists."""
     if not pid:

@@ -100,6 +100,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from xdpoib import state
 from xdpoib.errors import PrerequisiteError, UsageError, XdpoibError
 from xdpoib.link import read_sysctl
 from xdpoib.teardown import Teardown
@@ -276,11 +277,10 @@ def process_times(pids: list[int]) -> tuple[int, int]:
     """(utime, stime) of `pids` (all their threads), in clock ticks."""
     user = system = 0
     for pid in pids:
-        with contextlib.suppress(OSError, IndexError):
-            with open(f"/proc/{pid}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            user += int(rest[11])
-            system += int(rest[12])
+        t = state.cpu_ticks(pid)
+        if t is not None:
+            user += t[0]
+            system += t[1]
     return user, system
 
 
@@ -553,7 +553,6 @@ class Testbed:
         return procs
 
     def _finish_agents(self, s: System, procs: list[subprocess.Popen]) -> None:
-        from xdpoib import state
 
         errors, kinds, mtus = [], set(), []
         for i, p in enumerate(procs):
@@ -588,7 +587,6 @@ class Testbed:
         self._addr(s, "eth4")
 
     def _detach(self, ns: str) -> None:
-        from xdpoib import state
 
         spec = state.read_spec(state.attachment_id("eth4", ns))
         if spec is None:
@@ -602,7 +600,6 @@ class Testbed:
     @staticmethod
     def _sweep(nss: tuple[str, str]) -> None:
         """Remove what an agent stopped in the middle of its attach left: files, pins, links."""
-        from xdpoib import state
         from xdpoib.teardown import detach
 
         for ns in nss:
