@@ -94,6 +94,9 @@ class _Ring:
         self.map.close()
 
 
+RELEASE_WAIT = 1.0      # seconds a bind waits for the kernel to release a just-closed socket's queue
+
+
 class XskSocket:
     """An AF_XDP socket bound to one queue of one interface, with its own UMEM.
 
@@ -102,9 +105,11 @@ class XskSocket:
     """
 
     def __init__(self, ifindex: int, queue_id: int = 0, *, frames: int = 4096, frame_size: int = 4096,
-                 ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True, bind: bool = True):
+                 ring_size: int = 2048, meta_len: int = 0, copy_mode: bool = True, bind: bool = True,
+                 bind_wait: float = RELEASE_WAIT):
         """bind=False: everything but the bind (`bind()` later), so a successor whose kernel will not let
-        it adopt a bound socket is ready the moment the running agent's socket closes."""
+        it adopt a bound socket is ready the moment the running agent's socket closes. bind_wait: how
+        long EBUSY is retried (`bind`): a queue whose socket was just closed is still busy for a while."""
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise XskError("frames and ring_size must be powers of two")
         self.frames, self.frame_size, self.meta_len = frames, frame_size, meta_len
@@ -127,7 +132,7 @@ class XskSocket:
             self._tx_free = [i * frame_size for i in range(half, frames)]
             self.bound = False
             if bind:
-                self.bind()
+                self.bind(timeout=bind_wait)
         except OSError as e:
             self.close()
             raise XskError(f"AF_XDP socket setup failed: {e}") from None
@@ -137,8 +142,11 @@ class XskSocket:
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_ring_full": 0}
 
     def bind(self, timeout: float = 0.0) -> None:
-        """Bind to the interface's queue and fill the fill ring. With a timeout, EBUSY (the queue's last
-        socket is still being released by the kernel) is retried until then."""
+        """Bind to the interface's queue and fill the fill ring. With a timeout, EBUSY is retried until
+        then: the kernel lets go of a closed socket's queue only in deferred work after the close (the
+        socket's buffer pool is released from a workqueue, under the RTNL), so a socket bound at once
+        after the queue's previous one closed (a TAP's switch from the plain to the translating
+        datapath, a successor's own socket) is refused for a few ms, longer on a busy host."""
         import errno
         import time
 
@@ -148,7 +156,11 @@ class XskSocket:
         while _libc.bind(self.sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
             err = ctypes.get_errno()
             if err != errno.EBUSY or time.monotonic() >= until:
-                raise XskError(f"AF_XDP bind to ifindex {self.ifindex} queue {self.queue_id}: {os.strerror(err)}")
+                held = ""
+                if err == errno.EBUSY and timeout:
+                    held = f" for {timeout:g} s (another AF_XDP socket holds the queue)"
+                raise XskError(f"AF_XDP bind to ifindex {self.ifindex} queue {self.queue_id}: "
+                               f"{os.strerror(err)}{held}")
             time.sleep(0.0002)
         self.bound = True
         self._fill_frames([i * self.frame_size for i in range(min(self.frames // 2, self.ring_size))])

@@ -364,8 +364,10 @@ class BpfPump(_Base):
             import logging
             import time
 
+            from xdpoib.afxdp import RELEASE_WAIT
+
             t0 = time.perf_counter()
-            self.xsk.bind(timeout=1.0)          # the kernel frees the queue a little after the close
+            self.xsk.bind(timeout=RELEASE_WAIT)     # the kernel frees the queue a little after the close
             self.maps.xsks.set(0, self.xsk.fileno())
             logging.getLogger("xdpoib.agent").info("our own AF_XDP socket bound %.1f ms after the old one "
                                                    "closed", (time.perf_counter() - t0) * 1e3)

@@ -103,3 +103,35 @@ def test_rx_with_metadata_and_tx(veth):
         bpf.remove_xdp(a.encode(), 0)
         bpf.cleanup()
     assert os.path.exists(f"/sys/class/net/{a}")
+
+
+def test_a_socket_bound_right_after_the_queues_last_one_closed_waits_for_the_queue(veth):
+    """The kernel lets go of a closed socket's queue in deferred work, so a bind right after the close is
+    refused (EBUSY) for a while: a new socket (what a TAP's switch to the translating datapath makes the
+    moment the plain one closes) waits for the queue instead of failing; one that finds the queue held
+    by a live socket still fails, in one line and after the wait."""
+    from xdpoib.afxdp import XskError, XskSocket
+
+    ifindex = socket.if_nametoindex(veth[0])
+    xsk = XskSocket(ifindex, 0, frames=64, ring_size=64)
+    waited = []
+    try:
+        for _ in range(20):
+            xsk.close()
+            t0 = time.monotonic()
+            xsk = XskSocket(ifindex, 0, frames=64, ring_size=64)
+            waited.append(time.monotonic() - t0)
+        assert xsk.bound
+        # without the wait the kernel refuses a bind made at once after the close
+        xsk.close()
+        with pytest.raises(XskError, match="busy"):
+            XskSocket(ifindex, 0, frames=64, ring_size=64, bind_wait=0.0)
+        xsk = XskSocket(ifindex, 0, frames=64, ring_size=64)
+        # a queue held by a live socket: refused after the wait, saying so
+        t0 = time.monotonic()
+        with pytest.raises(XskError, match=r"busy for 0.3 s \(another AF_XDP socket holds the queue\)"):
+            XskSocket(ifindex, 0, frames=64, ring_size=64, bind_wait=0.3)
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        xsk.close()
+    print(f"rebinds waited {min(waited) * 1e3:.1f}-{max(waited) * 1e3:.1f} ms for the queue")

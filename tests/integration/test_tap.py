@@ -43,6 +43,17 @@ def vm_tap():
         subprocess.run(["ip", "link", "del", name], check=False)
 
 
+def agent_says(tap: str) -> str:
+    """The TAP agent's warnings and errors (its log is removed at a clean detach): for assertion messages."""
+    from xdpoib import state
+
+    try:
+        text = state.log_path(state.attachment_id(tap, None)).read_text()
+    except OSError as e:
+        return f"(no agent log: {e})"
+    return "agent log: " + " | ".join(ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln)
+
+
 def read_until(fd, pred, timeout=10.0):
     """Frames the 'VM' receives until one matches pred."""
     deadline = time.monotonic() + timeout
@@ -83,7 +94,8 @@ def test_vm_behind_a_tap_pings_a_host_across_the_fabric(sim_fabric, vm_tap):
         assert st["eth"]["mac"] == "52:54:00:12:34:56"
         # the guest's MAC known, the TAP moved from the plain path to the translating XDP programs,
         # whose anti-spoof check dropped the forged frame
-        assert st["datapath"]["kind"] == "bpf" and st["counters"].get("datapath_upgrades") == 1
+        assert st["datapath"]["kind"] == "bpf" and st["counters"].get("datapath_upgrades") == 1, agent_says(tap)
+        assert "datapath_upgrade_failures" not in st["counters"]
         assert st["datapath"]["tx"]["drops"].get("spoofed_source", 0) >= 1
 
         # the guest's MLD report (its solicited-node group) is snooped: the port joins that group
@@ -161,7 +173,7 @@ def test_a_tap_attachment_restarts_without_losing_the_vms_pings(sim_fabric, vm_t
             ping = ["ip", "netns", "exec", peer, "ping", "-W", "2"]
             assert subprocess.run([*ping, "-c", "3", "10.55.0.1"], capture_output=True).returncode == 0
             st = json.loads(x("status", tap, "-j").stdout)
-            assert st["datapath"]["kind"] == "bpf"
+            assert st["datapath"]["kind"] == "bpf", agent_says(tap)
             pinger = subprocess.Popen([*ping, "-i", "0.02", "-c", "300", "10.55.0.1"], stdout=subprocess.PIPE,
                                       text=True)
             time.sleep(1.0)

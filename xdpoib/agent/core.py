@@ -385,14 +385,17 @@ class Agent:
         frames in flight meanwhile are lost, as on a link flap)."""
         old = self.pump
         self.loop.remove_reader(old.fileno())
+        t0 = time.perf_counter()
         old.close()
         try:
-            self._start_bpf()
+            self._start_bpf()       # its AF_XDP socket waits for the kernel to release the old one's queue
             self.stats["datapath_upgrades"] += 1
+            log.info("switched to the translating datapath in %.1f ms", (time.perf_counter() - t0) * 1e3)
         except XdpoibError as e:
             from xdpoib.pump import PlainPump
 
             log.warning("staying on the plain datapath: %s", e)
+            self.stats["datapath_upgrade_failures"] += 1
             self.want_bpf = False
             self.pump = PlainPump(self, self.attach_to, self.ifindex)
         self.loop.add_reader(self.pump.fileno(), lambda: None)
