@@ -188,6 +188,9 @@ def test_a_tap_attachment_restarts_without_losing_the_vms_pings(sim_fabric, vm_t
                 f"{m.group(2)} of {m.group(1)} answered; {'; '.join(o.strip() for o in outs)}")
         assert after["attachment"]["pid"] != st["attachment"]["pid"] and after["qpn"] != st["qpn"]
         assert after["eth"]["mac"] == "52:54:00:12:34:56" and after["datapath"]["kind"] == "bpf"
+        # the second successor started while both predecessors still drained (each in its receive region
+        # of the inject map): it got the last region, and still receives in place
+        assert after["datapath"]["rx_into"] == "inject_slots", agent_says(tap)
         peer_st = json.loads(x("status", "eth4", "--netns", peer, "-j").stdout)
         assert m.group(1) == m.group(2), (f"{m.group(1)} sent, {m.group(2)} answered; drops at the peer "
                                           f"{peer_st['drops']}, here {after['drops']} {after['counters']}")

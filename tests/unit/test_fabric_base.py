@@ -123,6 +123,23 @@ def test_memory_pool_views_are_disjoint():
         MemoryPool(4, base.GRH_LEN)
 
 
+def test_memory_pool_in_caller_memory_may_end_with_its_last_buffer():
+    """A pool over caller memory spans (count - 1) * stride + size bytes from its offset: its last buffer may
+    end where the memory does (the inject map's last receive region does); a byte less is refused."""
+    count, size, stride, offset = 4, 100, 160, 24
+    memory = bytearray(offset + (count - 1) * stride + size)
+    pool = MemoryPool(count, size, memory=memory, stride=stride, offset=offset)
+    pool.view(3)[:] = b"\x07" * size
+    assert memory[-size:] == b"\x07" * size
+    rows = pool.rows()
+    assert rows.shape == (count, size) and rows.strides == (stride, 1)
+    rows[1, :2] = (1, 2)
+    assert memory[offset + stride:offset + stride + 2] == b"\x01\x02"
+    with pytest.raises(base.QpError, match=r"hold 4 buffers of 100 bytes, 160 bytes apart from offset 24 "
+                                           r"\(604 bytes; it has 603\)"):
+        MemoryPool(count, size, memory=memory[:-1], stride=stride, offset=offset)
+
+
 def test_event_queue_fd_readable_exactly_while_nonempty():
     q = EventQueue()
     try:

@@ -451,6 +451,12 @@ class RecvBatch:
         return [self.completion(i, pool) for i in range(len(self))]
 
 
+def pool_extent(count: int, size: int, stride: int) -> int:
+    """Bytes a pool of `count` buffers of `size`, `stride` apart, spans: the last buffer ends the pool,
+    not its stride (a pool laid over caller memory may end where that memory does)."""
+    return (count - 1) * stride + size
+
+
 class BufferPool(ABC):
     """`count` registered buffers of `size` bytes each, addressed by index; buffer i starts at i * `stride`
     (`stride` >= `size`; equal unless the pool lies in caller memory with its own layout)."""
@@ -464,11 +470,11 @@ class BufferPool(ABC):
         """A writable view of buffer `index` (its full `size` bytes)."""
 
     def rows(self) -> np.ndarray:
-        """The pool as a (count, stride) uint8 array: buffer i is row i (columns past `size` are not its)."""
+        """The pool as a (count, size) uint8 array whose rows are `stride` bytes apart: buffer i is row i."""
         arr = getattr(self, "_rows", None)
         if arr is None:
-            stride = self.stride or self.size
-            arr = self._rows = np.frombuffer(self.memory, np.uint8, self.count * stride).reshape(self.count, stride)
+            arr = self._rows = np.ndarray((self.count, self.size), np.uint8, self.memory,
+                                          strides=(self.stride or self.size, 1))
         return arr
 
 
@@ -486,10 +492,12 @@ class MemoryPool(BufferPool):
             self.memory = memoryview(bytearray(count * stride))   # buffer i at [i * stride, i * stride + size)
         else:
             mv = memoryview(memory).cast("B")
-            if mv.readonly or mv.nbytes < offset + count * stride:
-                raise QpError(f"pool memory must be writable and hold {count} buffers {stride} bytes apart "
-                              f"from offset {offset}")
-            self.memory = mv[offset:offset + count * stride]
+            extent = pool_extent(count, size, stride)
+            if mv.readonly or mv.nbytes < offset + extent:
+                raise QpError(f"pool memory must be writable and hold {count} buffers of {size} bytes, "
+                              f"{stride} bytes apart from offset {offset} ({offset + extent} bytes; "
+                              f"it has {mv.nbytes})")
+            self.memory = mv[offset:offset + extent]
 
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index`."""

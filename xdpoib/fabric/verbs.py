@@ -85,6 +85,7 @@ from xdpoib.fabric.base import (
     SendRequest,
     UdQp,
     mtu_bytes,
+    pool_extent,
 )
 
 _LINK_LAYER = {1: LinkLayer.INFINIBAND, 2: LinkLayer.ETHERNET}
@@ -155,7 +156,7 @@ class VerbsPool(BufferPool):
         self.backend, self.count, self.size, self.stride = backend, count, size, stride
         self.region: _Region | None = None
         self.mr: ib.Mr | None = None
-        length = count * stride
+        length = pool_extent(count, size, stride)
         if memory is None:
             self.region = _Region(backend._pd, length)
             self.memory = memoryview(self.region.mem)[:length]
@@ -166,8 +167,8 @@ class VerbsPool(BufferPool):
         except (TypeError, ValueError) as exc:
             raise QpError(f"pool memory must be one contiguous writable buffer: {exc}") from None
         if mv.readonly or mv.nbytes < offset + length:
-            raise QpError(f"pool memory must be writable and hold {count} buffers {stride} bytes apart "
-                          f"from offset {offset}")
+            raise QpError(f"pool memory must be writable and hold {count} buffers of {size} bytes, "
+                          f"{stride} bytes apart from offset {offset} ({offset + length} bytes; it has {mv.nbytes})")
         self.memory = mv[offset:offset + length]
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         try:
