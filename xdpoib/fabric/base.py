@@ -457,6 +457,16 @@ def pool_extent(count: int, size: int, stride: int) -> int:
     return (count - 1) * stride + size
 
 
+def pool_in(mv: memoryview, count: int, size: int, stride: int, offset: int) -> memoryview:
+    """The part of caller memory `mv` (bytes) a pool laid over it spans from `offset` (every backend's
+    check of caller memory); QpError when it is read-only or too short."""
+    extent = pool_extent(count, size, stride)
+    if mv.readonly or mv.nbytes < offset + extent:
+        raise QpError(f"pool memory must be writable and hold {count} buffers of {size} bytes, "
+                      f"{stride} bytes apart from offset {offset} ({offset + extent} bytes; it has {mv.nbytes})")
+    return mv[offset:offset + extent]
+
+
 class BufferPool(ABC):
     """`count` registered buffers of `size` bytes each, addressed by index; buffer i starts at i * `stride`
     (`stride` >= `size`; equal unless the pool lies in caller memory with its own layout)."""
@@ -491,13 +501,7 @@ class MemoryPool(BufferPool):
         if memory is None:
             self.memory = memoryview(bytearray(count * stride))   # buffer i at [i * stride, i * stride + size)
         else:
-            mv = memoryview(memory).cast("B")
-            extent = pool_extent(count, size, stride)
-            if mv.readonly or mv.nbytes < offset + extent:
-                raise QpError(f"pool memory must be writable and hold {count} buffers of {size} bytes, "
-                              f"{stride} bytes apart from offset {offset} ({offset + extent} bytes; "
-                              f"it has {mv.nbytes})")
-            self.memory = mv[offset:offset + extent]
+            self.memory = pool_in(memoryview(memory).cast("B"), count, size, stride, offset)
 
     def view(self, index: int) -> memoryview:
         """A writable view of buffer `index`."""

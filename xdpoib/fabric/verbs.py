@@ -86,6 +86,7 @@ from xdpoib.fabric.base import (
     UdQp,
     mtu_bytes,
     pool_extent,
+    pool_in,
 )
 
 _LINK_LAYER = {1: LinkLayer.INFINIBAND, 2: LinkLayer.ETHERNET}
@@ -156,8 +157,8 @@ class VerbsPool(BufferPool):
         self.backend, self.count, self.size, self.stride = backend, count, size, stride
         self.region: _Region | None = None
         self.mr: ib.Mr | None = None
-        length = pool_extent(count, size, stride)
         if memory is None:
+            length = pool_extent(count, size, stride)
             self.region = _Region(backend._pd, length)
             self.memory = memoryview(self.region.mem)[:length]
             self.addr, self.lkey = self.region.addr, self.region.lkey
@@ -166,10 +167,8 @@ class VerbsPool(BufferPool):
             mv = memoryview(memory).cast("B")
         except (TypeError, ValueError) as exc:
             raise QpError(f"pool memory must be one contiguous writable buffer: {exc}") from None
-        if mv.readonly or mv.nbytes < offset + length:
-            raise QpError(f"pool memory must be writable and hold {count} buffers of {size} bytes, "
-                          f"{stride} bytes apart from offset {offset} ({offset + length} bytes; it has {mv.nbytes})")
-        self.memory = mv[offset:offset + length]
+        self.memory = pool_in(mv, count, size, stride, offset)
+        length = self.memory.nbytes
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         try:
             self.mr = ib.Mr(backend._pd, self.addr, length)
