@@ -553,7 +553,6 @@ class Testbed:
         return procs
 
     def _finish_agents(self, s: System, procs: list[subprocess.Popen]) -> None:
-
         errors, kinds, mtus = [], set(), []
         for i, p in enumerate(procs):
             try:
@@ -587,7 +586,6 @@ class Testbed:
         self._addr(s, "eth4")
 
     def _detach(self, ns: str) -> None:
-
         spec = state.read_spec(state.attachment_id("eth4", ns))
         if spec is None:
             return
